@@ -1,0 +1,80 @@
+"""The text side of a model: tokenizer.json, the prompt template and where the image tokens go."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from vlmc.errors import VlmcError
+
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """A prompt as token ids, split around the image so runners can prefill segment by segment."""
+
+    before: list[int]
+    after: list[int]
+    num_image_tokens: int
+    image_token_id: int
+
+    @property
+    def ids(self) -> list[int]:
+        return self.before + [self.image_token_id] * self.num_image_tokens + self.after
+
+    def __len__(self) -> int:
+        return len(self.before) + self.num_image_tokens + len(self.after)
+
+
+class TextTokenizer:
+    """A Hugging Face tokenizer.json, with the BOS policy of its tokenizer_config.json."""
+
+    def __init__(self, directory: Path):
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise VlmcError(f"{directory}: no tokenizer.json")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises bare Exceptions with its parser message
+            raise VlmcError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
+
+    def token_id(self, piece: str):
+        return self._tok.token_to_id(piece)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` that the vocabulary maps to its unknown token (WordLevel tokenizers)."""
+        model = json.loads(self._tok.to_str())["model"]
+        unk = model.get("unk_token")
+        if model.get("type") != "WordLevel" or unk is None:
+            return []
+        pre = self._tok.pre_tokenizer.pre_tokenize_str(text) if self._tok.pre_tokenizer else [(w, None) for w in text.split()]
+        return [w for w, _ in pre if self._tok.token_to_id(w) is None]
+
+    def prompt(self, template: str, prompt: str, num_image_tokens: int, image_token_id: int, bos_token_id) -> PromptIds:
+        text = template.replace("{prompt}", prompt)
+        if text.count(IMAGE_PLACEHOLDER) != 1:
+            raise VlmcError(f"prompt template must contain {IMAGE_PLACEHOLDER} exactly once: {template!r}")
+        before, after = text.split(IMAGE_PLACEHOLDER)
+        bos = [bos_token_id] if self.add_bos and bos_token_id is not None else []
+        return PromptIds(bos + self.encode(before), self.encode(after), num_image_tokens, image_token_id)
