@@ -1,0 +1,1 @@
+"""Exporter: programs, torch.export, one module per target, verification."""

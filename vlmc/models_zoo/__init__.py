@@ -9,9 +9,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from vlmc.errors import VlmcError
-from vlmc.models_zoo.llava import LlavaConfig, LlavaModel, hf_state_dict, load_state, to_hf_config
 from vlmc.models_zoo.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # torch is imported only by what needs it, so onnxruntime-only processes stay light
+    from vlmc.models_zoo.llava import LlavaConfig, LlavaModel
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
 BUILTINS = {
@@ -29,11 +33,11 @@ class LoadedModel:
     family: str
     source: str  # a built-in name or an absolute checkpoint directory: enough to load it again
     directory: Path
-    model: LlavaModel
+    model: "LlavaModel"
     tokenizer: TextTokenizer
 
     @property
-    def config(self) -> LlavaConfig:
+    def config(self) -> "LlavaConfig":
         return self.model.config
 
 
@@ -66,6 +70,8 @@ def load(spec: str = DEFAULT_MODEL) -> LoadedModel:
     """Load a built-in model by name or a checkpoint directory, checking every file it needs."""
     import safetensors.torch
 
+    from vlmc.models_zoo.llava import LlavaConfig, LlavaModel, load_state
+
     name, directory, source = _directory(spec)
     cfg = read_config(directory)
     family = cfg.get("model_type")
@@ -94,11 +100,13 @@ def load(spec: str = DEFAULT_MODEL) -> LoadedModel:
     return LoadedModel(name, family, source, directory, model.eval(), tokenizer)
 
 
-def save_checkpoint(model: LlavaModel, directory: Path, tokenizer_dir: Path | None = None) -> None:
+def save_checkpoint(model: "LlavaModel", directory: Path, tokenizer_dir: Path | None = None) -> None:
     """Write `model` as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
     import shutil
 
     import safetensors.torch
+
+    from vlmc.models_zoo.llava import hf_state_dict, to_hf_config
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2) + "\n")

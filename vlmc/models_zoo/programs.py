@@ -55,7 +55,7 @@ def cache_shape(model: LlavaModel, max_context: int) -> tuple[int, int, int, int
 
 
 class StaticCacheDecoder(nn.Module):
-    """(embeds [1,T,D], position_ids [1,T], cache_position [T], logits_index [1], k_0, v_0, ...)
+    """(embeds [1,T,D], position_ids [1,T], cache_position [T], logits_index [1], [k_0, v_0, ...])
     -> (logits [1,V], k_0', v_0', ...), caches [1, Hkv, C, d].
 
     A query in slot s attends to slots <= s, so right-padding a prompt to T is harmless: padded
@@ -68,7 +68,7 @@ class StaticCacheDecoder(nn.Module):
         t = model.config.text
         self.n_rep = t.num_heads // t.num_kv_heads
 
-    def forward(self, inputs_embeds, position_ids, cache_position, logits_index, *caches):
+    def forward(self, inputs_embeds, position_ids, cache_position, logits_index, caches: list[torch.Tensor]):
         slots = torch.arange(self.max_context, dtype=cache_position.dtype)
         write = (slots[None, :] == cache_position[:, None]).to(inputs_embeds.dtype)  # [T, C]
         keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
@@ -126,3 +126,14 @@ class ExecuTorchDecoder(nn.Module):
     def reset(self) -> None:
         for b in self.buffers():
             b.zero_()
+
+
+def cache_names(num_layers: int) -> list[str]:
+    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
+
+
+def static_decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of `StaticCacheDecoder` on every target that takes the cache explicitly."""
+    caches = cache_names(num_layers)
+    inputs = ["inputs_embeds", "position_ids", "cache_position", "logits_index", *caches]
+    return inputs, ["logits", *(c + "_out" for c in caches)]

@@ -1,0 +1,123 @@
+"""The bundle: artifacts + manifest.json + recipe.yaml, written atomically and read hash-checked.
+
+A bundle is assembled in a hidden sibling folder and renamed into place only when complete, so a
+crash or a failed verification never leaves half of one. Readers check each file's sha256 against the
+manifest before a runtime loads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlmc.errors import VlmcError
+
+FORMAT = "vlmc-bundle/1"
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a folder (an .mlpackage) as its sorted relative paths and contents."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class BundleWriter:
+    """Collects a bundle in a temporary folder beside `out`; `commit` renames it into place."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = out
+        if out.exists() and not force:
+            raise VlmcError(f"output {out} exists (use --force to replace it)")
+        if out.exists() and not (out / "manifest.json").is_file():
+            raise VlmcError(f"output {out} exists and is not a vlmc bundle; refusing to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        manifest["files"] = {
+            p.name: {"sha256": sha256_of(p), "bytes": size_of(p)}
+            for p in sorted(self.dir.iterdir()) if p.name not in ("manifest.json",)
+        }
+        tmp = self.dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, self.dir / "manifest.json")
+        self.dir.chmod(0o755)  # mkdtemp made it private
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(self.dir, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+class Bundle:
+    """A bundle on disk: its manifest, and its files once their hashes check out."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise VlmcError(f"bundle {path}: no such directory")
+        if not mf.is_file():
+            raise VlmcError(f"bundle {path}: no manifest.json (not a vlmc bundle)")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise VlmcError(f"bundle {path}: manifest.json is not valid JSON ({e.msg})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise VlmcError(f"bundle {path}: unsupported format {self.manifest.get('format')!r} (expected {FORMAT})")
+        self._checked: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    def programs(self, target: str) -> dict[str, dict]:
+        if target not in self.manifest["targets"]:
+            raise VlmcError(f"bundle {self.path} has no {target} artifacts (it has: {', '.join(self.targets)})")
+        return self.manifest["targets"][target]["programs"]
+
+    def file(self, name: str) -> Path:
+        """Path of a bundle file after checking its sha256 against the manifest."""
+        entry = self.manifest["files"].get(name)
+        p = self.path / name
+        if entry is None:
+            raise VlmcError(f"bundle {self.path}: {name} is not listed in manifest.json")
+        if not p.exists():
+            raise VlmcError(f"bundle {self.path}: {name} is missing")
+        if name not in self._checked:
+            if sha256_of(p) != entry["sha256"]:
+                raise VlmcError(f"bundle {self.path}: {name} does not match its sha256 in manifest.json (changed since export)")
+            self._checked.add(name)
+        return p

@@ -1,0 +1,1 @@
+"""Datasets (the built-in ShapesVQA generator) and accuracy metrics."""

@@ -1,0 +1,105 @@
+"""The export flow: model -> programs -> per-target lowering -> verification -> atomic bundle."""
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from vlmc import __version__
+from vlmc.bundle import FORMAT, BundleWriter
+from vlmc.errors import VlmcError
+from vlmc.exporter import coreml_target, executorch_target, onnx_target
+from vlmc.exporter.context import ExportContext
+from vlmc.exporter.verify import Verifier
+from vlmc.models_zoo import LoadedModel, load
+from vlmc.recipe import Recipe
+
+LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower}
+
+
+def prepare(recipe: Recipe) -> tuple[LoadedModel, Recipe]:
+    """Load the recipe's model and resolve the recipe's model-dependent defaults."""
+    loaded = load(recipe.model)
+    return loaded, recipe.resolve(loaded.config.num_image_tokens)
+
+
+def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
+    from vlmc.exporter.verify import decoder_shape
+
+    verifier = Verifier(ctx)
+    rows: list[dict] = []
+    for target, entry in targets.items():
+        ctx.progress(f"verify: {target}")
+        files = {p: ctx.out_dir / e["file"] for p, e in entry["programs"].items()}
+        if target == "onnx":
+            from vlmc.runtimes.onnxruntime_runner import OnnxSession
+
+            rows += verifier.static_cache("onnx", OnnxSession(files, decoder_shape(ctx)), verifier.sample.image)
+        elif target == "executorch":
+            from vlmc.runtimes.executorch_runner import ExecuTorchSession
+
+            rows += verifier.executorch(ExecuTorchSession(ctx.out_dir / executorch_target.PTE, decoder_shape(ctx)))
+        elif target == "coreml":
+            rows += verifier.coreml_structure(entry)
+            if platform.system() == "Darwin":
+                from vlmc.runtimes.coreml_runner import CoremlSession
+
+                session = CoremlSession(files, entry["programs"], decoder_shape(ctx))
+                rows += verifier.static_cache("coreml", session, verifier.sample.image.astype("float32")[None])
+    return rows
+
+
+def format_failures(rows: list[dict]) -> str:
+    lines = [f"{'target':<11} {'program':<16} {'check':<22} {'max |err|':>11} {'x tol':>8}"]
+    for r in rows:
+        err = "-" if r.get("max_abs_err") is None else f"{r['max_abs_err']:.3g}"
+        lines.append(f"{r['target']:<11} {r['program']:<16} {r['check']:<22} {err:>11} {r.get('tolerance_used', '-')!s:>8}  {r.get('detail', '')}")
+    return "\n".join(lines)
+
+
+def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
+    progress = progress or (lambda msg: None)
+    started = time.time()
+    loaded, recipe = prepare(recipe)
+    cfg = loaded.config
+    with BundleWriter(out, force) as writer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (loaded.directory / name).is_file():
+                shutil.copy(loaded.directory / name, writer.path(name))
+        ctx = ExportContext(loaded, recipe, writer.dir, progress)
+        targets = {}
+        for target in recipe.targets:
+            t0 = time.time()
+            targets[target] = LOWERINGS[target](ctx)
+            targets[target]["export_seconds"] = round(time.time() - t0, 2)
+        verification = _verify(ctx, targets) if recipe.verify.enabled else []
+        failed = [r for r in verification if not r["passed"]]
+        if failed:
+            raise VlmcError(f"verification failed for {len(failed)} check(s); no bundle written\n{format_failures(failed)}")
+        manifest = {
+            "format": FORMAT,
+            "vlmc_version": __version__,
+            "name": recipe.name or out.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": loaded.name, "family": loaded.family, "source": loaded.source, "config": cfg.to_dict()},
+            "prompt": {"template": recipe.prompt_template, "add_bos": loaded.tokenizer.add_bos,
+                       "bos_token_id": cfg.text.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
+                       "image_token_id": cfg.image_token_id, "num_image_tokens": cfg.num_image_tokens,
+                       "image_size": cfg.vision.image_size},
+            "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
+                        "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
+                        "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
+                        "max_prompt": recipe.max_prompt},
+            "recipe": recipe.model_dump(mode="json"),
+            "passes": [],
+            "targets": targets,
+            "verification": {"enabled": recipe.verify.enabled, "atol": recipe.verify.atol, "rtol": recipe.verify.rtol,
+                             "results": verification},
+            "metrics": {"export_seconds": round(time.time() - started, 2)},
+        }
+        writer.path("recipe.yaml").write_text(recipe.to_yaml())
+        return writer.commit(manifest)

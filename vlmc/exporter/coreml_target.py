@@ -1,0 +1,117 @@
+"""Core ML target: one .mlpackage (mlprogram) per program through coremltools' torch.export frontend.
+
+Conversion and a structural check run on Linux; running a Core ML model needs macOS. Core ML has no
+uint8 tensor inputs, so its vision_encoder takes float [1,3,H,W] in 0..255; int64 ids and positions
+become int32, as Core ML stores them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+
+import torch
+from torch.export import Dim, export
+
+from vlmc.errors import VlmcError
+from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
+
+_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 131080: "int8"}
+
+
+def read_io(spec) -> dict:
+    def entries(features):
+        out = []
+        for f in features:
+            a = f.type.multiArrayType
+            ranges = list(a.shapeRange.sizeRanges)
+            shape = [f"{r.lowerBound}..{r.upperBound}" if r.lowerBound != r.upperBound else r.lowerBound for r in ranges] or list(a.shape)
+            out.append(io_entry(f.name, shape, _DTYPES.get(a.dataType, str(a.dataType))))
+        return out
+
+    return {"inputs": entries(spec.description.input), "outputs": entries(spec.description.output)}
+
+
+def op_counts(spec) -> dict[str, int]:
+    main = spec.mlProgram.functions["main"]
+    block = main.block_specializations[main.opset]
+    return dict(Counter(op.type for op in block.operations))
+
+
+class _PositionalCaches(torch.nn.Module):
+    """The decoder with caches as trailing positional args: coremltools' torch.export frontend trips
+    over a list input (a `_guards_fn` node), the ONNX exporter over nested *args shapes."""
+
+    def __init__(self, decoder: StaticCacheDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds, position_ids, cache_position, logits_index, *caches):
+        return self.decoder(inputs_embeds, position_ids, cache_position, logits_index, list(caches))
+
+
+@contextlib.contextmanager
+def _no_guards_fn():
+    """`run_decompositions` re-traces the exported graph through `ep.module()`, whose generated
+    shape-guard submodule fails on this dynamic-length program; torch already skips it for
+    ExecuTorch's callers, and coremltools needs the decomposed graph."""
+    import torch.export._unlift as unlift
+
+    original = unlift._ok_to_generate_guards_fn
+    unlift._ok_to_generate_guards_fn = lambda: False
+    try:
+        yield
+    finally:
+        unlift._ok_to_generate_guards_fn = original
+
+
+def _convert(module, args, dynamic_shapes, input_names, output_names, recipe):
+    import coremltools as ct
+
+    with torch.no_grad(), _no_guards_fn():
+        ep = export(module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False).run_decompositions({})
+    precision = ct.precision.FLOAT16 if recipe.coreml.precision == "fp16" else ct.precision.FLOAT32
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(io.StringIO()), _no_guards_fn():
+        ml = ct.convert(ep, convert_to="mlprogram", compute_precision=precision, skip_model_load=True,
+                        minimum_deployment_target=getattr(ct.target, recipe.coreml.minimum_deployment_target))
+    spec = ml.get_spec()
+    for feature, name in zip(list(spec.description.input), input_names):
+        ct.utils.rename_feature(spec, feature.name, name, rename_outputs=False)
+    for feature, name in zip(list(spec.description.output), output_names):
+        ct.utils.rename_feature(spec, feature.name, name, rename_inputs=False)
+    return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
+
+
+def lower(ctx: ExportContext) -> dict:
+    m, r = ctx.model, ctx.recipe
+    seq = Dim("seq_len", min=1, max=r.max_prompt)
+    in_names, out_names = static_decoder_io(ctx.num_layers)
+    dec_args = ctx.example_decoder_inputs(r.max_prompt)
+    vision = VisionEncoderProgram(m, "nchw_float")
+    jobs = [
+        ("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
+        ("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
+         ["input_ids"], ["inputs_embeds"]),
+        ("text_decoder", _PositionalCaches(StaticCacheDecoder(m, r.max_context)), (*dec_args[:4], *dec_args[4]),
+         (*ctx.decoder_dynamic_shapes(seq)[:4], (None,) * len(dec_args[4])), in_names, out_names),
+    ]
+    programs = {}
+    for name, module, args, dyn, ins, outs in jobs:
+        ctx.progress(f"coreml: converting {name}")
+        try:
+            ml = _convert(module, args, dyn, ins, outs, r)
+        except VlmcError:
+            raise
+        except Exception as e:  # coremltools raises ValueError/NotImplementedError/RuntimeError per op
+            raise VlmcError(f"Core ML conversion of {name} failed: {str(e).splitlines()[0]}") from None
+        path = ctx.out_dir / f"{name}.mlpackage"
+        ml.save(str(path))
+        spec = ml.get_spec()
+        programs[name] = {"file": path.name, **read_io(spec), "ops": op_counts(spec)}
+    return {"programs": programs, "runtime": "coreml", "precision": r.coreml.precision,
+            "minimum_deployment_target": r.coreml.minimum_deployment_target, "runs_here": False,
+            "note": "converted and structurally checked on Linux; Core ML runs only on macOS",
+            "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]"}

@@ -1,0 +1,86 @@
+"""ExecuTorch target: one .pte with the methods of ExecuTorch's multimodal LLM contract.
+
+Methods `vision_encoder` (uint8 [3,H,W], preprocessing inside), `token_embedding` and `text_decoder`
+(embeds + start position; the KV cache is the method's mutable buffers, updated by the LLM custom ops),
+plus the constant methods ExecuTorch's MultimodalRunner reads, so its stock runner and demo apps load
+a vlmc bundle unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, export
+
+from vlmc.errors import VlmcError
+from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.models_zoo.programs import ExecuTorchDecoder, TokenEmbeddingProgram, VisionEncoderProgram
+
+PTE = "model.pte"
+
+
+def _io(name: str, t: torch.Tensor, dynamic: dict | None = None) -> dict:
+    shape = [dynamic.get(i, s) if dynamic else s for i, s in enumerate(t.shape)]
+    return io_entry(name, shape, str(t.dtype).removeprefix("torch."))
+
+
+def lower(ctx: ExportContext) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    m, r, c = ctx.model, ctx.recipe, ctx.model.config
+    seq = Dim("seq_len", min=1, max=r.max_prompt)
+    vision = VisionEncoderProgram(m, "chw_uint8")
+    image = vision.example_input()
+    ids = torch.ones(1, 4, dtype=torch.long)
+    embeds = torch.zeros(1, 4, c.text.hidden_size)
+    pos = torch.tensor([0])
+    ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")
+    with torch.no_grad():
+        image_tokens = vision(image).shape[1]
+        exported = {
+            "vision_encoder": export(vision.eval(), (image,), strict=False),
+            "token_embedding": export(TokenEmbeddingProgram(m).eval(), (ids,), dynamic_shapes=({1: seq},), strict=False),
+            "text_decoder": export(ExecuTorchDecoder(m, r.max_context).eval(), (embeds, pos),
+                                   dynamic_shapes=({1: seq}, None), strict=False),
+        }
+    constants = {
+        "get_max_seq_len": r.max_prompt,
+        "get_max_context_len": r.max_context,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": True,
+        "get_vocab_size": c.text.vocab_size,
+        "get_eos_ids": list(c.text.eos_token_ids),
+    }
+    if c.text.bos_token_id is not None:
+        constants["get_bos_id"] = c.text.bos_token_id
+    ctx.progress(f"executorch: lowering to {r.executorch.backend}")
+    partitioner = [XnnpackPartitioner()] if r.executorch.backend == "xnnpack" else []
+    try:
+        edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    except Exception as e:  # exir raises many error types; the first line names the failing op or pass
+        raise VlmcError(f"ExecuTorch lowering failed: {str(e).splitlines()[0]}") from None
+    (ctx.out_dir / PTE).write_bytes(program.buffer)
+    delegated = {name: sum(1 for n in edge.exported_program(name).graph.nodes
+                           if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+                 for name in exported}
+    hidden = c.text.hidden_size
+    programs = {
+        "vision_encoder": {"file": PTE, "method": "vision_encoder", "inputs": [_io("image", image)],
+                           "outputs": [io_entry("image_embeds", [1, image_tokens, hidden], "float32")]},
+        "token_embedding": {"file": PTE, "method": "token_embedding", "inputs": [_io("input_ids", ids, {1: "seq_len"})],
+                            "outputs": [io_entry("inputs_embeds", [1, "seq_len", hidden], "float32")]},
+        "text_decoder": {"file": PTE, "method": "text_decoder",
+                         "inputs": [_io("inputs_embeds", embeds, {1: "seq_len"}), _io("input_pos", pos)],
+                         "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]},
+    }
+    for name, n in delegated.items():
+        programs[name]["delegate_calls"] = n
+    return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,
+            "constant_methods": constants, "runner": "executorch MultimodalRunner (stock) or vlmc",
+            "kv_cache": "mutable buffers [1, max_context, kv_heads, head_dim] via llama::update_cache / llama::custom_sdpa"}

@@ -1,0 +1,74 @@
+"""ONNX target: one .onnx per program through torch.onnx's dynamo exporter.
+
+The text decoder takes its KV cache as explicit inputs/outputs and a bounded-dynamic length
+(1..max_prompt), so one graph serves both the fixed-shape prefill and the decode step without a
+second copy of the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from vlmc.errors import VlmcError
+from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
+
+EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps one file at 2 GB
+
+
+def read_io(path: Path) -> dict:
+    """Input/output names, shapes (symbolic dims by name) and dtypes as the .onnx file states them."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def entries(values):
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tt.shape.dim]
+            out.append(io_entry(v.name, shape, str(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        return out
+
+    return {"inputs": entries(graph.input), "outputs": entries(graph.output)}
+
+
+def _export(module, args, path: Path, dynamic_shapes, input_names, output_names, opset: int) -> None:
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            torch.onnx.export(module.eval(), args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                              output_names=output_names, opset_version=opset, optimize=True,
+                              external_data=big, verbose=False)
+        except Exception as e:  # the exporter raises many types; the first line names the failing op
+            raise VlmcError(f"ONNX export of {path.stem} failed: {str(e).splitlines()[0]}") from None
+
+
+def lower(ctx: ExportContext) -> dict:
+    m, r = ctx.model, ctx.recipe
+    seq = Dim("seq_len", min=1, max=r.max_prompt)
+    in_names, out_names = static_decoder_io(ctx.num_layers)
+    dec_args = ctx.example_decoder_inputs(r.max_prompt)
+    vision = VisionEncoderProgram(m, "chw_uint8")
+    jobs = [
+        ("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
+        ("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
+         ["input_ids"], ["inputs_embeds"]),
+        ("text_decoder", StaticCacheDecoder(m, r.max_context), dec_args, ctx.decoder_dynamic_shapes(seq),
+         in_names, out_names),
+    ]
+    programs = {}
+    for name, module, args, dyn, ins, outs in jobs:
+        ctx.progress(f"onnx: exporting {name}")
+        path = ctx.out_dir / f"{name}.onnx"
+        _export(module, args, path, dyn, ins, outs, r.onnx.opset)
+        files = [path.name] + ([path.name + ".data"] if (ctx.out_dir / (path.name + ".data")).exists() else [])
+        programs[name] = {"file": path.name, "files": files, **read_io(path)}
+    return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset,
+            "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
+            "prefill": f"fixed shape: prompts right-padded to max_prompt={r.max_prompt}, logits_index picks the last real token"}

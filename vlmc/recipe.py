@@ -1,0 +1,127 @@
+"""The recipe: one validated document that drives export for every target.
+
+A recipe is data (YAML or CLI flags). Unknown fields and bad values are refused with the field's name;
+values that depend on the model (prompt length vs image tokens) are checked in `resolve`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmc.errors import VlmcError
+
+TARGETS = ("onnx", "executorch", "coreml")
+FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OnnxOptions(Strict):
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs")
+
+
+class ExecutorchOptions(Strict):
+    backend: Literal["xnnpack", "portable"] = Field("xnnpack", description="xnnpack delegates to XNNPACK; portable runs ExecuTorch's portable kernels only")
+
+
+class CoremlOptions(Strict):
+    precision: Literal["fp16", "fp32"] = Field("fp16", description="compute precision of the mlprogram")
+    minimum_deployment_target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
+
+
+class VerifyOptions(Strict):
+    enabled: bool = True
+    atol: float = Field(1e-3, gt=0, description="allowed |runtime - eager| beyond rtol * |eager|")
+    rtol: float = Field(1e-3, ge=0)
+
+
+class Recipe(Strict):
+    name: Optional[str] = Field(None, description="bundle name (default: the output folder's name)")
+    model: str = Field("shapes-llava", description="built-in model name or checkpoint directory")
+    targets: list[Literal["onnx", "executorch", "coreml"]] = Field(default_factory=lambda: ["onnx", "executorch"], min_length=1)
+    max_context: int = Field(256, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens")
+    max_prompt: Optional[int] = Field(None, ge=1, description="fixed prefill length of ONNX / Core ML (default: image tokens + 48, at most max_context)")
+    prompt_template: str = Field("USER: <image>\n{prompt} ASSISTANT:", description="where the image and the question go")
+    onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    executorch: ExecutorchOptions = Field(default_factory=ExecutorchOptions)
+    coreml: CoremlOptions = Field(default_factory=CoremlOptions)
+    verify: VerifyOptions = Field(default_factory=VerifyOptions)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("a target is listed twice")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v):
+        if v.count("<image>") != 1 or "{prompt}" not in v:
+            raise ValueError("must contain <image> exactly once and {prompt}")
+        return v
+
+    def resolve(self, num_image_tokens: int) -> "Recipe":
+        """Fill the defaults that depend on the model, and check the lengths fit together."""
+        max_prompt = self.max_prompt or min(self.max_context, num_image_tokens + 48)
+        if max_prompt > self.max_context:
+            raise VlmcError(f"recipe field 'max_prompt': {max_prompt} exceeds max_context {self.max_context}")
+        if max_prompt <= num_image_tokens:
+            raise VlmcError(f"recipe field 'max_prompt': {max_prompt} leaves no room for text beside the model's {num_image_tokens} image tokens")
+        return self.model_copy(update={"max_prompt": max_prompt})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{source}: recipe field '{loc}': {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) else "")
+
+
+def build(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise VlmcError(_format_error(e, source)) from None
+
+
+def load(path: Optional[str], overrides: dict) -> Recipe:
+    """A recipe from a YAML file (optional) with CLI overrides applied on top."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise VlmcError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise VlmcError(f"recipe {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise VlmcError(f"recipe {path}: expected a mapping of fields")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return build(data, path or "command line")
+
+
+def parse_targets(text: str) -> list[str]:
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    for t in targets:
+        if t not in TARGETS:
+            raise VlmcError(f"unknown target {t!r} (choose from {', '.join(TARGETS)})")
+    return targets

@@ -1,0 +1,111 @@
+"""What every runtime session offers: raw program calls, and the VLM steps that generation drives.
+
+A session holds one bundle loaded on one runtime. `call` runs one program on numpy arrays (used by
+verification and profiling); `vision`, `embed`, `prefill` and `step` are the stages a VLM user
+measures (vision encode, prefill, decode), built on `call`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vlmc.errors import VlmcError
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What a session needs to know about the text decoder it drives."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_context: int
+    max_prompt: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "DecoderShape":
+        d = manifest["decoder"]
+        return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"])
+
+
+class Session(ABC):
+    runtime: str = ""
+
+    def __init__(self, shape: DecoderShape):
+        self.shape = shape
+
+    @abstractmethod
+    def call(self, program: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one program (or ExecuTorch method) on its inputs, in the manifest's order."""
+
+    def vision(self, image_u8: np.ndarray) -> np.ndarray:
+        """uint8 [3,H,W] -> image embeddings [1,N,D]."""
+        return self.call("vision_encoder", [image_u8])[0]
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return self.call("token_embedding", [np.asarray([ids], dtype=np.int64)])[0]
+
+    @abstractmethod
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+        """Start a sequence: embeds [1,T,D] fill cache slots 0..T-1; returns the last token's logits [V]."""
+
+    @abstractmethod
+    def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:
+        """One decode step at slot/position `pos`: embeds [1,1,D] -> logits [V]."""
+
+    def check_prompt_length(self, length: int) -> None:
+        if length > self.shape.max_prompt:
+            raise VlmcError(f"prompt is {length} tokens, over the bundle's max_prompt of {self.shape.max_prompt}")
+
+
+class StaticCacheSession(Session):
+    """Sessions whose decoder takes and returns the KV cache explicitly (onnxruntime, Core ML, eager).
+
+    Prefill is fixed-shape: the prompt is right-padded to max_prompt, and `logits_index` picks the last
+    real token; padded slots are overwritten by decode steps before any query can see them.
+    """
+
+    def __init__(self, shape: DecoderShape):
+        super().__init__(shape)
+        self.caches: list[np.ndarray] = []
+
+    def _empty_caches(self) -> list[np.ndarray]:
+        s = self.shape
+        return [np.zeros((1, s.num_kv_heads, s.max_context, s.head_dim), np.float32) for _ in range(2 * s.num_layers)]
+
+    def _decode(self, embeds, positions, logits_index) -> np.ndarray:
+        pos = np.asarray(positions, np.int64)
+        out = self.call("text_decoder", [embeds.astype(np.float32), pos[None], pos, np.asarray([logits_index], np.int64), *self.caches])
+        self.caches = list(out[1:])
+        return out[0][0]
+
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        self.check_prompt_length(t)
+        p = self.shape.max_prompt
+        padded = np.zeros((1, p, embeds.shape[2]), np.float32)
+        padded[:, :t] = embeds
+        self.caches = self._empty_caches()
+        return self._decode(padded, range(p), t - 1)
+
+    def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:
+        if pos >= self.shape.max_context:
+            raise VlmcError(f"sequence reached the bundle's max_context of {self.shape.max_context}")
+        return self._decode(embeds, [pos], 0)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prompt_tokens: int
+    vision_ms: float = 0.0
+    embed_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+
+    @property
+    def time_to_first_token_ms(self) -> float:
+        return self.vision_ms + self.embed_ms + self.prefill_ms

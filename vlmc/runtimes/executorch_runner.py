@@ -1,0 +1,67 @@
+"""ExecuTorch: the bundle's .pte loaded in-process with ExecuTorch's Python runtime.
+
+In-process on purpose: the ExecuTorch runtime hangs in a fork()ed child, so profiling uses a spawned
+process, never a forked one.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from vlmc.errors import VlmcError
+from vlmc.runtimes.base import DecoderShape, Session
+
+METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+
+
+class ExecuTorchSession(Session):
+    runtime = "executorch"
+
+    def __init__(self, pte: Path, shape: DecoderShape, profile_ops: bool = False):
+        super().__init__(shape)
+        import torch
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
+        from executorch.runtime import Runtime
+
+        self._torch = torch
+        try:
+            self.program = Runtime.get().load_program(str(pte), enable_etdump=profile_ops, debug_buffer_size=0)
+            self.methods = {m: self.program.load_method(m) for m in METHODS}
+        except Exception as e:  # the pybindings raise RuntimeError with the runtime's error code
+            raise VlmcError(f"ExecuTorch cannot load {pte}: {str(e).splitlines()[0]}") from None
+
+    def call(self, program, inputs):
+        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+        return [o.numpy().copy() for o in self.methods[program].execute(args)]
+
+    def prefill(self, embeds):
+        self.check_prompt_length(embeds.shape[1])
+        return self.call("text_decoder", [embeds.astype(np.float32), np.asarray([0], np.int64)])[0][0]
+
+    def step(self, embeds, pos):
+        if pos >= self.shape.max_context:
+            raise VlmcError(f"sequence reached the bundle's max_context of {self.shape.max_context}")
+        return self.call("text_decoder", [embeds.astype(np.float32), np.asarray([pos], np.int64)])[0][0]
+
+    def op_rows(self) -> list[dict]:
+        """Per-op (and per-delegate) time from ETDump, read back with ExecuTorch's Inspector."""
+        from executorch.devtools import Inspector
+
+        with tempfile.TemporaryDirectory() as d:
+            etdump = Path(d) / "run.etdp"
+            self.program.write_etdump_result_to_file(str(etdump), str(Path(d) / "debug.bin"))
+            inspector = Inspector(etdump_path=str(etdump))
+            totals: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+            for block in inspector.event_blocks:
+                for ev in block.events:
+                    if not ev.perf_data or ev.name in ("Method::execute", "Program::load_method", "Method::init"):
+                        continue
+                    times = ev.perf_data.raw  # milliseconds, one per run
+                    key = (block.name, ev.name)
+                    totals[key][0] += len(times)
+                    totals[key][1] += float(sum(times))
+        return [{"program": p, "op": op, "calls": n, "total_ms": round(ms, 4), "mean_ms": round(ms / n, 5)}
+                for (p, op), (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])]

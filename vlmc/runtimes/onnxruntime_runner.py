@@ -1,0 +1,53 @@
+"""onnxruntime: one InferenceSession per program of a bundle's ONNX target."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from vlmc.errors import VlmcError
+from vlmc.runtimes.base import DecoderShape, StaticCacheSession
+
+
+class OnnxSession(StaticCacheSession):
+    runtime = "onnxruntime"
+
+    def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0):
+        super().__init__(shape)
+        import onnxruntime as ort
+
+        self.sessions = {}
+        for program, path in files.items():
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            if profile_ops:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = str(Path(path).with_suffix("")) + ".ortprofile"
+            try:
+                self.sessions[program] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise VlmcError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.input_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
+
+    def call(self, program, inputs):
+        names = self.input_names[program]
+        return self.sessions[program].run(None, dict(zip(names, inputs)))
+
+    def op_rows(self) -> list[dict]:
+        """Per-op time from onnxruntime's profiler, summed per (program, op type)."""
+        totals: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+        for program, sess in self.sessions.items():
+            trace = sess.end_profiling()
+            events = json.loads(Path(trace).read_text())
+            Path(trace).unlink(missing_ok=True)
+            for ev in events:
+                if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                    key = (program, ev.get("args", {}).get("op_name", "?"))
+                    totals[key][0] += 1
+                    totals[key][1] += ev.get("dur", 0) / 1000.0
+        return [{"program": p, "op": op, "calls": n, "total_ms": round(ms, 4), "mean_ms": round(ms / n, 5)}
+                for (p, op), (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
