@@ -1,0 +1,67 @@
+"""The Python API the CLI is a thin layer over: compile, inspect, run, profile."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from vlmc.bundle import Bundle
+from vlmc.errors import VlmcError
+from vlmc.recipe import Recipe, build
+
+ProgressFn = Optional[Callable[[str], None]]
+
+
+def compile(recipe: Union[Recipe, dict, None] = None, out: Union[str, Path] = "build/model", force: bool = False,
+            progress: ProgressFn = None) -> Bundle:
+    """Export, verify and write a bundle: `vlmc.compile({"model": "shapes-llava", "targets": ["onnx"]}, "build/m")`."""
+    from vlmc.exporter.build import export_bundle
+
+    if not isinstance(recipe, Recipe):
+        recipe = build(recipe or {})
+    return Bundle(export_bundle(recipe, Path(out), force=force, progress=progress))
+
+
+def inspect(bundle: Union[str, Path]) -> dict:
+    """The manifest, with every file's hash checked."""
+    b = Bundle(bundle)
+    for name in b.manifest["files"]:
+        b.file(name)
+    return b.manifest
+
+
+def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16) -> dict:
+    """Image + prompt -> text with greedy decoding on one runtime."""
+    from vlmc.models_zoo.tokenizer import TextTokenizer
+    from vlmc.runtimes import check_runtime, open_session
+    from vlmc.runtimes.generate import generate
+    from vlmc.runtimes.image import load_image
+
+    check_runtime(runtime)
+    if max_new_tokens < 1:
+        raise VlmcError("--max-new-tokens must be at least 1")
+    b = Bundle(bundle)
+    b.file("tokenizer.json")
+    p = b.manifest["prompt"]
+    tok = TextTokenizer(b.path)
+    pixels = load_image(image, p["image_size"])
+    unknown = tok.unknown_words(prompt)
+    if unknown:
+        raise VlmcError(f"prompt words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
+    ids = tok.prompt(p["template"], prompt, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
+    session = open_session(b, runtime)
+    gen = generate(session, ids, pixels, max_new_tokens, set(p["eos_token_ids"]))
+    return {
+        "runtime": runtime, "prompt": prompt, "text": tok.decode(gen.tokens), "tokens": gen.tokens,
+        "pieces": [tok.piece(t) for t in gen.tokens], "prompt_tokens": gen.prompt_tokens,
+        "timings": {"vision_ms": round(gen.vision_ms, 3), "embed_ms": round(gen.embed_ms, 3),
+                    "prefill_ms": round(gen.prefill_ms, 3), "time_to_first_token_ms": round(gen.time_to_first_token_ms, 3),
+                    "decode_ms_per_token": round(sum(gen.decode_ms) / len(gen.decode_ms), 3) if gen.decode_ms else None},
+    }
+
+
+def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
+            new_tokens: int = 8, progress: ProgressFn = None) -> dict:
+    """Latency, stages, memory, sizes (and per-op rows) of a bundle on a runtime, in a spawned process."""
+    from vlmc.runtimes.profile import profile as run_profile
+
+    return run_profile(str(bundle), runtime, warmup, iterations, ops, new_tokens, progress)

@@ -1,0 +1,242 @@
+"""`vlmc`: a thin click layer over vlmc.api. Bad input ends in one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from vlmc.errors import VlmcError
+
+
+# Where vlmc's own messages go. Native runtimes log to the process's stderr (fd 2 and Python's
+# sys.stderr); `_quiet_native_logs` points both at /dev/null and keeps the terminal here.
+_ERR = sys.stderr
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    file = _ERR if stderr else sys.stdout
+    return Console(file=file, highlight=False, width=None if file.isatty() else 200)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    console = _console(stderr=True)
+    return lambda msg: console.print(f"[dim]• {msg}[/dim]")
+
+
+def _json_out(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_edge=False)
+    for i, c in enumerate(columns):
+        numeric = bool(rows) and isinstance(rows[0][i], (int, float))
+        t.add_column(c, justify="right" if numeric else "left")
+    for r in rows:
+        t.add_row(*("-" if v is None else str(v) for v in r))
+    return t
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vlmc")
+def cli():
+    """Compile vision-language models for phones and edge devices."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models(as_json):
+    """Built-in models, and the model families vlmc loads from a checkpoint directory."""
+    from vlmc.models_zoo import describe
+
+    rows = describe()
+    if as_json:
+        return _json_out(rows)
+    _console().print(_table("models", ["name", "kind", "description"], [[r["name"], r["kind"], r["description"]] for r in rows]))
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help="built-in model name or Hugging Face checkpoint dir (default: shapes-llava)")
+@click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
+@click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
+@click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
+@click.option("--max-prompt", type=int, default=None, help="fixed prefill length for ONNX / Core ML")
+@click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default=None)
+@click.option("--no-verify", is_flag=True, help="skip running each artifact against eager PyTorch")
+@click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress lines")
+def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, no_verify, force, as_json, quiet):
+    """Compile a model into a verified bundle for one or more targets."""
+    from vlmc import api
+    from vlmc.recipe import load, parse_targets
+
+    overrides = {"model": model, "targets": parse_targets(targets) if targets else None, "max_context": max_context,
+                 "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None}
+    recipe = load(recipe_path, overrides)
+    bundle = api.compile(recipe, out, force=force, progress=_progress(not quiet and not as_json))
+    if as_json:
+        return _json_out(bundle.manifest)
+    _print_summary(bundle.manifest, bundle.path)
+
+
+def _print_summary(m: dict, path) -> None:
+    console = _console()
+    files = m["files"]
+    rows = []
+    for target, entry in m["targets"].items():
+        for program, p in entry["programs"].items():
+            shapes = lambda io: ", ".join(f"{i['name']}{i['shape']}:{i['dtype']}" for i in io)  # noqa: E731
+            rows.append([target, program, p.get("method", p["file"]), shapes(p["inputs"][:4]) + (" ..." if len(p["inputs"]) > 4 else ""),
+                         shapes(p["outputs"][:1]) + (" ..." if len(p["outputs"]) > 1 else ""), _mb(files[p["file"]]["bytes"])])
+    console.print(f"[bold]{m['name']}[/bold]  {path}  (vlmc {m['vlmc_version']}, model {m['model']['name']}, "
+                  f"max_context {m['decoder']['max_context']}, max_prompt {m['decoder']['max_prompt']})")
+    console.print(_table("programs", ["target", "program", "file / method", "inputs", "outputs", "size"], rows))
+    console.print(f"passes: {', '.join(p['name'] for p in m['passes']) or 'none'}")
+    v = m["verification"]
+    if not v["enabled"]:
+        console.print("verification: [yellow]skipped (--no-verify)[/yellow]")
+    else:
+        vrows = [[r["target"], r["program"], r["check"], "-" if r.get("max_abs_err") is None else f"{r['max_abs_err']:.2e}",
+                  "pass" if r["passed"] else "FAIL", r.get("detail", "")] for r in v["results"]]
+        console.print(_table(f"verification vs eager (atol {v['atol']}, rtol {v['rtol']})",
+                             ["target", "program", "check", "max |err|", "result", "note"], vrows))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
+def inspect(bundle, as_json):
+    """Programs, shapes, dtypes, sizes, passes and verification results of a bundle."""
+    from vlmc import api
+
+    manifest = api.inspect(bundle)
+    if as_json:
+        return _json_out(manifest)
+    _print_summary(manifest, bundle)
+    for target, entry in manifest["targets"].items():
+        notes = {k: v for k, v in entry.items() if k not in ("programs",) and not isinstance(v, dict)}
+        _console().print(f"[bold]{target}[/bold]: " + "; ".join(f"{k}: {v}" for k, v in notes.items()))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runtime", required=True, help="onnxruntime | executorch | coreml (macOS only)")
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--iterations", "-n", default=20, show_default=True)
+@click.option("--new-tokens", default=8, show_default=True, help="tokens generated for the decode-stage measurement")
+@click.option("--ops", is_flag=True, help="add per-op rows (onnxruntime profiler / ExecuTorch ETDump)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def profile(bundle, runtime, warmup, iterations, new_tokens, ops, as_json):
+    """Latency per program and per stage, memory, sizes (and per-op time) on a runtime."""
+    from vlmc import api
+
+    result = api.profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress=None if as_json else _progress(True))
+    if as_json:
+        return _json_out(result)
+    console = _console()
+    s = result["stages"]
+    console.print(f"[bold]{result['bundle']}[/bold] on {result['runtime']} ({result['device']}, {result['host']['machine']}, "
+                  f"{result['host']['cpus']} cpus): warm-up {result['warmup']}, {result['iterations']} iterations")
+    console.print(_table("stages", ["stage", "ms"], [
+        ["vision encode", s["vision_encode_ms"]], ["prefill", s["prefill_ms"]],
+        ["decode / token", s["decode_ms_per_token"]], ["time to first token", s["time_to_first_token_ms"]],
+        ["decode tokens/s", s["decode_tokens_per_s"]]]))
+    console.print(_table("programs", ["program", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
+                         [[k, v["p50_ms"], v["p90_ms"], v["p99_ms"], v["mean_ms"]] for k, v in result["programs"].items()]))
+    mem = result["memory"]
+    console.print(f"memory: peak RSS {mem['peak_rss_mb']} MB (before load {mem['rss_before_load_mb']} MB, after load "
+                  f"{mem['rss_after_load_mb']} MB); artifacts {_mb(result['artifact_bytes_total'])} "
+                  f"({', '.join(f'{k} {_mb(v)}' for k, v in result['artifacts'].items())})")
+    if ops:
+        console.print(_table("ops (top 20 by total time, one generation)", ["program", "op", "calls", "total ms", "mean ms"],
+                             [[r["program"], r["op"], r["calls"], r["total_ms"], r["mean_ms"]] for r in result["ops"][:20]]))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runtime", default="onnxruntime", show_default=True, help="eager | onnxruntime | executorch | coreml")
+@click.option("--image", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True)
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="tokens and stage timings as JSON")
+def run(bundle, runtime, image, prompt, max_new_tokens, as_json):
+    """Answer a prompt about an image with greedy decoding."""
+    from vlmc import api
+
+    result = api.run(bundle, runtime, image, prompt, max_new_tokens)
+    if as_json:
+        return _json_out(result)
+    click.echo(result["text"])
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["shapes-vqa"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--n", "count", default=8, show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+def dataset(name, split, count, out):
+    """Write sample images and a questions.jsonl of a built-in dataset."""
+    from vlmc.eval import shapes_vqa
+
+    path = shapes_vqa.write(split, count, out)
+    click.echo(f"wrote {count} {split} items to {path}")
+
+
+def _quiet_native_logs() -> None:
+    """Keep the runtimes' C++ log lines off the terminal; Python's own stderr stays on it."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("coremltools", "torch", "onnxscript", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if os.environ.get("VLMC_DEBUG"):
+        return
+    global _ERR
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        _ERR = os.fdopen(saved, "w", buffering=1)
+        sys.stderr = open(os.devnull, "w")
+    except OSError:
+        pass
+
+
+def main() -> None:
+    _quiet_native_logs()
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", file=_ERR)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show(file=_ERR)
+        sys.exit(e.exit_code)
+    except VlmcError as e:
+        click.echo(f"error: {e}", file=_ERR)
+        sys.exit(2)
+    except Exception as e:  # a bug, not bad input: still one line unless VLMC_DEBUG asks for the traceback
+        if os.environ.get("VLMC_DEBUG"):
+            raise
+        click.echo(f"error: internal: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} (set VLMC_DEBUG=1 for the traceback)", file=_ERR)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Profiling: latency per program, the per-stage VLM summary, memory, sizes and per-op rows.
+
+Each profile runs in a freshly spawned process (never forked: the ExecuTorch runtime hangs in a
+forked child), so its peak RSS is the runtime's own and not the caller's.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import queue as queue_mod
+import resource
+import time
+import traceback
+
+import numpy as np
+
+from vlmc.bundle import Bundle
+from vlmc.errors import VlmcError
+from vlmc.models_zoo.tokenizer import TextTokenizer
+from vlmc.runtimes import RUNTIME_TARGETS, check_runtime, open_session
+from vlmc.runtimes.generate import generate
+
+SAMPLE_QUESTION = "what color is the circle?"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stats(times_ms: list[float]) -> dict:
+    a = np.asarray(times_ms)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 4), "p90_ms": round(float(np.percentile(a, 90)), 4),
+            "p99_ms": round(float(np.percentile(a, 99)), 4), "mean_ms": round(float(a.mean()), 4),
+            "min_ms": round(float(a.min()), 4), "iterations": len(a)}
+
+
+def _bench(fn, warmup: int, iterations: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return _stats(times)
+
+
+def sample_inputs(bundle: Bundle):
+    """A seeded image and the sample question through the bundle's own template and tokenizer."""
+    p = bundle.manifest["prompt"]
+    size = p["image_size"]
+    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
+    tok = TextTokenizer(bundle.path)
+    prompt = tok.prompt(p["template"], SAMPLE_QUESTION, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
+    return image, prompt
+
+
+def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int, progress) -> dict:
+    """Profile in this process (call `profile` to get a clean spawned one)."""
+    rss_start = _rss_mb()
+    bundle = Bundle(bundle_path)
+    bundle.file("tokenizer.json")
+    t0 = time.perf_counter()
+    session = open_session(bundle, runtime)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    rss_loaded = _rss_mb()
+    image, prompt = sample_inputs(bundle)
+    image_embeds = session.vision(image)
+    parts = ([session.embed(prompt.before)] if prompt.before else []) + [image_embeds] + ([session.embed(prompt.after)] if prompt.after else [])
+    embeds = np.concatenate(parts, axis=1)
+    programs = {}
+    progress(f"{runtime}: vision_encoder x{iterations}")
+    programs["vision_encoder"] = _bench(lambda: session.vision(image), warmup, iterations)
+    progress(f"{runtime}: token_embedding x{iterations}")
+    programs["token_embedding"] = _bench(lambda: [session.embed(ids) for ids in (prompt.before, prompt.after) if ids], warmup, iterations)
+    progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
+    programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds), warmup, iterations), "tokens": len(prompt)}
+    token = int(np.argmax(session.prefill(embeds)))
+    token_embeds = session.embed([token])
+    progress(f"{runtime}: text_decoder decode step x{iterations}")
+    programs["text_decoder.decode"] = {**_bench(lambda: session.step(token_embeds, len(prompt)), warmup, iterations), "tokens": 1}
+    progress(f"{runtime}: generating {new_tokens} tokens")
+    gen = generate(session, prompt, image, new_tokens, eos_ids=())
+    decode = programs["text_decoder.decode"]["p50_ms"]
+    stages = {
+        "vision_encode_ms": programs["vision_encoder"]["p50_ms"],
+        "prefill_ms": programs["text_decoder.prefill"]["p50_ms"],
+        "decode_ms_per_token": decode,
+        "time_to_first_token_ms": round(programs["vision_encoder"]["p50_ms"] + programs["token_embedding"]["p50_ms"]
+                                        + programs["text_decoder.prefill"]["p50_ms"], 4),
+        "decode_tokens_per_s": round(1000.0 / decode, 2) if decode else None,
+        "generation": {"new_tokens": len(gen.tokens), "time_to_first_token_ms": round(gen.time_to_first_token_ms, 4),
+                       "decode_ms_per_token_mean": round(float(np.mean(gen.decode_ms)), 4) if gen.decode_ms else None},
+    }
+    target = RUNTIME_TARGETS[runtime]
+    names = sorted({f for e in bundle.programs(target).values() for f in e.get("files", [e["file"]])}) if target else []
+    artifacts = {n: bundle.manifest["files"][n]["bytes"] for n in names}
+    result = {
+        "bundle": bundle.name, "runtime": runtime, "device": "local",
+        "host": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "warmup": warmup, "iterations": iterations, "load_ms": round(load_ms, 2),
+        "programs": programs, "stages": stages,
+        "memory": {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+        "artifacts": artifacts, "artifact_bytes_total": sum(artifacts.values()),
+    }
+    if ops:
+        progress(f"{runtime}: per-op profile of one generation")
+        op_session = open_session(bundle, runtime, profile_ops=True)
+        generate(op_session, prompt, image, new_tokens, eos_ids=())
+        result["ops"] = op_session.op_rows()
+    return result
+
+
+def _child(args, q) -> None:
+    def progress(msg):
+        q.put(("progress", msg))
+
+    try:
+        q.put(("result", profile_here(*args, progress)))
+    except VlmcError as e:
+        q.put(("error", str(e)))
+    except Exception as e:  # forwarded to the parent, which reports it in one line
+        q.put(("error", f"profiling failed: {e.__class__.__name__}: {e}\n{traceback.format_exc() if os.environ.get('VLMC_DEBUG') else ''}".strip()))
+
+
+def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
+            new_tokens: int = 8, progress=None) -> dict:
+    """Profile a bundle on a runtime in a spawned process; returns the profile schema as a dict."""
+    check_runtime(runtime)
+    if runtime == "eager":
+        raise VlmcError("profile runs exported artifacts: choose --runtime onnxruntime, executorch or coreml")
+    if runtime == "coreml":
+        from vlmc.runtimes.coreml_runner import require_macos
+
+        require_macos()
+    if warmup < 0 or iterations < 1:
+        raise VlmcError("--warmup must be >= 0 and --iterations >= 1")
+    Bundle(bundle_path).programs(RUNTIME_TARGETS[runtime])  # fail fast, in this process
+    progress = progress or (lambda m: None)
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child, args=((str(bundle_path), runtime, warmup, iterations, ops, new_tokens), q))
+    proc.start()
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    raise VlmcError(f"the {runtime} profiling process died (exit code {proc.exitcode})") from None
+                continue
+            if kind == "progress":
+                progress(payload)
+            elif kind == "error":
+                raise VlmcError(payload)
+            else:
+                return payload
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
