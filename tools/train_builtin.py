@@ -1,0 +1,190 @@
+"""Train vlmc's built-in VLM (shapes-llava) on ShapesVQA and write it as a Hugging Face checkpoint.
+
+    python tools/train_builtin.py                      # defaults: fixed seed, fits the 2-core CPU in < 60 min
+    python tools/train_builtin.py --device cuda        # the same recipe, faster on a GPU
+    python tools/train_builtin.py --out /tmp/ckpt      # write elsewhere than the shipped checkpoint
+
+The prompt is the bundle template "USER: <image>\\n{question} ASSISTANT:" followed by the one-word answer
+and </s>; the loss covers the answer and </s>. The script reports val accuracy per question type and
+writes training.json beside the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlmc.eval import shapes_vqa  # noqa: E402
+from vlmc.models_zoo import BUILTIN_ROOT, save_checkpoint  # noqa: E402
+from vlmc.models_zoo.builtin import EOS, PAD, builtin_config, write_tokenizer  # noqa: E402
+from vlmc.models_zoo.llava import LlavaModel  # noqa: E402
+from vlmc.models_zoo.tokenizer import DEFAULT_TEMPLATE, TextTokenizer  # noqa: E402
+
+
+def _make(args):
+    split, start, n = args
+    out = []
+    for item in shapes_vqa.items(split, n, start):
+        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype))
+    return out
+
+
+def generate_items(split: str, n: int, workers: int):
+    chunk = max(1, math.ceil(n / (workers * 4)))
+    jobs = [(split, s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    if workers <= 1:
+        return [x for j in jobs for x in _make(j)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return [x for part in pool.map(_make, jobs) for x in part]
+
+
+def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int):
+    """Token ids [N, L] (right-padded), index of the last prompt token, answer ids, images uint8."""
+    seqs, last, answers = [], [], []
+    for _, q, a, _ in items:
+        p = tok.prompt(DEFAULT_TEMPLATE, q, num_image_tokens, image_token_id, None)
+        ans = tok.encode(a)
+        assert len(ans) == 1, f"answer {a!r} is not one token"
+        seqs.append(p.ids + ans + [EOS])
+        last.append(len(p.ids) - 1)
+        answers.append(ans[0])
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    images = torch.from_numpy(np.stack([x[0] for x in items]))
+    return ids, torch.tensor(last), torch.tensor(answers), images
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Brightness/contrast jitter that keeps hues: more robust colour reading, same answers."""
+    x = images.float()
+    b = x.shape[0]
+    gain = 1 + (torch.rand(b, 1, 1, 1, generator=generator, device="cpu").to(x.device) - 0.5) * 0.3
+    bias = (torch.rand(b, 1, 1, 1, generator=generator, device="cpu").to(x.device) - 0.5) * 30
+    return (x * gain + bias).clamp(0, 255)
+
+
+def loss_fn(model: LlavaModel, ids, last, images):
+    logits = model(ids, model.normalize(images))
+    b = torch.arange(ids.shape[0], device=ids.device)
+    # predict the answer (at last) and </s> (at last + 1)
+    pred = torch.cat([logits[b, last], logits[b, last + 1]])
+    target = torch.cat([ids[b, last + 1], ids[b, last + 2]])
+    return F.cross_entropy(pred.float(), target)
+
+
+@torch.no_grad()
+def evaluate(model: LlavaModel, data, batch: int, device) -> dict:
+    ids, last, answers, images, qtypes = data
+    model.eval()
+    correct = []
+    for s in range(0, len(ids), batch):
+        sl = slice(s, s + batch)
+        # only the prompt: the answer is what the model must produce
+        width = int(last[sl].max()) + 1
+        x = ids[sl, :width].to(device)
+        logits = model(x, model.normalize(images[sl].to(device)))
+        b = torch.arange(x.shape[0], device=device)
+        pred = logits[b, last[sl].to(device)].argmax(-1).cpu()
+        correct += (pred == answers[sl]).tolist()
+    model.train()
+    per = {}
+    for t in shapes_vqa.QUESTION_TYPES:
+        sel = [c for c, q in zip(correct, qtypes) if q == t]
+        per[t] = round(100 * sum(sel) / max(1, len(sel)), 2)
+    return {"accuracy": round(100 * sum(correct) / len(correct), 2), "per_type": per, "n": len(correct)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=BUILTIN_ROOT / "shapes-llava")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--train-items", type=int, default=60000)
+    ap.add_argument("--val-items", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, multiprocessing.cpu_count()))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(args.out, shapes_vqa.VOCABULARY)
+    tok = TextTokenizer(args.out)
+    config = builtin_config(vocab_size=64 * math.ceil(len(vocab) / 64))
+    model = LlavaModel(config).to(device)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}", flush=True)
+
+    t0 = time.time()
+    train = generate_items("train", args.train_items, args.workers)
+    val = generate_items("val", args.val_items, args.workers)
+    print(f"data: {len(train)} train / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
+    tr_ids, tr_last, _, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
+    va = encode(tok, val, config.num_image_tokens, config.image_token_id)
+    val_data = (*va, [x[3] for x in val])
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+    warmup = min(300, args.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    gen = torch.Generator().manual_seed(args.seed)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    model.train()
+    history = []
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(tr_ids), (args.batch_size,), generator=gen)
+        width = int(tr_last[idx].max()) + 3
+        ids, last = tr_ids[idx, :width].to(device), tr_last[idx].to(device)
+        images = augment(tr_images[idx].to(device), gen)
+        with amp:
+            loss = loss_fn(model, ids, last, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            ev = evaluate(model, val_data, 256, device)
+            history.append({"step": step, "loss": round(loss.item(), 4), **ev})
+            print(f"  val accuracy {ev['accuracy']}%  {ev['per_type']}", flush=True)
+
+    model = model.float().cpu().eval()
+    save_checkpoint(model, args.out)
+    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "train_items": args.train_items, "device": str(device), "seconds": round(time.time() - t0, 1),
+              "val": history[-1] if history else None, "history": history}
+    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} ({(args.out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
