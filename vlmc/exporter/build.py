@@ -13,7 +13,7 @@ from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
 from vlmc.exporter import coreml_target, executorch_target, onnx_target
 from vlmc.exporter.context import ExportContext
-from vlmc.exporter.verify import Verifier
+from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
 from vlmc.models_zoo import LoadedModel, load
 from vlmc.recipe import Recipe
 
@@ -23,7 +23,13 @@ LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "
 def prepare(recipe: Recipe) -> tuple[LoadedModel, Recipe]:
     """Load the recipe's model and resolve the recipe's model-dependent defaults."""
     loaded = load(recipe.model)
-    return loaded, recipe.resolve(loaded.config.num_image_tokens)
+    recipe = recipe.resolve(loaded.config.num_image_tokens)
+    c = loaded.config
+    sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, c.num_image_tokens, c.image_token_id, c.text.bos_token_id)
+    if len(sample) > recipe.max_prompt:
+        raise VlmcError(f"recipe field 'max_prompt': {recipe.max_prompt} cannot hold the template with a short question "
+                        f"({len(sample)} tokens: {c.num_image_tokens} image + {len(sample) - c.num_image_tokens} text)")
+    return loaded, recipe
 
 
 def _verify(ctx: ExportContext, targets: dict) -> list[dict]:

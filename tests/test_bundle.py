@@ -1,0 +1,72 @@
+"""Bundle: manifest contents, hash checks, atomic writes, verification that fails the export."""
+import json
+import shutil
+
+import pytest
+
+from vlmc import api
+from vlmc.bundle import Bundle, sha256_of
+from vlmc.errors import VlmcError
+
+
+def test_manifest_describes_every_program(tiny_bundle):
+    m = tiny_bundle.manifest
+    assert m["format"] == "vlmc-bundle/1" and m["passes"] == []
+    assert set(m["targets"]) == {"onnx", "executorch", "coreml"}
+    for target, entry in m["targets"].items():
+        assert set(entry["programs"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+        for p in entry["programs"].values():
+            assert p["file"] in m["files"] and p["inputs"] and p["outputs"]
+            assert all({"name", "shape", "dtype"} <= set(io) for io in p["inputs"] + p["outputs"])
+    onnx_dec = m["targets"]["onnx"]["programs"]["text_decoder"]
+    assert [i["name"] for i in onnx_dec["inputs"][:4]] == ["inputs_embeds", "position_ids", "cache_position", "logits_index"]
+    assert onnx_dec["inputs"][4]["shape"] == [1, 2, 64, 16]  # [1, kv_heads, max_context, head_dim]
+    et = m["targets"]["executorch"]
+    assert et["constant_methods"]["get_max_context_len"] == 64 and et["constant_methods"]["get_max_seq_len"] == 40
+    assert m["targets"]["coreml"]["programs"]["text_decoder"]["ops"]  # the MIL op list is recorded
+    assert m["recipe"]["max_prompt"] == 40 and (tiny_bundle.path / "recipe.yaml").is_file()
+    for name, entry in m["files"].items():
+        assert sha256_of(tiny_bundle.path / name) == entry["sha256"]
+
+
+def test_every_check_ran_and_passed(tiny_bundle):
+    v = tiny_bundle.manifest["verification"]
+    checks = {(r["target"], r["program"], r["check"]) for r in v["results"]}
+    assert ("onnx", "text_decoder", "decode step KV cache") in checks
+    assert ("executorch", "text_decoder", "prefill logits") in checks
+    assert ("coreml", "text_decoder", "structure (spec loads, I/O match)") in checks
+    assert all(r["passed"] for r in v["results"])
+    assert max(r["max_abs_err"] for r in v["results"] if r["max_abs_err"] is not None) < 1e-4
+
+
+def test_a_changed_file_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    with open(copy / "text_decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(VlmcError, match="does not match its sha256"):
+        Bundle(copy).file("text_decoder.onnx")
+
+
+def test_failed_verification_leaves_no_bundle(tiny_ckpt, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(VlmcError) as e:
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 40, "max_prompt": 32,
+                     "verify": {"atol": 1e-12, "rtol": 0.0}}, out)
+    assert "verification failed" in str(e.value) and "text_decoder" in str(e.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tiny_bundle):
+    with pytest.raises(VlmcError, match="exists"):
+        api.compile({"model": tiny_bundle.manifest["model"]["source"], "targets": ["onnx"]}, tiny_bundle.path)
+
+
+def test_inspect_checks_hashes(tiny_bundle):
+    assert json.dumps(api.inspect(tiny_bundle.path))
+
+
+def test_max_prompt_too_short_for_the_template_is_refused_before_export(tiny_ckpt, tmp_path):
+    with pytest.raises(VlmcError, match="'max_prompt': 20 cannot hold"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_prompt": 20}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

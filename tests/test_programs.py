@@ -1,0 +1,69 @@
+"""The export programs compute what the eager model computes."""
+import numpy as np
+import torch
+
+from vlmc.models_zoo import load
+from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, cache_shape
+from vlmc.models_zoo.tokenizer import PromptIds
+from vlmc.runtimes.base import DecoderShape
+from vlmc.runtimes.eager_runner import EagerSession
+from vlmc.runtimes.generate import generate
+
+
+def _model(path):
+    return load(str(path)).model
+
+
+def test_static_cache_decoder_matches_full_forward(tiny_ckpt):
+    m = _model(tiny_ckpt)
+    ids = torch.tensor([[1, 17, 18] + [4] * 16 + [19, 20, 21]])
+    pixels = m.normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        ref = m(ids, pixels)
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        n, padded_len, ctx = embeds.shape[1], 30, 40
+        dec = StaticCacheDecoder(m, ctx)
+        padded = torch.cat([embeds, torch.randn(1, padded_len - n, embeds.shape[2])], 1)  # garbage padding
+        pos = torch.arange(padded_len)
+        zeros = [torch.zeros(cache_shape(m, ctx)) for _ in range(4)]
+        out = dec(padded, pos[None], pos, torch.tensor([n - 1]), zeros)
+        assert (out[0] - ref[:, -1]).abs().max() < 1e-5
+        nxt = torch.tensor([[9]])
+        ref2 = m(torch.cat([ids, nxt], 1), pixels)[:, -1]
+        step = dec(m.language_model.embed_tokens(nxt), torch.tensor([[n]]), torch.tensor([n]), torch.tensor([0]), list(out[1:]))
+        assert (step[0] - ref2).abs().max() < 1e-5
+
+
+def test_executorch_decoder_matches_full_forward_in_segments(tiny_ckpt):
+    m = _model(tiny_ckpt)
+    ids = torch.tensor([[1, 17, 18] + [4] * 16 + [19, 20, 21]])
+    pixels = m.normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        ref = m(ids, pixels)
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        dec = ExecuTorchDecoder(m, 40)
+        dec(embeds[:, :3], torch.tensor([0]))  # text, image, text: the stock runner's segments
+        dec(embeds[:, 3:19], torch.tensor([3]))
+        logits = dec(embeds[:, 19:], torch.tensor([19]))
+    assert (logits - ref[:, -1]).abs().max() < 1e-5
+
+
+def test_padded_prefill_gives_eager_answers_for_any_prompt_length(tiny_ckpt):
+    m = _model(tiny_ckpt)
+    t = m.config.text
+    session = EagerSession(m, DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, 64, 40))
+    image = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    for after in ([20], [20, 21, 22, 23, 24], list(range(20, 42))):
+        prompt = PromptIds([1, 17], after, 16, 4)
+        got = generate(session, prompt, image, 6, eos_ids=()).tokens
+        # reference: eager decoding with a growing cache, no padding at all
+        with torch.no_grad():
+            embeds = m.merge_embeddings(torch.tensor([prompt.ids]), m.encode_image(m.normalize(torch.from_numpy(image))))
+            n = embeds.shape[1]
+            logits, past = m.decode(embeds, torch.arange(n)[None], None)
+            want = []
+            for i in range(6):
+                tok = int(logits[0, -1].argmax())
+                want.append(tok)
+                logits, past = m.decode(m.language_model.embed_tokens(torch.tensor([[tok]])), torch.tensor([[n + i]]), past)
+        assert got == want, f"prompt of {len(prompt)} tokens"

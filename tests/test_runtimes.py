@@ -1,0 +1,46 @@
+"""Runtimes: the same tokens everywhere, and one profile schema for onnxruntime and executorch."""
+import platform
+
+import pytest
+
+from vlmc import api
+from vlmc.errors import VlmcError
+
+PROMPT = "what color is the circle ?"
+
+
+def test_eager_onnxruntime_and_executorch_generate_the_same_tokens(tiny_bundle, sample_image):
+    results = {rt: api.run(tiny_bundle.path, rt, sample_image, PROMPT, max_new_tokens=8)
+               for rt in ("eager", "onnxruntime", "executorch")}
+    tokens = {rt: r["tokens"] for rt, r in results.items()}
+    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+    assert results["onnxruntime"]["prompt_tokens"] == 2 + 16 + 8
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
+def test_profile_schema(tiny_bundle, runtime):
+    p = api.profile(tiny_bundle.path, runtime, warmup=1, iterations=3, ops=True, new_tokens=4)
+    assert p["runtime"] == runtime and p["iterations"] == 3
+    for program in ("vision_encoder", "token_embedding", "text_decoder.prefill", "text_decoder.decode"):
+        stats = p["programs"][program]
+        assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms"} <= set(stats)
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+    s = p["stages"]
+    assert s["time_to_first_token_ms"] >= s["vision_encode_ms"] + s["prefill_ms"]
+    assert s["decode_ms_per_token"] > 0
+    assert p["memory"]["peak_rss_mb"] >= p["memory"]["rss_after_load_mb"] > 0
+    assert p["artifact_bytes_total"] == sum(p["artifacts"].values()) > 0
+    assert p["ops"] and all(r["calls"] > 0 and r["total_ms"] >= 0 for r in p["ops"])
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="Core ML runs on macOS")
+def test_coreml_says_it_needs_macos(tiny_bundle, sample_image):
+    with pytest.raises(VlmcError, match="only on macOS"):
+        api.profile(tiny_bundle.path, "coreml")
+    with pytest.raises(VlmcError, match="only on macOS"):
+        api.run(tiny_bundle.path, "coreml", sample_image, PROMPT)
+
+
+def test_prompt_longer_than_the_bundle_allows_is_refused(tiny_bundle, sample_image):
+    with pytest.raises(VlmcError, match="max_prompt"):
+        api.run(tiny_bundle.path, "onnxruntime", sample_image, " ".join(["the"] * 30))
