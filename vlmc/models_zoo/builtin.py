@@ -18,8 +18,8 @@ def builtin_config(vocab_size: int):
     from vlmc.models_zoo.llava import LlavaConfig, TextConfig, VisionConfig
 
     return LlavaConfig(
-        vision=VisionConfig(image_size=112, patch_size=8, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),
-        text=TextConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+        vision=VisionConfig(image_size=112, patch_size=8, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=32, bos_token_id=BOS, eos_token_ids=(EOS,)),
         image_token_id=IMAGE,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
