@@ -65,3 +65,46 @@ def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations:
     from vlmc.runtimes.profile import profile as run_profile
 
     return run_profile(str(bundle), runtime, warmup, iterations, ops, new_tokens, progress)
+
+
+def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "shapes-vqa", split: str = "test",
+             n: Optional[int] = 2000, progress: ProgressFn = None) -> dict:
+    """Accuracy of a bundle on a runtime (or of a model, eager) against the uncompressed eager model."""
+    from vlmc.eval.evaluate import Answerer, evaluate as score, jsonl_questions, shapes_vqa_questions
+    from vlmc.models_zoo import load
+    from vlmc.models_zoo.tokenizer import TextTokenizer
+    from vlmc.runtimes import check_runtime, open_session
+    from vlmc.runtimes.base import DecoderShape
+    from vlmc.runtimes.eager_runner import EagerSession
+
+    check_runtime(runtime)
+    path = Path(target)
+    if (path / "manifest.json").is_file():
+        b = Bundle(path)
+        b.file("tokenizer.json")
+        prompt, tok, shape = b.manifest["prompt"], TextTokenizer(b.path), DecoderShape.from_manifest(b.manifest)
+        answer = Answerer(open_session(b, runtime), tok, prompt)
+        if runtime == "eager" and not b.manifest["passes"]:
+            reference = answer
+        else:
+            reference = Answerer(EagerSession(load(b.manifest["model"]["source"]).model, shape), tok, prompt)
+        name, source = b.name, b.manifest["model"]["source"]
+    else:
+        if runtime != "eager":
+            raise VlmcError(f"{target} is not a bundle: a model is evaluated with --runtime eager (export it to use {runtime})")
+        loaded = load(str(target))
+        c = loaded.config
+        recipe = build({}).resolve(c.num_image_tokens)
+        prompt = {"template": recipe.prompt_template, "num_image_tokens": c.num_image_tokens, "image_token_id": c.image_token_id,
+                  "bos_token_id": c.text.bos_token_id, "eos_token_ids": list(c.text.eos_token_ids), "image_size": c.vision.image_size}
+        t = c.text
+        shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
+        answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
+        reference, name, source = answer, loaded.name, loaded.source
+    if dataset == "shapes-vqa":
+        questions = shapes_vqa_questions(split, n if n is not None else 2000, prompt["image_size"])
+    else:
+        questions = jsonl_questions(Path(dataset), n, prompt["image_size"])
+    result = score(answer, reference, questions, progress)
+    return {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
+            "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}

@@ -186,6 +186,29 @@ def run(bundle, runtime, image, prompt, max_new_tokens, as_json):
     click.echo(result["text"])
 
 
+@cli.command(name="eval")
+@click.argument("target")
+@click.option("--runtime", default="eager", show_default=True, help="eager | onnxruntime | executorch | coreml")
+@click.option("--dataset", default="shapes-vqa", show_default=True, help="shapes-vqa, or a questions.jsonl path")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--n", "count", default=2000, show_default=True, help="number of questions")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def evaluate(target, runtime, dataset, split, count, as_json):
+    """Accuracy of a bundle (or a model, eager) on ShapesVQA or your questions.jsonl."""
+    from vlmc import api
+
+    r = api.evaluate(target, runtime, dataset, split, count, progress=None if as_json else _progress(True))
+    if as_json:
+        return _json_out(r)
+    console = _console()
+    where = f"{r['dataset']} {r['split']}" if r["split"] else r["dataset"]
+    console.print(f"[bold]{r['target']}[/bold] on {r['runtime']}, {where}, {r['n']} questions, {r['seconds']} s")
+    rows = [["all", r["n"], r["accuracy"], f"{r['ci95'][0]}..{r['ci95'][1]}"]]
+    rows += [[t, v["n"], v["accuracy"], f"{v['ci95'][0]}..{v['ci95'][1]}"] for t, v in r["per_type"].items()]
+    console.print(_table("accuracy (%)", ["type", "n", "accuracy", "95% CI"], rows))
+    console.print(f"agreement with the uncompressed model: {r['agreement']}%   mean KL of the answer distribution: {r['mean_kl']:.3g}")
+
+
 @cli.command()
 @click.argument("name", type=click.Choice(["shapes-vqa"]))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))

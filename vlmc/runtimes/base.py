@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -105,6 +106,7 @@ class Generation:
     embed_ms: float = 0.0
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
+    first_logits: Optional[np.ndarray] = None  # the distribution of the first generated token
 
     @property
     def time_to_first_token_ms(self) -> float:

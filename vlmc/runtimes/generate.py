@@ -29,6 +29,7 @@ def generate(session: Session, prompt: PromptIds, image_u8: np.ndarray, max_new_
     t0 = time.perf_counter()
     logits = session.prefill(np.concatenate(parts, axis=1))
     gen.prefill_ms = _ms(t0)
+    gen.first_logits = logits
     pos = len(prompt)
     budget = min(max_new_tokens, session.shape.max_context - pos)
     while len(gen.tokens) < budget:
