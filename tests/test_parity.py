@@ -35,3 +35,23 @@ def test_cached_decoding_matches_transformers(tmp_path):
         assert (logits - out.logits).abs().max().item() <= 1e-4
         step, _ = ours.decode(ours.language_model.embed_tokens(nxt), torch.tensor([[n]]), past)
     assert (step[:, -1] - hf_step).abs().max().item() <= 1e-4
+
+
+def test_builtin_checkpoint_loads_in_transformers_with_the_same_answers():
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmc.eval import shapes_vqa
+    from vlmc.models_zoo import BUILTIN_ROOT
+
+    loaded = load("shapes-llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(BUILTIN_ROOT / "shapes-llava").eval()
+    c = loaded.config
+    for item in shapes_vqa.items("test", 4):
+        prompt = loaded.tokenizer.prompt("USER: <image>\n{prompt} ASSISTANT:", item.question, c.num_image_tokens, c.image_token_id, None)
+        ids = torch.tensor([prompt.ids])
+        pixels = loaded.model.normalize(torch.from_numpy(item.image.transpose(2, 0, 1).copy()))
+        with torch.no_grad():
+            ours = loaded.model(ids, pixels)[0, -1]
+            theirs = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert int(ours.argmax()) == int(theirs.argmax())
