@@ -1,0 +1,89 @@
+"""The defining property of each scorer / reducer, on hand-made inputs."""
+import torch
+
+from vlmc.passes.token import functional as T
+
+
+def test_topk_keeps_the_highest_scores_in_original_order():
+    tokens = torch.arange(10.0)[None, :, None].repeat(1, 1, 3)
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.0, 0.7, 0.2, 0.6, 0.5, 0.4]])
+    kept, idx = T.select_topk(tokens, scores, 4)
+    assert idx.tolist() == [[1, 3, 5, 7]]
+    assert torch.equal(kept[0, :, 0], torch.tensor([1.0, 3.0, 5.0, 7.0]))
+
+
+def test_ties_go_to_the_lower_index():
+    tokens = torch.randn(1, 6, 2)
+    _, idx = T.select_topk(tokens, torch.ones(1, 6), 3)
+    assert idx.tolist() == [[0, 1, 2]]
+
+
+def test_farthest_point_takes_the_farthest_token_each_step():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 40, 5)
+    order = T.farthest_point(feats, 6, cosine=False)[0].tolist()
+    dist = torch.cdist(feats[0], feats[0])
+    for step in range(1, 6):
+        chosen = order[:step]
+        min_d = dist[:, chosen].min(dim=1).values
+        assert order[step] == int(torch.argmax(min_d)), step
+    assert len(set(order)) == 6
+
+
+def test_divprune_picks_are_max_min_far_apart():
+    # four tight clusters: max-min selection of 4 takes one token from each
+    centres = torch.tensor([[10.0, 0], [0, 10.0], [-10.0, 0], [0, -10.0]])
+    feats = (centres[:, None] + 0.01 * torch.randn(4, 5, 2)).reshape(1, 20, 2)
+    _, idx = T.select_farthest(feats, feats, 4, cosine=False)
+    assert sorted(i // 5 for i in idx[0].tolist()) == [0, 1, 2, 3]
+
+
+def test_pooling_matrix_averages_square_blocks():
+    m = T.pooling_matrix(4, 2)
+    grid = torch.arange(16.0).reshape(1, 16, 1)
+    pooled, _ = T.spatial_pool(grid, m)
+    assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert torch.allclose(m.sum(-1), torch.ones(4))
+
+
+def test_tome_never_merges_cls_and_keeps_size_weighted_means():
+    torch.manual_seed(1)
+    x = torch.randn(1, 9, 4)
+    x[0, 2] = x[0, 1] * 1.0001  # token 2 (set A) is a near-copy of token 1 (set B)
+    size = torch.ones(1, 9, 1)
+    merged, new_size = T.bipartite_soft_matching(x, x, size, r=1)
+    assert merged.shape == (1, 8, 4) and new_size.sum() == 9  # mass is conserved
+    assert torch.equal(merged[0, 0], x[0, 0])  # CLS (A[0]) survives untouched, first
+    b_pos = 4 + 0  # unmerged A come first (4 of them), then B: token 1 is B[0]
+    assert new_size[0, b_pos, 0] == 2
+    assert torch.allclose(merged[0, b_pos], (x[0, 1] + x[0, 2]) / 2)
+
+
+def test_tome_protects_cls_even_when_it_is_the_best_match():
+    x = torch.zeros(1, 5, 3)
+    x[0, :, 0] = 1.0  # every token identical: CLS would be the first candidate
+    merged, size = T.bipartite_soft_matching(x, x + torch.randn(1, 5, 3) * 1e-3, torch.ones(1, 5, 1), r=2)
+    assert size[0, 0, 0] == 1 and merged.shape[1] == 3
+
+
+def test_visionzip_keeps_dominant_and_merges_the_rest():
+    torch.manual_seed(2)
+    tokens = torch.randn(1, 12, 4)
+    attention = torch.zeros(1, 12)
+    attention[0, [3, 7, 9]] = torch.tensor([0.5, 0.3, 0.2])
+    out, idx = T.dominant_and_contextual(tokens, attention, tokens, dominant=3, contextual=2)
+    assert out.shape == (1, 5, 4)
+    assert idx[0, :3].tolist() == [3, 7, 9]
+    assert torch.allclose(out[0, :3], tokens[0, [3, 7, 9]])
+    # the 9 other tokens are split between the 2 contextual tokens, each the mean of its group:
+    # n1 * c1 + (9 - n1) * c2 = sum(rest) for a whole number n1
+    rest = tokens[0, [i for i in range(12) if i not in (3, 7, 9)]]
+    c1, c2 = out[0, 3], out[0, 4]
+    n1 = torch.linalg.lstsq((c1 - c2)[:, None], (rest.sum(0) - 9 * c2)[:, None]).solution.item()
+    assert abs(n1 - round(n1)) < 1e-3 and 1 <= round(n1) <= 8
+    assert torch.allclose(round(n1) * c1 + (9 - round(n1)) * c2, rest.sum(0), atol=1e-4)
+
+
+def test_random_scores_are_seeded():
+    assert torch.equal(T.random_scores(1, 10, 3), T.random_scores(1, 10, 3))
+    assert not torch.equal(T.random_scores(1, 10, 3), T.random_scores(1, 10, 4))

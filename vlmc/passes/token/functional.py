@@ -1,0 +1,169 @@
+"""Visual-token scorers and reducers: pure tensor functions with a fixed output count.
+
+Everything here uses only the portable op set (matmul, softmax, topk, sort, gather, comparisons,
+cumsum, reductions, elementwise), so one pass lowers to ONNX, ExecuTorch and Core ML alike. Merging is
+a one-hot assignment matrix times the tokens, never scatter_reduce. Shapes: tokens [B, N, D],
+scores [B, N]; every reducer returns tokens [B, K, D] and the kept original indices [B, K] (ascending),
+so kept tokens can keep their original positions. Nothing here imports vlmc.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- helpers
+
+def tie_break(scores: torch.Tensor) -> torch.Tensor:
+    """Scores with equal values ordered by index (lower first) on every runtime.
+
+    topk's order among equal values is not specified the same way by every backend; a tiny
+    index-proportional offset, scaled to the scores' range, makes the order part of the data.
+    """
+    n = scores.shape[-1]
+    span = scores.abs().amax(dim=-1, keepdim=True) + 1.0
+    return scores - torch.arange(n, dtype=scores.dtype) * (span * 1e-6 / n)
+
+
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tokens [B,N,D], idx [B,K] -> [B,K,D]."""
+    return torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def one_hot(idx: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+    """idx [..., K] -> [..., K, n] by comparison (portable where one_hot ops are not)."""
+    return (idx[..., None] == torch.arange(n, dtype=idx.dtype)).to(dtype)
+
+
+def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x, dim=-1)
+    return x @ x.transpose(-1, -2)
+
+
+# ---------------------------------------------------------------- scorers
+
+def random_scores(batch: int, n: int, seed: int) -> torch.Tensor:
+    """Seeded uniform scores: the random baseline is a constant, identical in every runtime."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, n, generator=g)
+
+
+def l2_norm_scores(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.norm(dim=-1)
+
+
+# ---------------------------------------------------------------- reducers
+
+def select_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int):
+    """Keep the k highest-scoring tokens, in their original order."""
+    idx = torch.topk(tie_break(scores), k, dim=-1).indices
+    idx = torch.sort(idx, dim=-1).values
+    return gather_tokens(tokens, idx), idx
+
+
+def select_indices(tokens: torch.Tensor, idx: torch.Tensor):
+    """A fixed (e.g. calibrated) index list folded into the graph as a constant gather."""
+    idx = idx.to(torch.long).expand(tokens.shape[0], -1)
+    return gather_tokens(tokens, idx), idx
+
+
+def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True):
+    """Greedy max-min selection (DivPrune, T-FPS): each step takes the token farthest from those chosen.
+
+    Distance is 1 - cosine similarity (or Euclidean); `first` [B] is the starting token (default: the
+    token farthest from the mean). Returns the chosen indices in selection order [B, k].
+    """
+    b, n, _ = features.shape
+    if cosine:
+        dist = 1.0 - cosine_similarity_matrix(features)
+    else:
+        sq = (features * features).sum(-1)
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0).sqrt()
+    if first is None:
+        centre = features.mean(dim=1, keepdim=True)
+        first = torch.argmax(tie_break(((features - centre) ** 2).sum(-1)), dim=-1)
+    chosen = [first]
+    min_dist = torch.gather(dist, 1, first[:, None, None].expand(b, 1, n))[:, 0]  # [B, N]
+    for _ in range(k - 1):
+        nxt = torch.argmax(tie_break(min_dist), dim=-1)
+        chosen.append(nxt)
+        d = torch.gather(dist, 1, nxt[:, None, None].expand(b, 1, n))[:, 0]
+        min_dist = torch.minimum(min_dist, d)
+    return torch.stack(chosen, dim=1)
+
+
+def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine: bool = True):
+    idx = torch.sort(farthest_point(features, k, cosine=cosine), dim=-1).values
+    return gather_tokens(tokens, idx), idx
+
+
+def pooling_matrix(grid: int, out: int) -> torch.Tensor:
+    """[out*out, grid*grid] averaging matrix of an adaptive average pool over a square token grid."""
+    rows = []
+    for oy in range(out):
+        y0, y1 = math.floor(oy * grid / out), math.ceil((oy + 1) * grid / out)
+        for ox in range(out):
+            x0, x1 = math.floor(ox * grid / out), math.ceil((ox + 1) * grid / out)
+            w = torch.zeros(grid, grid)
+            w[y0:y1, x0:x1] = 1.0 / ((y1 - y0) * (x1 - x0))
+            rows.append(w.flatten())
+    return torch.stack(rows)
+
+
+def spatial_pool(tokens: torch.Tensor, matrix: torch.Tensor):
+    """Average-pool a square token grid to out x out tokens with a constant matmul."""
+    pooled = matrix.to(tokens.dtype) @ tokens
+    centres = torch.argmax(matrix, dim=-1)  # a representative original index per pooled token
+    return pooled, centres[None].expand(tokens.shape[0], -1)
+
+
+def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protect_first: bool = True):
+    """ToMe: merge r tokens of set A (even positions) into their most similar token of set B (odd).
+
+    x [B,N,D], metric [B,N,C] (keys averaged over heads), size [B,N,1] (tokens each one stands for).
+    Merges are size-weighted averages, done as a one-hot assignment matmul. Token 0 (CLS) is never
+    merged when `protect_first`. Returns (x, size) with N - r tokens: unmerged A first, then B.
+    """
+    metric = F.normalize(metric, dim=-1)
+    a, b_ = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b_.transpose(-1, -2)  # [B, Na, Nb]
+    if protect_first:
+        scores = torch.cat([torch.full_like(scores[:, :1], -1e4), scores[:, 1:]], dim=1)
+    node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
+    order = torch.sort(tie_break(node_max), dim=-1, descending=True).indices
+    src_idx, unm_idx = order[:, :r], order[:, r:]  # A tokens merged away / kept
+    unm_idx = torch.sort(unm_idx, dim=-1).values
+    dst_idx = torch.gather(node_idx, 1, src_idx)  # their B partners
+    xa, xb = x[:, ::2], x[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    assign = one_hot(dst_idx, xb.shape[1], x.dtype).transpose(1, 2)  # [B, Nb, r]
+    src_x, src_s = gather_tokens(xa * sa, src_idx), gather_tokens(sa, src_idx)
+    new_sb = sb + assign @ src_s
+    new_xb = (xb * sb + assign @ src_x) / new_sb
+    keep_x, keep_s = gather_tokens(xa, unm_idx), gather_tokens(sa, unm_idx)
+    return torch.cat([keep_x, new_xb], dim=1), torch.cat([keep_s, new_sb], dim=1)
+
+
+def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
+    """VisionZip: keep the `dominant` tokens the CLS attends to most; merge the rest into `contextual`
+    evenly spaced targets among them, each remaining token joining its most key-similar target."""
+    b, n, d = tokens.shape
+    dom_idx = torch.sort(torch.topk(tie_break(attention), dominant, dim=-1).indices, dim=-1).values
+    is_dom = one_hot(dom_idx, n).sum(1)  # [B, N]
+    rest_rank = torch.cumsum(1.0 - is_dom, dim=-1) - 1.0  # rank of each non-dominant token
+    n_rest = n - dominant
+    step = n_rest / contextual
+    target_ranks = torch.floor(torch.arange(contextual, dtype=tokens.dtype) * step)  # evenly spaced
+    # target t is the non-dominant token whose rank equals target_ranks[t]
+    is_target = (rest_rank[:, None, :] == target_ranks[None, :, None]) & (is_dom[:, None, :] == 0)  # [B, C, N]
+    target_keys = is_target.to(tokens.dtype) @ F.normalize(keys, dim=-1)  # [B, C, K]
+    sim = F.normalize(keys, dim=-1) @ target_keys.transpose(1, 2)  # [B, N, C]
+    choice = torch.argmax(sim, dim=-1)
+    assign = one_hot(choice, contextual, tokens.dtype) * (1.0 - is_dom)[..., None]  # [B, N, C]; dominant excluded
+    counts = assign.sum(1)[..., None].clamp_min(1.0)  # [B, C, 1]
+    ctx = (assign.transpose(1, 2) @ tokens) / counts
+    dom = gather_tokens(tokens, dom_idx)
+    ctx_idx = torch.argmax(is_target.to(tokens.dtype), dim=-1)
+    return torch.cat([dom, ctx], dim=1), torch.cat([dom_idx, ctx_idx], dim=1)
