@@ -37,7 +37,8 @@ def _make(args):
     split, start, n = args
     out = []
     for item in shapes_vqa.items(split, n, start):
-        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype))
+        colors, shapes = shapes_vqa.patch_labels(item.objects)
+        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes))
     return out
 
 
@@ -53,7 +54,7 @@ def generate_items(split: str, n: int, workers: int):
 def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int):
     """Token ids [N, L] (right-padded), index of the last prompt token, answer ids, images uint8."""
     seqs, last, answers = [], [], []
-    for _, q, a, _ in items:
+    for _, q, a, *_ in items:
         p = tok.prompt(DEFAULT_TEMPLATE, q, num_image_tokens, image_token_id, None)
         ans = tok.encode(a)
         assert len(ans) == 1, f"answer {a!r} is not one token"
@@ -77,13 +78,31 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x * gain + bias).clamp(0, 255)
 
 
-def loss_fn(model: LlavaModel, ids, last, images):
-    logits = model(ids, model.normalize(images))
+class PatchHeads(torch.nn.Module):
+    """Training-only linear probes on the image tokens the LLM receives: the colour and shape under each
+    patch. Dense supervision the generator knows for free; it gets the vision tower past the plateau where
+    answers are guessed from the question alone. Not part of the shipped model."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.color = torch.nn.Linear(dim, 1 + len(shapes_vqa.COLORS))
+        self.shape = torch.nn.Linear(dim, 1 + len(shapes_vqa.SHAPES))
+
+    def forward(self, tokens, colors, shapes):
+        return (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
+                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
+
+
+def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, last, images, colors, shapes):
+    image_embeds = model.encode_image(model.normalize(images))
+    embeds = model.merge_embeddings(ids, image_embeds)
+    logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
     b = torch.arange(ids.shape[0], device=ids.device)
     # predict the answer (at last) and </s> (at last + 1)
     pred = torch.cat([logits[b, last], logits[b, last + 1]])
     target = torch.cat([ids[b, last + 1], ids[b, last + 2]])
-    return F.cross_entropy(pred.float(), target)
+    answer_loss = F.cross_entropy(pred.float(), target)
+    return answer_loss + aux_weight * heads(image_embeds, colors, shapes), answer_loss
 
 
 @torch.no_grad()
@@ -120,6 +139,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
     args = ap.parse_args()
 
@@ -143,11 +163,15 @@ def main() -> None:
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
     tr_ids, tr_last, _, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
+    tr_colors = torch.from_numpy(np.stack([x[4] for x in train]))
+    tr_shapes = torch.from_numpy(np.stack([x[5] for x in train]))
+    heads = PatchHeads(config.text.hidden_size).to(device)
     va = encode(tok, val, config.num_image_tokens, config.image_token_id)
     val_data = (*va, [x[3] for x in val])
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    params = list(model.named_parameters()) + list(heads.named_parameters())
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
     warmup = min(300, args.steps // 10)
@@ -164,22 +188,23 @@ def main() -> None:
         ids, last = tr_ids[idx, :width].to(device), tr_last[idx].to(device)
         images = augment(tr_images[idx].to(device), gen)
         with amp:
-            loss = loss_fn(model, ids, last, images)
+            loss, answer_loss = loss_fn(model, heads, args.aux_weight, ids, last, images,
+                                        tr_colors[idx].to(device), tr_shapes[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} answer {answer_loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             ev = evaluate(model, val_data, 256, device)
-            history.append({"step": step, "loss": round(loss.item(), 4), **ev})
+            history.append({"step": step, "loss": round(loss.item(), 4), "answer_loss": round(answer_loss.item(), 4), **ev})
             print(f"  val accuracy {ev['accuracy']}%  {ev['per_type']}", flush=True)
 
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
-    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "aux_weight": args.aux_weight,
               "train_items": args.train_items, "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

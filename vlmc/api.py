@@ -29,10 +29,25 @@ def inspect(bundle: Union[str, Path]) -> dict:
     return b.manifest
 
 
+def session(bundle: Bundle, runtime: str, profile_ops: bool = False):
+    """A runtime session of a bundle; `eager` rebuilds the PyTorch programs with the bundle's passes."""
+    from vlmc.runtimes import check_runtime, open_session
+    from vlmc.runtimes.base import DecoderShape
+
+    check_runtime(runtime)
+    if runtime != "eager":
+        return open_session(bundle, runtime, profile_ops)
+    from vlmc.exporter.build import prepare
+    from vlmc.runtimes.eager_runner import EagerSession
+
+    prepared = prepare(build(bundle.manifest["recipe"], f"{bundle.path}/manifest.json"))
+    return EagerSession(prepared.loaded.model, DecoderShape.from_manifest(bundle.manifest))
+
+
 def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16) -> dict:
     """Image + prompt -> text with greedy decoding on one runtime."""
     from vlmc.models_zoo.tokenizer import TextTokenizer
-    from vlmc.runtimes import check_runtime, open_session
+    from vlmc.runtimes import check_runtime
     from vlmc.runtimes.generate import generate
     from vlmc.runtimes.image import load_image
 
@@ -48,8 +63,7 @@ def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt:
     if unknown:
         raise VlmcError(f"prompt words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
     ids = tok.prompt(p["template"], prompt, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
-    session = open_session(b, runtime)
-    gen = generate(session, ids, pixels, max_new_tokens, set(p["eos_token_ids"]))
+    gen = generate(session(b, runtime), ids, pixels, max_new_tokens, set(p["eos_token_ids"]))
     return {
         "runtime": runtime, "prompt": prompt, "text": tok.decode(gen.tokens), "tokens": gen.tokens,
         "pieces": [tok.piece(t) for t in gen.tokens], "prompt_tokens": gen.prompt_tokens,
@@ -73,7 +87,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
     from vlmc.eval.evaluate import Answerer, evaluate as score, jsonl_questions, shapes_vqa_questions
     from vlmc.models_zoo import load
     from vlmc.models_zoo.tokenizer import TextTokenizer
-    from vlmc.runtimes import check_runtime, open_session
+    from vlmc.runtimes import check_runtime
     from vlmc.runtimes.base import DecoderShape
     from vlmc.runtimes.eager_runner import EagerSession
 
@@ -83,11 +97,16 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         b = Bundle(path)
         b.file("tokenizer.json")
         prompt, tok, shape = b.manifest["prompt"], TextTokenizer(b.path), DecoderShape.from_manifest(b.manifest)
-        answer = Answerer(open_session(b, runtime), tok, prompt)
+        answer = Answerer(session(b, runtime), tok, prompt)
         if runtime == "eager" and not b.manifest["passes"]:
             reference = answer
         else:
-            reference = Answerer(EagerSession(load(b.manifest["model"]["source"]).model, shape), tok, prompt)
+            full = prompt["num_image_tokens_unpruned"]
+            grow = full - prompt["num_image_tokens"]
+            ref_shape = DecoderShape(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
+                                     shape.max_context + grow, shape.max_prompt + grow)
+            reference = Answerer(EagerSession(load(b.manifest["model"]["source"]).model, ref_shape), tok,
+                                 {**prompt, "num_image_tokens": full})
         name, source = b.name, b.manifest["model"]["source"]
     else:
         if runtime != "eager":

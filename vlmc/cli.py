@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 
 
 # Where vlmc's own messages go. Native runtimes log to the process's stderr (fd 2 and Python's
@@ -78,17 +78,20 @@ def models(as_json):
 @click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
 @click.option("--max-prompt", type=int, default=None, help="fixed prefill length for ONNX / Core ML")
 @click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default=None)
+@click.option("--pass", "pass_specs", multiple=True, help="token pass, repeatable: NAME:key=value,... e.g. divprune:keep=64")
 @click.option("--no-verify", is_flag=True, help="skip running each artifact against eager PyTorch")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
-def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, no_verify, force, as_json, quiet):
+def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, no_verify, force, as_json, quiet):
     """Compile a model into a verified bundle for one or more targets."""
     from vlmc import api
+    from vlmc.passes.registry import parse_cli
     from vlmc.recipe import load, parse_targets
 
     overrides = {"model": model, "targets": parse_targets(targets) if targets else None, "max_context": max_context,
-                 "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None}
+                 "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
+                 "passes": [parse_cli(p) for p in pass_specs] or None}
     recipe = load(recipe_path, overrides)
     bundle = api.compile(recipe, out, force=force, progress=_progress(not quiet and not as_json))
     if as_json:
@@ -108,7 +111,13 @@ def _print_summary(m: dict, path) -> None:
     console.print(f"[bold]{m['name']}[/bold]  {path}  (vlmc {m['vlmc_version']}, model {m['model']['name']}, "
                   f"max_context {m['decoder']['max_context']}, max_prompt {m['decoder']['max_prompt']})")
     console.print(_table("programs", ["target", "program", "file / method", "inputs", "outputs", "size"], rows))
-    console.print(f"passes: {', '.join(p['name'] for p in m['passes']) or 'none'}")
+    if m["passes"]:
+        console.print(_table("passes", ["pass", "at", "parameters", "tokens in", "tokens out"],
+                             [[p["name"], p["at"], ", ".join(f"{k}={v}" for k, v in p["params"].items()), p["tokens_in"], p["tokens_out"]]
+                              for p in m["passes"]]))
+        console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}; runner: {m['runner']}")
+    else:
+        console.print("passes: none")
     v = m["verification"]
     if not v["enabled"]:
         console.print("verification: [yellow]skipped (--no-verify)[/yellow]")
@@ -117,6 +126,20 @@ def _print_summary(m: dict, path) -> None:
                   "pass" if r["passed"] else "FAIL", r.get("detail", "")] for r in v["results"]]
         console.print(_table(f"verification vs eager (atol {v['atol']}, rtol {v['rtol']})",
                              ["target", "program", "check", "max |err|", "result", "note"], vrows))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def passes(as_json):
+    """Token passes with their parameters, where they act, and their sources."""
+    from vlmc.passes import registry
+
+    rows = registry.describe()
+    if as_json:
+        return _json_out(rows)
+    _console().print(_table("passes", ["name", "acts at", "parameters (type, default)", "source", "departs from the paper"], [
+        [r["name"], ", ".join(r["acts_at"]), "; ".join(f"{k}: {t} ({d})" if d == "required" else f"{k}: {t} = {d}" for k, (t, d) in r["parameters"].items()),
+         r["source"], r["departures"]] for r in rows]))
 
 
 @cli.command()
@@ -257,7 +280,7 @@ def main() -> None:
     except Exception as e:  # a bug, not bad input: still one line unless VLMC_DEBUG asks for the traceback
         if os.environ.get("VLMC_DEBUG"):
             raise
-        click.echo(f"error: internal: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} (set VLMC_DEBUG=1 for the traceback)", file=_ERR)
+        click.echo(f"error: internal: {e.__class__.__name__}: {first_line(e)} (set VLMC_DEBUG=1 for the traceback)", file=_ERR)
         sys.exit(1)
 
 

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 
 TARGETS = ("onnx", "executorch", "coreml")
 FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
@@ -51,12 +51,21 @@ class Recipe(Strict):
     executorch: ExecutorchOptions = Field(default_factory=ExecutorchOptions)
     coreml: CoremlOptions = Field(default_factory=CoremlOptions)
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
+    passes: list[dict] = Field(default_factory=list, description="token passes in order: {name, at, ...params} (vlmc passes)")
 
     @field_validator("targets")
     @classmethod
     def _unique(cls, v):
         if len(set(v)) != len(v):
             raise ValueError("a target is listed twice")
+        return v
+
+    @field_validator("passes")
+    @classmethod
+    def _named(cls, v):
+        for i, spec in enumerate(v):
+            if not isinstance(spec.get("name"), str):
+                raise ValueError(f"pass {i} has no name")
         return v
 
     @field_validator("prompt_template")
@@ -105,7 +114,7 @@ def load(path: Optional[str], overrides: dict) -> Recipe:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise VlmcError(f"recipe {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise VlmcError(f"recipe {path}: invalid YAML ({first_line(e)})") from None
         if not isinstance(data, dict):
             raise VlmcError(f"recipe {path}: expected a mapping of fields")
     for key, value in overrides.items():

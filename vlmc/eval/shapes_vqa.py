@@ -56,6 +56,22 @@ class Item:
     answer: str
     qtype: str
     scene_id: str
+    objects: tuple = ()  # the scene (Obj), for dense supervision and analysis
+
+
+def patch_labels(objects, patch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch colour and shape class (0 = background, else 1 + index) from the patch centres."""
+    n = IMAGE_SIZE // patch
+    colors, shapes = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    centres = np.arange(n) * patch + patch / 2
+    for o in objects:
+        x0, y0, x1, y1 = o.box()
+        ys = (centres >= y0) & (centres <= y1)
+        xs = (centres >= x0) & (centres <= x1)
+        mask = ys[:, None] & xs[None, :]
+        colors[mask] = 1 + list(COLORS).index(o.color)
+        shapes[mask] = 1 + SHAPES.index(o.shape)
+    return colors.reshape(-1), shapes.reshape(-1)
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -182,7 +198,7 @@ def generate(split: str, index: int) -> Item:
         if qa is None:
             continue
         image = _draw(_background(rng), objects, rng)
-        return Item(image, qa[0], qa[1], qtype, sid)
+        return Item(image, qa[0], qa[1], qtype, sid, tuple(objects))
 
 
 def items(split: str, n: int, start: int = 0):

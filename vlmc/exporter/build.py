@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from dataclasses import dataclass
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Callable, Optional
 from vlmc import __version__
 from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
+from vlmc import passes
 from vlmc.exporter import coreml_target, executorch_target, onnx_target
 from vlmc.exporter.context import ExportContext
 from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
@@ -20,16 +22,30 @@ from vlmc.recipe import Recipe
 LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower}
 
 
-def prepare(recipe: Recipe) -> tuple[LoadedModel, Recipe]:
-    """Load the recipe's model and resolve the recipe's model-dependent defaults."""
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    recipe: Recipe  # resolved
+    passes: list[dict]  # what each pass did, for the manifest
+    image_tokens: int
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Load the recipe's model, apply its passes and resolve the model-dependent defaults.
+
+    Everything here is checked before any export work: pass names and parameters, lengths.
+    """
+    passes.validate(recipe.passes)
     loaded = load(recipe.model)
-    recipe = recipe.resolve(loaded.config.num_image_tokens)
+    records = passes.apply(loaded.model, recipe.passes)
+    image_tokens = passes.tokens_at(loaded.model, "projector.out")
+    recipe = recipe.resolve(image_tokens)
     c = loaded.config
-    sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, c.num_image_tokens, c.image_token_id, c.text.bos_token_id)
+    sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, image_tokens, c.image_token_id, c.text.bos_token_id)
     if len(sample) > recipe.max_prompt:
         raise VlmcError(f"recipe field 'max_prompt': {recipe.max_prompt} cannot hold the template with a short question "
-                        f"({len(sample)} tokens: {c.num_image_tokens} image + {len(sample) - c.num_image_tokens} text)")
-    return loaded, recipe
+                        f"({len(sample)} tokens: {image_tokens} image + {len(sample) - image_tokens} text)")
+    return Prepared(loaded, recipe, records, image_tokens)
 
 
 def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
@@ -70,13 +86,13 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
     progress = progress or (lambda msg: None)
     started = time.time()
-    loaded, recipe = prepare(recipe)
-    cfg = loaded.config
+    prepared = prepare(recipe)
+    loaded, recipe, cfg = prepared.loaded, prepared.recipe, prepared.loaded.config
     with BundleWriter(out, force) as writer:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (loaded.directory / name).is_file():
                 shutil.copy(loaded.directory / name, writer.path(name))
-        ctx = ExportContext(loaded, recipe, writer.dir, progress)
+        ctx = ExportContext(loaded, recipe, writer.dir, progress, prepared.image_tokens)
         targets = {}
         for target in recipe.targets:
             t0 = time.time()
@@ -94,14 +110,18 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "model": {"name": loaded.name, "family": loaded.family, "source": loaded.source, "config": cfg.to_dict()},
             "prompt": {"template": recipe.prompt_template, "add_bos": loaded.tokenizer.add_bos,
                        "bos_token_id": cfg.text.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
-                       "image_token_id": cfg.image_token_id, "num_image_tokens": cfg.num_image_tokens,
+                       "image_token_id": cfg.image_token_id, "num_image_tokens": prepared.image_tokens,
+                       "num_image_tokens_unpruned": cfg.num_image_tokens,
                        "image_size": cfg.vision.image_size},
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
-                        "max_prompt": recipe.max_prompt},
+                        "max_prompt": recipe.max_prompt,
+                        "positions": "compact: the visual tokens kept take consecutive positions, as ExecuTorch's runner assigns them"},
             "recipe": recipe.model_dump(mode="json"),
-            "passes": [],
+            "passes": prepared.passes,
+            "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] for p in prepared.passes)
+                       else "any: vlmc, or ExecuTorch's stock MultimodalRunner"),
             "targets": targets,
             "verification": {"enabled": recipe.verify.enabled, "atol": recipe.verify.atol, "rtol": recipe.verify.rtol,
                              "results": verification},

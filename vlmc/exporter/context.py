@@ -17,6 +17,7 @@ class ExportContext:
     recipe: Recipe
     out_dir: Path
     progress: Callable[[str], None]
+    image_tokens: int  # visual tokens the decoder sees, after token passes
 
     @property
     def model(self):

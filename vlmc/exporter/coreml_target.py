@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from torch.export import Dim, export
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
 
@@ -106,7 +106,7 @@ def lower(ctx: ExportContext) -> dict:
         except VlmcError:
             raise
         except Exception as e:  # coremltools raises ValueError/NotImplementedError/RuntimeError per op
-            raise VlmcError(f"Core ML conversion of {name} failed: {str(e).splitlines()[0]}") from None
+            raise VlmcError(f"Core ML conversion of {name} failed: {first_line(e)}") from None
         path = ctx.out_dir / f"{name}.mlpackage"
         ml.save(str(path))
         spec = ml.get_spec()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.export import Dim, export
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 from vlmc.models_zoo.programs import ExecuTorchDecoder, TokenEmbeddingProgram, VisionEncoderProgram
 
@@ -64,7 +64,7 @@ def lower(ctx: ExportContext) -> dict:
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     except Exception as e:  # exir raises many error types; the first line names the failing op or pass
-        raise VlmcError(f"ExecuTorch lowering failed: {str(e).splitlines()[0]}") from None
+        raise VlmcError(f"ExecuTorch lowering failed: {first_line(e)}") from None
     (ctx.out_dir / PTE).write_bytes(program.buffer)
     delegated = {name: sum(1 for n in edge.exported_program(name).graph.nodes
                            if n.op == "call_function" and "executorch_call_delegate" in str(n.target))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
 
@@ -46,7 +46,7 @@ def _export(module, args, path: Path, dynamic_shapes, input_names, output_names,
                               output_names=output_names, opset_version=opset, optimize=True,
                               external_data=big, verbose=False)
         except Exception as e:  # the exporter raises many types; the first line names the failing op
-            raise VlmcError(f"ONNX export of {path.stem} failed: {str(e).splitlines()[0]}") from None
+            raise VlmcError(f"ONNX export of {path.stem} failed: {first_line(e)}") from None
 
 
 def lower(ctx: ExportContext) -> dict:

@@ -32,7 +32,7 @@ def make_sample(ctx: ExportContext) -> Sample:
     yy, xx = np.mgrid[0:size, 0:size]
     image = np.stack([(xx * 255 // size), (yy * 255 // size), ((xx + yy) * 127 // size)]).astype(np.int64)
     image = np.clip(image + rng.integers(-40, 40, image.shape), 0, 255).astype(np.uint8)
-    prompt = ctx.loaded.tokenizer.prompt(ctx.recipe.prompt_template, SAMPLE_QUESTION, c.num_image_tokens,
+    prompt = ctx.loaded.tokenizer.prompt(ctx.recipe.prompt_template, SAMPLE_QUESTION, ctx.image_tokens,
                                          c.image_token_id, c.text.bos_token_id)
     return Sample(image, prompt)
 

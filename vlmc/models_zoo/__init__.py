@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.models_zoo.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # torch is imported only by what needs it, so onnxruntime-only processes stay light
@@ -92,7 +92,7 @@ def load(spec: str = DEFAULT_MODEL) -> LoadedModel:
         try:
             tensors.update(safetensors.torch.load_file(str(f)))
         except Exception as e:  # safetensors raises SafetensorError / OSError with its own text
-            raise VlmcError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+            raise VlmcError(f"{f}: unreadable safetensors file ({first_line(e)})") from None
     model = LlavaModel(config)
     load_state(model, tensors, str(directory))
     if tokenizer.vocab_size > config.text.vocab_size:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -417,19 +417,27 @@ class LlavaModel(nn.Module):
         return self.language_model.layers[int(m.group(3))]
 
     def insert(self, point: str, stage: nn.Module) -> None:
-        """Run `stage(tokens) -> tokens` on the visual tokens leaving `point`.
+        """Run `stage(tokens) -> tokens` on the visual tokens leaving `point` (after earlier stages there).
 
         Vision points see [B, 1+N, D] with CLS first (blocks) or the selected features (vision.out,
-        projector.out). In-LLM points need per-layer cache lengths and are not insertable yet.
+        projector.out). A stage with `wants_block_input = True` at a block also gets the block's input,
+        for scores read from that block's attention. In-LLM points need per-layer cache lengths and are
+        not insertable yet.
         """
         self.resolve(point)
         if point.startswith("decoder."):
             raise VlmcError(f"insertion at {point} (inside the LLM) is not supported yet; use a vision point")
-        self.insertions[_key(point)] = stage
-
-    def _stage(self, point: str, x: torch.Tensor) -> torch.Tensor:
         key = _key(point)
-        return self.insertions[key](x) if key in self.insertions else x
+        if key not in self.insertions:
+            self.insertions[key] = nn.ModuleList()
+        self.insertions[key].append(stage)
+
+    def _stage(self, point: str, x: torch.Tensor, block_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        key = _key(point)
+        if key in self.insertions:
+            for stage in self.insertions[key]:
+                x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
+        return x
 
     # ----- vision
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
@@ -444,7 +452,7 @@ class LlavaModel(nn.Module):
         vt = self.vision_tower
         x = vt.pre_layrnorm(vt.embeddings(pixel_values))
         for i in range(self.config.num_vision_layers_run):
-            x = self._stage(f"vision.block[{i}]", vt.encoder.layers[i](x))
+            x = self._stage(f"vision.block[{i}]", vt.encoder.layers[i](x), x)
         if self.config.vision_feature_select_strategy == "default":
             x = x[:, 1:]
         x = self._stage("vision.out", x)

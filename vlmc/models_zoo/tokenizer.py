@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -40,7 +40,7 @@ class TextTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises bare Exceptions with its parser message
-            raise VlmcError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
+            raise VlmcError(f"{path}: not a readable tokenizer.json ({first_line(e)})") from None
         cfg_path = directory / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.add_bos = bool(cfg.get("add_bos_token", False))

@@ -23,10 +23,7 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False) -> Ses
     shape = DecoderShape.from_manifest(bundle.manifest)
     target = RUNTIME_TARGETS[runtime]
     if runtime == "eager":
-        from vlmc.models_zoo import load
-        from vlmc.runtimes.eager_runner import EagerSession
-
-        return EagerSession(load(bundle.manifest["model"]["source"]).model, shape)
+        raise VlmcError("the eager runtime rebuilds the model with its passes: use vlmc.api (vlmc run / eval)")
     if runtime == "coreml":
         from vlmc.runtimes.coreml_runner import require_macos
 

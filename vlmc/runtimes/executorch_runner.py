@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, Session
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
@@ -31,7 +31,7 @@ class ExecuTorchSession(Session):
             self.program = Runtime.get().load_program(str(pte), enable_etdump=profile_ops, debug_buffer_size=0)
             self.methods = {m: self.program.load_method(m) for m in METHODS}
         except Exception as e:  # the pybindings raise RuntimeError with the runtime's error code
-            raise VlmcError(f"ExecuTorch cannot load {pte}: {str(e).splitlines()[0]}") from None
+            raise VlmcError(f"ExecuTorch cannot load {pte}: {first_line(e)}") from None
 
     def call(self, program, inputs):
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]

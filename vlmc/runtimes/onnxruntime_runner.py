@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 
 
@@ -30,7 +30,7 @@ class OnnxSession(StaticCacheSession):
             try:
                 self.sessions[program] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-                raise VlmcError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+                raise VlmcError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
         self.input_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
 
     def call(self, program, inputs):

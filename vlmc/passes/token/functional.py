@@ -37,6 +37,13 @@ def one_hot(idx: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
     return (idx[..., None] == torch.arange(n, dtype=idx.dtype)).to(dtype)
 
 
+def ascending(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Distinct indices [B,K] in ascending order, via a float top-k (ExecuTorch has no int64 sort kernel)."""
+    mask = one_hot(idx, n).sum(dim=-2)  # [B, N], 1 where chosen
+    key = mask * (n - torch.arange(n, dtype=mask.dtype))
+    return torch.topk(key, idx.shape[-1], dim=-1).indices
+
+
 def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
     x = F.normalize(x, dim=-1)
     return x @ x.transpose(-1, -2)
@@ -58,8 +65,7 @@ def l2_norm_scores(tokens: torch.Tensor) -> torch.Tensor:
 
 def select_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int):
     """Keep the k highest-scoring tokens, in their original order."""
-    idx = torch.topk(tie_break(scores), k, dim=-1).indices
-    idx = torch.sort(idx, dim=-1).values
+    idx = ascending(torch.topk(tie_break(scores), k, dim=-1).indices, scores.shape[-1])
     return gather_tokens(tokens, idx), idx
 
 
@@ -80,7 +86,7 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
         dist = 1.0 - cosine_similarity_matrix(features)
     else:
         sq = (features * features).sum(-1)
-        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0).sqrt()
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0.0).sqrt()
     if first is None:
         centre = features.mean(dim=1, keepdim=True)
         first = torch.argmax(tie_break(((features - centre) ** 2).sum(-1)), dim=-1)
@@ -95,7 +101,7 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
 
 
 def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine: bool = True):
-    idx = torch.sort(farthest_point(features, k, cosine=cosine), dim=-1).values
+    idx = ascending(farthest_point(features, k, cosine=cosine), tokens.shape[1])
     return gather_tokens(tokens, idx), idx
 
 
@@ -132,9 +138,9 @@ def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.T
     if protect_first:
         scores = torch.cat([torch.full_like(scores[:, :1], -1e4), scores[:, 1:]], dim=1)
     node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
-    order = torch.sort(tie_break(node_max), dim=-1, descending=True).indices
+    order = torch.topk(tie_break(node_max), node_max.shape[-1], dim=-1).indices  # best edges first
     src_idx, unm_idx = order[:, :r], order[:, r:]  # A tokens merged away / kept
-    unm_idx = torch.sort(unm_idx, dim=-1).values
+    unm_idx = ascending(unm_idx, node_max.shape[-1])
     dst_idx = torch.gather(node_idx, 1, src_idx)  # their B partners
     xa, xb = x[:, ::2], x[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
@@ -150,20 +156,20 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
     """VisionZip: keep the `dominant` tokens the CLS attends to most; merge the rest into `contextual`
     evenly spaced targets among them, each remaining token joining its most key-similar target."""
     b, n, d = tokens.shape
-    dom_idx = torch.sort(torch.topk(tie_break(attention), dominant, dim=-1).indices, dim=-1).values
+    dom_idx = ascending(torch.topk(tie_break(attention), dominant, dim=-1).indices, n)
     is_dom = one_hot(dom_idx, n).sum(1)  # [B, N]
     rest_rank = torch.cumsum(1.0 - is_dom, dim=-1) - 1.0  # rank of each non-dominant token
     n_rest = n - dominant
     step = n_rest / contextual
     target_ranks = torch.floor(torch.arange(contextual, dtype=tokens.dtype) * step)  # evenly spaced
     # target t is the non-dominant token whose rank equals target_ranks[t]
-    is_target = (rest_rank[:, None, :] == target_ranks[None, :, None]) & (is_dom[:, None, :] == 0)  # [B, C, N]
-    target_keys = is_target.to(tokens.dtype) @ F.normalize(keys, dim=-1)  # [B, C, K]
+    is_target = (rest_rank[:, None, :] == target_ranks[None, :, None]).to(tokens.dtype) * (1.0 - is_dom[:, None, :])  # [B, C, N]
+    target_keys = is_target @ F.normalize(keys, dim=-1)  # [B, C, K]
     sim = F.normalize(keys, dim=-1) @ target_keys.transpose(1, 2)  # [B, N, C]
     choice = torch.argmax(sim, dim=-1)
     assign = one_hot(choice, contextual, tokens.dtype) * (1.0 - is_dom)[..., None]  # [B, N, C]; dominant excluded
     counts = assign.sum(1)[..., None].clamp_min(1.0)  # [B, C, 1]
     ctx = (assign.transpose(1, 2) @ tokens) / counts
     dom = gather_tokens(tokens, dom_idx)
-    ctx_idx = torch.argmax(is_target.to(tokens.dtype), dim=-1)
+    ctx_idx = torch.argmax(is_target, dim=-1)
     return torch.cat([dom, ctx], dim=1), torch.cat([dom_idx, ctx_idx], dim=1)

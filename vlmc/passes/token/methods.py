@@ -1,0 +1,202 @@
+"""Visual-token methods as registered passes: a scorer and a reducer from `functional`, placed at a point.
+
+Each class names its source and where this static-shape version departs from the paper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vlmc.errors import VlmcError
+from vlmc.passes.registry import PassConfig, TokenPass, register
+from vlmc.passes.token import functional as T
+
+PRE_LLM = ("vision.out", "projector.out")
+
+
+class KeepConfig(PassConfig):
+    at: str = "projector.out"
+    keep: int = Field(..., ge=1, description="visual tokens kept (static)")
+
+
+def _check_keep(name: str, keep: int, tokens_in: int) -> None:
+    if keep >= tokens_in:
+        raise VlmcError(f"pass {name}: parameter 'keep': {keep} must be below the {tokens_in} tokens at this point")
+
+
+def _check_grid(name: str, tokens_in: int, grid: int) -> None:
+    if tokens_in != grid * grid:
+        raise VlmcError(f"pass {name}: needs the full {grid}x{grid} token grid, but {tokens_in} tokens arrive here "
+                        "(place it before other token passes, at vision.out or projector.out)")
+
+
+class ConstantGather(nn.Module):
+    def __init__(self, idx: torch.Tensor):
+        super().__init__()
+        self.register_buffer("idx", idx[None])
+
+    def forward(self, x):
+        return T.select_indices(x, self.idx)[0]
+
+
+# ---------------------------------------------------------------- baselines
+
+class RandomConfig(KeepConfig):
+    seed: int = 0
+
+
+@register
+class RandomPrune(TokenPass):
+    """Random (seeded) visual tokens: the baseline that beats many methods at 67-78% pruning."""
+
+    name = "random"
+    source = "UniPruneBench's random baseline"
+    departures = "the seed fixes one index set at export time: the same tokens for every image, a constant gather"
+    points = PRE_LLM
+    Config = RandomConfig
+
+    def check(self, tokens_in, grid, model):
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+    def stage(self, model, point_module, tokens_in):
+        n = tokens_in
+        scores = T.random_scores(1, n, self.config.seed)[0]
+        return ConstantGather(torch.sort(torch.topk(scores, self.config.keep).indices).values)
+
+
+class PoolStage(nn.Module):
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x):
+        return T.spatial_pool(x, self.matrix)[0]
+
+
+@register
+class SpatialPooling(TokenPass):
+    """Average pooling of the token grid to sqrt(keep) x sqrt(keep) (VTC-Bench's strong baseline)."""
+
+    name = "pooling"
+    source = "VTC-Bench / LLaVA-style adaptive average pooling"
+    departures = "adaptive average pooling written as a constant matmul; keep must be a square number"
+    points = PRE_LLM
+    Config = KeepConfig
+
+    def check(self, tokens_in, grid, model):
+        _check_grid(self.name, tokens_in, grid)
+        _check_keep(self.name, self.config.keep, tokens_in)
+        side = math.isqrt(self.config.keep)
+        if side * side != self.config.keep:
+            raise VlmcError(f"pass pooling: parameter 'keep': {self.config.keep} is not a square number (e.g. {side * side} or {(side + 1) ** 2})")
+
+    def stage(self, model, point_module, tokens_in):
+        grid = math.isqrt(tokens_in)
+        return PoolStage(T.pooling_matrix(grid, math.isqrt(self.config.keep)))
+
+
+# ---------------------------------------------------------------- diversity
+
+class FarthestStage(nn.Module):
+    def __init__(self, keep: int, coords: torch.Tensor | None = None, spatial_weight: float = 0.0):
+        super().__init__()
+        self.keep, self.spatial_weight = keep, spatial_weight
+        self.register_buffer("coords", coords if coords is not None else torch.zeros(0))
+
+    def forward(self, x):
+        if self.spatial_weight:
+            feats = torch.cat([F.normalize(x, dim=-1), self.spatial_weight * self.coords.expand(x.shape[0], -1, -1)], dim=-1)
+            return T.select_farthest(x, feats, self.keep, cosine=False)[0]
+        return T.select_farthest(x, x, self.keep, cosine=True)[0]
+
+
+@register
+class DivPrune(TokenPass):
+    """DivPrune: greedy max-min diversity on the cosine distance of the projected tokens."""
+
+    name = "divprune"
+    source = "DivPrune (Alvar et al., CVPR 2025)"
+    departures = "starts from the token farthest from the mean (the paper's first pick is arbitrary); k fixed at export"
+    points = PRE_LLM
+    Config = KeepConfig
+
+    def check(self, tokens_in, grid, model):
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+    def stage(self, model, point_module, tokens_in):
+        return FarthestStage(self.config.keep)
+
+
+class TFPSConfig(KeepConfig):
+    spatial_weight: float = Field(0.5, ge=0.0, description="weight of the normalised (x, y) patch position")
+
+
+@register
+class TokenFPS(TokenPass):
+    """Prune2Drive's T-FPS: farthest point sampling over token features plus their spatial position."""
+
+    name = "tfps"
+    source = "Prune2Drive (T-FPS), CVPR 2026 seed notes"
+    departures = "one view (no per-view budgets); Euclidean FPS on [normalised feature, weighted (x, y)]"
+    points = PRE_LLM
+    Config = TFPSConfig
+
+    def check(self, tokens_in, grid, model):
+        _check_grid(self.name, tokens_in, grid)
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+    def stage(self, model, point_module, tokens_in):
+        grid = math.isqrt(tokens_in)
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        coords = torch.stack([xs, ys], -1).reshape(1, -1, 2).float() / max(1, grid - 1)
+        return FarthestStage(self.config.keep, coords, self.config.spatial_weight or 1e-6)
+
+
+# ---------------------------------------------------------------- attention-based
+
+class VisionZipConfig(PassConfig):
+    at: str = "vision.block[-1]"
+    dominant: int = Field(..., ge=1, description="tokens kept by CLS attention")
+    contextual: int = Field(..., ge=1, description="merged tokens made of the rest")
+
+
+class VisionZipStage(nn.Module):
+    wants_block_input = True
+
+    def __init__(self, block, dominant: int, contextual: int):
+        super().__init__()
+        self.attn, self.norm = block.self_attn, block.layer_norm1
+        self.dominant, self.contextual = dominant, contextual
+
+    def forward(self, x, x_in):
+        h = self.norm(x_in)
+        cls_attn = self.attn.cls_attention(h).sum(dim=1)[:, 1:]  # [B, N]: summed over heads, CLS column dropped
+        keys = self.attn.heads(h, self.attn.k_proj).mean(dim=1)[:, 1:]  # [B, N, d]: averaged over heads
+        reduced, _ = T.dominant_and_contextual(x[:, 1:], cls_attn, keys, self.dominant, self.contextual)
+        return torch.cat([x[:, :1], reduced], dim=1)
+
+
+@register
+class VisionZip(TokenPass):
+    """VisionZip: dominant tokens by CLS attention, the rest merged into contextual tokens by key similarity."""
+
+    name = "visionzip"
+    source = "VisionZip (Yang et al., CVPR 2025)"
+    departures = "acts on the output of the feature-layer block using that block's CLS attention and keys; merges are one-hot matmuls"
+    points = ("vision.block",)
+    Config = VisionZipConfig
+
+    def check(self, tokens_in, grid, model):
+        n = tokens_in - 1  # CLS excluded
+        c = self.config
+        if c.dominant + c.contextual >= n:
+            raise VlmcError(f"pass visionzip: parameters 'dominant' + 'contextual' = {c.dominant + c.contextual} must be below the {n} patch tokens")
+        if model.config.vision_feature_select_strategy != "default":
+            raise VlmcError("pass visionzip: needs a model whose features drop the CLS token (select strategy 'default')")
+
+    def stage(self, model, point_module, tokens_in):
+        return VisionZipStage(point_module, self.config.dominant, self.config.contextual)
