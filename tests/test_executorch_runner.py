@@ -1,20 +1,35 @@
 """ExecuTorch's stock MultimodalRunner (the runner of its Android / iOS apps) runs a vlmc bundle unchanged."""
 import numpy as np
+import pytest
 import torch
 
 from vlmc import api
 from vlmc.runtimes.image import load_image
 
+BEFORE, AFTER = "USER : ", " what color is the circle ? ASSISTANT :"
 
-def test_stock_multimodal_runner_generates_vlmc_tokens(tiny_bundle, sample_image):
+
+def stock_runner_pieces(bundle, image_path):
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the llama:: kernels)
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
 
-    ours = api.run(tiny_bundle.path, "executorch", sample_image, "what color is the circle ?", max_new_tokens=8)
-    runner = MultimodalRunner(str(tiny_bundle.path / "model.pte"), str(tiny_bundle.path / "tokenizer.json"))
-    image = torch.from_numpy(np.ascontiguousarray(load_image(sample_image, 32)))
+    runner = MultimodalRunner(str(bundle.path / "model.pte"), str(bundle.path / "tokenizer.json"))
+    image = torch.from_numpy(np.ascontiguousarray(load_image(image_path, bundle.manifest["prompt"]["image_size"])))
     pieces = []
-    runner.generate([make_text_input("USER : "), make_image_input(image), make_text_input(" what color is the circle ? ASSISTANT :")],
+    runner.generate([make_text_input(BEFORE), make_image_input(image), make_text_input(AFTER)],
                     GenerationConfig(max_new_tokens=8, temperature=0.0, echo=False), token_callback=pieces.append)
-    generated = [p for p in pieces if p and p != "</s>"]
-    assert generated == ours["pieces"], (generated, ours["pieces"])
+    return [p for p in pieces if p and p != "</s>"]
+
+
+@pytest.fixture(scope="module")
+def divprune_bundle(tiny_ckpt, tmp_path_factory):
+    return api.compile({"model": str(tiny_ckpt), "targets": ["executorch"], "max_context": 48,
+                        "prompt_template": "USER : <image> {prompt} ASSISTANT :", "passes": [{"name": "divprune", "keep": 6}]},
+                       tmp_path_factory.mktemp("stock") / "div")
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "divprune_bundle"])
+def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_image):
+    bundle = request.getfixturevalue(which)
+    ours = api.run(bundle.path, "executorch", sample_image, AFTER.split("ASSISTANT")[0].strip(), max_new_tokens=8)
+    assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]

@@ -25,7 +25,7 @@ def test_yaml_and_overrides(tmp_path):
     ({"onnx": {"opset": 9}}, "'onnx.opset'"),
     ({"prompt_template": "no image here {prompt}"}, "'prompt_template'"),
     ({"executorch": {"backend": "qnn"}}, "'executorch.backend'"),
-    ({"passes": []}, "'passes': unknown field"),
+    ({"passes": [{"keep": 3}]}, "'passes': pass 0 has no name"),
 ])
 def test_bad_fields_are_named(data, fragment):
     with pytest.raises(VlmcError, match=fragment.replace("(", r"\(")):

@@ -5,8 +5,11 @@
     python tools/train_builtin.py --out /tmp/ckpt      # write elsewhere than the shipped checkpoint
 
 The prompt is the bundle template "USER: <image>\\n{question} ASSISTANT:" followed by the one-word answer
-and </s>; the loss covers the answer and </s>. The script reports val accuracy per question type and
-writes training.json beside the checkpoint.
+and </s>, then more turns about the same image ("USER: {question} ASSISTANT: {answer} </s>"): the 196 image
+tokens cost most of the compute, so several answers per image give several times the supervision per
+step. The loss covers every answer and its </s>; per-patch colour/shape probes add dense supervision.
+Validation asks one question per image, exactly as `vlmc eval` does. The script reports val accuracy
+per question type and writes training.json beside the checkpoint.
 """
 from __future__ import annotations
 
@@ -34,17 +37,19 @@ from vlmc.models_zoo.tokenizer import DEFAULT_TEMPLATE, TextTokenizer  # noqa: E
 
 
 def _make(args):
-    split, start, n = args
+    split, start, n, turns = args
     out = []
-    for item in shapes_vqa.items(split, n, start):
+    for i, item in enumerate(shapes_vqa.items(split, n, start)):
         colors, shapes = shapes_vqa.patch_labels(item.objects)
-        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes))
+        rng = np.random.default_rng([97, start + i])
+        extra = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns) if q != item.question][: turns - 1]
+        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes, extra))
     return out
 
 
-def generate_items(split: str, n: int, workers: int):
+def generate_items(split: str, n: int, workers: int, turns: int = 1):
     chunk = max(1, math.ceil(n / (workers * 4)))
-    jobs = [(split, s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    jobs = [(split, s, min(chunk, n - s), turns) for s in range(0, n, chunk)]
     if workers <= 1:
         return [x for j in jobs for x in _make(j)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -52,21 +57,31 @@ def generate_items(split: str, n: int, workers: int):
 
 
 def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int):
-    """Token ids [N, L] (right-padded), index of the last prompt token, answer ids, images uint8."""
-    seqs, last, answers = [], [], []
-    for _, q, a, *_ in items:
+    """Token ids [N, L] (right-padded); index of the first question's last prompt token and its answer
+    id; positions of every supervised token (answers and their </s>, -1 = none) [N, M]; images uint8."""
+    seqs, last, answers, targets = [], [], [], []
+    for _, q, a, _, _, _, extra in items:
         p = tok.prompt(DEFAULT_TEMPLATE, q, num_image_tokens, image_token_id, None)
-        ans = tok.encode(a)
-        assert len(ans) == 1, f"answer {a!r} is not one token"
-        seqs.append(p.ids + ans + [EOS])
+        seq, supervised = list(p.ids), []
+        for i, (question, answer) in enumerate([(q, a)] + list(extra)):
+            if i:
+                seq += tok.encode(f"USER: {question} ASSISTANT:")
+            ans = tok.encode(answer)
+            assert len(ans) == 1, f"answer {answer!r} is not one token"
+            supervised += [len(seq), len(seq) + 1]
+            seq += ans + [EOS]
+        seqs.append(seq)
         last.append(len(p.ids) - 1)
-        answers.append(ans[0])
-    width = max(map(len, seqs))
+        answers.append(seq[len(p.ids)])
+        targets.append(supervised)
+    width, m = max(map(len, seqs)), max(map(len, targets))
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    for i, s in enumerate(seqs):
+    target_pos = torch.full((len(seqs), m), -1, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, targets)):
         ids[i, : len(s)] = torch.tensor(s)
+        target_pos[i, : len(t)] = torch.tensor(t)
     images = torch.from_numpy(np.stack([x[0] for x in items]))
-    return ids, torch.tensor(last), torch.tensor(answers), images
+    return ids, torch.tensor(last), torch.tensor(answers), target_pos, images
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -93,21 +108,19 @@ class PatchHeads(torch.nn.Module):
                 + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
 
 
-def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, last, images, colors, shapes):
+def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, target_pos, images, colors, shapes):
     image_embeds = model.encode_image(model.normalize(images))
     embeds = model.merge_embeddings(ids, image_embeds)
     logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
-    b = torch.arange(ids.shape[0], device=ids.device)
-    # predict the answer (at last) and </s> (at last + 1)
-    pred = torch.cat([logits[b, last], logits[b, last + 1]])
-    target = torch.cat([ids[b, last + 1], ids[b, last + 2]])
-    answer_loss = F.cross_entropy(pred.float(), target)
+    rows, cols = torch.nonzero(target_pos >= 0, as_tuple=True)
+    pos = target_pos[rows, cols]  # each supervised token, predicted from the position before it
+    answer_loss = F.cross_entropy(logits[rows, pos - 1].float(), ids[rows, pos])
     return answer_loss + aux_weight * heads(image_embeds, colors, shapes), answer_loss
 
 
 @torch.no_grad()
 def evaluate(model: LlavaModel, data, batch: int, device) -> dict:
-    ids, last, answers, images, qtypes = data
+    ids, last, answers, _, images, qtypes = data
     model.eval()
     correct = []
     for s in range(0, len(ids), batch):
@@ -133,13 +146,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--train-items", type=int, default=60000)
     ap.add_argument("--val-items", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--steps", type=int, default=3600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
+    ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
     args = ap.parse_args()
 
@@ -159,10 +173,10 @@ def main() -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}", flush=True)
 
     t0 = time.time()
-    train = generate_items("train", args.train_items, args.workers)
+    train = generate_items("train", args.train_items, args.workers, args.turns)
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
-    tr_ids, tr_last, _, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
+    tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
     tr_colors = torch.from_numpy(np.stack([x[4] for x in train]))
     tr_shapes = torch.from_numpy(np.stack([x[5] for x in train]))
     heads = PatchHeads(config.text.hidden_size).to(device)
@@ -184,11 +198,11 @@ def main() -> None:
     t0 = time.time()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(tr_ids), (args.batch_size,), generator=gen)
-        width = int(tr_last[idx].max()) + 3
-        ids, last = tr_ids[idx, :width].to(device), tr_last[idx].to(device)
+        width = int(tr_targets[idx].max()) + 1
+        ids, target_pos = tr_ids[idx, :width].to(device), tr_targets[idx].to(device)
         images = augment(tr_images[idx].to(device), gen)
         with amp:
-            loss, answer_loss = loss_fn(model, heads, args.aux_weight, ids, last, images,
+            loss, answer_loss = loss_fn(model, heads, args.aux_weight, ids, target_pos, images,
                                         tr_colors[idx].to(device), tr_shapes[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,7 +218,7 @@ def main() -> None:
 
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
-    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "aux_weight": args.aux_weight,
+    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "aux_weight": args.aux_weight, "turns": args.turns,
               "train_items": args.train_items, "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

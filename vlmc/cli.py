@@ -233,6 +233,39 @@ def evaluate(target, runtime, dataset, split, count, as_json):
 
 
 @cli.command()
+@click.option("--model", "-m", default="shapes-llava", show_default=True)
+@click.option("--methods", default="random,pooling,divprune,tfps,visionzip", show_default=True)
+@click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
+@click.option("--n", "count", default=500, show_default=True, help="ShapesVQA test questions per configuration")
+@click.option("--runtimes", default="onnxruntime,executorch", show_default=True, help="accuracy on the first; latency on each")
+@click.option("--iterations", default=10, show_default=True)
+@click.option("--out", "-o", default="docs/sweep", show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def sweep(model, methods, keep, count, runtimes, iterations, out, as_json):
+    """Token methods x kept tokens: accuracy, retention, agreement, measured vs FLOP-ideal speedup."""
+    from vlmc import sweep as sweeping
+    from vlmc.passes import registry
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        if m not in registry.REGISTRY:
+            raise VlmcError(f"unknown pass {m!r} (vlmc passes lists: {', '.join(sorted(registry.REGISTRY))})")
+    try:
+        keeps = [int(k) for k in keep.split(",") if k.strip()]
+    except ValueError:
+        raise VlmcError(f"--keep {keep!r}: expected comma-separated integers") from None
+    rts = [r.strip() for r in runtimes.split(",") if r.strip()]
+    for r in rts:
+        if r not in ("onnxruntime", "executorch"):
+            raise VlmcError(f"--runtimes: {r!r} cannot be swept here (onnxruntime, executorch)")
+    result = sweeping.sweep(model, method_list, keeps, count, rts, out, iterations, progress=None if as_json else _progress(True))
+    if as_json:
+        return _json_out(result)
+    click.echo(sweeping.to_markdown(result))
+    click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
+
+
+@cli.command()
 @click.argument("name", type=click.Choice(["shapes-vqa"]))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--n", "count", default=8, show_default=True)

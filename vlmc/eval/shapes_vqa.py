@@ -176,6 +176,19 @@ def _question(objects: list[Obj], qtype: str, rng: np.random.Generator):
     return None
 
 
+def scene_questions(objects, rng: np.random.Generator, k: int) -> list[tuple[str, str, str]]:
+    """Up to k more (question, answer, type) about one scene, for multi-turn training sequences."""
+    out: list[tuple[str, str, str]] = []
+    for _ in range(4 * k):
+        if len(out) == k:
+            break
+        qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        qa = _question(list(objects), qtype, rng)
+        if qa is not None and all(qa[0] != q for q, _, _ in out):
+            out.append((qa[0], qa[1], qtype))
+    return out
+
+
 def _scene_id(objects: list[Obj]) -> str:
     return hashlib.sha256(repr(objects).encode()).hexdigest()[:16]
 
