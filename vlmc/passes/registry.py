@@ -14,6 +14,7 @@ from torch import nn
 from vlmc.errors import VlmcError
 
 REGISTRY: dict[str, type["TokenPass"]] = {}
+POINT_KINDS = ("vision.block", "vision.out", "projector.out", "decoder.layer")
 
 
 class PassConfig(BaseModel):
@@ -67,6 +68,9 @@ def build(spec: dict) -> TokenPass:
         field = ".".join(str(p) for p in err["loc"])
         msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise VlmcError(f"pass {name}: parameter '{field}': {msg}") from None
+    if point_kind(config.at) not in POINT_KINDS:
+        raise VlmcError(f"pass {name}: parameter 'at': unknown insertion point {config.at!r} "
+                        f"(points: vision.block[i], vision.out, projector.out, decoder.layer[i])")
     if point_kind(config.at) not in cls.points:
         raise VlmcError(f"pass {name}: parameter 'at': {config.at} is not a place this method works "
                         f"(it acts at {', '.join(cls.points)})")
