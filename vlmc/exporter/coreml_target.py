@@ -12,11 +12,11 @@ import logging
 from collections import Counter
 
 import torch
-from torch.export import Dim, export
+from torch.export import export
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
-from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
+from vlmc.models_zoo.programs import StaticCacheDecoder
 
 _DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 131080: "int8"}
 
@@ -86,23 +86,15 @@ def _convert(module, args, dynamic_shapes, input_names, output_names, recipe):
 
 
 def lower(ctx: ExportContext) -> dict:
-    m, r = ctx.model, ctx.recipe
-    seq = Dim("seq_len", min=1, max=r.max_prompt)
-    in_names, out_names = static_decoder_io(ctx.num_layers)
-    dec_args = ctx.example_decoder_inputs(r.max_prompt)
-    vision = VisionEncoderProgram(m, "nchw_float")
-    jobs = [
-        ("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
-        ("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
-         ["input_ids"], ["inputs_embeds"]),
-        ("text_decoder", _PositionalCaches(StaticCacheDecoder(m, r.max_context)), (*dec_args[:4], *dec_args[4]),
-         (*ctx.decoder_dynamic_shapes(seq)[:4], (None,) * len(dec_args[4])), in_names, out_names),
-    ]
+    r = ctx.recipe
     programs = {}
-    for name, module, args, dyn, ins, outs in jobs:
+    for job in ctx.explicit_cache_programs("nchw_float"):
+        name, module, args, dyn = job.name, job.module, job.args, job.dynamic_shapes
+        if name == "text_decoder":  # caches as trailing positional args (see _PositionalCaches)
+            module, args, dyn = _PositionalCaches(module), (*args[:4], *args[4]), (*dyn[:4], (None,) * len(args[4]))
         ctx.progress(f"coreml: converting {name}")
         try:
-            ml = _convert(module, args, dyn, ins, outs, r)
+            ml = _convert(module, args, dyn, job.input_names, job.output_names, r)
         except VlmcError:
             raise
         except Exception as e:  # coremltools raises ValueError/NotImplementedError/RuntimeError per op

@@ -11,11 +11,9 @@ import io
 from pathlib import Path
 
 import torch
-from torch.export import Dim
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
-from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram, static_decoder_io
 
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps one file at 2 GB
 
@@ -50,23 +48,13 @@ def _export(module, args, path: Path, dynamic_shapes, input_names, output_names,
 
 
 def lower(ctx: ExportContext) -> dict:
-    m, r = ctx.model, ctx.recipe
-    seq = Dim("seq_len", min=1, max=r.max_prompt)
-    in_names, out_names = static_decoder_io(ctx.num_layers)
-    dec_args = ctx.example_decoder_inputs(r.max_prompt)
-    vision = VisionEncoderProgram(m, "chw_uint8")
-    jobs = [
-        ("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
-        ("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
-         ["input_ids"], ["inputs_embeds"]),
-        ("text_decoder", StaticCacheDecoder(m, r.max_context), dec_args, ctx.decoder_dynamic_shapes(seq),
-         in_names, out_names),
-    ]
+    r = ctx.recipe
     programs = {}
-    for name, module, args, dyn, ins, outs in jobs:
+    for job in ctx.explicit_cache_programs("chw_uint8"):
+        name = job.name
         ctx.progress(f"onnx: exporting {name}")
         path = ctx.out_dir / f"{name}.onnx"
-        _export(module, args, path, dyn, ins, outs, r.onnx.opset)
+        _export(job.module, job.args, path, job.dynamic_shapes, job.input_names, job.output_names, r.onnx.opset)
         files = [path.name] + ([path.name + ".data"] if (ctx.out_dir / (path.name + ".data")).exists() else [])
         programs[name] = {"file": path.name, "files": files, **read_io(path)}
     return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset,
