@@ -2,7 +2,7 @@
 import pytest
 
 from vlmc.errors import VlmcError
-from vlmc.recipe import Recipe, build, load
+from vlmc.recipe import build, load
 
 
 def test_defaults_resolve_against_the_model():

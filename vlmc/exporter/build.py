@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import platform
 import shutil
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from vlmc import __version__
+from vlmc import __version__, passes
 from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
-from vlmc import passes
 from vlmc.exporter import coreml_target, executorch_target, onnx_target
 from vlmc.exporter.context import ExportContext
-from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
+from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier, decoder_shape
 from vlmc.models_zoo import LoadedModel, load
 from vlmc.recipe import Recipe
 
@@ -49,8 +48,6 @@ def prepare(recipe: Recipe) -> Prepared:
 
 
 def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
-    from vlmc.exporter.verify import decoder_shape
-
     verifier = Verifier(ctx)
     rows: list[dict] = []
     for target, entry in targets.items():

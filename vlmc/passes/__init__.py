@@ -5,7 +5,6 @@ are refused before any export work.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch

@@ -5,7 +5,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
