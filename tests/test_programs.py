@@ -14,13 +14,18 @@ def _model(path):
     return load(str(path)).model
 
 
-def test_static_cache_decoder_matches_full_forward(tiny_ckpt):
-    m = _model(tiny_ckpt)
+def _prompt_and_reference(m):
+    """A prompt with 16 image tokens, its pixels, merged embeddings and the full-forward logits."""
     ids = torch.tensor([[1, 17, 18] + [4] * 16 + [19, 20, 21]])
     pixels = m.normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
-        ref = m(ids, pixels)
-        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        return ids, pixels, m.merge_embeddings(ids, m.encode_image(pixels)), m(ids, pixels)
+
+
+def test_static_cache_decoder_matches_full_forward(tiny_ckpt):
+    m = _model(tiny_ckpt)
+    ids, pixels, embeds, ref = _prompt_and_reference(m)
+    with torch.no_grad():
         n, padded_len, ctx = embeds.shape[1], 30, 40
         dec = StaticCacheDecoder(m, ctx)
         padded = torch.cat([embeds, torch.randn(1, padded_len - n, embeds.shape[2])], 1)  # garbage padding
@@ -36,11 +41,8 @@ def test_static_cache_decoder_matches_full_forward(tiny_ckpt):
 
 def test_executorch_decoder_matches_full_forward_in_segments(tiny_ckpt):
     m = _model(tiny_ckpt)
-    ids = torch.tensor([[1, 17, 18] + [4] * 16 + [19, 20, 21]])
-    pixels = m.normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    _, _, embeds, ref = _prompt_and_reference(m)
     with torch.no_grad():
-        ref = m(ids, pixels)
-        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
         dec = ExecuTorchDecoder(m, 40)
         dec(embeds[:, :3], torch.tensor([0]))  # text, image, text: the stock runner's segments
         dec(embeds[:, 3:19], torch.tensor([3]))
