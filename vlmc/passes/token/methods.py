@@ -34,6 +34,19 @@ def _check_grid(name: str, tokens_in: int, grid: int) -> None:
                         "(place it before other token passes, at vision.out or projector.out)")
 
 
+class KeepPass(TokenPass):
+    """A pre-LLM method that keeps `keep` tokens: the shared placement and parameter checks."""
+
+    points = PRE_LLM
+    Config = KeepConfig
+    needs_grid = False  # works on the full square token grid only
+
+    def check(self, tokens_in, grid, model):
+        if self.needs_grid:
+            _check_grid(self.name, tokens_in, grid)
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+
 class ConstantGather(nn.Module):
     def __init__(self, idx: torch.Tensor):
         super().__init__()
@@ -50,17 +63,13 @@ class RandomConfig(KeepConfig):
 
 
 @register
-class RandomPrune(TokenPass):
+class RandomPrune(KeepPass):
     """Random (seeded) visual tokens: the baseline that beats many methods at 67-78% pruning."""
 
     name = "random"
     source = "UniPruneBench's random baseline"
     departures = "the seed fixes one index set at export time: the same tokens for every image, a constant gather"
-    points = PRE_LLM
     Config = RandomConfig
-
-    def check(self, tokens_in, grid, model):
-        _check_keep(self.name, self.config.keep, tokens_in)
 
     def stage(self, model, point_module, tokens_in):
         n = tokens_in
@@ -78,18 +87,16 @@ class PoolStage(nn.Module):
 
 
 @register
-class SpatialPooling(TokenPass):
+class SpatialPooling(KeepPass):
     """Average pooling of the token grid to sqrt(keep) x sqrt(keep) (VTC-Bench's strong baseline)."""
 
     name = "pooling"
     source = "VTC-Bench / LLaVA-style adaptive average pooling"
     departures = "adaptive average pooling written as a constant matmul; keep must be a square number"
-    points = PRE_LLM
-    Config = KeepConfig
+    needs_grid = True
 
     def check(self, tokens_in, grid, model):
-        _check_grid(self.name, tokens_in, grid)
-        _check_keep(self.name, self.config.keep, tokens_in)
+        super().check(tokens_in, grid, model)
         side = math.isqrt(self.config.keep)
         if side * side != self.config.keep:
             raise VlmcError(f"pass pooling: parameter 'keep': {self.config.keep} is not a square number (e.g. {side * side} or {(side + 1) ** 2})")
@@ -115,17 +122,12 @@ class FarthestStage(nn.Module):
 
 
 @register
-class DivPrune(TokenPass):
+class DivPrune(KeepPass):
     """DivPrune: greedy max-min diversity on the cosine distance of the projected tokens."""
 
     name = "divprune"
     source = "DivPrune (Alvar et al., CVPR 2025)"
     departures = "starts from the token farthest from the mean (the paper's first pick is arbitrary); k fixed at export"
-    points = PRE_LLM
-    Config = KeepConfig
-
-    def check(self, tokens_in, grid, model):
-        _check_keep(self.name, self.config.keep, tokens_in)
 
     def stage(self, model, point_module, tokens_in):
         return FarthestStage(self.config.keep)
@@ -136,18 +138,14 @@ class TFPSConfig(KeepConfig):
 
 
 @register
-class TokenFPS(TokenPass):
+class TokenFPS(KeepPass):
     """Prune2Drive's T-FPS: farthest point sampling over token features plus their spatial position."""
 
     name = "tfps"
     source = "Prune2Drive (T-FPS), CVPR 2026 seed notes"
     departures = "one view (no per-view budgets); Euclidean FPS on [normalised feature, weighted (x, y)]"
-    points = PRE_LLM
     Config = TFPSConfig
-
-    def check(self, tokens_in, grid, model):
-        _check_grid(self.name, tokens_in, grid)
-        _check_keep(self.name, self.config.keep, tokens_in)
+    needs_grid = True
 
     def stage(self, model, point_module, tokens_in):
         grid = math.isqrt(tokens_in)
