@@ -1,4 +1,6 @@
 """Token passes: validated before any work, exported and verified on every target, same tokens everywhere."""
+import re
+
 import pytest
 
 from vlmc import api
@@ -11,6 +13,7 @@ METHODS = {
     "divprune": {"name": "divprune", "keep": 6},
     "tfps": {"name": "tfps", "keep": 6},
     "visionzip": {"name": "visionzip", "dominant": 4, "contextual": 3},
+    "tome": {"name": "tome", "at": "vision.block[0]", "r": 3},
 }
 TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
 
@@ -57,11 +60,59 @@ def test_chained_passes(tiny_ckpt, tmp_path):
     ({"name": "pooling", "keep": 5}, "not a square number"),
     ({"name": "visionzip", "dominant": 10, "contextual": 6}, "must be below the 16 patch tokens"),
     ({"name": "visionzip", "dominant": 2, "contextual": 2, "at": "vision.block[-5]"}, "only 2 vision blocks run"),
+    ({"name": "tome", "r": 6}, "'r': 6 is too large for vision.block[1] (11 tokens there: at most 5 can merge)"),
+    ({"name": "tome", "r": 2, "at": "projector.out"}, "not a place this method works"),
+    ({"name": "divprune", "keep": 3, "indices": [1, 1, 2]}, "'indices': needs 3 distinct indices in 0..15"),
+    ({"name": "random", "keep": 3, "static": True}, "parameter 'static': unknown parameter"),
 ])
 def test_bad_parameters_are_refused_before_export(tiny_ckpt, tmp_path, spec, fragment):
-    with pytest.raises(VlmcError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(VlmcError, match=re.escape(fragment)):
         api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "passes": [spec]}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_calibrated_static_mode_folds_the_most_picked_tokens(tiny_ckpt, calibration_jsonl, tmp_path, sample_image):
+    import onnx
+
+    recipe = {"model": str(tiny_ckpt), "targets": ["onnx", "executorch"], "max_context": 48, "prompt_template": TEMPLATE,
+              "calibration": {"dataset": str(calibration_jsonl), "n": 8}}
+    static = api.compile({**recipe, "passes": [{"name": "divprune", "keep": 6, "static": True}]}, tmp_path / "s")
+    dynamic = api.compile({**recipe, "passes": [{"name": "divprune", "keep": 6}]}, tmp_path / "d")
+    idx = static.manifest["passes"][0]["params"]["indices"]
+    assert len(idx) == 6 and idx == sorted(set(idx))
+    assert static.manifest["recipe"]["passes"][0]["indices"] == idx  # the bundle rebuilds without the data
+    ops = lambda b: {n.op_type for n in onnx.load(str(b.path / "vision_encoder.onnx")).graph.node}  # noqa: E731
+    assert "TopK" in ops(dynamic) and "TopK" not in ops(static)  # no selection left in the graph
+    assert all(r["passed"] for r in static.manifest["verification"]["results"])
+    tokens = {rt: api.run(static.path, rt, sample_image, "what color is the circle ?", max_new_tokens=4)["tokens"]
+              for rt in ("eager", "onnxruntime", "executorch")}
+    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"]
+
+
+def test_tome_merges_r_per_block_and_orders_with_other_stages(tiny_ckpt, tmp_path):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "passes": [{"name": "tome", "r": 3}, {"name": "divprune", "keep": 5}]}, tmp_path / "t")
+    tome, div = b.manifest["passes"]
+    # 17 tokens (CLS + 16) -> 14 after block 0 -> 11 after block 1; CLS dropped at the feature layer
+    assert (tome["tokens_in"], tome["tokens_out"], div["tokens_in"], div["tokens_out"]) == (17, 11, 10, 5)
+    with pytest.raises(VlmcError, match="does not track merged sizes"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE,
+                     "passes": [{"name": "tome", "r": 2}, {"name": "visionzip", "dominant": 3, "contextual": 2}]}, tmp_path / "x")
+
+
+def test_tome_proportional_attention_weighs_a_merged_token_like_its_copies(tiny_ckpt):
+    """A token of size 2 gets the attention two identical tokens would: outputs for the others are equal."""
+    import torch
+
+    from vlmc.models_zoo import load
+
+    block = load(str(tiny_ckpt)).model.vision_tower.encoder.layers[0]
+    x = torch.randn(1, 4, 32)
+    dup = torch.cat([x, x[:, 3:]], dim=1)  # token 3 twice
+    with torch.no_grad():
+        merged = block(x, torch.tensor([[[1.0], [1.0], [1.0], [2.0]]]))
+        copies = block(dup)
+    torch.testing.assert_close(merged, copies[:, :4], atol=1e-5, rtol=1e-5)
 
 
 def test_cli_pass_syntax():

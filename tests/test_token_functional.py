@@ -87,3 +87,9 @@ def test_visionzip_keeps_dominant_and_merges_the_rest():
 def test_random_scores_are_seeded():
     assert torch.equal(T.random_scores(1, 10, 3), T.random_scores(1, 10, 3))
     assert not torch.equal(T.random_scores(1, 10, 3), T.random_scores(1, 10, 4))
+
+
+def test_calibrated_static_mode_keeps_the_most_picked_indices():
+    picks = torch.tensor([[0, 3, 5], [3, 5, 7], [3, 7, 9], [1, 5, 7]])  # 3, 5 and 7 picked three times each
+    assert T.most_selected(picks, 10, 3).tolist() == [3, 5, 7]
+    assert T.most_selected(picks, 10, 4).tolist() == [0, 3, 5, 7]  # a tie among 0, 1 and 9 goes to 0

@@ -98,6 +98,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         b.file("tokenizer.json")
         prompt, tok, shape = b.manifest["prompt"], TextTokenizer(b.path), DecoderShape.from_manifest(b.manifest)
         answer = Answerer(session(b, runtime), tok, prompt)
+        quantized = bool(b.manifest.get("quantization"))
         if runtime == "eager" and not b.manifest["passes"]:
             reference = answer
         else:
@@ -119,11 +120,14 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         t = c.text
         shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
         answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
-        reference, name, source = answer, loaded.name, loaded.source
+        reference, name, source, quantized = answer, loaded.name, loaded.source, False
     if dataset == "shapes-vqa":
         questions = shapes_vqa_questions(split, n if n is not None else 2000, prompt["image_size"])
     else:
         questions = jsonl_questions(Path(dataset), n, prompt["image_size"])
     result = score(answer, reference, questions, progress)
-    return {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
-            "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}
+    out = {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
+           "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}
+    if quantized and runtime == "eager":
+        out["note"] = "eager runs the float model with the bundle's token passes; quantization is in the target artifacts"
+    return out

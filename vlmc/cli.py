@@ -78,12 +78,15 @@ def models(as_json):
 @click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
 @click.option("--max-prompt", type=int, default=None, help="fixed prefill length for ONNX / Core ML")
 @click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default=None)
-@click.option("--pass", "pass_specs", multiple=True, help="token pass, repeatable: NAME:key=value,... e.g. divprune:keep=64")
+@click.option("--pass", "pass_specs", multiple=True, help="token or quantization pass, repeatable: NAME:key=value,... e.g. divprune:keep=64, w8a8:at=vision")
+@click.option("--calibration", "calibration", default=None, help="calibration data for quantization: shapes-vqa or a questions.jsonl")
+@click.option("--calibration-n", type=int, default=None, help="calibration questions (default 32)")
 @click.option("--no-verify", is_flag=True, help="skip running each artifact against eager PyTorch")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
-def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, no_verify, force, as_json, quiet):
+def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
+           no_verify, force, as_json, quiet):
     """Compile a model into a verified bundle for one or more targets."""
     from vlmc import api
     from vlmc.passes.registry import parse_cli
@@ -91,7 +94,8 @@ def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_pre
 
     overrides = {"model": model, "targets": parse_targets(targets) if targets else None, "max_context": max_context,
                  "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
-                 "passes": [parse_cli(p) for p in pass_specs] or None}
+                 "passes": [parse_cli(p) for p in pass_specs] or None, "calibration.dataset": calibration,
+                 "calibration.n": calibration_n}
     recipe = load(recipe_path, overrides)
     bundle = api.compile(recipe, out, force=force, progress=_progress(not quiet and not as_json))
     if as_json:
@@ -118,6 +122,14 @@ def _print_summary(m: dict, path) -> None:
         console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}; runner: {m['runner']}")
     else:
         console.print("passes: none")
+    q = m.get("quantization")
+    if q:
+        rows = [[target, program, e["quantization"]["scheme"], e["quantization"].get("how", ""),
+                 e["quantization"].get("activations", "")]
+                for target, entry in m["targets"].items() for program, e in entry["programs"].items() if "quantization" in e]
+        console.print(_table("quantization", ["target", "program", "scheme", "how", "activations"], rows))
+        if "calibration" in q:
+            console.print("calibration: " + ", ".join(f"{k} {v}" for k, v in q["calibration"].items()))
     v = m["verification"]
     if not v["enabled"]:
         console.print("verification: [yellow]skipped (--no-verify)[/yellow]")
@@ -131,14 +143,14 @@ def _print_summary(m: dict, path) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def passes(as_json):
-    """Token passes with their parameters, where they act, and their sources."""
+    """Token and quantization passes with their parameters, where they act, and their sources."""
     from vlmc.passes import registry
 
     rows = registry.describe()
     if as_json:
         return _json_out(rows)
-    _console().print(_table("passes", ["name", "acts at", "parameters (type, default)", "source", "departs from the paper"], [
-        [r["name"], ", ".join(r["acts_at"]), "; ".join(f"{k}: {t} ({d})" if d == "required" else f"{k}: {t} = {d}" for k, (t, d) in r["parameters"].items()),
+    _console().print(_table("passes", ["name", "kind", "acts at", "parameters (type, default)", "source", "departs from the paper"], [
+        [r["name"], r["kind"], ", ".join(r["acts_at"]), "; ".join(f"{k}: {t} ({d})" if d == "required" else f"{k}: {t} = {d}" for k, (t, d) in r["parameters"].items()),
          r["source"], r["departures"]] for r in rows]))
 
 
@@ -230,25 +242,31 @@ def evaluate(target, runtime, dataset, split, count, as_json):
     rows += [[t, v["n"], v["accuracy"], f"{v['ci95'][0]}..{v['ci95'][1]}"] for t, v in r["per_type"].items()]
     console.print(_table("accuracy (%)", ["type", "n", "accuracy", "95% CI"], rows))
     console.print(f"agreement with the uncompressed model: {r['agreement']}%   mean KL of the answer distribution: {r['mean_kl']:.3g}")
+    if "note" in r:
+        console.print(f"note: {r['note']}")
 
 
 @cli.command()
 @click.option("--model", "-m", default="shapes-llava", show_default=True)
-@click.option("--methods", default="random,pooling,divprune,tfps,visionzip", show_default=True)
+@click.option("--methods", default="random,pooling,divprune,tfps,visionzip,tome", show_default=True,
+              help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static)")
 @click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
+@click.option("--quant", "quant", multiple=True,
+              help="sweep quantization instead: one configuration per option, passes joined by + (w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder)")
 @click.option("--n", "count", default=500, show_default=True, help="ShapesVQA test questions per configuration")
-@click.option("--runtimes", default="onnxruntime,executorch", show_default=True, help="accuracy on the first; latency on each")
+@click.option("--runtimes", default="onnxruntime,executorch", show_default=True, help="token methods: accuracy on the first; quantization: on each; latency on each")
 @click.option("--iterations", default=10, show_default=True)
-@click.option("--out", "-o", default="docs/sweep", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", default=None, type=click.Path(path_type=Path), help="default docs/sweep, or docs/quant_sweep with --quant")
 @click.option("--json", "as_json", is_flag=True)
-def sweep(model, methods, keep, count, runtimes, iterations, out, as_json):
-    """Token methods x kept tokens: accuracy, retention, agreement, measured vs FLOP-ideal speedup."""
+def sweep(model, methods, keep, quant, count, runtimes, iterations, out, as_json):
+    """Token methods x kept tokens, or quantization schemes (--quant): accuracy, retention, agreement,
+    sizes, measured vs ideal speedup."""
     from vlmc import sweep as sweeping
     from vlmc.passes import registry
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
-        if m not in registry.REGISTRY:
+        if m.removesuffix("-static") not in registry.REGISTRY:
             raise VlmcError(f"unknown pass {m!r} (vlmc passes lists: {', '.join(sorted(registry.REGISTRY))})")
     try:
         keeps = [int(k) for k in keep.split(",") if k.strip()]
@@ -258,10 +276,20 @@ def sweep(model, methods, keep, count, runtimes, iterations, out, as_json):
     for r in rts:
         if r not in ("onnxruntime", "executorch"):
             raise VlmcError(f"--runtimes: {r!r} cannot be swept here (onnxruntime, executorch)")
-    result = sweeping.sweep(model, method_list, keeps, count, rts, out, iterations, progress=None if as_json else _progress(True))
+    progress = None if as_json else _progress(True)
+    if quant:
+        for config in quant:
+            sweeping.parse_quant_config(config)
+        out = out or Path("docs/quant_sweep")
+        result = sweeping.quant_sweep(model, list(quant), count, rts, out, iterations, progress=progress)
+        table = sweeping.quant_markdown(result)
+    else:
+        out = out or Path("docs/sweep")
+        result = sweeping.sweep(model, method_list, keeps, count, rts, out, iterations, progress=progress)
+        table = sweeping.to_markdown(result)
     if as_json:
         return _json_out(result)
-    click.echo(sweeping.to_markdown(result))
+    click.echo(table)
     click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
 
 

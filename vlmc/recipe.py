@@ -38,6 +38,13 @@ class VerifyOptions(Strict):
     enabled: bool = True
     atol: float = Field(1e-3, gt=0, description="allowed |runtime - eager| beyond rtol * |eager|")
     rtol: float = Field(1e-3, ge=0)
+    quantized_rel_err: float = Field(0.25, gt=0, le=1, description="quantized programs: allowed ||runtime - float eager|| / ||float eager||")
+
+
+class CalibrationOptions(Strict):
+    dataset: str = Field("shapes-vqa", description="shapes-vqa, or a questions.jsonl (image, question, answer per line)")
+    split: Literal["train", "val"] = Field("val", description="ShapesVQA split (never test: calibration would leak into the reported accuracy)")
+    n: int = Field(32, ge=8, le=4096, description="calibration questions (images + prompts)")
 
 
 class Recipe(Strict):
@@ -51,7 +58,8 @@ class Recipe(Strict):
     executorch: ExecutorchOptions = Field(default_factory=ExecutorchOptions)
     coreml: CoremlOptions = Field(default_factory=CoremlOptions)
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
-    passes: list[dict] = Field(default_factory=list, description="token passes in order: {name, at, ...params} (vlmc passes)")
+    passes: list[dict] = Field(default_factory=list, description="token and quantization passes: {name, at, ...params} (vlmc passes)")
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions, description="data for quantization passes that calibrate")
 
     @field_validator("targets")
     @classmethod

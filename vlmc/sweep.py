@@ -1,7 +1,10 @@
-"""`vlmc sweep`: token methods x kept tokens, measured for accuracy and latency against the uncompressed model.
+"""`vlmc sweep`: token methods x kept tokens, or quantization schemes, measured for accuracy and latency
+against the uncompressed model.
 
 Every configuration is exported (verified) and evaluated on the same questions; latency comes from
 `vlmc profile` on each runtime in the same run, so ratios to the uncompressed row are comparable.
+Token passes change the graph the same way on every runtime, so their accuracy is measured on one;
+quantization differs per target (each uses its own quantizer), so it is measured on every runtime.
 """
 from __future__ import annotations
 
@@ -16,8 +19,13 @@ from vlmc import api
 from vlmc.errors import VlmcError
 
 
-def method_spec(method: str, keep: int) -> dict:
-    """The pass entry that keeps about `keep` visual tokens with `method`."""
+def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> dict:
+    """The pass entry that keeps about `keep` of `tokens` visual tokens with `method` (`blocks`: vision
+    blocks that run, over which ToMe spreads its merges)."""
+    if method.endswith("-static"):  # the calibrated static mode of a selecting method
+        return {**method_spec(method.removesuffix("-static"), keep, tokens, blocks), "static": True}
+    if method == "tome":
+        return {"name": "tome", "at": "vision.block[0]", "r": math.ceil((tokens - keep) / blocks)}
     if method == "pooling":
         return {"name": "pooling", "keep": max(1, math.isqrt(keep)) ** 2}
     if method == "visionzip":
@@ -64,7 +72,11 @@ def sweep(model: str, methods: list[str], keeps: list[int], n: int, runtimes: li
     started = time.time()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        configs = [("uncompressed", None)] + [(f"{m}@{k}", method_spec(m, k)) for m in methods for k in keeps]
+        from vlmc.models_zoo import load
+
+        c = load(model).config
+        configs = [("uncompressed", None)] + [(f"{m}@{k}", method_spec(m, k, c.num_image_tokens, c.num_vision_layers_run))
+                                              for m in methods for k in keeps]
         base = None
         for label, spec in configs:
             progress(f"{label}: export")
@@ -106,5 +118,92 @@ def to_markdown(result: dict) -> str:
         for rt in rts:
             lat = r["latency"][rt]
             cells += [str(lat.get("prefill_speedup", 1.0)), str(lat.get("vision_encode_overhead_pct", 0.0))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RUNTIME_TARGET = {"onnxruntime": "onnx", "executorch": "executorch"}
+
+
+def parse_quant_config(text: str) -> list[dict]:
+    """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration."""
+    from vlmc.passes.registry import REGISTRY, parse_cli
+
+    specs = [parse_cli(part) for part in text.split("+") if part.strip()]
+    for spec in specs:
+        if getattr(REGISTRY.get(spec["name"]), "kind", None) != "quant":
+            raise VlmcError(f"--quant {text!r}: {spec['name']!r} is not a quantization pass (w8a8, w8, w4)")
+    return specs
+
+
+def _bundle_bytes(manifest: dict, target: str) -> int:
+    files = {f for p in manifest["targets"][target]["programs"].values() for f in p.get("files", [p["file"]])}
+    return sum(manifest["files"][f]["bytes"] for f in files)
+
+
+def quant_sweep(model: str, configs: list[str], n: int, runtimes: list[str], out: Path, iterations: int = 10,
+                coreml: bool = True, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """fp32 and each quantization configuration: accuracy on every runtime, sizes per target, latency."""
+    progress = progress or (lambda m: None)
+    targets = sorted({RUNTIME_TARGET[r] for r in runtimes} | ({"coreml"} if coreml else set()))
+    started = time.time()
+    rows: list[dict] = []
+    base: Optional[dict] = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, specs in [("fp32", [])] + [(c, parse_quant_config(c)) for c in configs]:
+            progress(f"{label}: export")
+            recipe = {"model": model, "targets": targets, "passes": specs,
+                      "coreml": {"minimum_deployment_target": "iOS18"}}  # block-wise int4 needs iOS18
+            try:
+                bundle = api.compile(recipe, Path(tmp) / f"q{len(rows)}")
+            except VlmcError as e:
+                rows.append({"config": label, "passes": specs, "error": str(e)})
+                continue
+            m = bundle.manifest
+            row = {"config": label, "passes": specs, "bytes": {t: _bundle_bytes(m, t) for t in targets}, "runtimes": {}}
+            for rt in runtimes:
+                progress(f"{label}: eval on {rt} ({n} questions)")
+                ev = api.evaluate(bundle.path, rt, "shapes-vqa", "test", n)
+                progress(f"{label}: profile on {rt}")
+                st = api.profile(bundle.path, rt, warmup=2, iterations=iterations, new_tokens=4)["stages"]
+                row["runtimes"][rt] = {"accuracy": ev["accuracy"], "ci95": ev["ci95"], "agreement": ev["agreement"],
+                                       "mean_kl": ev["mean_kl"], "per_type": {t: v["accuracy"] for t, v in ev["per_type"].items()},
+                                       "vision_encode_ms": st["vision_encode_ms"], "prefill_ms": st["prefill_ms"],
+                                       "decode_ms_per_token": st["decode_ms_per_token"]}
+            if base is None:
+                base = row
+            else:
+                row["size_ratio"] = {t: round(row["bytes"][t] / base["bytes"][t], 4) for t in targets}
+                for rt, r in row["runtimes"].items():
+                    b = base["runtimes"][rt]
+                    r["retention"] = round(100 * r["accuracy"] / b["accuracy"], 2) if b["accuracy"] else None
+                    for stage in ("vision_encode_ms", "prefill_ms", "decode_ms_per_token"):
+                        r[stage.replace("_ms", "").replace("_per_token", "") + "_speedup"] = round(b[stage] / r[stage], 3)
+            rows.append(row)
+    result = {"kind": "quantization", "model": model, "dataset": "shapes-vqa test", "n": n, "runtimes": runtimes,
+              "targets": targets, "iterations": iterations, "seconds": round(time.time() - started, 1), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(quant_markdown(result))
+    return result
+
+
+def quant_markdown(result: dict) -> str:
+    targets, rts = result["targets"], result["runtimes"]
+    head = ["config"] + [f"{t} MB (x fp32)" for t in targets]
+    for rt in rts:
+        head += [f"{rt} accuracy % (95% CI)", f"{rt} retention %", f"{rt} agreement %",
+                 f"{rt} vision x", f"{rt} prefill x", f"{rt} decode x"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error']} |")
+            continue
+        ratio = r.get("size_ratio", {})
+        cells = [r["config"]] + [f"{r['bytes'][t] / 1e6:.2f} ({ratio.get(t, 1.0)})" for t in targets]
+        for rt in rts:
+            x = r["runtimes"][rt]
+            cells += [f"{x['accuracy']} ({x['ci95'][0]}..{x['ci95'][1]})", str(x.get("retention", 100.0)), str(x["agreement"]),
+                      str(x.get("vision_encode_speedup", 1.0)), str(x.get("prefill_speedup", 1.0)), str(x.get("decode_speedup", 1.0))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

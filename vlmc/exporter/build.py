@@ -14,8 +14,10 @@ from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
 from vlmc.exporter import coreml_target, executorch_target, onnx_target
 from vlmc.exporter.context import ExportContext
-from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier, decoder_shape
+from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
 from vlmc.models_zoo import LoadedModel, load
+from vlmc.passes.quant import QuantPlan, coreml_quant
+from vlmc.passes.quant.calibration import calibration_images, check_source
 from vlmc.recipe import Recipe
 
 LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower}
@@ -25,8 +27,9 @@ LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "
 class Prepared:
     loaded: LoadedModel
     recipe: Recipe  # resolved
-    passes: list[dict]  # what each pass did, for the manifest
+    passes: list[dict]  # what each token pass did, for the manifest
     image_tokens: int
+    quant: QuantPlan
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -36,15 +39,29 @@ def prepare(recipe: Recipe) -> Prepared:
     """
     passes.validate(recipe.passes)
     loaded = load(recipe.model)
-    records = passes.apply(loaded.model, recipe.passes)
+    image_size = loaded.config.vision.image_size
+    records, plan = passes.apply(loaded.model, recipe.passes, lambda: calibration_images(recipe.calibration, image_size))
     image_tokens = passes.tokens_at(loaded.model, "projector.out")
-    recipe = recipe.resolve(image_tokens)
+    # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
+    resolved = [{"name": r["name"], "at": r["at"], **r["params"]} for r in records]
+    resolved += [spec for spec in recipe.passes if spec["name"] in plan.names]
+    recipe = recipe.model_copy(update={"passes": resolved}).resolve(image_tokens)
     c = loaded.config
     sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, image_tokens, c.image_token_id, c.text.bos_token_id)
     if len(sample) > recipe.max_prompt:
         raise VlmcError(f"recipe field 'max_prompt': {recipe.max_prompt} cannot hold the template with a short question "
                         f"({len(sample)} tokens: {image_tokens} image + {len(sample) - image_tokens} text)")
-    return Prepared(loaded, recipe, records, image_tokens)
+    return Prepared(loaded, recipe, records, image_tokens, plan)
+
+
+def _check_quantization(prepared: Prepared) -> None:
+    """What the targets cannot express and missing calibration data are refused before export work."""
+    recipe = prepared.recipe
+    if "coreml" in recipe.targets:
+        for scheme in prepared.quant.schemes.values():
+            coreml_quant.check(scheme, recipe.coreml.minimum_deployment_target)
+    if prepared.quant.needs_calibration:
+        check_source(recipe.calibration)
 
 
 def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
@@ -56,17 +73,17 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
         if target == "onnx":
             from vlmc.runtimes.onnxruntime_runner import OnnxSession
 
-            rows += verifier.static_cache("onnx", OnnxSession(files, decoder_shape(ctx)), verifier.sample.image)
+            rows += verifier.static_cache("onnx", OnnxSession(files, ctx.decoder_shape), verifier.sample.image)
         elif target == "executorch":
             from vlmc.runtimes.executorch_runner import ExecuTorchSession
 
-            rows += verifier.executorch(ExecuTorchSession(ctx.out_dir / executorch_target.PTE, decoder_shape(ctx)))
+            rows += verifier.executorch(ExecuTorchSession(ctx.out_dir / executorch_target.PTE, ctx.decoder_shape))
         elif target == "coreml":
             rows += verifier.coreml_structure(entry)
             if platform.system() == "Darwin":
                 from vlmc.runtimes.coreml_runner import CoremlSession
 
-                session = CoremlSession(files, entry["programs"], decoder_shape(ctx))
+                session = CoremlSession(files, entry["programs"], ctx.decoder_shape)
                 rows += verifier.static_cache("coreml", session, verifier.sample.image.astype("float32")[None])
     return rows
 
@@ -84,12 +101,13 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     progress = progress or (lambda msg: None)
     started = time.time()
     prepared = prepare(recipe)
+    _check_quantization(prepared)
     loaded, recipe, cfg = prepared.loaded, prepared.recipe, prepared.loaded.config
     with BundleWriter(out, force) as writer:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (loaded.directory / name).is_file():
                 shutil.copy(loaded.directory / name, writer.path(name))
-        ctx = ExportContext(loaded, recipe, writer.dir, progress, prepared.image_tokens)
+        ctx = ExportContext(loaded, recipe, writer.dir, progress, prepared.image_tokens, prepared.quant)
         targets = {}
         for target in recipe.targets:
             t0 = time.time()
@@ -117,6 +135,9 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
                         "positions": "compact: the visual tokens kept take consecutive positions, as ExecuTorch's runner assigns them"},
             "recipe": recipe.model_dump(mode="json"),
             "passes": prepared.passes,
+            "quantization": ({"parts": prepared.quant.describe(), "token_embedding": "float (not quantized)",
+                              **({"calibration": ctx.calibration().source} if prepared.quant.needs_calibration else {})}
+                             if prepared.quant else None),
             "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] for p in prepared.passes)
                        else "any: vlmc, or ExecuTorch's stock MultimodalRunner"),
             "targets": targets,

@@ -1,14 +1,18 @@
 """What every target's lowering reads: the prepared model, the resolved recipe, the output folder."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from vlmc.models_zoo import LoadedModel
+from vlmc.passes.quant import QuantPlan
 from vlmc.recipe import Recipe
+from vlmc.runtimes.base import DecoderShape
+
+PROGRAM_PARTS = {"vision_encoder": "vision", "text_decoder": "decoder"}  # token_embedding stays float
 
 
 @dataclass
@@ -18,6 +22,8 @@ class ExportContext:
     out_dir: Path
     progress: Callable[[str], None]
     image_tokens: int  # visual tokens the decoder sees, after token passes
+    quant: QuantPlan = field(default_factory=lambda: QuantPlan({}))
+    _calibration: object = None
 
     @property
     def model(self):
@@ -26,6 +32,25 @@ class ExportContext:
     @property
     def num_layers(self) -> int:
         return self.model.config.text.num_layers
+
+    @property
+    def decoder_shape(self) -> DecoderShape:
+        t = self.model.config.text
+        return DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, self.recipe.max_context, self.recipe.max_prompt)
+
+    def scheme(self, program: str):
+        """The quantization pass of the part a program belongs to, or None (float)."""
+        part = PROGRAM_PARTS.get(program)
+        return self.quant.get(part) if part else None
+
+    def calibration(self):
+        """The calibration set's program inputs, computed once for every target."""
+        if self._calibration is None:
+            from vlmc.passes.quant.calibration import collect
+
+            self.progress(f"calibration: {self.recipe.calibration.n} questions from {self.recipe.calibration.dataset}")
+            self._calibration = collect(self.model, self.loaded.tokenizer, self.recipe, self.image_tokens, self.decoder_shape)
+        return self._calibration
 
     def explicit_cache_programs(self, image_layout: str) -> list["ProgramJob"]:
         """The three programs of targets that take the KV cache explicitly (ONNX, Core ML).

@@ -17,6 +17,7 @@ from torch.export import export
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 from vlmc.models_zoo.programs import StaticCacheDecoder
+from vlmc.passes.quant import coreml_quant
 
 _DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 131080: "int8"}
 
@@ -85,6 +86,21 @@ def _convert(module, args, dynamic_shapes, input_names, output_names, recipe):
     return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
 
 
+def _samples(ctx: ExportContext, job) -> list[dict] | None:
+    """Calibration inputs in Core ML's dtypes (float images, int32 ids); only macOS can run them."""
+    import platform
+
+    import numpy as np
+
+    if platform.system() != "Darwin":
+        return None
+    cal = ctx.calibration()
+    if job.name == "vision_encoder":
+        return [{job.input_names[0]: img.astype(np.float32)[None]} for img in cal.images]
+    return [{k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in zip(job.input_names, inputs)}
+            for inputs in cal.static_decoder_inputs]
+
+
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
@@ -99,10 +115,18 @@ def lower(ctx: ExportContext) -> dict:
             raise
         except Exception as e:  # coremltools raises ValueError/NotImplementedError/RuntimeError per op
             raise VlmcError(f"Core ML conversion of {name} failed: {first_line(e)}") from None
+        scheme = ctx.scheme(name)
+        quantized = None
+        if scheme:
+            ctx.progress(f"coreml: {scheme.name} quantization of {name} (coremltools.optimize)")
+            ml, record = coreml_quant.quantize(ml, scheme, _samples(ctx, job) if scheme.needs_calibration else None)
+            quantized = {**scheme.describe(), **record}
         path = ctx.out_dir / f"{name}.mlpackage"
         ml.save(str(path))
         spec = ml.get_spec()
         programs[name] = {"file": path.name, **read_io(spec), "ops": op_counts(spec)}
+        if quantized:
+            programs[name]["quantization"] = quantized
     return {"programs": programs, "runtime": "coreml", "precision": r.coreml.precision,
             "minimum_deployment_target": r.coreml.minimum_deployment_target, "runs_here": False,
             "note": "converted and structurally checked on Linux; Core ML runs only on macOS",

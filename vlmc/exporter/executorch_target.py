@@ -11,10 +11,25 @@ import torch
 from torch.export import Dim, export
 
 from vlmc.errors import VlmcError, first_line
-from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.exporter.context import PROGRAM_PARTS, ExportContext, io_entry
 from vlmc.models_zoo.programs import ExecuTorchDecoder, TokenEmbeddingProgram, VisionEncoderProgram
+from vlmc.passes.quant import executorch_quant
 
 PTE = "model.pte"
+
+
+def _calibrator(ctx: ExportContext, program: str):
+    """Runs a prepared (observed) program over the calibration set's inputs for it."""
+    def run(module):
+        cal = ctx.calibration()
+        if program == "vision_encoder":
+            for img in cal.images:
+                module(torch.from_numpy(img))
+        else:
+            for calls in cal.decoder_calls:
+                for embeds, start in calls:
+                    module(torch.from_numpy(embeds), torch.tensor([start]))
+    return run
 
 
 def _io(name: str, t: torch.Tensor, dynamic: dict | None = None) -> dict:
@@ -30,20 +45,30 @@ def lower(ctx: ExportContext) -> dict:
 
     m, r, c = ctx.model, ctx.recipe, ctx.model.config
     seq = Dim("seq_len", min=1, max=r.max_prompt)
-    vision = VisionEncoderProgram(m, "chw_uint8")
-    image = vision.example_input()
+    image = VisionEncoderProgram(m, "chw_uint8").example_input()
     ids = torch.ones(1, 4, dtype=torch.long)
     embeds = torch.zeros(1, 4, c.text.hidden_size)
     pos = torch.tensor([0])
+    programs = {  # name -> (module of a model, example args, dynamic shapes)
+        "vision_encoder": (lambda model: VisionEncoderProgram(model, "chw_uint8"), (image,), None),
+        "token_embedding": (TokenEmbeddingProgram, (ids,), ({1: seq},)),
+        "text_decoder": (lambda model: ExecuTorchDecoder(model, r.max_context), (embeds, pos), ({1: seq}, None)),
+    }
     ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")
+    exported, quantized = {}, {}
     with torch.no_grad():
-        image_tokens = vision(image).shape[1]
-        exported = {
-            "vision_encoder": export(vision.eval(), (image,), strict=False),
-            "token_embedding": export(TokenEmbeddingProgram(m).eval(), (ids,), dynamic_shapes=({1: seq},), strict=False),
-            "text_decoder": export(ExecuTorchDecoder(m, r.max_context).eval(), (embeds, pos),
-                                   dynamic_shapes=({1: seq}, None), strict=False),
-        }
+        image_tokens = VisionEncoderProgram(m, "chw_uint8")(image).shape[1]
+        for name, (make, args, dyn) in programs.items():
+            scheme = ctx.scheme(name)
+            model = executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size) if scheme and scheme.name == "w4" else m
+            ep = export(make(model).eval(), args, dynamic_shapes=dyn, strict=False)
+            if scheme and scheme.name != "w4":
+                ctx.progress(f"executorch: {scheme.name} quantization of {name} (PT2E, XNNPACKQuantizer)")
+                module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
+                ep = export(module, args, dynamic_shapes=dyn, strict=False)
+            if scheme:
+                quantized[name] = {**scheme.describe(), **executorch_quant.describe(scheme)}
+            exported[name] = ep
     constants = {
         "get_max_seq_len": r.max_prompt,
         "get_max_context_len": r.max_context,
@@ -81,6 +106,8 @@ def lower(ctx: ExportContext) -> dict:
     }
     for name, n in delegated.items():
         programs[name]["delegate_calls"] = n
+        if name in quantized:
+            programs[name]["quantization"] = quantized[name]
     return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,
             "constant_methods": constants, "runner": "executorch MultimodalRunner (stock) or vlmc",
             "kv_cache": "mutable buffers [1, max_context, kv_heads, head_dim] via llama::update_cache / llama::custom_sdpa"}

@@ -1,8 +1,8 @@
 """ONNX target: one .onnx per program through torch.onnx's dynamo exporter.
 
 The text decoder takes its KV cache as explicit inputs/outputs and a bounded-dynamic length
-(1..max_prompt), so one graph serves both the fixed-shape prefill and the decode step without a
-second copy of the weights.
+(1..max_prompt), so one graph serves both the prefill (at the prompt's length) and the decode step
+without a second copy of the weights.
 """
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def _export(module, args, path: Path, dynamic_shapes, input_names, output_names,
             raise VlmcError(f"ONNX export of {path.stem} failed: {first_line(e)}") from None
 
 
+def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
+    from vlmc.passes.quant import onnx_quant
+
+    ctx.progress(f"onnx: {scheme.name} quantization of {job.name} (onnxruntime.quantization)")
+    feeds = None
+    if scheme.needs_calibration:
+        cal = ctx.calibration()
+        if job.name == "vision_encoder":
+            feeds = [{job.input_names[0]: img} for img in cal.images]
+        else:
+            feeds = [dict(zip(job.input_names, inputs)) for inputs in cal.static_decoder_inputs]
+    return {**scheme.describe(), **onnx_quant.quantize(path, scheme, feeds)}
+
+
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
@@ -55,8 +69,12 @@ def lower(ctx: ExportContext) -> dict:
         ctx.progress(f"onnx: exporting {name}")
         path = ctx.out_dir / f"{name}.onnx"
         _export(job.module, job.args, path, job.dynamic_shapes, job.input_names, job.output_names, r.onnx.opset)
+        scheme = ctx.scheme(name)
+        quantized = _quantize(ctx, job, path, scheme) if scheme else None
         files = [path.name] + ([path.name + ".data"] if (ctx.out_dir / (path.name + ".data")).exists() else [])
         programs[name] = {"file": path.name, "files": files, **read_io(path)}
+        if quantized:
+            programs[name]["quantization"] = quantized
     return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset,
             "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
-            "prefill": f"fixed shape: prompts right-padded to max_prompt={r.max_prompt}, logits_index picks the last real token"}
+            "prefill": f"at the prompt's length (1..max_prompt={r.max_prompt}); logits_index picks the last token"}

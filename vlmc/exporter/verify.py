@@ -1,7 +1,10 @@
 """Verification: every program on its runtime against the same program in eager PyTorch.
 
 The inputs are real ones: a seeded image, a prompt built from the template, the prefill caches the
-eager decoder produced. Each check passes when |runtime - eager| <= atol + rtol * |eager| everywhere.
+eager decoder produced. Each check passes when |runtime - eager| <= atol + rtol * |eager| everywhere;
+a quantized program is compared with the float eager program by relative error,
+||runtime - eager|| / ||eager|| <= verify.quantized_rel_err (how much quantization may move it; its
+accuracy is measured by `vlmc eval`), and logits checks record whether the top token agrees.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from vlmc.exporter.context import ExportContext
 from vlmc.models_zoo.programs import ExecuTorchDecoder
 from vlmc.models_zoo.tokenizer import PromptIds
-from vlmc.runtimes.base import DecoderShape, Session
+from vlmc.runtimes.base import Session
 from vlmc.runtimes.eager_runner import EagerSession
 
 SAMPLE_QUESTION = "what color is the circle?"
@@ -37,20 +40,26 @@ def make_sample(ctx: ExportContext) -> Sample:
     return Sample(image, prompt)
 
 
-def decoder_shape(ctx: ExportContext) -> DecoderShape:
-    t = ctx.model.config.text
-    return DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, ctx.recipe.max_context, ctx.recipe.max_prompt)
-
-
-def _row(target, program, check, got, ref, atol, rtol) -> dict:
+def _row(target, program, check, got, ref, atol, rtol, rel_err=None) -> dict:
+    """One check; `rel_err` (a quantized program) switches to the relative-error criterion."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     if got.shape != ref.shape:
         return {"target": target, "program": program, "check": check, "max_abs_err": None, "passed": False,
                 "detail": f"shape {list(got.shape)} != eager {list(ref.shape)}"}
     err = np.abs(got - ref)
-    ratio = float((err / (atol + rtol * np.abs(ref))).max()) if err.size else 0.0
-    return {"target": target, "program": program, "check": check, "max_abs_err": float(err.max(initial=0.0)),
-            "max_ref": float(np.abs(ref).max(initial=0.0)), "tolerance_used": round(ratio, 4), "passed": ratio <= 1.0}
+    row = {"target": target, "program": program, "check": check, "max_abs_err": float(err.max(initial=0.0)),
+           "max_ref": float(np.abs(ref).max(initial=0.0))}
+    if rel_err is None:
+        ratio = float((err / (atol + rtol * np.abs(ref))).max()) if err.size else 0.0
+        return {**row, "tolerance_used": round(ratio, 4), "passed": ratio <= 1.0}
+    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    row.update(quantized=True, rel_err=round(rel, 5), tolerance_used=round(rel / rel_err, 4), passed=rel <= rel_err)
+    if "logits" in check:
+        row["top1_agrees"] = bool(np.argmax(got.reshape(-1, got.shape[-1]), -1).tolist() == np.argmax(ref.reshape(-1, ref.shape[-1]), -1).tolist())
+        row["detail"] = f"quantized: rel err {rel:.3g}, top-1 {'agrees' if row['top1_agrees'] else 'differs'}"
+    else:
+        row["detail"] = f"quantized: rel err {rel:.3g}"
+    return row
 
 
 class Verifier:
@@ -59,7 +68,8 @@ class Verifier:
     def __init__(self, ctx: ExportContext):
         self.ctx, self.sample = ctx, make_sample(ctx)
         self.atol, self.rtol = ctx.recipe.verify.atol, ctx.recipe.verify.rtol
-        self.eager = EagerSession(ctx.model, decoder_shape(ctx))
+        self.quantized_rel_err = ctx.recipe.verify.quantized_rel_err
+        self.eager = EagerSession(ctx.model, ctx.decoder_shape)
         p = self.sample.prompt
         self.text_ids = p.before + p.after
         self.image_embeds = self.eager.vision(self.sample.image)
@@ -79,18 +89,22 @@ class Verifier:
                         np.asarray([0], np.int64), *self.prefill_out[1:]]
         self.step_out = self.eager.call("text_decoder", self.step_in)
 
+    def _check(self, target, program, check, got, ref) -> dict:
+        rel = self.quantized_rel_err if self.ctx.scheme(program) else None
+        return _row(target, program, check, got, ref, self.atol, self.rtol, rel)
+
     def _common(self, target: str, session: Session, image) -> list[dict]:
         return [
-            _row(target, "vision_encoder", "image embeddings", session.call("vision_encoder", [image])[0], self.image_embeds, self.atol, self.rtol),
-            _row(target, "token_embedding", "prompt embeddings", session.embed(self.text_ids), self.eager.embed(self.text_ids), self.atol, self.rtol),
+            self._check(target, "vision_encoder", "image embeddings", session.call("vision_encoder", [image])[0], self.image_embeds),
+            self._check(target, "token_embedding", "prompt embeddings", session.embed(self.text_ids), self.eager.embed(self.text_ids)),
         ]
 
     def static_cache(self, target: str, session: Session, image) -> list[dict]:
         rows = self._common(target, session, image)
         for check, inputs, ref in (("prefill", self.prefill_in, self.prefill_out), ("decode step", self.step_in, self.step_out)):
             got = session.call("text_decoder", inputs)
-            rows.append(_row(target, "text_decoder", f"{check} logits", got[0], ref[0], self.atol, self.rtol))
-            rows.append(_row(target, "text_decoder", f"{check} KV cache", np.stack(got[1:]), np.stack(ref[1:]), self.atol, self.rtol))
+            rows.append(self._check(target, "text_decoder", f"{check} logits", got[0], ref[0]))
+            rows.append(self._check(target, "text_decoder", f"{check} KV cache", np.stack(got[1:]), np.stack(ref[1:])))
         return rows
 
     def executorch(self, session: Session) -> list[dict]:
@@ -102,7 +116,7 @@ class Verifier:
             with torch.no_grad():
                 ref = eager(torch.from_numpy(embeds), torch.tensor([start])).numpy()
             got = session.call("text_decoder", [embeds, np.asarray([start], np.int64)])[0]
-            rows.append(_row("executorch", "text_decoder", check, got, ref, self.atol, self.rtol))
+            rows.append(self._check("executorch", "text_decoder", check, got, ref))
         return rows
 
     def coreml_structure(self, target_entry: dict) -> list[dict]:

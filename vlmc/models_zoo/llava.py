@@ -223,9 +223,12 @@ class VisionAttention(nn.Module):
         b, n, _ = x.shape
         return proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`size` [B,N,1]: patches each token stands for after merging; adding log(size) to the logits
+        makes a merged token weigh as much as the tokens it replaced (ToMe's proportional attention)."""
         q, k, v = self.heads(x, self.q_proj), self.heads(x, self.k_proj), self.heads(x, self.v_proj)
-        out = F.scaled_dot_product_attention(q, k, v)
+        bias = None if size is None else size.log().transpose(1, 2)[:, None]  # [B,1,1,N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,8 +255,8 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = VisionMLP(c)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x, size: Optional[torch.Tensor] = None):
+        x = x + self.self_attn(self.layer_norm1(x), size)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -397,6 +400,16 @@ class LlavaModel(nn.Module):
         self.insertions = nn.ModuleDict()
 
     # ----- anatomy
+    def part_modules(self, part: str) -> list[tuple[str, nn.Module]]:
+        """The modules of a part that quantization covers: `vision` is the vision_encoder program's
+        weights (ViT + projector), `decoder` the text_decoder's (layers + head; the embedding table is
+        the token_embedding program's)."""
+        if part == "vision":
+            return [("vision_tower", self.vision_tower), ("multi_modal_projector", self.multi_modal_projector)]
+        if part == "decoder":
+            return [("language_model.layers", self.language_model.layers), ("lm_head", self.lm_head)]
+        raise ValueError(f"unknown part {part!r}")
+
     def insertion_points(self) -> list[str]:
         n_run = self.config.num_vision_layers_run
         return ([f"vision.block[{i}]" for i in range(n_run)] + ["vision.out", "projector.out"]
@@ -421,12 +434,17 @@ class LlavaModel(nn.Module):
 
         Vision points see [B, 1+N, D] with CLS first (blocks) or the selected features (vision.out,
         projector.out). A stage with `wants_block_input = True` at a block also gets the block's input,
-        for scores read from that block's attention. In-LLM points need per-layer cache lengths and are
-        not insertable yet.
+        for scores read from that block's attention. A stage with `tracks_size = True` (a merge) takes
+        and returns the tokens' sizes too, which the later blocks' attention reads; a stage that does not
+        track sizes cannot follow one inside the vision tower. In-LLM points need per-layer cache lengths
+        and are not insertable yet.
         """
         self.resolve(point)
         if point.startswith("decoder."):
             raise VlmcError(f"insertion at {point} (inside the LLM) is not supported yet; use a vision point")
+        block = VISION_POINTS.match(point).group(2)
+        if block is not None:
+            self._check_size_order(point, int(block), stage)
         key = _key(point)
         if key not in self.insertions:
             self.insertions[key] = nn.ModuleList()
@@ -438,6 +456,27 @@ class LlavaModel(nn.Module):
             for stage in self.insertions[key]:
                 x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
         return x
+
+    def _check_size_order(self, point: str, block: int, stage: nn.Module) -> None:
+        """Inside the vision tower, no stage that ignores merged sizes may run at or after a merging one."""
+        tracks = lambda s: getattr(s, "tracks_size", False)  # noqa: E731
+        keys = {i: _key(f"vision.block[{i}]") for i in range(self.config.num_vision_layers_run)}
+        staged = [(block, stage)] + [(i, s) for i, k in keys.items() if k in self.insertions for s in self.insertions[k]]
+        staged = [(i, s) for i, s in staged if not getattr(s, "transparent", False)]
+        first_merge = min((i for i, s in staged if tracks(s)), default=None)
+        if first_merge is not None and any(i >= first_merge and not tracks(s) for i, s in staged):
+            raise VlmcError(f"insertion at {point}: a token stage that does not track merged sizes cannot run inside "
+                            "the vision tower at or after a merging one (place it at vision.out or projector.out)")
+
+    def _block_stages(self, i: int, x, block_input, size):
+        """The stages after vision block i, threading the merged tokens' sizes (None until a merge)."""
+        key = _key(f"vision.block[{i}]")
+        for stage in self.insertions[key] if key in self.insertions else ():
+            if getattr(stage, "tracks_size", False):
+                x, size = stage(x, block_input, size)
+            else:
+                x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
+        return x, size
 
     # ----- vision
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
@@ -451,8 +490,9 @@ class LlavaModel(nn.Module):
         """Normalised pixels [B,3,H,W] -> image embeddings in the decoder's space [B,N',D]."""
         vt = self.vision_tower
         x = vt.pre_layrnorm(vt.embeddings(pixel_values))
+        size = None  # patches each token stands for, once a merging stage ran
         for i in range(self.config.num_vision_layers_run):
-            x = self._stage(f"vision.block[{i}]", vt.encoder.layers[i](x), x)
+            x, size = self._block_stages(i, vt.encoder.layers[i](x, size), x, size)
         if self.config.vision_feature_select_strategy == "default":
             x = x[:, 1:]
         x = self._stage("vision.out", x)

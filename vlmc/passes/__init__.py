@@ -1,38 +1,52 @@
-"""Passes: token methods (token/), quantization (quant/, to come), KV-cache (kv/, to come), and the registry.
+"""Passes: token methods (token/), quantization (quant/), KV-cache (kv/, to come), and the registry.
 
-`apply(model, specs)` validates every pass against the model before inserting it, so bad parameters
-are refused before any export work.
+`apply(model, specs)` validates every pass against the model before inserting the token passes and
+planning the quantization, so bad parameters are refused before any export work.
 """
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
 from vlmc.errors import VlmcError
-from vlmc.passes import registry
+from vlmc.passes import quant, registry
 from vlmc.passes.token import methods  # noqa: F401  (registers the token methods)
 
 
-class _Count(nn.Module):
-    """Records how many tokens pass a point (used to validate and describe passes)."""
+class _Record(nn.Module):
+    """Keeps the tokens passing a point (calibrated static mode)."""
+
+    transparent = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
 
     def forward(self, x):
-        self.n = x.shape[1]
+        self.seen.append(x.detach())
         return x
 
 
-def tokens_at(model, point: str) -> int:
-    probe = _Count()
+def tokens_entering(model, point: str, images) -> list[torch.Tensor]:
+    """The tokens [1,N,D] arriving at `point` (after the stages already there) for each uint8 image."""
+    probe = _Record()
     model.insert(point, probe)
     try:
         with torch.no_grad():
-            s = model.config.vision.image_size
-            model.encode_image(torch.zeros(1, 3, s, s))
+            for image in images:
+                model.encode_image(model.normalize(torch.from_numpy(image)))
     finally:
         model.insertions[point.replace(".", "_").replace("[", "_").replace("]", "")].pop(-1)
-    return probe.n
+    return probe.seen
+
+
+def tokens_at(model, point: str) -> int:
+    """How many tokens arrive at `point` (used to validate and describe passes)."""
+    s = model.config.vision.image_size
+    return tokens_entering(model, point, [np.zeros((3, s, s), np.uint8)])[0].shape[1]
 
 
 def canonical_point(model, point: str) -> str:
@@ -47,23 +61,30 @@ def canonical_point(model, point: str) -> str:
     return point
 
 
-def apply(model, specs: list[dict]) -> list[dict]:
-    """Insert the recipe's passes in order; return what the manifest records about each."""
+def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant.QuantPlan]:
+    """Insert the recipe's token passes in order and plan its quantization passes (which the targets
+    apply after the token passes, whatever their place in the list); return what the manifest records
+    about each token pass, and the plan. `calibration()` gives the calibration images, for passes
+    that fix their choice from data."""
+    built = [registry.build(spec) for spec in specs]
+    plan = quant.plan(model, [p for p in built if p.kind == "quant"])
     records = []
     grid = model.config.vision.image_size // model.config.vision.patch_size
-    for spec in specs:
-        p = registry.build(spec)
+    for p in (p for p in built if p.kind == "token"):
         at = canonical_point(model, p.config.at)
-        point_module = model.resolve(at)
+        model.resolve(at)
+        p.config = p.config.model_copy(update={"at": at})
         n_in = tokens_at(model, at)
         p.check(n_in, grid, model)
-        model.insert(at, p.stage(model, point_module, n_in))
-        n_out = tokens_at(model, at)
+        placed = p.place(model, n_in, calibration)
+        for point, stage in placed:
+            model.insert(point, stage)
+        n_out = tokens_at(model, placed[-1][0])
         params = p.config.model_dump(exclude={"at"})
         records.append({"name": p.name, "at": at, "params": params, "tokens_in": n_in, "tokens_out": n_out,
                         "image_tokens": tokens_at(model, "projector.out"), "reads_text": p.reads_text,
                         "source": p.source, "departures": p.departures})
-    return records
+    return records, plan
 
 
 def validate(specs: list[dict]) -> None:

@@ -65,9 +65,13 @@ class Session(ABC):
 class StaticCacheSession(Session):
     """Sessions whose decoder takes and returns the KV cache explicitly (onnxruntime, Core ML, eager).
 
-    Prefill is fixed-shape: the prompt is right-padded to max_prompt, and `logits_index` picks the last
-    real token; padded slots are overwritten by decode steps before any query can see them.
+    With `pad_prefill` (Core ML: accelerators want one static shape) the prompt is right-padded to
+    max_prompt and `logits_index` picks the last real token; padded slots are overwritten by decode steps
+    before any query can see them. Otherwise the prefill runs at the prompt's own length (the graph's
+    length is bounded-dynamic), which is what a pruned prompt saves.
     """
+
+    pad_prefill = False
 
     def __init__(self, shape: DecoderShape):
         super().__init__(shape)
@@ -86,10 +90,12 @@ class StaticCacheSession(Session):
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
         self.check_prompt_length(t)
+        self.caches = self._empty_caches()
+        if not self.pad_prefill:
+            return self._decode(embeds, range(t), t - 1)
         p = self.shape.max_prompt
         padded = np.zeros((1, p, embeds.shape[2]), np.float32)
         padded[:, :t] = embeds
-        self.caches = self._empty_caches()
         return self._decode(padded, range(p), t - 1)
 
     def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:

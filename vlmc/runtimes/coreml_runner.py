@@ -23,6 +23,7 @@ def require_macos() -> None:
 
 class CoremlSession(StaticCacheSession):
     runtime = "coreml"
+    pad_prefill = True  # one static prefill shape, as the Neural Engine wants
 
     def __init__(self, files: dict[str, Path], io: dict[str, dict], shape: DecoderShape):
         require_macos()

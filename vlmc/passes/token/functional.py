@@ -75,6 +75,13 @@ def select_indices(tokens: torch.Tensor, idx: torch.Tensor):
     return gather_tokens(tokens, idx), idx
 
 
+def most_selected(selections: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The calibrated static mode: the k token indices a scorer picked most often over a calibration
+    set (selections [M, K] of indices into n tokens), ties to the lower index, ascending [k]."""
+    counts = one_hot(selections, n).sum(dim=(0, 1))  # [n]: how often each token was picked
+    return ascending(torch.topk(tie_break(counts[None]), k, dim=-1).indices, n)[0]
+
+
 def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True):
     """Greedy max-min selection (DivPrune, T-FPS): each step takes the token farthest from those chosen.
 

@@ -5,6 +5,7 @@ Each class names its source and where this static-shape version departs from the
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,12 @@ PRE_LLM = ("vision.out", "projector.out")
 class KeepConfig(PassConfig):
     at: str = "projector.out"
     keep: int = Field(..., ge=1, description="visual tokens kept (static)")
+
+
+class SelectConfig(KeepConfig):
+    static: bool = Field(False, description="calibrated static mode: keep the tokens this method picks most often "
+                                            "over the calibration images, as a constant gather (no selection cost)")
+    indices: Optional[list[int]] = Field(None, description="the constant token indices (the static mode fills them in)")
 
 
 def _check_keep(name: str, keep: int, tokens_in: int) -> None:
@@ -45,6 +52,34 @@ class KeepPass(TokenPass):
         if self.needs_grid:
             _check_grid(self.name, tokens_in, grid)
         _check_keep(self.name, self.config.keep, tokens_in)
+
+
+class SelectPass(KeepPass):
+    """A method whose stage selects tokens (`select(x) -> (kept, indices)`), so it also has a calibrated
+    static mode: the indices it picks most often over calibration images, folded in as a constant gather."""
+
+    Config = SelectConfig
+
+    def check(self, tokens_in, grid, model):
+        super().check(tokens_in, grid, model)
+        idx = self.config.indices
+        if idx is not None and (len(idx) != self.config.keep or len(set(idx)) != len(idx) or not all(0 <= i < tokens_in for i in idx)):
+            raise VlmcError(f"pass {self.name}: parameter 'indices': needs {self.config.keep} distinct indices in 0..{tokens_in - 1}")
+
+    def place(self, model, tokens_in, calibration=None):
+        at = self.config.at
+        if self.config.indices is not None:
+            return [(at, ConstantGather(torch.tensor(sorted(self.config.indices))))]
+        stage = self.stage(model, model.resolve(at), tokens_in)
+        if not self.config.static:
+            return [(at, stage)]
+        from vlmc.passes import tokens_entering
+
+        with torch.no_grad():
+            picks = torch.cat([stage.select(x)[1] for x in tokens_entering(model, at, calibration())])
+        idx = T.most_selected(picks, tokens_in, self.config.keep)
+        self.config = self.config.model_copy(update={"indices": idx.tolist()})
+        return [(at, ConstantGather(idx))]
 
 
 class ConstantGather(nn.Module):
@@ -114,15 +149,18 @@ class FarthestStage(nn.Module):
         self.keep, self.spatial_weight = keep, spatial_weight
         self.register_buffer("coords", coords if coords is not None else torch.zeros(0))
 
-    def forward(self, x):
+    def select(self, x):
         if self.spatial_weight:
             feats = torch.cat([F.normalize(x, dim=-1), self.spatial_weight * self.coords.expand(x.shape[0], -1, -1)], dim=-1)
-            return T.select_farthest(x, feats, self.keep, cosine=False)[0]
-        return T.select_farthest(x, x, self.keep, cosine=True)[0]
+            return T.select_farthest(x, feats, self.keep, cosine=False)
+        return T.select_farthest(x, x, self.keep, cosine=True)
+
+    def forward(self, x):
+        return self.select(x)[0]
 
 
 @register
-class DivPrune(KeepPass):
+class DivPrune(SelectPass):
     """DivPrune: greedy max-min diversity on the cosine distance of the projected tokens."""
 
     name = "divprune"
@@ -133,12 +171,12 @@ class DivPrune(KeepPass):
         return FarthestStage(self.config.keep)
 
 
-class TFPSConfig(KeepConfig):
+class TFPSConfig(SelectConfig):
     spatial_weight: float = Field(0.5, ge=0.0, description="weight of the normalised (x, y) patch position")
 
 
 @register
-class TokenFPS(KeepPass):
+class TokenFPS(SelectPass):
     """Prune2Drive's T-FPS: farthest point sampling over token features plus their spatial position."""
 
     name = "tfps"
@@ -198,3 +236,57 @@ class VisionZip(TokenPass):
 
     def stage(self, model, point_module, tokens_in):
         return VisionZipStage(point_module, self.config.dominant, self.config.contextual)
+
+
+# ---------------------------------------------------------------- merging inside the vision tower
+
+class ToMeConfig(PassConfig):
+    at: str = "vision.block[0]"
+    r: int = Field(..., ge=1, description="tokens merged away in each block, from `at` to the feature layer")
+
+
+class ToMeStage(nn.Module):
+    """Bipartite soft matching on the block's keys (averaged over heads); CLS is never merged."""
+
+    wants_block_input = True
+    tracks_size = True
+
+    def __init__(self, block, r: int):
+        super().__init__()
+        self.attn, self.norm, self.r = block.self_attn, block.layer_norm1, r
+
+    def forward(self, x, x_in, size):
+        if size is None:
+            size = torch.ones_like(x[..., :1])
+        keys = self.attn.heads(self.norm(x_in), self.attn.k_proj).mean(dim=1)
+        return T.bipartite_soft_matching(x, keys, size, self.r, protect_first=True)
+
+
+@register
+class ToMe(TokenPass):
+    """ToMe: merge r tokens per vision block into their most similar partner, with size tracking and
+    proportional attention in the blocks after a merge."""
+
+    name = "tome"
+    source = "Token Merging (Bolya et al., ICLR 2023)"
+    departures = ("merges after each block rather than between its attention and MLP (the block's own keys are "
+                  "the metric, as in ToMe); merges are one-hot assignment matmuls; merged tokens leave the grid "
+                  "order (unmerged first), as in ToMe")
+    points = ("vision.block",)
+    Config = ToMeConfig
+
+    def _blocks(self, model) -> range:
+        first = int(self.config.at.split("[")[1].rstrip("]"))
+        return range(first, model.config.num_vision_layers_run)
+
+    def check(self, tokens_in, grid, model):
+        n = tokens_in  # CLS included
+        for i in self._blocks(model):
+            mergeable = (n + 1) // 2 - 1  # set A is the even positions; CLS (position 0) is protected
+            if self.config.r > mergeable:
+                raise VlmcError(f"pass tome: parameter 'r': {self.config.r} is too large for vision.block[{i}] "
+                                f"({n} tokens there: at most {mergeable} can merge)")
+            n -= self.config.r
+
+    def place(self, model, tokens_in, calibration=None):
+        return [(f"vision.block[{i}]", ToMeStage(model.resolve(f"vision.block[{i}]"), self.config.r)) for i in self._blocks(model)]

@@ -1,0 +1,138 @@
+"""Quantization passes: each target's own quantizer, per part, calibrated on real questions; bad input refused
+before any work."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tests.test_cli import assert_one_line_error, vlmc
+from vlmc import api
+from vlmc.errors import VlmcError
+
+TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+
+
+def compile_tiny(tiny_ckpt, out, passes, calibration=None, targets=("onnx", "executorch"), **extra):
+    recipe = {"model": str(tiny_ckpt), "targets": list(targets), "max_context": 48, "prompt_template": TEMPLATE,
+              "passes": passes, **extra}
+    if calibration:
+        recipe["calibration"] = {"dataset": str(calibration), "n": 8}
+    return api.compile(recipe, out)
+
+
+def onnx_ops(bundle, program):
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(bundle.path / f"{program}.onnx")).graph.node)
+
+
+@pytest.fixture(scope="module")
+def w8a8_bundle(tiny_ckpt, calibration_jsonl, tmp_path_factory):
+    return compile_tiny(tiny_ckpt, tmp_path_factory.mktemp("q") / "w8a8", [{"name": "w8a8"}], calibration_jsonl)
+
+
+def test_w8a8_quantizes_both_parts_on_each_target_and_verifies(w8a8_bundle):
+    m = w8a8_bundle.manifest
+    assert set(m["quantization"]["parts"]) == {"vision", "decoder"}
+    assert m["quantization"]["calibration"]["n"] == 8
+    for program in ("vision_encoder", "text_decoder"):
+        ops = onnx_ops(w8a8_bundle, program)
+        assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0, ops
+        for target in ("onnx", "executorch"):
+            q = m["targets"][target]["programs"][program]["quantization"]
+            assert q["scheme"] == "w8a8" and q["activations"] == "static int8"
+    assert "QuantizeLinear" not in onnx_ops(w8a8_bundle, "token_embedding")
+    assert "quantization" not in m["targets"]["onnx"]["programs"]["token_embedding"]
+    rows = m["verification"]["results"]
+    assert rows and all(r["passed"] for r in rows)
+    quantized = [r for r in rows if r.get("quantized")]
+    assert {r["program"] for r in quantized} == {"vision_encoder", "text_decoder"}
+    # quantization moves the outputs, but by little: the float checks would fail, the relative ones pass
+    assert all(0 < r["rel_err"] <= 0.25 and r["max_abs_err"] > 1e-3 for r in quantized if "KV" not in r["check"])
+    assert all(r["max_abs_err"] == 0 for r in rows if r["program"] == "token_embedding")
+
+
+def test_w8a8_bundle_generates_on_both_runtimes(w8a8_bundle, sample_image):
+    for runtime in ("onnxruntime", "executorch"):
+        out = api.run(w8a8_bundle.path, runtime, sample_image, "what color is the circle ?", max_new_tokens=4)
+        assert len(out["tokens"]) >= 1
+
+
+def test_parts_take_different_schemes(tiny_ckpt, calibration_jsonl, tmp_path):
+    b = compile_tiny(tiny_ckpt, tmp_path / "mixed", [{"name": "w8a8", "at": "vision"}, {"name": "w4", "at": "decoder", "group_size": 32}],
+                     calibration_jsonl)
+    assert onnx_ops(b, "vision_encoder")["QuantizeLinear"] > 0
+    decoder = onnx_ops(b, "text_decoder")
+    # every decoder linear (2 layers x 7 + the head) became a 4-bit MatMulNBits; nothing else was quantized
+    assert decoder["MatMulNBits"] == 15 and "QuantizeLinear" not in decoder
+    et = b.manifest["targets"]["executorch"]["programs"]
+    assert et["vision_encoder"]["quantization"]["scheme"] == "w8a8" and et["text_decoder"]["quantization"]["group_size"] == 32
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+
+
+def test_w8_is_dynamic_and_needs_no_calibration(tiny_ckpt, tmp_path):
+    b = compile_tiny(tiny_ckpt, tmp_path / "w8", [{"name": "w8", "at": "decoder"}], targets=("onnx",),
+                     calibration=tmp_path / "absent.jsonl")
+    assert onnx_ops(b, "text_decoder")["MatMulInteger"] > 0
+    assert "MatMulInteger" not in onnx_ops(b, "vision_encoder")
+    assert "calibration" not in b.manifest["quantization"]
+
+
+def test_coreml_w4_is_block_wise_int4(tiny_ckpt, tmp_path):
+    b = compile_tiny(tiny_ckpt, tmp_path / "cm", [{"name": "w4", "at": "decoder", "group_size": 32}], targets=("coreml",),
+                     coreml={"minimum_deployment_target": "iOS18"})
+    ops = b.manifest["targets"]["coreml"]["programs"]["text_decoder"]["ops"]
+    assert ops.get("constexpr_blockwise_shift_scale", 0) > 0, ops
+
+
+@pytest.mark.parametrize("passes,extra,fragment", [
+    ([{"name": "w4", "group_size": 48}], {}, "'group_size': 48 is not a power of two"),
+    ([{"name": "w4", "group_size": 64}], {}, "does not divide the 32 input channels of vision_tower"),
+    ([{"name": "w8a8"}, {"name": "w4", "at": "decoder"}], {}, "the decoder part is already quantized by w8a8"),
+    ([{"name": "w8", "at": "projector"}], {}, "parameter 'at'"),
+    ([{"name": "w4"}], {"targets": ["coreml"]}, "need coreml.minimum_deployment_target iOS18 or macOS15"),
+    ([{"name": "w8a8"}], {"calibration": {"dataset": "nowhere.jsonl"}}, "nowhere.jsonl: no such file"),
+    ([{"name": "w8a8"}], {"calibration": {"dataset": "shapes-vqa", "split": "test"}}, "calibration.split"),
+    ([{"name": "w8a8"}], {"calibration": {"n": 2}}, "calibration.n"),
+])
+def test_bad_quantization_is_refused_before_any_work(tiny_ckpt, tmp_path, passes, extra, fragment):
+    out = tmp_path / "never"
+    with pytest.raises(VlmcError, match=None) as e:
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE, "passes": passes, **extra}, out)
+    assert fragment in str(e.value)
+    assert not out.exists()
+
+
+def test_too_few_calibration_questions(tiny_ckpt, calibration_jsonl, tmp_path):
+    r = vlmc("export", "--model", tiny_ckpt, "-t", "onnx", "-o", tmp_path / "b", "--pass", "w8a8",
+             "--calibration", calibration_jsonl, "--calibration-n", 9)
+    assert_one_line_error(r, "has 8 questions, fewer than the 9 asked")
+    assert not (tmp_path / "b").exists()
+
+
+def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl):
+    from vlmc.exporter.build import prepare
+    from vlmc.passes.quant.calibration import DECODE_STEPS, collect
+    from vlmc.recipe import build
+    from vlmc.runtimes.base import DecoderShape
+
+    recipe = build({"model": str(tiny_ckpt), "max_context": 48, "prompt_template": TEMPLATE,
+                    "calibration": {"dataset": str(calibration_jsonl), "n": 8}})
+    p = prepare(recipe)
+    t = p.loaded.config.text
+    shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, 48, p.recipe.max_prompt)
+    cal = collect(p.loaded.model, p.loaded.tokenizer, p.recipe, p.image_tokens, shape)
+    assert len(cal.images) == 8 and all(img.shape == (3, 32, 32) and img.dtype == np.uint8 for img in cal.images)
+    assert all(len(calls) == 1 + DECODE_STEPS for calls in cal.decoder_calls)
+    prefill, *steps = cal.decoder_calls[0]
+    assert prefill[1] == 0 and prefill[0].shape[1] == p.image_tokens + 10  # "USER :" + image + 6 question words + "ASSISTANT :"
+    assert [s[1] for s in steps] == [prefill[0].shape[1] + i for i in range(DECODE_STEPS)]
+    assert len(cal.static_decoder_inputs) == 8 * (1 + DECODE_STEPS)
+    assert cal.static_decoder_inputs[0][0].shape == prefill[0].shape  # prefill at the prompt's length, as onnxruntime runs it
+
+
+def test_passes_lists_quantization(tmp_path):
+    rows = {r["name"]: r for r in json.loads(vlmc("passes", "--json").stdout)}
+    assert rows["w4"]["kind"] == "quant" and "group_size" in rows["w4"]["parameters"]
+    assert set(rows["w8a8"]["acts_at"]) == {"vision", "decoder", "all"}

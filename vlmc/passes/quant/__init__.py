@@ -1,0 +1,138 @@
+"""Post-training quantization passes: what each part of the model (vision, decoder) is quantized to.
+
+A quantization pass is data about a part; each target applies it with its own ecosystem's stack
+(ExecuTorch: PT2E + XNNPACKQuantizer, torchao; ONNX: onnxruntime.quantization; Core ML:
+coremltools.optimize), calibrated on real questions (`calibration` in the recipe). Module-level methods
+that change weights before export (smoothing, GPTQ) run in `prepare`, before any target lowers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from torch import nn
+
+from vlmc.errors import VlmcError
+from vlmc.passes.registry import Pass, PassConfig, register
+
+PARTS = ("vision", "decoder")
+
+
+class QuantConfig(PassConfig):
+    at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
+    method: Literal["minmax"] = Field("minmax", description="how ranges / weights are chosen")
+
+
+class W4Config(QuantConfig):
+    group_size: int = Field(32, description="weights per quantization group along the input channels (16..256, a power of two)")
+
+
+class QuantPass(Pass):
+    """A scheme for one part; `needs_calibration` when activation ranges are fixed from data."""
+
+    kind = "quant"
+    weight_bits: ClassVar[int]
+    needs_calibration: ClassVar[bool] = False
+    Config = QuantConfig
+
+    @classmethod
+    def acts_at(cls) -> list[str]:
+        return [*PARTS, "all"]
+
+    @property
+    def parts(self) -> list[str]:
+        return list(PARTS) if self.config.at == "all" else [self.config.at]
+
+    def check(self, model) -> None:
+        """Refuse parameters this model cannot take (VlmcError naming the parameter)."""
+
+    def describe(self) -> dict:
+        return {"scheme": self.name, "weight_bits": self.weight_bits, "method": self.config.method, **({"group_size": self.config.group_size} if hasattr(self.config, "group_size") else {})}
+
+
+@register
+class W8A8(QuantPass):
+    """Static int8: per-channel symmetric int8 weights, per-tensor int8 activations from calibration ranges."""
+
+    name = "w8a8"
+    weight_bits = 8
+    needs_calibration = True
+    source = "SmoothQuant-style W8A8 as deployed by XNNPACK / onnxruntime QDQ; ranges by min-max calibration"
+    departures = ("Core ML on Linux quantizes the weights only: calibrating its activations runs the model, which "
+                  "needs macOS")
+
+
+@register
+class W8(QuantPass):
+    """Per-channel int8 weights; activations quantized per call from their own range (no calibration)."""
+
+    name = "w8"
+    weight_bits = 8
+    source = "dynamic quantization (XNNPACK qd8, onnxruntime MatMulInteger)"
+    departures = "Core ML has no dynamic activation quantization: its weights are int8, its activations fp16/fp32"
+
+
+@register
+class W4(QuantPass):
+    """Group-wise symmetric 4-bit weights along the input channels."""
+
+    name = "w4"
+    weight_bits = 4
+    source = "group-wise int4 weight-only quantization (GPTQ/AWQ format without their weight search)"
+    departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
+                  "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
+                  "minimum_deployment_target iOS18 / macOS15 for block-wise int4")
+    Config = W4Config
+
+    def check(self, model) -> None:
+        g = self.config.group_size
+        if g < 16 or g > 256 or g & (g - 1):
+            raise VlmcError(f"pass w4: parameter 'group_size': {g} is not a power of two between 16 and 256")
+        for part in self.parts:
+            for name, layer in linear_layers(model, part):
+                if layer.in_features % g:
+                    raise VlmcError(f"pass w4: parameter 'group_size': {g} does not divide the {layer.in_features} "
+                                    f"input channels of {name}")
+
+
+def linear_layers(model, part: str) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers a part's quantization covers (from the model's anatomy)."""
+    return [(f"{prefix}.{name}", m) for prefix, root in model.part_modules(part)
+            for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+
+
+@dataclass
+class QuantPlan:
+    """Which scheme each part gets; parts absent stay float."""
+
+    schemes: dict[str, QuantPass]
+
+    def __bool__(self) -> bool:
+        return bool(self.schemes)
+
+    @property
+    def names(self) -> set[str]:
+        return {p.name for p in self.schemes.values()}
+
+    def get(self, part: str):
+        return self.schemes.get(part)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(p.needs_calibration or p.config.method != "minmax" for p in self.schemes.values())
+
+    def describe(self) -> dict:
+        return {part: p.describe() for part, p in self.schemes.items()}
+
+
+def plan(model, passes: list[Pass]) -> QuantPlan:
+    """The parts' schemes from the recipe's quantization passes; a part named twice is refused."""
+    schemes: dict[str, QuantPass] = {}
+    for p in passes:
+        p.check(model)
+        for part in p.parts:
+            if part in schemes:
+                raise VlmcError(f"pass {p.name}: parameter 'at': the {part} part is already quantized by {schemes[part].name}")
+            schemes[part] = p
+    return QuantPlan(schemes)

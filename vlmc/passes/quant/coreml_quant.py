@@ -1,0 +1,44 @@
+"""Quantization of a converted Core ML program with coremltools.optimize.
+
+Weights: int8 per-channel (w8a8, w8) or int4 per block of `group_size` input channels (w4, iOS18 /
+macOS15). Activations (w8a8): calibrating them runs the model, which Core ML does only on macOS; on
+other systems the activations stay at the program's float precision and the manifest says so.
+"""
+from __future__ import annotations
+
+import platform
+
+from vlmc.errors import VlmcError
+
+# the deployment targets whose Core ML has block-wise int4 (constexpr_blockwise_shift_scale)
+INT4_TARGETS = ("iOS18", "macOS15")
+
+
+def check(scheme, minimum_deployment_target: str) -> None:
+    if scheme.name == "w4" and minimum_deployment_target not in INT4_TARGETS:
+        raise VlmcError(f"pass w4: Core ML block-wise 4-bit weights need coreml.minimum_deployment_target "
+                        f"iOS18 or macOS15 (the recipe has {minimum_deployment_target})")
+
+
+def quantize(ml, scheme, sample_data: list[dict] | None):
+    """(quantized MLModel, what the manifest records)."""
+    import coremltools.optimize.coreml as cto
+
+    record = {"activations": "float (Core ML quantizes activations only from calibration, w8a8)"}
+    if scheme.name == "w8a8":
+        if platform.system() == "Darwin":
+            act = cto.OptimizationConfig(global_config=cto.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric"))
+            ml = cto.linear_quantize_activations(ml, act, sample_data)
+            record["activations"] = "int8, calibrated with coremltools.optimize.coreml.linear_quantize_activations"
+        else:
+            record["activations"] = (f"float: calibrating Core ML activations runs the model, which needs macOS "
+                                     f"(this is {platform.system()}); re-export on a Mac for int8 activations")
+    if scheme.name == "w4":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                         block_size=scheme.config.group_size)
+        record["how"] = f"coremltools linear_quantize_weights: int4 in blocks of {scheme.config.group_size} input channels"
+    else:
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+        record["how"] = "coremltools linear_quantize_weights: per-channel int8"
+    ml = cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op))
+    return ml, record

@@ -1,0 +1,53 @@
+"""Quantization of ExecuTorch programs with ExecuTorch's own stack, before XNNPACK lowering.
+
+w8a8 / w8: PT2E with the XNNPACKQuantizer (per-channel symmetric int8 weights; activations static from
+calibration, or dynamic per call), then convert_pt2e and re-export. w4: torchao's
+Int8DynamicActivationIntxWeightConfig (4-bit group-wise weights, int8 dynamic activations), the form
+XNNPACK has kernels for.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def quantize_w4(model, part: str, group_size: int) -> nn.Module:
+    """A copy of `model` whose `part` linears hold torchao 4-bit group-wise weights."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    model = copy.deepcopy(model)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    for _, module in model.part_modules(part):
+        quantize_(module, config)
+    return model
+
+
+def quantize_pt2e(ep, scheme, example_args: tuple, calibrate: Callable[[Callable], None]) -> nn.Module:
+    """The PT2E-quantized module of an exported program (to be exported again)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    dynamic = scheme.name == "w8"
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    with torch.no_grad():
+        if dynamic:
+            prepared(*example_args)
+        else:
+            calibrate(prepared)
+        return convert_pt2e(prepared)
+
+
+def describe(scheme) -> dict:
+    if scheme.name == "w4":
+        return {"how": f"torchao Int8DynamicActivationIntxWeightConfig: symmetric 4-bit weights in groups of "
+                       f"{scheme.config.group_size} (XNNPACK qd8-qb4w)",
+                "activations": "dynamic int8 (XNNPACK has no weight-only 4-bit linear)"}
+    if scheme.name == "w8":
+        return {"how": "PT2E XNNPACKQuantizer, dynamic: per-channel int8 weights", "activations": "dynamic int8"}
+    return {"how": "PT2E XNNPACKQuantizer, static: per-channel int8 weights, per-tensor activations (min-max calibration)",
+            "activations": "static int8"}

@@ -1,0 +1,82 @@
+"""Quantization of an exported .onnx program with onnxruntime's own tooling.
+
+w8a8: static QDQ (per-channel int8 weights, int8 activations, min-max ranges from a calibration
+reader); w8: dynamic quantization (MatMulInteger, activations quantized per call); w4: MatMulNBits
+(group-wise 4-bit weights, float activations). Only the products with weights are quantized: attention
+products, the KV-cache writes and the residual stream stay float, as on XNNPACK.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vlmc.errors import VlmcError, first_line
+
+OPS = ["MatMul", "Gemm", "Conv"]
+
+
+def _reader(feeds: list[dict[str, np.ndarray]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()
+
+
+def _activation_products(path: Path) -> list[str]:
+    """MatMul nodes with no constant operand (attention's q.k and p.v): left float, as XNNPACK does,
+    so w8a8 means int8 weights and int8 inputs to the weight products on every target."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
+def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> dict:
+    """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
+    inputs (needed by w8a8)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        if scheme.name == "w8a8":
+            quantize_static(str(path), tmp, _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, op_types_to_quantize=OPS,
+                            nodes_to_exclude=_activation_products(path))
+            how = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, int8 inputs to the weight products "
+                   "(min-max over the calibration set); attention products stay float")
+        elif scheme.name == "w8":
+            quantize_dynamic(str(path), tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
+                             nodes_to_exclude=_activation_products(path))
+            how = "onnxruntime quantize_dynamic: per-channel int8 weights, activations quantized per call (MatMulInteger)"
+        else:
+            q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=scheme.config.group_size, is_symmetric=True)
+            q.process()
+            onnx.save(q.model.model, tmp)
+            how = f"onnxruntime MatMulNBits: symmetric 4-bit weights in groups of {scheme.config.group_size}, float activations"
+        os.replace(tmp, path)
+    except VlmcError:
+        raise
+    except Exception as e:  # onnxruntime.quantization raises many types
+        raise VlmcError(f"ONNX {scheme.name} quantization of {path.stem} failed: {first_line(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"):
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    activations = {"w8a8": "static int8", "w8": "dynamic int8"}.get(scheme.name, "float")
+    return {"how": how, "activations": activations, "quantized_ops": ops}
