@@ -38,7 +38,7 @@ def _io(name: str, t: torch.Tensor, dynamic: dict | None = None) -> dict:
 
 
 def lower(ctx: ExportContext) -> dict:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -81,7 +81,7 @@ def lower(ctx: ExportContext) -> dict:
     if c.text.bos_token_id is not None:
         constants["get_bos_id"] = c.text.bos_token_id
     ctx.progress(f"executorch: lowering to {r.executorch.backend}")
-    partitioner = [XnnpackPartitioner()] if r.executorch.backend == "xnnpack" else []
+    partitioner = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()] if r.executorch.backend == "xnnpack" else []
     try:
         edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
