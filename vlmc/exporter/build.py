@@ -136,7 +136,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "recipe": recipe.model_dump(mode="json"),
             "passes": prepared.passes,
             "quantization": ({"parts": prepared.quant.describe(), "token_embedding": "float (not quantized)",
-                              **({"calibration": ctx.calibration().source} if prepared.quant.needs_calibration else {})}
+                              **({"calibration": ctx.calibration_source} if ctx.calibration_source else {})}
                              if prepared.quant else None),
             "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] for p in prepared.passes)
                        else "any: vlmc, or ExecuTorch's stock MultimodalRunner"),

@@ -43,6 +43,11 @@ class ExportContext:
         part = PROGRAM_PARTS.get(program)
         return self.quant.get(part) if part else None
 
+    @property
+    def calibration_source(self) -> Optional[dict]:
+        """Where the calibration data came from, if a target used it."""
+        return None if self._calibration is None else self._calibration.source
+
     def calibration(self):
         """The calibration set's program inputs, computed once for every target."""
         if self._calibration is None:

@@ -49,7 +49,7 @@ def lower(ctx: ExportContext) -> dict:
     ids = torch.ones(1, 4, dtype=torch.long)
     embeds = torch.zeros(1, 4, c.text.hidden_size)
     pos = torch.tensor([0])
-    programs = {  # name -> (module of a model, example args, dynamic shapes)
+    builders = {  # program -> (its module for a model, example args, dynamic shapes)
         "vision_encoder": (lambda model: VisionEncoderProgram(model, "chw_uint8"), (image,), None),
         "token_embedding": (TokenEmbeddingProgram, (ids,), ({1: seq},)),
         "text_decoder": (lambda model: ExecuTorchDecoder(model, r.max_context), (embeds, pos), ({1: seq}, None)),
@@ -58,7 +58,7 @@ def lower(ctx: ExportContext) -> dict:
     exported, quantized = {}, {}
     with torch.no_grad():
         image_tokens = VisionEncoderProgram(m, "chw_uint8")(image).shape[1]
-        for name, (make, args, dyn) in programs.items():
+        for name, (make, args, dyn) in builders.items():
             scheme = ctx.scheme(name)
             model = executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size) if scheme and scheme.name == "w4" else m
             ep = export(make(model).eval(), args, dynamic_shapes=dyn, strict=False)
