@@ -24,10 +24,28 @@ class ExportContext:
     image_tokens: int  # visual tokens the decoder sees, after token passes
     quant: QuantPlan = field(default_factory=lambda: QuantPlan({}))
     _calibration: object = None
+    _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded model
+    _gptq_statistics: object = None
 
     @property
     def model(self):
         return self.loaded.model
+
+    def target_model(self, target: str):
+        """The model a target lowers: the float model, or for GPTQ-quantized parts a copy whose weights
+        GPTQ rounded on that target's own 4-bit grid (its quantizer then reproduces them exactly)."""
+        from vlmc.passes.quant import gptq, linear_layers
+
+        schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method.startswith("gptq")}
+        if not schemes:
+            return self.model
+        if target not in self._target_models:
+            if self._gptq_statistics is None:
+                layers = [layer for part in schemes for layer in linear_layers(self.model, part)]
+                self._gptq_statistics = gptq.input_statistics(self.model, layers, self.calibration())
+            self.progress(f"{target}: GPTQ of {', '.join(schemes)} on the {gptq.GRIDS[target].name} grid")
+            self._target_models[target] = gptq.apply(self.model, schemes, self._gptq_statistics, gptq.GRIDS[target])
+        return self._target_models[target]
 
     @property
     def num_layers(self) -> int:
@@ -57,7 +75,7 @@ class ExportContext:
             self._calibration = collect(self.model, self.loaded.tokenizer, self.recipe, self.image_tokens, self.decoder_shape)
         return self._calibration
 
-    def explicit_cache_programs(self, image_layout: str) -> list["ProgramJob"]:
+    def explicit_cache_programs(self, target: str, image_layout: str) -> list["ProgramJob"]:
         """The three programs of targets that take the KV cache explicitly (ONNX, Core ML).
 
         The text length is bounded-dynamic (1..max_prompt): one decoder graph for prefill and decode.
@@ -67,7 +85,7 @@ class ExportContext:
         from vlmc.models_zoo.programs import (StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram,
                                               cache_shape, static_decoder_io)
 
-        m, r = self.model, self.recipe
+        m, r = self.target_model(target), self.recipe
         seq = Dim("seq_len", min=1, max=r.max_prompt)
         pos = torch.arange(r.max_prompt)
         caches = [torch.zeros(cache_shape(m, r.max_context)) for _ in range(2 * self.num_layers)]

@@ -104,7 +104,7 @@ def _samples(ctx: ExportContext, job) -> list[dict] | None:
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
-    for job in ctx.explicit_cache_programs("nchw_float"):
+    for job in ctx.explicit_cache_programs("coreml", "nchw_float"):
         name, module, args, dyn = job.name, job.module, job.args, job.dynamic_shapes
         if name == "text_decoder":  # caches as trailing positional args (see _PositionalCaches)
             module, args, dyn = _PositionalCaches(module), (*args[:4], *args[4]), (*dyn[:4], (None,) * len(args[4]))
@@ -120,7 +120,7 @@ def lower(ctx: ExportContext) -> dict:
         if scheme:
             ctx.progress(f"coreml: {scheme.name} quantization of {name} (coremltools.optimize)")
             ml, record = coreml_quant.quantize(ml, scheme, _samples(ctx, job) if scheme.needs_calibration else None)
-            quantized = {**scheme.describe(), **record}
+            quantized = {**scheme.describe("coreml"), **record}
         path = ctx.out_dir / f"{name}.mlpackage"
         ml.save(str(path))
         spec = ml.get_spec()

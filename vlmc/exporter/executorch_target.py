@@ -43,7 +43,7 @@ def lower(ctx: ExportContext) -> dict:
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    m, r, c = ctx.model, ctx.recipe, ctx.model.config
+    m, r, c = ctx.target_model("executorch"), ctx.recipe, ctx.model.config
     seq = Dim("seq_len", min=1, max=r.max_prompt)
     image = VisionEncoderProgram(m, "chw_uint8").example_input()
     ids = torch.ones(1, 4, dtype=torch.long)
@@ -67,7 +67,7 @@ def lower(ctx: ExportContext) -> dict:
                 module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
             if scheme:
-                quantized[name] = {**scheme.describe(), **executorch_quant.describe(scheme)}
+                quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme)}
             exported[name] = ep
     constants = {
         "get_max_seq_len": r.max_prompt,

@@ -58,13 +58,13 @@ def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
             feeds = [{job.input_names[0]: img} for img in cal.images]
         else:
             feeds = [dict(zip(job.input_names, inputs)) for inputs in cal.static_decoder_inputs]
-    return {**scheme.describe(), **onnx_quant.quantize(path, scheme, feeds)}
+    return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds)}
 
 
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
-    for job in ctx.explicit_cache_programs("chw_uint8"):
+    for job in ctx.explicit_cache_programs("onnx", "chw_uint8"):
         name = job.name
         ctx.progress(f"onnx: exporting {name}")
         path = ctx.out_dir / f"{name}.onnx"

@@ -8,7 +8,7 @@ that change weights before export (smoothing, GPTQ) run in `prepare`, before any
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
 from torch import nn
@@ -21,7 +21,11 @@ PARTS = ("vision", "decoder")
 
 class QuantConfig(PassConfig):
     at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
-    method: Literal["minmax"] = Field("minmax", description="how ranges / weights are chosen")
+    method: Literal["minmax", "gptq", "gptq-modality"] = Field(
+        "minmax", description="how weights are rounded: minmax (round to nearest), gptq (error compensation over "
+                              "calibration inputs, w4), gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4)")
+    text_share: Optional[float] = Field(None, ge=0.0, le=1.0, description="gptq-modality: the text tokens' share of the "
+                                        "decoder Hessian (default 0.5; plain gptq weights tokens by count)")
 
 
 class W4Config(QuantConfig):
@@ -46,9 +50,31 @@ class QuantPass(Pass):
 
     def check(self, model) -> None:
         """Refuse parameters this model cannot take (VlmcError naming the parameter)."""
+        method = self.config.method
+        if method.startswith("gptq") and self.weight_bits != 4:
+            raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
+                            "error is too small for error compensation to matter")
+        if self.config.text_share is not None and method != "gptq-modality":
+            raise VlmcError(f"pass {self.name}: parameter 'text_share' applies to method gptq-modality only (method is {method})")
 
-    def describe(self) -> dict:
-        return {"scheme": self.name, "weight_bits": self.weight_bits, "method": self.config.method, **({"group_size": self.config.group_size} if hasattr(self.config, "group_size") else {})}
+    @property
+    def text_share(self) -> Optional[float]:
+        """The text share of the decoder Hessian for GPTQ (None: tokens weighted by count)."""
+        if self.config.method != "gptq-modality":
+            return None
+        return 0.5 if self.config.text_share is None else self.config.text_share
+
+    def describe(self, target: Optional[str] = None) -> dict:
+        out = {"scheme": self.name, "weight_bits": self.weight_bits, "method": self.config.method}
+        if hasattr(self.config, "group_size"):
+            out["group_size"] = self.config.group_size
+        if self.text_share is not None:
+            out["text_share"] = self.text_share
+        if target and self.config.method.startswith("gptq"):
+            from vlmc.passes.quant.gptq import GRIDS
+
+            out["rounding"] = f"GPTQ over the calibration inputs, on the {GRIDS[target].name} grid (static groups)"
+        return out
 
 
 @register
@@ -86,6 +112,7 @@ class W4(QuantPass):
     Config = W4Config
 
     def check(self, model) -> None:
+        super().check(model)
         g = self.config.group_size
         if g < 16 or g > 256 or g & (g - 1):
             raise VlmcError(f"pass w4: parameter 'group_size': {g} is not a power of two between 16 and 256")

@@ -22,6 +22,7 @@ class Calibration:
     images: list[np.ndarray] = field(default_factory=list)  # uint8 [3,H,W]
     decoder_calls: list[list[tuple[np.ndarray, int]]] = field(default_factory=list)  # per question: (embeds [1,T,D], start)
     static_decoder_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_decoder inputs, in call order
+    visual_rows: list[tuple[int, int]] = field(default_factory=list)  # per question: the image tokens' rows [a, b)
     source: dict = field(default_factory=dict)
 
 
@@ -94,5 +95,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
             pos += 1
         cal.images.append(q.image)
         cal.decoder_calls.append(calls)
+        a = len(p.before)
+        cal.visual_rows.append((a, a + image_tokens))
     cal.static_decoder_inputs = session.recorded
     return cal

@@ -18,9 +18,13 @@ def quantize_w4(model, part: str, group_size: int) -> nn.Module:
     """A copy of `model` whose `part` linears hold torchao 4-bit group-wise weights."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     model = copy.deepcopy(model)
-    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    # no clipping: a group's scale is max(min / -8, max / 7), so its extreme weight is exact (and GPTQ's
+    # rounding on that grid is reproduced exactly, see gptq.GRIDS)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                   weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
     for _, module in model.part_modules(part):
         quantize_(module, config)
     return model
@@ -44,10 +48,11 @@ def quantize_pt2e(ep, scheme, example_args: tuple, calibrate: Callable[[Callable
 
 def describe(scheme) -> dict:
     if scheme.name == "w4":
-        return {"how": f"torchao Int8DynamicActivationIntxWeightConfig: symmetric 4-bit weights in groups of "
-                       f"{scheme.config.group_size} (XNNPACK qd8-qb4w)",
+        return {"how": f"torchao Int8DynamicActivationIntxWeightConfig: symmetric 4-bit weights "
+                       f"(no clipping error) in groups of {scheme.config.group_size} (XNNPACK qd8-qb4w)",
                 "activations": "dynamic int8 (XNNPACK has no weight-only 4-bit linear)"}
     if scheme.name == "w8":
         return {"how": "PT2E XNNPACKQuantizer, dynamic: per-channel int8 weights", "activations": "dynamic int8"}
     return {"how": "PT2E XNNPACKQuantizer, static: per-channel int8 weights, per-tensor activations (min-max calibration)",
             "activations": "static int8"}
+
