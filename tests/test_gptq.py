@@ -7,7 +7,8 @@ import torch
 from tests.test_quant import TEMPLATE, compile_tiny
 from vlmc import api
 from vlmc.errors import VlmcError
-from vlmc.passes.quant.gptq import GRIDS, InputMoments, gptq
+from vlmc.passes.quant.calibration import LayerInputs
+from vlmc.passes.quant.gptq import GRIDS, gptq
 
 GROUP = 32
 
@@ -92,7 +93,7 @@ def test_modality_aware_hessian_protects_the_outnumbered_text_tokens():
     w = torch.randn(32, dim, generator=torch.Generator().manual_seed(5))
     visual = correlated_inputs(2000, dim, 6) * torch.linspace(3, 0.1, dim)
     text = correlated_inputs(200, dim, 7) * torch.linspace(0.1, 3, dim)
-    moments = InputMoments(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
+    moments = LayerInputs.empty(dim)
     moments.add(torch.cat([visual, text]), torch.arange(2200) < 2000)
     assert (moments.n_visual, moments.n_text) == (2000, 200)
     text_err = lambda q: ((text @ (w - q).T) ** 2).mean().item()  # noqa: E731

@@ -26,26 +26,46 @@ class ExportContext:
     _calibration: object = None
     _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded model
     _gptq_statistics: object = None
+    _smoothed: object = None  # the model with smoothing folded in, shared by every target
 
     @property
     def model(self):
         return self.loaded.model
 
     def target_model(self, target: str):
-        """The model a target lowers: the float model, or for GPTQ-quantized parts a copy whose weights
-        GPTQ rounded on that target's own 4-bit grid (its quantizer then reproduces them exactly)."""
+        """The model a target lowers: the float model with its smoothed parts' weights rewritten (SmoothQuant,
+        MASQuant), and its GPTQ parts rounded on that target's own 4-bit grid (its quantizer then
+        reproduces them exactly)."""
         from vlmc.passes.quant import gptq, linear_layers
+        from vlmc.passes.quant.calibration import layer_inputs
 
         schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method.startswith("gptq")}
+        base = self._smoothed_model()
         if not schemes:
-            return self.model
+            return base
         if target not in self._target_models:
             if self._gptq_statistics is None:
-                layers = [layer for part in schemes for layer in linear_layers(self.model, part)]
-                self._gptq_statistics = gptq.input_statistics(self.model, layers, self.calibration())
+                layers = [layer for part in schemes for layer in linear_layers(base, part)]
+                self._gptq_statistics = layer_inputs(base, layers, self.calibration())
             self.progress(f"{target}: GPTQ of {', '.join(schemes)} on the {gptq.GRIDS[target].name} grid")
-            self._target_models[target] = gptq.apply(self.model, schemes, self._gptq_statistics, gptq.GRIDS[target])
+            self._target_models[target] = gptq.apply(base, schemes, self._gptq_statistics, gptq.GRIDS[target])
         return self._target_models[target]
+
+    def _smoothed_model(self):
+        from vlmc.passes.quant import smoothing
+        from vlmc.passes.quant.calibration import layer_inputs
+
+        schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method in smoothing.METHODS}
+        if not schemes:
+            return self.model
+        if self._smoothed is None:
+            cal = self.calibration()
+            layers = [(name, lin) for part in schemes for _, _, consumers in self.model.norm_consumers(part)
+                      for name, lin in consumers[:1]]
+            rows = smoothing.image_rows(cal.visual_rows) if any(s.config.method == "masquant" for s in schemes.values()) else None
+            self.progress(f"smoothing ({', '.join(f'{p}: {s.config.method}' for p, s in schemes.items())})")
+            self._smoothed = smoothing.apply(self.model, schemes, layer_inputs(self.model, layers, cal), rows)
+        return self._smoothed
 
     @property
     def num_layers(self) -> int:

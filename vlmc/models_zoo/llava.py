@@ -360,6 +360,7 @@ class LanguageModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.row_positions: Optional[torch.Tensor] = None
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -372,8 +373,14 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds, position_ids, attend: Attend):
         cos, sin = self.rope(position_ids)
         h = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, i, attend)
+        # the rows' positions, for modules whose weights depend on a row's modality (MASQuant's smoothing:
+        # the image's rows sit at positions the prompt template fixes); cleared after the call
+        self.row_positions = position_ids
+        try:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, i, attend)
+        finally:
+            self.row_positions = None
         return self.norm(h)
 
 
@@ -409,6 +416,27 @@ class LlavaModel(nn.Module):
         if part == "decoder":
             return [("language_model.layers", self.language_model.layers), ("lm_head", self.lm_head)]
         raise ValueError(f"unknown part {part!r}")
+
+    def norm_consumers(self, part: str) -> list[tuple[str, nn.Module, list[tuple[str, nn.Linear]]]]:
+        """(norm name, norm, [(linear name, linear)]) for each norm and the linears it feeds directly: where
+        smoothing factors fold (the norm's gain divided, the linears' input columns multiplied)."""
+        out = []
+        if part == "vision":
+            for i, block in enumerate(self.vision_tower.encoder.layers[: self.config.num_vision_layers_run]):
+                p, attn = f"vision_tower.encoder.layers.{i}", block.self_attn
+                out.append((f"{p}.layer_norm1", block.layer_norm1,
+                            [(f"{p}.self_attn.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]))
+                out.append((f"{p}.layer_norm2", block.layer_norm2, [(f"{p}.mlp.fc1", block.mlp.fc1)]))
+        elif part == "decoder":
+            for i, layer in enumerate(self.language_model.layers):
+                p, attn, mlp = f"language_model.layers.{i}", layer.self_attn, layer.mlp
+                out.append((f"{p}.input_layernorm", layer.input_layernorm,
+                            [(f"{p}.self_attn.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]))
+                out.append((f"{p}.post_attention_layernorm", layer.post_attention_layernorm,
+                            [(f"{p}.mlp.{n}", getattr(mlp, n)) for n in ("gate_proj", "up_proj")]))
+        else:
+            raise ValueError(f"unknown part {part!r}")
+        return out
 
     def insertion_points(self) -> list[str]:
         n_run = self.config.num_vision_layers_run

@@ -21,11 +21,18 @@ PARTS = ("vision", "decoder")
 
 class QuantConfig(PassConfig):
     at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
-    method: Literal["minmax", "gptq", "gptq-modality"] = Field(
-        "minmax", description="how weights are rounded: minmax (round to nearest), gptq (error compensation over "
-                              "calibration inputs, w4), gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4)")
+    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant"] = Field(
+        "minmax", description="minmax (round to nearest, ranges by min-max), gptq (error-compensating rounding, w4), "
+                              "gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4), smoothquant (activation "
+                              "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8)")
     text_share: Optional[float] = Field(None, ge=0.0, le=1.0, description="gptq-modality: the text tokens' share of the "
                                         "decoder Hessian (default 0.5; plain gptq weights tokens by count)")
+
+
+class W8A8Config(QuantConfig):
+    alpha: Optional[float] = Field(None, ge=0.0, le=1.0, description="smoothquant / masquant: migration strength "
+                                   "(default 0.5)")
+    rank: Optional[int] = Field(None, ge=1, description="masquant: rank of the visual rows' correction (default 8)")
 
 
 class W4Config(QuantConfig):
@@ -54,8 +61,13 @@ class QuantPass(Pass):
         if method.startswith("gptq") and self.weight_bits != 4:
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
                             "error is too small for error compensation to matter")
-        if self.config.text_share is not None and method != "gptq-modality":
-            raise VlmcError(f"pass {self.name}: parameter 'text_share' applies to method gptq-modality only (method is {method})")
+        if method in ("smoothquant", "masquant") and self.name != "w8a8":
+            raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for w8a8; smoothing helps where "
+                            "activations are quantized with ranges fixed from calibration")
+        for param, methods in (("text_share", ("gptq-modality",)), ("alpha", ("smoothquant", "masquant")), ("rank", ("masquant",))):
+            if getattr(self.config, param, None) is not None and method not in methods:
+                raise VlmcError(f"pass {self.name}: parameter '{param}' applies to method {' / '.join(methods)} only "
+                                f"(method is {method})")
 
     @property
     def text_share(self) -> Optional[float]:
@@ -64,12 +76,25 @@ class QuantPass(Pass):
             return None
         return 0.5 if self.config.text_share is None else self.config.text_share
 
+    @property
+    def alpha(self) -> Optional[float]:
+        if self.config.method not in ("smoothquant", "masquant"):
+            return None
+        return 0.5 if self.config.alpha is None else self.config.alpha
+
+    @property
+    def rank(self) -> Optional[int]:
+        if self.config.method != "masquant":
+            return None
+        return 8 if self.config.rank is None else self.config.rank
+
     def describe(self, target: Optional[str] = None) -> dict:
         out = {"scheme": self.name, "weight_bits": self.weight_bits, "method": self.config.method}
         if hasattr(self.config, "group_size"):
             out["group_size"] = self.config.group_size
-        if self.text_share is not None:
-            out["text_share"] = self.text_share
+        for param in ("text_share", "alpha", "rank"):
+            if getattr(self, param) is not None:
+                out[param] = getattr(self, param)
         if target and self.config.method.startswith("gptq"):
             from vlmc.passes.quant.gptq import GRIDS
 
@@ -87,6 +112,7 @@ class W8A8(QuantPass):
     source = "SmoothQuant-style W8A8 as deployed by XNNPACK / onnxruntime QDQ; ranges by min-max calibration"
     departures = ("Core ML on Linux quantizes the weights only: calibrating its activations runs the model, which "
                   "needs macOS")
+    Config = W8A8Config
 
 
 @register

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import torch
 
 from vlmc.errors import VlmcError
 
@@ -99,3 +101,68 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
         cal.visual_rows.append((a, a + image_tokens))
     cal.static_decoder_inputs = session.recorded
     return cal
+
+
+@dataclass
+class LayerInputs:
+    """What one linear layer received over the calibration set, visual and text rows kept apart: the
+    second moments E[x x^T] (GPTQ's Hessian, MASQuant's whitening) and each channel's largest |x|
+    (SmoothQuant's factors)."""
+
+    visual: torch.Tensor  # sum of x x^T over visual rows [in, in], float64
+    text: torch.Tensor
+    visual_absmax: torch.Tensor  # [in]
+    text_absmax: torch.Tensor
+    n_visual: int = 0
+    n_text: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> "LayerInputs":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(dim, dim), z(dim, dim), z(dim), z(dim))
+
+    def add(self, x: torch.Tensor, visual: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        for rows, moments, peak in ((x[visual], self.visual, self.visual_absmax), (x[~visual], self.text, self.text_absmax)):
+            moments += rows.T @ rows
+            if len(rows):
+                torch.maximum(peak, rows.abs().amax(0), out=peak)
+        self.n_visual += int(visual.sum())
+        self.n_text += int((~visual).sum())
+
+    def hessian(self, text_share: Optional[float]) -> torch.Tensor:
+        """E[x x^T] over all rows as they come (text_share None: plain GPTQ), or the two modalities'
+        normalised moments mixed with `text_share` for the text (the modality-aware Hessian)."""
+        if text_share is None or not self.n_visual or not self.n_text:
+            return (self.visual + self.text) / max(1, self.n_visual + self.n_text)
+        return (1 - text_share) * self.visual / self.n_visual + text_share * self.text / self.n_text
+
+
+def layer_inputs(model, layers: list[tuple[str, "torch.nn.Linear"]], calibration: Calibration) -> dict[str, LayerInputs]:
+    """Run the float model over the calibration questions and keep what every listed layer received
+    (the vision tower and projector see only visual rows; the decoder both, told apart by position)."""
+    stats = {name: LayerInputs.empty(m.in_features) for name, m in layers}
+    current: dict[str, Optional[torch.Tensor]] = {"visual": None}  # the decoder call's visual rows [T]; None: all
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].detach()
+            rows = current["visual"]
+            visual = torch.ones(x.shape[:-1], dtype=torch.bool) if rows is None else rows.expand(x.shape[:-1])
+            stats[name].add(x, visual.reshape(-1))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+    try:
+        with torch.no_grad():
+            for image in calibration.images:
+                model.encode_image(model.normalize(torch.from_numpy(image)[None].float()))
+            for calls, (a, b) in zip(calibration.decoder_calls, calibration.visual_rows):
+                embeds = torch.from_numpy(np.concatenate([e for e, _ in calls], axis=1))
+                current["visual"] = torch.zeros(embeds.shape[1], dtype=torch.bool)
+                current["visual"][a:b] = True
+                model.decode(embeds, torch.arange(embeds.shape[1])[None], None)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -17,11 +17,12 @@ held at the integer that gives back the same scale. The targets' rules:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
+
+from vlmc.passes.quant.calibration import LayerInputs
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added for a stable inverse (GPTQ's default)
 
@@ -89,69 +90,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, group_size: in
     return q.to(weight.dtype)
 
 
-@dataclass
-class InputMoments:
-    """Second moments of one linear layer's inputs, kept apart per modality."""
-
-    visual: torch.Tensor
-    text: torch.Tensor
-    n_visual: int = 0
-    n_text: int = 0
-
-    def add(self, x: torch.Tensor, visual: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        xv, xt = x[visual], x[~visual]
-        self.visual += xv.T @ xv
-        self.text += xt.T @ xt
-        self.n_visual += len(xv)
-        self.n_text += len(xt)
-
-    def hessian(self, text_share: float | None) -> torch.Tensor:
-        """E[x x^T] over all tokens as they come (text_share None: plain GPTQ), or the two modalities'
-        normalised moments mixed with `text_share` for the text (the modality-aware Hessian)."""
-        if text_share is None or not self.n_visual or not self.n_text:
-            return (self.visual + self.text) / max(1, self.n_visual + self.n_text)
-        return (1 - text_share) * self.visual / self.n_visual + text_share * self.text / self.n_text
-
-
-@dataclass
-class Statistics:
-    moments: dict[str, InputMoments] = field(default_factory=dict)  # linear layer name -> its input moments
-
-
-def input_statistics(model, layers: list[tuple[str, nn.Linear]], calibration) -> Statistics:
-    """Run the float model over the calibration questions and keep every listed layer's input moments,
-    visual and text rows apart (the vision tower and projector see only visual rows)."""
-    stats = Statistics({name: InputMoments(torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
-                                           torch.zeros(m.in_features, m.in_features, dtype=torch.float64))
-                        for name, m in layers})
-    current: dict[str, torch.Tensor | None] = {"visual": None}  # the decoder call's visual rows [T]; None: all
-
-    def hook(name):
-        def record(_module, args):
-            x = args[0].detach()
-            rows = current["visual"]
-            visual = (torch.ones(x.shape[:-1], dtype=torch.bool) if rows is None else rows.expand(x.shape[:-1])).reshape(-1)
-            stats.moments[name].add(x, visual)
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
-    try:
-        with torch.no_grad():
-            for image in calibration.images:
-                model.encode_image(model.normalize(torch.from_numpy(image)[None].float()))
-            for calls, (a, b) in zip(calibration.decoder_calls, calibration.visual_rows):
-                embeds = torch.from_numpy(np.concatenate([e for e, _ in calls], axis=1))
-                current["visual"] = torch.zeros(embeds.shape[1], dtype=torch.bool)
-                current["visual"][a:b] = True
-                model.decode(embeds, torch.arange(embeds.shape[1])[None], None)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def apply(model, schemes: dict, stats: Statistics, grid: Grid) -> nn.Module:
+def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid) -> nn.Module:
     """A copy of `model` whose GPTQ-quantized parts hold weights on `grid` (still float tensors: the
     target's own quantizer then stores them as 4-bit, reproducing them exactly)."""
     from vlmc.passes.quant import linear_layers
@@ -160,7 +99,7 @@ def apply(model, schemes: dict, stats: Statistics, grid: Grid) -> nn.Module:
     for part, scheme in schemes.items():
         share = scheme.text_share
         for name, layer in linear_layers(model, part):
-            h = stats.moments[name].hessian(share)
+            h = stats[name].hessian(share)
             with torch.no_grad():
                 layer.weight.copy_(gptq(layer.weight.data, h, grid, scheme.config.group_size))
     return model
