@@ -93,3 +93,46 @@ def test_calibrated_static_mode_keeps_the_most_picked_indices():
     picks = torch.tensor([[0, 3, 5], [3, 5, 7], [3, 7, 9], [1, 5, 7]])  # 3, 5 and 7 picked three times each
     assert T.most_selected(picks, 10, 3).tolist() == [3, 5, 7]
     assert T.most_selected(picks, 10, 4).tolist() == [0, 3, 5, 7]  # a tie among 0, 1 and 9 goes to 0
+
+
+def test_score_takes_the_largest_salience_times_distance_each_step():
+    torch.manual_seed(1)
+    feats = torch.randn(1, 30, 6)
+    weights = torch.rand(1, 30) + 0.1
+    order = T.farthest_point(feats, 5, weights=weights)[0].tolist()
+    dist = 1 - T.cosine_similarity_matrix(feats)[0]
+    assert order[0] == int(torch.argmax(weights[0]))
+    for step in range(1, 5):
+        gain = dist[:, order[:step]].min(dim=1).values * weights[0]
+        assert order[step] == int(torch.argmax(gain)), step
+    # uniform weights: DivPrune's max-min order from the same first token
+    assert T.farthest_point(feats, 5, first=torch.tensor([order[0]]))[0].tolist()[:1] == [order[0]]
+
+
+def test_salience_is_highest_for_the_token_unlike_the_rest():
+    tokens = torch.ones(1, 8, 4) + 0.01 * torch.randn(1, 8, 4)
+    tokens[0, 5] = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    s = T.salience(tokens)
+    assert int(torch.argmax(s)) == 5 and float(s.max()) == 1.0
+
+
+def test_coin_greedy_maximises_the_log_det_volume_each_step():
+    """Each pick is the token whose addition gives the largest log det of the quality-weighted kernel."""
+    torch.manual_seed(2)
+    feats = torch.randn(1, 12, 5)
+    quality = torch.rand(1, 12) + 0.5
+    order = T.greedy_log_det(feats, quality, 4)[0].tolist()
+    f = torch.nn.functional.normalize(feats[0], dim=-1) * quality[0, :, None]
+    kernel = (f @ f.T).double()
+    for step in range(4):
+        best = max((i for i in range(12) if i not in order[:step]),
+                   key=lambda i: torch.logdet(kernel[order[:step] + [i]][:, order[:step] + [i]]).item())
+        assert order[step] == best, step
+    assert len(set(order)) == 4
+
+
+def test_coin_prefers_diverse_tokens_over_duplicates():
+    # two copies of one direction and one orthogonal: the second pick is the orthogonal token
+    feats = torch.tensor([[[1.0, 0.0], [1.0, 0.001], [0.0, 1.0]]])
+    order = T.greedy_log_det(feats, torch.ones(1, 3), 2)[0].tolist()
+    assert order[1] == 2

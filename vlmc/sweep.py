@@ -192,7 +192,7 @@ def quant_markdown(result: dict) -> str:
     targets, rts = result["targets"], result["runtimes"]
     head = ["config"] + [f"{t} MB (x fp32)" for t in targets]
     for rt in rts:
-        head += [f"{rt} accuracy % (95% CI)", f"{rt} retention %", f"{rt} agreement %",
+        head += [f"{rt} accuracy % (95% CI)", f"{rt} retention %", f"{rt} agreement %", f"{rt} mean KL",
                  f"{rt} vision x", f"{rt} prefill x", f"{rt} decode x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
@@ -204,6 +204,6 @@ def quant_markdown(result: dict) -> str:
         for rt in rts:
             x = r["runtimes"][rt]
             cells += [f"{x['accuracy']} ({x['ci95'][0]}..{x['ci95'][1]})", str(x.get("retention", 100.0)), str(x["agreement"]),
-                      str(x.get("vision_encode_speedup", 1.0)), str(x.get("prefill_speedup", 1.0)), str(x.get("decode_speedup", 1.0))]
+                      f"{x['mean_kl']:.2g}", str(x.get("vision_encode_speedup", 1.0)), str(x.get("prefill_speedup", 1.0)), str(x.get("decode_speedup", 1.0))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -109,9 +109,12 @@ class W8A8(QuantPass):
     name = "w8a8"
     weight_bits = 8
     needs_calibration = True
-    source = "SmoothQuant-style W8A8 as deployed by XNNPACK / onnxruntime QDQ; ranges by min-max calibration"
+    source = ("W8A8 as deployed by XNNPACK / onnxruntime QDQ, ranges by min-max calibration; method smoothquant: "
+              "SmoothQuant (Xiao et al., 2023); method masquant: MASQuant (modality-aware smoothing, CVPR 2026)")
     departures = ("Core ML on Linux quantizes the weights only: calibrating its activations runs the model, which "
-                  "needs macOS")
+                  "needs macOS. masquant: a row's modality comes from its position in the prompt template; the text "
+                  "rows' weights are the exact ones and the image rows get the low-rank correction; the correction's "
+                  "small linears are quantized like the others")
     Config = W8A8Config
 
 
@@ -131,10 +134,14 @@ class W4(QuantPass):
 
     name = "w4"
     weight_bits = 4
-    source = "group-wise int4 weight-only quantization (GPTQ/AWQ format without their weight search)"
+    source = ("group-wise int4 weights; method gptq: GPTQ (Frantar et al., 2023); method gptq-modality: VLM-PTQ's "
+              "modality-aware Hessian (CVPR 2026)")
     departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
                   "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
-                  "minimum_deployment_target iOS18 / macOS15 for block-wise int4")
+                  "minimum_deployment_target iOS18 / macOS15 for block-wise int4. gptq: the Hessians come from the "
+                  "float model in one pass (not layer by layer on the quantized model's inputs) and the scales from the "
+                  "original weights (static groups); gptq-modality mixes the two modalities' Hessians by a fixed share "
+                  "instead of VLM-PTQ's per-channel importance vector, without its closed-form target correction")
     Config = W4Config
 
     def check(self, model) -> None:

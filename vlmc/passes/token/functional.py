@@ -82,11 +82,20 @@ def most_selected(selections: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return ascending(torch.topk(tie_break(counts[None]), k, dim=-1).indices, n)[0]
 
 
-def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True):
-    """Greedy max-min selection (DivPrune, T-FPS): each step takes the token farthest from those chosen.
+def salience(tokens: torch.Tensor) -> torch.Tensor:
+    """How much each token stands out from the image as a whole: its cosine distance from the mean token,
+    scaled to [0, 1] per image [B, N] (objects over a busy background score high)."""
+    d = 1.0 - (F.normalize(tokens, dim=-1) * F.normalize(tokens.mean(dim=1, keepdim=True), dim=-1)).sum(-1)
+    return d / d.amax(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True,
+                   weights: torch.Tensor | None = None):
+    """Greedy max-min selection (DivPrune, T-FPS): each step takes the token farthest from those chosen;
+    with `weights` [B, N], the weighted k-center of SCoRe: the largest weight x distance.
 
     Distance is 1 - cosine similarity (or Euclidean); `first` [B] is the starting token (default: the
-    token farthest from the mean). Returns the chosen indices in selection order [B, k].
+    heaviest token, or the one farthest from the mean). Returns the chosen indices in selection order [B, k].
     """
     b, n, _ = features.shape
     if cosine:
@@ -94,13 +103,15 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
     else:
         sq = (features * features).sum(-1)
         dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0.0).sqrt()
-    if first is None:
+    if first is None and weights is not None:
+        first = torch.argmax(tie_break(weights), dim=-1)
+    elif first is None:
         centre = features.mean(dim=1, keepdim=True)
         first = torch.argmax(tie_break(((features - centre) ** 2).sum(-1)), dim=-1)
     chosen = [first]
     min_dist = torch.gather(dist, 1, first[:, None, None].expand(b, 1, n))[:, 0]  # [B, N]
     for _ in range(k - 1):
-        nxt = torch.argmax(tie_break(min_dist), dim=-1)
+        nxt = torch.argmax(tie_break(min_dist if weights is None else min_dist * weights), dim=-1)
         chosen.append(nxt)
         d = torch.gather(dist, 1, nxt[:, None, None].expand(b, 1, n))[:, 0]
         min_dist = torch.minimum(min_dist, d)
@@ -110,6 +121,35 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
 def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine: bool = True):
     idx = ascending(farthest_point(features, k, cosine=cosine), tokens.shape[1])
     return gather_tokens(tokens, idx), idx
+
+
+def greedy_log_det(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP of a DPP with kernel diag(q) S diag(q), S the tokens' cosine similarity (CoIn's
+    informativeness x coverage by volume): each step adds the token that grows log det the most, with the
+    incremental Cholesky update of Chen et al. (2018), matmuls and gathers only. Indices in selection
+    order [B, k]."""
+    b, n, _ = features.shape
+    f = F.normalize(features, dim=-1) * quality[..., None]  # rows of the kernel's factor: L = f f^T
+    gain = (f * f).sum(-1)  # d_i^2: log det grows by log d_i^2 when i is added
+    taken = torch.zeros(b, n, dtype=features.dtype)
+    rows: list[torch.Tensor] = []  # Cholesky rows e_t [B, N]
+    chosen = []
+    for _ in range(k):
+        j = torch.argmax(tie_break(gain * (1 - taken) - taken), dim=-1)  # chosen tokens score -1
+        chosen.append(j)
+        if len(chosen) == k:
+            break
+        taken = taken + one_hot(j, n, features.dtype)
+        fj = gather_tokens(f, j[:, None])  # [B, 1, D]
+        e = (fj @ f.transpose(1, 2))[:, 0]  # L[j, :]
+        if rows:
+            c = torch.stack(rows, dim=1)  # [B, t, N]
+            e = e - (torch.gather(c, 2, j[:, None, None].expand(-1, c.shape[1], 1)) * c).sum(1)
+        dj = torch.gather(gain, 1, j[:, None]).clamp_min(1e-12).sqrt()
+        e = e / dj
+        rows.append(e)
+        gain = gain - e * e
+    return torch.stack(chosen, dim=1)
 
 
 def pooling_matrix(grid: int, out: int) -> torch.Tensor:

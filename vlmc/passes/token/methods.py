@@ -192,6 +192,73 @@ class TokenFPS(SelectPass):
         return FarthestStage(self.config.keep, coords, self.config.spatial_weight or 1e-6)
 
 
+class SCoReConfig(SelectConfig):
+    salience_power: float = Field(1.0, ge=0.0, description="exponent of the salience weight (0: plain DivPrune)")
+
+
+class WeightedCenterStage(nn.Module):
+    def __init__(self, keep: int, power: float):
+        super().__init__()
+        self.keep, self.power = keep, power
+
+    def select(self, x):
+        weights = T.salience(x).clamp_min(1e-3) ** self.power
+        idx = T.ascending(T.farthest_point(x, self.keep, weights=weights), x.shape[1])
+        return T.gather_tokens(x, idx), idx
+
+    def forward(self, x):
+        return self.select(x)[0]
+
+
+@register
+class SCoRe(SelectPass):
+    """SCoRe: weighted k-center, each greedy step takes the token with the largest salience x distance to
+    the tokens already kept, so salient tokens win among those that also widen the coverage."""
+
+    name = "score"
+    source = "SCoRe (salience x coverage, weighted k-center), CVPR 2026 seed notes"
+    departures = ("salience is the token's cosine distance from the image's mean token (no attention or text); "
+                  "cosine distance on the projected tokens; k fixed at export")
+    Config = SCoReConfig
+
+    def stage(self, model, point_module, tokens_in):
+        return WeightedCenterStage(self.config.keep, self.config.salience_power)
+
+
+class CoInConfig(SelectConfig):
+    informativeness: float = Field(2.0, ge=0.0, description="theta in quality = exp(theta x salience) (0: coverage only)")
+
+
+class VolumeStage(nn.Module):
+    def __init__(self, keep: int, theta: float):
+        super().__init__()
+        self.keep, self.theta = keep, theta
+
+    def select(self, x):
+        quality = torch.exp(self.theta * T.salience(x))
+        idx = T.ascending(T.greedy_log_det(x, quality, self.keep), x.shape[1])
+        return T.gather_tokens(x, idx), idx
+
+    def forward(self, x):
+        return self.select(x)[0]
+
+
+@register
+class CoIn(SelectPass):
+    """CoIn: informativeness x coverage as the volume (log-det) of the kept tokens' quality-weighted
+    similarity kernel, maximised greedily (a submodular objective)."""
+
+    name = "coin"
+    source = "CoIn (informativeness x coverage by log-det volume, greedy), CVPR 2026 seed notes"
+    departures = ("informativeness is visual salience only (cosine distance from the mean token): the paper's "
+                  "cross-modal alignment term needs the question, which pre-LLM passes do not read; greedy MAP by "
+                  "incremental Cholesky, unrolled for the static k")
+    Config = CoInConfig
+
+    def stage(self, model, point_module, tokens_in):
+        return VolumeStage(self.config.keep, self.config.informativeness)
+
+
 # ---------------------------------------------------------------- attention-based
 
 class VisionZipConfig(PassConfig):
