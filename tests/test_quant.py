@@ -111,9 +111,10 @@ def test_too_few_calibration_questions(tiny_ckpt, calibration_jsonl, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl):
+def tiny_calibration(tiny_ckpt, calibration_jsonl):
+    """(prepared tiny model, its calibration record over the 8 questions)."""
     from vlmc.exporter.build import prepare
-    from vlmc.passes.quant.calibration import DECODE_STEPS, collect
+    from vlmc.passes.quant.calibration import collect
     from vlmc.recipe import build
     from vlmc.runtimes.base import DecoderShape
 
@@ -122,7 +123,13 @@ def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl
     p = prepare(recipe)
     t = p.loaded.config.text
     shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, 48, p.recipe.max_prompt)
-    cal = collect(p.loaded.model, p.loaded.tokenizer, p.recipe, p.image_tokens, shape)
+    return p, collect(p.loaded.model, p.loaded.tokenizer, p.recipe, p.image_tokens, shape)
+
+
+def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl):
+    from vlmc.passes.quant.calibration import DECODE_STEPS
+
+    p, cal = tiny_calibration(tiny_ckpt, calibration_jsonl)
     assert len(cal.images) == 8 and all(img.shape == (3, 32, 32) and img.dtype == np.uint8 for img in cal.images)
     assert all(len(calls) == 1 + DECODE_STEPS for calls in cal.decoder_calls)
     prefill, *steps = cal.decoder_calls[0]

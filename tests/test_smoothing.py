@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_quant import TEMPLATE, compile_tiny, onnx_ops
+from tests.test_quant import TEMPLATE, compile_tiny, onnx_ops, tiny_calibration
 from vlmc import api
 from vlmc.errors import VlmcError
 from vlmc.passes.quant import smoothing
@@ -14,17 +14,7 @@ from vlmc.passes.quant import smoothing
 @pytest.fixture(scope="module")
 def calibrated(tiny_ckpt, calibration_jsonl):
     """(model, calibration, its image rows) for the tiny checkpoint."""
-    from vlmc.exporter.build import prepare
-    from vlmc.passes.quant.calibration import collect
-    from vlmc.recipe import build
-    from vlmc.runtimes.base import DecoderShape
-
-    recipe = build({"model": str(tiny_ckpt), "max_context": 48, "prompt_template": TEMPLATE,
-                    "calibration": {"dataset": str(calibration_jsonl), "n": 8}})
-    p = prepare(recipe)
-    t = p.loaded.config.text
-    shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, 48, p.recipe.max_prompt)
-    cal = collect(p.loaded.model, p.loaded.tokenizer, p.recipe, p.image_tokens, shape)
+    p, cal = tiny_calibration(tiny_ckpt, calibration_jsonl)
     return p.loaded.model, cal, smoothing.image_rows(cal.visual_rows)
 
 

@@ -143,7 +143,14 @@ class SpatialPooling(KeepPass):
 
 # ---------------------------------------------------------------- diversity
 
-class FarthestStage(nn.Module):
+class SelectingStage(nn.Module):
+    """A stage that keeps the tokens its `select(x) -> (kept, indices)` picks (the static mode reuses select)."""
+
+    def forward(self, x):
+        return self.select(x)[0]
+
+
+class FarthestStage(SelectingStage):
     def __init__(self, keep: int, coords: torch.Tensor | None = None, spatial_weight: float = 0.0):
         super().__init__()
         self.keep, self.spatial_weight = keep, spatial_weight
@@ -154,9 +161,6 @@ class FarthestStage(nn.Module):
             feats = torch.cat([F.normalize(x, dim=-1), self.spatial_weight * self.coords.expand(x.shape[0], -1, -1)], dim=-1)
             return T.select_farthest(x, feats, self.keep, cosine=False)
         return T.select_farthest(x, x, self.keep, cosine=True)
-
-    def forward(self, x):
-        return self.select(x)[0]
 
 
 @register
@@ -196,7 +200,7 @@ class SCoReConfig(SelectConfig):
     salience_power: float = Field(1.0, ge=0.0, description="exponent of the salience weight (0: plain DivPrune)")
 
 
-class WeightedCenterStage(nn.Module):
+class WeightedCenterStage(SelectingStage):
     def __init__(self, keep: int, power: float):
         super().__init__()
         self.keep, self.power = keep, power
@@ -205,9 +209,6 @@ class WeightedCenterStage(nn.Module):
         weights = T.salience(x).clamp_min(1e-3) ** self.power
         idx = T.ascending(T.farthest_point(x, self.keep, weights=weights), x.shape[1])
         return T.gather_tokens(x, idx), idx
-
-    def forward(self, x):
-        return self.select(x)[0]
 
 
 @register
@@ -229,7 +230,7 @@ class CoInConfig(SelectConfig):
     informativeness: float = Field(2.0, ge=0.0, description="theta in quality = exp(theta x salience) (0: coverage only)")
 
 
-class VolumeStage(nn.Module):
+class VolumeStage(SelectingStage):
     def __init__(self, keep: int, theta: float):
         super().__init__()
         self.keep, self.theta = keep, theta
@@ -238,9 +239,6 @@ class VolumeStage(nn.Module):
         quality = torch.exp(self.theta * T.salience(x))
         idx = T.ascending(T.greedy_log_det(x, quality, self.keep), x.shape[1])
         return T.gather_tokens(x, idx), idx
-
-    def forward(self, x):
-        return self.select(x)[0]
 
 
 @register
