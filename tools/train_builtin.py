@@ -18,7 +18,6 @@ import json
 import math
 import multiprocessing
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,19 +36,6 @@ from vlmc.models_zoo.llava import LlavaModel  # noqa: E402
 from vlmc.models_zoo.tokenizer import DEFAULT_TEMPLATE, TextTokenizer  # noqa: E402
 
 
-RELATION = re.compile(r"is the (\w+ \w+) (?:left or right of|above or below|bigger or smaller than) the (\w+ \w+)\?")
-
-
-def named_geometry(question: str, objects) -> list[float]:
-    """For a position / size question, the two named objects' centres and sizes (/ image size); else []."""
-    m = RELATION.fullmatch(question)
-    if not m:
-        return []
-    by_name = {f"{o.color} {o.shape}": o for o in objects}
-    a, b = by_name[m.group(1)], by_name[m.group(2)]
-    return [v / shapes_vqa.IMAGE_SIZE for v in (a.x, a.y, a.size, b.x, b.y, b.size)]
-
-
 def _make(args):
     split, start, n, turns = args
     out = []
@@ -57,8 +43,7 @@ def _make(args):
         colors, shapes = shapes_vqa.patch_labels(item.objects)
         rng = np.random.default_rng([97, start + i])
         extra = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns) if q != item.question][: turns - 1]
-        geometry = [named_geometry(q, item.objects) for q, _ in [(item.question, item.answer)] + extra]
-        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes, extra, geometry))
+        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes, extra))
     return out
 
 
@@ -73,10 +58,9 @@ def generate_items(split: str, n: int, workers: int, turns: int = 1):
 
 def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int):
     """Token ids [N, L] (right-padded); index of the first question's last prompt token and its answer
-    id; positions of every supervised token (answers and their </s>, -1 = none) [N, M]; images uint8;
-    the named objects' geometry at each answer position [N, M, 6] (NaN where the question names none)."""
-    seqs, last, answers, targets, geoms = [], [], [], [], []
-    for _, q, a, _, _, _, extra, geometry in items:
+    id; positions of every supervised token (answers and their </s>, -1 = none) [N, M]; images uint8."""
+    seqs, last, answers, targets = [], [], [], []
+    for _, q, a, _, _, _, extra in items:
         p = tok.prompt(DEFAULT_TEMPLATE, q, num_image_tokens, image_token_id, None)
         seq, supervised = list(p.ids), []
         for i, (question, answer) in enumerate([(q, a)] + list(extra)):
@@ -87,20 +71,17 @@ def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int
             supervised += [len(seq), len(seq) + 1]
             seq += ans + [EOS]
         seqs.append(seq)
-        geoms.append([g for gs in geometry for g in (gs or [math.nan] * 6, [math.nan] * 6)])
         last.append(len(p.ids) - 1)
         answers.append(seq[len(p.ids)])
         targets.append(supervised)
     width, m = max(map(len, seqs)), max(map(len, targets))
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     target_pos = torch.full((len(seqs), m), -1, dtype=torch.long)
-    geometry = torch.full((len(seqs), m, 6), math.nan)
-    for i, (s, t, g) in enumerate(zip(seqs, targets, geoms)):
+    for i, (s, t) in enumerate(zip(seqs, targets)):
         ids[i, : len(s)] = torch.tensor(s)
         target_pos[i, : len(t)] = torch.tensor(t)
-        geometry[i, : len(g)] = torch.tensor(g)
     images = torch.from_numpy(np.stack([x[0] for x in items]))
-    return ids, torch.tensor(last), torch.tensor(answers), target_pos, images, geometry
+    return ids, torch.tensor(last), torch.tensor(answers), target_pos, images
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -127,46 +108,19 @@ class PatchHeads(torch.nn.Module):
                 + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
 
 
-class RetrievalHead(torch.nn.Module):
-    """Training-only probe on a decoder layer's output at the position that predicts a position / size
-    answer: regress the two named objects' centres and sizes, so the decoder learns to fetch them from
-    the image tokens before comparing. Not part of the shipped model."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(dim, 6)
-
-    def forward(self, hidden, rows, pos, geometry):
-        keep = ~torch.isnan(geometry[:, 0])
-        if not bool(keep.any()):
-            return hidden.sum() * 0
-        return F.mse_loss(self.proj(hidden[rows[keep], pos[keep] - 1]).float(), geometry[keep]) * 10
-
-
-def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, target_pos, images, colors, shapes,
-            retrieval=None, retrieval_weight: float = 0.0, geometry=None):
-    captured = {}
-    hook = None
-    if retrieval is not None:
-        layer = model.language_model.layers[retrieval.layer]
-        hook = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, target_pos, images, colors, shapes):
     image_embeds = model.encode_image(model.normalize(images))
     embeds = model.merge_embeddings(ids, image_embeds)
     logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
-    if hook is not None:
-        hook.remove()
     rows, cols = torch.nonzero(target_pos >= 0, as_tuple=True)
     pos = target_pos[rows, cols]  # each supervised token, predicted from the position before it
     answer_loss = F.cross_entropy(logits[rows, pos - 1].float(), ids[rows, pos])
-    loss = answer_loss + aux_weight * heads(image_embeds, colors, shapes)
-    if retrieval is not None:
-        loss = loss + retrieval_weight * retrieval(captured["h"], rows, pos, geometry[rows, cols])
-    return loss, answer_loss
+    return answer_loss + aux_weight * heads(image_embeds, colors, shapes), answer_loss
 
 
 @torch.no_grad()
 def evaluate(model: LlavaModel, data, batch: int, device) -> dict:
-    ids, last, answers, _, images, _, qtypes = data
+    ids, last, answers, _, images, qtypes = data
     model.eval()
     correct = []
     for s in range(0, len(ids), batch):
@@ -200,9 +154,6 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
-    ap.add_argument("--retrieval-weight", type=float, default=0.0,
-                    help="weight of the training-only probe regressing the named objects' geometry (0: off, the shipped recipe)")
-    ap.add_argument("--retrieval-layer", type=int, default=2, help="decoder layer whose output the retrieval probe reads")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
     args = ap.parse_args()
 
@@ -225,20 +176,14 @@ def main() -> None:
     train = generate_items("train", args.train_items, args.workers, args.turns)
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
-    tr_ids, _, _, tr_targets, tr_images, tr_geometry = encode(tok, train, config.num_image_tokens, config.image_token_id)
+    tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
     tr_colors = torch.from_numpy(np.stack([x[4] for x in train]))
     tr_shapes = torch.from_numpy(np.stack([x[5] for x in train]))
     heads = PatchHeads(config.text.hidden_size).to(device)
-    retrieval = None
-    if args.retrieval_weight > 0:
-        retrieval = RetrievalHead(config.text.hidden_size).to(device)
-        retrieval.layer = args.retrieval_layer
     va = encode(tok, val, config.num_image_tokens, config.image_token_id)
     val_data = (*va, [x[3] for x in val])
 
     params = list(model.named_parameters()) + list(heads.named_parameters())
-    if retrieval is not None:
-        params += list(retrieval.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -258,8 +203,7 @@ def main() -> None:
         images = augment(tr_images[idx].to(device), gen)
         with amp:
             loss, answer_loss = loss_fn(model, heads, args.aux_weight, ids, target_pos, images,
-                                        tr_colors[idx].to(device), tr_shapes[idx].to(device),
-                                        retrieval, args.retrieval_weight, tr_geometry[idx].to(device))
+                                        tr_colors[idx].to(device), tr_shapes[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -275,7 +219,6 @@ def main() -> None:
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
     report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "aux_weight": args.aux_weight, "turns": args.turns,
-              **({"retrieval_weight": args.retrieval_weight, "retrieval_layer": args.retrieval_layer} if retrieval else {}),
               "train_items": args.train_items, "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
