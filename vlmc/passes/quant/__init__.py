@@ -25,8 +25,6 @@ class QuantConfig(PassConfig):
         "minmax", description="minmax (round to nearest, ranges by min-max), gptq (error-compensating rounding, w4), "
                               "gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4), smoothquant (activation "
                               "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8)")
-    text_share: Optional[float] = Field(None, ge=0.0, le=1.0, description="gptq-modality: the text tokens' share of the "
-                                        "decoder Hessian (default 0.5; plain gptq weights tokens by count)")
 
 
 class W8A8Config(QuantConfig):
@@ -36,6 +34,8 @@ class W8A8Config(QuantConfig):
 
 
 class W4Config(QuantConfig):
+    text_share: Optional[float] = Field(None, ge=0.0, le=1.0, description="gptq-modality: the text tokens' share of the "
+                                        "decoder Hessian (default 0.5; plain gptq weights tokens by count)")
     group_size: int = Field(32, description="weights per quantization group along the input channels (16..256, a power of two)")
 
 
@@ -74,7 +74,7 @@ class QuantPass(Pass):
         """The text share of the decoder Hessian for GPTQ (None: tokens weighted by count)."""
         if self.config.method != "gptq-modality":
             return None
-        return 0.5 if self.config.text_share is None else self.config.text_share
+        return 0.5 if getattr(self.config, "text_share", None) is None else self.config.text_share
 
     @property
     def alpha(self) -> Optional[float]:
