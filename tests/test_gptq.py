@@ -105,11 +105,11 @@ def test_modality_aware_hessian_protects_the_outnumbered_text_tokens():
 
 def test_gptq_bundle_verifies_and_records_the_rounding(tiny_ckpt, calibration_jsonl, sample_image, tmp_path):
     b = compile_tiny(tiny_ckpt, tmp_path / "gptq", [{"name": "w4", "group_size": 32, "method": "gptq-modality"}],
-                     calibration_jsonl)
+                     calibration_jsonl, targets=("onnx", "executorch", "coreml"), coreml={"minimum_deployment_target": "iOS18"})
     m = b.manifest
     assert m["quantization"]["parts"]["decoder"]["method"] == "gptq-modality"
     assert m["quantization"]["parts"]["decoder"]["text_share"] == 0.5
-    for target, grid in (("onnx", "MatMulNBits"), ("executorch", "torchao")):
+    for target, grid in (("onnx", "MatMulNBits"), ("executorch", "torchao"), ("coreml", "coremltools")):
         q = m["targets"][target]["programs"]["text_decoder"]["quantization"]
         assert grid in q["rounding"] and q["method"] == "gptq-modality"
     rows = m["verification"]["results"]

@@ -37,8 +37,9 @@ class RowModality:
         self.language_model, self.start, self.stop = language_model, start, stop
 
     def visual(self) -> torch.Tensor:
+        """1.0 on the image's rows, 0.0 elsewhere [B, T, 1] (float arithmetic: Core ML has no boolean and)."""
         pos = self.language_model.row_positions
-        return ((pos >= self.start) & (pos < self.stop))[..., None]
+        return ((pos >= self.start).float() * (pos < self.stop).float())[..., None]
 
 
 class ModalityRMSNorm(nn.Module):
@@ -53,7 +54,8 @@ class ModalityRMSNorm(nn.Module):
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.where(self.rows.visual(), self.visual_weight, self.text_weight) * x32.to(x.dtype)
+        gain = self.text_weight + self.rows.visual() * (self.visual_weight - self.text_weight)
+        return gain.to(x.dtype) * x32.to(x.dtype)
 
 
 class CompensatedLinear(nn.Module):
