@@ -14,6 +14,7 @@ METHODS = {
     "tfps": {"name": "tfps", "keep": 6},
     "score": {"name": "score", "keep": 6},
     "coin": {"name": "coin", "keep": 6},
+    "docprune": {"name": "docprune", "keep": 6},
     "visionzip": {"name": "visionzip", "dominant": 4, "contextual": 3},
     "tome": {"name": "tome", "at": "vision.block[0]", "r": 3},
 }

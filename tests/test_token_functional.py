@@ -136,3 +136,14 @@ def test_coin_prefers_diverse_tokens_over_duplicates():
     feats = torch.tensor([[[1.0, 0.0], [1.0, 0.001], [0.0, 1.0]]])
     order = T.greedy_log_det(feats, torch.ones(1, 3), 2)[0].tolist()
     assert order[1] == 2
+
+
+def test_docprune_keeps_the_tokens_unlike_the_border_background():
+    grid = 5
+    tokens = torch.tensor([1.0, 0.2, 0.1]).repeat(1, grid * grid, 1) + 0.01 * torch.randn(1, grid * grid, 3)
+    objects = [7, 12, 18]  # interior tokens with other content
+    tokens[0, objects] = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.5, 0.0]])
+    border = T.border_mask(grid)
+    assert border.sum() == 16 and border[12] == 0
+    _, idx = T.select_topk(tokens, T.foreground_scores(tokens, border), 3)
+    assert idx[0].tolist() == objects

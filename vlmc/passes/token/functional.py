@@ -89,6 +89,20 @@ def salience(tokens: torch.Tensor) -> torch.Tensor:
     return d / d.amax(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+def border_mask(grid: int) -> torch.Tensor:
+    """1.0 on the tokens of a square grid's outer ring [grid*grid]: where the background usually is."""
+    ring = torch.ones(grid, grid)
+    ring[1:-1, 1:-1] = 0.0
+    return ring.flatten()
+
+
+def foreground_scores(tokens: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
+    """DocPrune's background removal: the background prototype is the mean of the border tokens; a token
+    scores by its cosine distance from it [B, N] (background patches score near 0)."""
+    proto = (border[None, :, None] * tokens).sum(1, keepdim=True) / border.sum()
+    return 1.0 - (F.normalize(tokens, dim=-1) * F.normalize(proto, dim=-1)).sum(-1)
+
+
 def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True,
                    weights: torch.Tensor | None = None):
     """Greedy max-min selection (DivPrune, T-FPS): each step takes the token farthest from those chosen;

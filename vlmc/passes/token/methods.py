@@ -257,6 +257,31 @@ class CoIn(SelectPass):
         return VolumeStage(self.config.keep, self.config.informativeness)
 
 
+class ForegroundStage(SelectingStage):
+    def __init__(self, keep: int, border: torch.Tensor):
+        super().__init__()
+        self.keep = keep
+        self.register_buffer("border", border)
+
+    def select(self, x):
+        return T.select_topk(x, T.foreground_scores(x, self.border), self.keep)
+
+
+@register
+class DocPruneBackground(SelectPass):
+    """DocPrune's first stage: remove background tokens, those most like the background prototype (the
+    mean of the grid's border tokens), keeping the `keep` most unlike it."""
+
+    name = "docprune"
+    source = "DocPrune stage 1 (background removal), CVPR 2026 seed notes"
+    departures = ("stage 1 only (stages 2-3 read the question and adapt the count); a fixed keep instead of a "
+                  "threshold; the background prototype is the border tokens' mean")
+    needs_grid = True
+
+    def stage(self, model, point_module, tokens_in):
+        return ForegroundStage(self.config.keep, T.border_mask(math.isqrt(tokens_in)))
+
+
 # ---------------------------------------------------------------- attention-based
 
 class VisionZipConfig(PassConfig):
