@@ -2,8 +2,9 @@
 
 A quantization pass is data about a part; each target applies it with its own ecosystem's stack
 (ExecuTorch: PT2E + XNNPACKQuantizer, torchao; ONNX: onnxruntime.quantization; Core ML:
-coremltools.optimize), calibrated on real questions (`calibration` in the recipe). Module-level methods
-that change weights before export (smoothing, GPTQ) run in `prepare`, before any target lowers.
+coremltools.optimize), calibrated on real questions (`calibration` in the recipe). Methods that change
+weights before export (SmoothQuant / MASQuant in `smoothing`, GPTQ in `gptq`) run when a target asks
+for its model (`ExportContext.target_model`): smoothing once, GPTQ once per target, on its own grid.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from vlmc.errors import VlmcError
 from vlmc.passes.registry import Pass, PassConfig, register
 
 PARTS = ("vision", "decoder")
+# the methods' own parameters: the methods that read each, and its default
+METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5), "rank": (("masquant",), 8)}
 
 
 class QuantConfig(PassConfig):
@@ -64,37 +67,26 @@ class QuantPass(Pass):
         if method in ("smoothquant", "masquant") and self.name != "w8a8":
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for w8a8; smoothing helps where "
                             "activations are quantized with ranges fixed from calibration")
-        for param, methods in (("text_share", ("gptq-modality",)), ("alpha", ("smoothquant", "masquant")), ("rank", ("masquant",))):
+        for param, (methods, _) in METHOD_PARAMS.items():
             if getattr(self.config, param, None) is not None and method not in methods:
                 raise VlmcError(f"pass {self.name}: parameter '{param}' applies to method {' / '.join(methods)} only "
                                 f"(method is {method})")
 
-    @property
-    def text_share(self) -> Optional[float]:
-        """The text share of the decoder Hessian for GPTQ (None: tokens weighted by count)."""
-        if self.config.method != "gptq-modality":
+    def param(self, name: str):
+        """A method parameter's value (its default when not given), or None where the method does not read it."""
+        methods, default = METHOD_PARAMS[name]
+        if self.config.method not in methods:
             return None
-        return 0.5 if getattr(self.config, "text_share", None) is None else self.config.text_share
-
-    @property
-    def alpha(self) -> Optional[float]:
-        if self.config.method not in ("smoothquant", "masquant"):
-            return None
-        return 0.5 if self.config.alpha is None else self.config.alpha
-
-    @property
-    def rank(self) -> Optional[int]:
-        if self.config.method != "masquant":
-            return None
-        return 8 if self.config.rank is None else self.config.rank
+        value = getattr(self.config, name, None)
+        return default if value is None else value
 
     def describe(self, target: Optional[str] = None) -> dict:
         out = {"scheme": self.name, "weight_bits": self.weight_bits, "method": self.config.method}
         if hasattr(self.config, "group_size"):
             out["group_size"] = self.config.group_size
-        for param in ("text_share", "alpha", "rank"):
-            if getattr(self, param) is not None:
-                out[param] = getattr(self, param)
+        for param in METHOD_PARAMS:
+            if self.param(param) is not None:
+                out[param] = self.param(param)
         if target and self.config.method.startswith("gptq"):
             from vlmc.passes.quant.gptq import GRIDS
 

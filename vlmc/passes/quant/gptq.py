@@ -97,7 +97,7 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid) -> nn
 
     model = copy.deepcopy(model)
     for part, scheme in schemes.items():
-        share = scheme.text_share
+        share = scheme.param("text_share")
         for name, layer in linear_layers(model, part):
             h = stats[name].hessian(share)
             with torch.no_grad():

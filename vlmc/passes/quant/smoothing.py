@@ -112,7 +112,7 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], image_rows: Optio
     MASQuant's low-rank correction); `stats` holds what each norm-fed linear received."""
     model = copy.deepcopy(model)
     for part, scheme in schemes.items():
-        alpha, rank = scheme.alpha, scheme.rank
+        alpha, rank = scheme.param("alpha"), scheme.param("rank")
         for norm_name, norm, consumers in model.norm_consumers(part):
             inputs = stats[consumers[0][0]]  # every consumer of a norm receives the same rows
             if not inputs.n_visual and not inputs.n_text:
