@@ -103,6 +103,7 @@ def test_modality_aware_hessian_protects_the_outnumbered_text_tokens():
     assert text_err(aware) < 0.8 * text_err(plain)
 
 
+@pytest.mark.slow  # exports on three targets with calibration (-m slow)
 def test_gptq_bundle_verifies_and_records_the_rounding(tiny_ckpt, calibration_jsonl, sample_image, tmp_path):
     b = compile_tiny(tiny_ckpt, tmp_path / "gptq", [{"name": "w4", "group_size": 32, "method": "gptq-modality"}],
                      calibration_jsonl, targets=("onnx", "executorch", "coreml"), coreml={"minimum_deployment_target": "iOS18"})

@@ -21,7 +21,10 @@ METHODS = {
 TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
 
 
-@pytest.fixture(scope="module", params=sorted(METHODS))
+SLOW = {"score", "coin", "docprune"}  # the seed methods' conformance: -m slow keeps the default run short
+
+
+@pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(METHODS)])
 def pruned_bundle(request, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / request.param
     return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,

@@ -94,6 +94,7 @@ def test_low_rank_correction_fits_best_where_the_inputs_are():
     assert err(up @ down) < 0.5 * err(plain)
 
 
+@pytest.mark.slow  # exports on three targets with calibration (-m slow)
 def test_masquant_bundle_verifies_on_both_runtimes(tiny_ckpt, calibration_jsonl, sample_image, tmp_path):
     b = compile_tiny(tiny_ckpt, tmp_path / "mas", [{"name": "w8a8", "method": "masquant", "rank": 4}], calibration_jsonl,
                      targets=("onnx", "executorch", "coreml"))
