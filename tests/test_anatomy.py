@@ -35,7 +35,7 @@ def test_a_stage_at_a_point_changes_the_token_count(tiny_ckpt, point):
         assert torch.allclose(reduced, full[:, ::2])
 
 
-def test_in_llm_insertion_is_refused_with_a_reason(tiny_ckpt):
+def test_a_visual_token_stage_is_refused_inside_the_llm(tiny_ckpt):
     m = load(str(tiny_ckpt)).model
-    with pytest.raises(VlmcError, match="inside the LLM"):
+    with pytest.raises(VlmcError, match=r"decoder.layer\[0\]: a visual-token stage cannot run there"):
         m.insert("decoder.layer[0]", KeepEveryOther())

@@ -44,3 +44,21 @@ def test_coreml_says_it_needs_macos(tiny_bundle, sample_image):
 def test_prompt_longer_than_the_bundle_allows_is_refused(tiny_bundle, sample_image):
     with pytest.raises(VlmcError, match="max_prompt"):
         api.run(tiny_bundle.path, "onnxruntime", sample_image, " ".join(["the"] * 30))
+
+
+def test_executorch_kv_cache_has_its_own_arena(tiny_bundle):
+    """ExecuTorch's runtime gives a program's host methods one activation arena (running the vision
+    encoder between decode steps would overwrite a cache planned there); the caches are planned as shared
+    mutable buffers in an arena of their own, which no activation uses."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary((tiny_bundle.path / "model.pte").read_bytes())
+    plans = {plan.name: plan for plan in getattr(pte, "program", pte).execution_plan}
+    arenas: dict[int, set] = {}
+    for value in plans["text_decoder"].values:
+        alloc = getattr(value.val, "allocation_info", None)
+        if alloc is not None:
+            info = getattr(value.val, "extra_tensor_info", None)
+            arenas.setdefault(alloc.memory_id, set()).add(getattr(info, "fully_qualified_name", None) or "activation")
+    (cache_arena,) = [mem for mem, names in arenas.items() if "k_cache_0" in names]
+    assert arenas[cache_arena] == {f"{kv}_cache_{i}" for kv in "kv" for i in range(2)}

@@ -119,7 +119,11 @@ def _print_summary(m: dict, path) -> None:
         console.print(_table("passes", ["pass", "at", "parameters", "tokens in", "tokens out"],
                              [[p["name"], p["at"], ", ".join(f"{k}={v}" for k, v in p["params"].items()), p["tokens_in"], p["tokens_out"]]
                               for p in m["passes"]]))
-        console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}; runner: {m['runner']}")
+        shifts = m["decoder"].get("cache_shifts", [])
+        llm = "".join(f"; after decoder.layer[{i - 1}]: {m['prompt']['num_image_tokens'] - shifts[i]}"
+                      for i in range(1, len(shifts)) if shifts[i] != shifts[i - 1])
+        console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}{llm}; "
+                      f"runner: {m['runner']}")
     else:
         console.print("passes: none")
     q = m.get("quantization")
@@ -248,7 +252,7 @@ def evaluate(target, runtime, dataset, split, count, as_json):
 
 @cli.command()
 @click.option("--model", "-m", default="shapes-llava", show_default=True)
-@click.option("--methods", default="random,pooling,divprune,tfps,score,coin,visionzip,tome", show_default=True,
+@click.option("--methods", default="random,pooling,divprune,tfps,score,coin,docprune,visionzip,tome,fastv,v2drop,transprune", show_default=True,
               help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static)")
 @click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
 @click.option("--quant", "quant", multiple=True,

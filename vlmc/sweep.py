@@ -35,14 +35,17 @@ def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> d
 
 
 def prefill_flops(manifest: dict, tokens: int) -> float:
-    """Analytic decoder prefill FLOPs (linear layers + attention) for `tokens` prompt tokens."""
+    """Analytic decoder prefill FLOPs (linear layers + attention) for `tokens` prompt tokens; a layer after
+    an in-LLM token stage sees that many fewer rows."""
     cfg = manifest["model"]["config"]["text"]
     d, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"]
     q = cfg["num_heads"] * cfg["head_dim"]
     kv = cfg["num_kv_heads"] * cfg["head_dim"]
-    linear = 2 * tokens * (d * (q + 2 * kv) + q * d + 3 * d * inter)
-    attention = 2 * 2 * tokens * tokens * q
-    return layers * (linear + attention)
+    total = 0.0
+    for shift in manifest["decoder"].get("cache_shifts") or [0] * layers:
+        rows = tokens - shift
+        total += 2 * rows * (d * (q + 2 * kv) + q * d + 3 * d * inter) + 2 * 2 * rows * rows * q
+    return total
 
 
 def _row(label: str, spec: Optional[dict], bundle, evaluation: dict, profiles: dict, base: Optional[dict]) -> dict:
@@ -52,6 +55,8 @@ def _row(label: str, spec: Optional[dict], bundle, evaluation: dict, profiles: d
            "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"], "agreement": evaluation["agreement"],
            "mean_kl": evaluation["mean_kl"], "per_type": {t: v["accuracy"] for t, v in evaluation["per_type"].items()},
            "flops_prefill": prefill_flops(m, prompt_tokens), "latency": {}}
+    if any(m["decoder"].get("cache_shifts", [])):
+        row["image_tokens_in_llm"] = m["prompt"]["num_image_tokens"] - max(m["decoder"]["cache_shifts"])
     for rt, p in profiles.items():
         row["latency"][rt] = {"vision_encode_ms": p["stages"]["vision_encode_ms"], "prefill_ms": p["stages"]["prefill_ms"],
                               "decode_ms_per_token": p["stages"]["decode_ms_per_token"]}
@@ -113,7 +118,8 @@ def to_markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} |")
             continue
-        cells = [r["config"], str(r["image_tokens"]), f"{r['accuracy']} ({r['ci95'][0]}..{r['ci95'][1]})",
+        llm = f" ({r['image_tokens_in_llm']} in the LLM)" if "image_tokens_in_llm" in r else ""
+        cells = [r["config"], f"{r['image_tokens']}{llm}", f"{r['accuracy']} ({r['ci95'][0]}..{r['ci95'][1]})",
                  str(r.get("retention", 100.0)), str(r["agreement"]), str(r.get("flop_ideal_prefill_speedup", 1.0))]
         for rt in rts:
             lat = r["latency"][rt]

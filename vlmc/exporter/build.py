@@ -96,6 +96,19 @@ def format_failures(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _in_llm_fields(ctx: ExportContext) -> dict:
+    """What a runner must know about the decoder when token stages act inside the LLM."""
+    compact = "compact: the visual tokens kept before the LLM take consecutive positions, as ExecuTorch's runner assigns them"
+    shape = ctx.decoder_shape
+    if not shape.full_prompt_prefill:
+        return {"positions": compact}
+    return {"positions": compact + "; rows dropped inside the LLM leave the kept ones at their original positions",
+            "cache_shifts": list(shape.cache_shifts),
+            "cache_lengths": [shape.cache_length(i) for i in range(shape.num_layers)],
+            "prefill": ("text_prefill: the whole prompt (inputs_embeds, image_start = its first image row[, logits_index]) "
+                        "from slot 0; text_decoder then continues at position p, layer i writing slot p - cache_shifts[i]")}
+
+
 def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
     progress = progress or (lambda msg: None)
@@ -131,14 +144,13 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
-                        "max_prompt": recipe.max_prompt,
-                        "positions": "compact: the visual tokens kept take consecutive positions, as ExecuTorch's runner assigns them"},
+                        "max_prompt": recipe.max_prompt, **_in_llm_fields(ctx)},
             "recipe": recipe.model_dump(mode="json"),
             "passes": prepared.passes,
             "quantization": ({"parts": prepared.quant.describe(), "token_embedding": "float (not quantized)",
                               **({"calibration": ctx.calibration_source} if ctx.calibration_source else {})}
                              if prepared.quant else None),
-            "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] for p in prepared.passes)
+            "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] or p["in_llm"] for p in prepared.passes)
                        else "any: vlmc, or ExecuTorch's stock MultimodalRunner"),
             "targets": targets,
             "verification": {"enabled": recipe.verify.enabled, "atol": recipe.verify.atol, "rtol": recipe.verify.rtol,

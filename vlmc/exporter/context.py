@@ -12,7 +12,7 @@ from vlmc.passes.quant import QuantPlan
 from vlmc.recipe import Recipe
 from vlmc.runtimes.base import DecoderShape
 
-PROGRAM_PARTS = {"vision_encoder": "vision", "text_decoder": "decoder"}  # token_embedding stays float
+PROGRAM_PARTS = {"vision_encoder": "vision", "text_prefill": "decoder", "text_decoder": "decoder"}  # token_embedding stays float
 
 
 @dataclass
@@ -74,7 +74,8 @@ class ExportContext:
     @property
     def decoder_shape(self) -> DecoderShape:
         t = self.model.config.text
-        return DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, self.recipe.max_context, self.recipe.max_prompt)
+        return DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, self.recipe.max_context, self.recipe.max_prompt,
+                            tuple(self.model.cache_shifts()))
 
     def scheme(self, program: str):
         """The quantization pass of the part a program belongs to, or None (float)."""
@@ -98,20 +99,28 @@ class ExportContext:
     def explicit_cache_programs(self, target: str, image_layout: str) -> list["ProgramJob"]:
         """The three programs of targets that take the KV cache explicitly (ONNX, Core ML).
 
-        The text length is bounded-dynamic (1..max_prompt): one decoder graph for prefill and decode.
+        The text length is bounded-dynamic (1..max_prompt): one decoder graph for prefill and decode,
+        unless in-LLM token stages need a full-prompt prefill (`text_prefill`) that the decode step must not run.
         """
         from torch.export import Dim
 
-        from vlmc.models_zoo.programs import (StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram,
-                                              cache_shape, static_decoder_io)
+        from vlmc.models_zoo.programs import (StaticCacheDecoder, StaticCachePrefill, TokenEmbeddingProgram,
+                                              VisionEncoderProgram, cache_shape, static_decoder_io)
 
         m, r = self.target_model(target), self.recipe
         seq = Dim("seq_len", min=1, max=r.max_prompt)
         pos = torch.arange(r.max_prompt)
-        caches = [torch.zeros(cache_shape(m, r.max_context)) for _ in range(2 * self.num_layers)]
+        caches = [torch.zeros(cache_shape(m, r.max_context, i)) for i in range(self.num_layers) for _ in "kv"]
         in_names, out_names = static_decoder_io(self.num_layers)
         vision = VisionEncoderProgram(m, image_layout)
-        return [
+        prefill = []
+        if m.decoder_stages():
+            prompt_len = Dim("prompt_len", min=self.image_tokens + 1, max=r.max_prompt)
+            prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context),
+                                  (torch.zeros(1, r.max_prompt, m.config.text.hidden_size), torch.tensor([1]),
+                                   torch.tensor([r.max_prompt - 1])),
+                                  ({1: prompt_len}, None, None), ["inputs_embeds", "image_start", "logits_index"], out_names)]
+        return prefill + [
             ProgramJob("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
             ProgramJob("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
                        ["input_ids"], ["inputs_embeds"]),

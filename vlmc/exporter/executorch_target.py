@@ -12,23 +12,37 @@ from torch.export import Dim, export
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import PROGRAM_PARTS, ExportContext, io_entry
-from vlmc.models_zoo.programs import ExecuTorchDecoder, TokenEmbeddingProgram, VisionEncoderProgram
+from vlmc.models_zoo.programs import ExecuTorchDecoder, ExecuTorchPrefill, TokenEmbeddingProgram, VisionEncoderProgram
 from vlmc.passes.quant import executorch_quant
 
 PTE = "model.pte"
 
 
 def _calibrator(ctx: ExportContext, program: str):
-    """Runs a prepared (observed) program over the calibration set's inputs for it."""
+    """Runs a prepared (observed) program over the calibration set's inputs for it. With a separate
+    text_prefill, the observed text_decoder gets each question's caches from the float prefill first, so
+    its decode steps attend over a real prompt."""
     def run(module):
         cal = ctx.calibration()
         if program == "vision_encoder":
             for img in cal.images:
                 module(torch.from_numpy(img))
-        else:
-            for calls in cal.decoder_calls:
-                for embeds, start in calls:
-                    module(torch.from_numpy(embeds), torch.tensor([start]))
+            return
+        split = ctx.decoder_shape.full_prompt_prefill
+        filler = ExecuTorchPrefill(ctx.target_model("executorch"), ctx.recipe.max_context) if split else None
+        caches = dict(module.named_buffers())
+        for calls, (image_start, _) in zip(cal.decoder_calls, cal.visual_rows):
+            prompt, start = torch.from_numpy(calls[0][0]), torch.tensor([image_start])
+            if program == "text_prefill":
+                module(prompt, start)
+                continue
+            if split:
+                filler(prompt, start)
+                for i in range(ctx.num_layers):
+                    for name in (f"k_cache_{i}", f"v_cache_{i}"):
+                        caches[name].copy_(getattr(filler, name))
+            for embeds, pos in calls[1:] if split else calls:
+                module(torch.from_numpy(embeds), torch.tensor([pos]))
     return run
 
 
@@ -54,6 +68,14 @@ def lower(ctx: ExportContext) -> dict:
         "token_embedding": (TokenEmbeddingProgram, (ids,), ({1: seq},)),
         "text_decoder": (lambda model: ExecuTorchDecoder(model, r.max_context), (embeds, pos), ({1: seq}, None)),
     }
+    shifts = m.cache_shifts()
+    if any(shifts):  # a continuation chunk must fit the shortest cache, whose slots sit max(shift) lower
+        step_len = Dim("seq_len", min=1, max=min(r.max_prompt, r.max_context - max(shifts)))
+        builders["text_decoder"] = (*builders["text_decoder"][:2], ({1: step_len}, None))
+    if m.decoder_stages():  # in-LLM token stages: a full-prompt prefill method sharing the decoder's caches
+        prompt_len = Dim("prompt_len", min=ctx.image_tokens + 1, max=r.max_prompt)
+        builders["text_prefill"] = (lambda model: ExecuTorchPrefill(model, r.max_context),
+                                    (torch.zeros(1, r.max_prompt, c.text.hidden_size), torch.tensor([1])), ({1: prompt_len}, None))
     ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")
     exported, quantized = {}, {}
     with torch.no_grad():
@@ -86,7 +108,10 @@ def lower(ctx: ExportContext) -> dict:
         edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
         program = edge.to_executorch(ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # the KV cache in its own arena, shared by the methods that name it (text_prefill, text_decoder):
+            # the runtime gives host-only methods one activation arena, which the cache must not live in
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     except Exception as e:  # exir raises many error types; the first line names the failing op or pass
         raise VlmcError(f"ExecuTorch lowering failed: {first_line(e)}") from None
@@ -104,10 +129,17 @@ def lower(ctx: ExportContext) -> dict:
                          "inputs": [_io("inputs_embeds", embeds, {1: "seq_len"}), _io("input_pos", pos)],
                          "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]},
     }
+    if "text_prefill" in exported:
+        programs["text_prefill"] = {"file": PTE, "method": "text_prefill",
+                                    "inputs": [io_entry("inputs_embeds", [1, "prompt_len", hidden], "float32"),
+                                               io_entry("image_start", [1], "int64")],
+                                    "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]}
     for name, n in delegated.items():
         programs[name]["delegate_calls"] = n
         if name in quantized:
             programs[name]["quantization"] = quantized[name]
     return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,
-            "constant_methods": constants, "runner": "executorch MultimodalRunner (stock) or vlmc",
+            "constant_methods": constants,
+            "runner": ("vlmc (text_prefill takes the whole prompt)" if "text_prefill" in exported
+                       else "executorch MultimodalRunner (stock) or vlmc"),
             "kv_cache": "mutable buffers [1, max_context, kv_heads, head_dim] via llama::update_cache / llama::custom_sdpa"}

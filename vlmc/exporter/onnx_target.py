@@ -57,7 +57,8 @@ def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
         if job.name == "vision_encoder":
             feeds = [{job.input_names[0]: img} for img in cal.images]
         else:
-            feeds = [dict(zip(job.input_names, inputs)) for inputs in cal.static_decoder_inputs]
+            recorded = cal.static_prefill_inputs if job.name == "text_prefill" else cal.static_decoder_inputs
+            feeds = [dict(zip(job.input_names, inputs)) for inputs in recorded]
     return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds)}
 
 

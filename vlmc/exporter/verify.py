@@ -82,8 +82,14 @@ class Verifier:
         padded = np.zeros((1, mp, self.embeds.shape[2]), np.float32)
         padded[:, :n] = self.embeds
         pos = np.arange(mp, dtype=np.int64)
-        self.prefill_in = [padded, pos[None], pos, np.asarray([n - 1], np.int64), *self.eager._empty_caches()]
-        self.prefill_out = self.eager.call("text_decoder", self.prefill_in)
+        self.image_start = np.asarray([len(p.before)], np.int64)
+        if ctx.decoder_shape.full_prompt_prefill:  # in-LLM token stages: the whole prompt through text_prefill
+            self.prefill_program = "text_prefill"
+            self.prefill_in = [padded, self.image_start, np.asarray([n - 1], np.int64)]
+        else:
+            self.prefill_program = "text_decoder"
+            self.prefill_in = [padded, pos[None], pos, np.asarray([n - 1], np.int64), *self.eager._empty_caches()]
+        self.prefill_out = self.eager.call(self.prefill_program, self.prefill_in)
         self.next_embeds = self.eager.embed([int(np.argmax(self.prefill_out[0][0]))])
         self.step_in = [self.next_embeds, np.asarray([[n]], np.int64), np.asarray([n], np.int64),
                         np.asarray([0], np.int64), *self.prefill_out[1:]]
@@ -101,22 +107,26 @@ class Verifier:
 
     def static_cache(self, target: str, session: Session, image) -> list[dict]:
         rows = self._common(target, session, image)
-        for check, inputs, ref in (("prefill", self.prefill_in, self.prefill_out), ("decode step", self.step_in, self.step_out)):
-            got = session.call("text_decoder", inputs)
-            rows.append(self._check(target, "text_decoder", f"{check} logits", got[0], ref[0]))
-            rows.append(self._check(target, "text_decoder", f"{check} KV cache", np.stack(got[1:]), np.stack(ref[1:])))
+        for program, check, inputs, ref in ((self.prefill_program, "prefill", self.prefill_in, self.prefill_out),
+                                            ("text_decoder", "decode step", self.step_in, self.step_out)):
+            got = session.call(program, inputs)
+            rows.append(self._check(target, program, f"{check} logits", got[0], ref[0]))
+            rows.append(self._check(target, program, f"{check} KV cache", np.concatenate([c.ravel() for c in got[1:]]),
+                                    np.concatenate([c.ravel() for c in ref[1:]])))
         return rows
 
     def executorch(self, session: Session) -> list[dict]:
         rows = self._common("executorch", session, self.sample.image)
         eager = ExecuTorchDecoder(self.ctx.model, self.ctx.recipe.max_context)
         n = self.embeds.shape[1]
-        calls = (("prefill logits", self.embeds, 0), ("decode step logits", self.next_embeds, n))
-        for check, embeds, start in calls:
+        if self.prefill_program == "text_prefill":
+            prefill = ("text_prefill", "prefill logits", eager.prefill, [self.embeds, self.image_start])
+        else:
+            prefill = ("text_decoder", "prefill logits", eager, [self.embeds, np.asarray([0], np.int64)])
+        for program, check, run, inputs in (prefill, ("text_decoder", "decode step logits", eager, [self.next_embeds, np.asarray([n], np.int64)])):
             with torch.no_grad():
-                ref = eager(torch.from_numpy(embeds), torch.tensor([start])).numpy()
-            got = session.call("text_decoder", [embeds, np.asarray([start], np.int64)])[0]
-            rows.append(self._check("executorch", "text_decoder", check, got, ref))
+                ref = run(*(torch.from_numpy(a) for a in inputs)).numpy()
+            rows.append(self._check("executorch", program, check, session.call(program, inputs)[0], ref))
         return rows
 
     def coreml_structure(self, target_entry: dict) -> list[dict]:

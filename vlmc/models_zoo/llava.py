@@ -336,8 +336,35 @@ class DecoderMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-# attend(layer_index, q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,d]) -> [B,T,H*d]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer_index, q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,d], shift) -> [B,T,H*d]; `shift`: how many
+# cache slots before the layer-0 slot this layer's rows sit (image tokens dropped at earlier layers)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class PromptRows:
+    """Where a full prompt's image rows are (a prefill that runs the in-LLM token stages).
+
+    `image_start` [1] int64 (the template fixes it, but a program takes it as an input), `num_image` the
+    image rows (static), `last` [1] int64 the row whose next token is predicted (the query FastV reads).
+    """
+
+    image_start: torch.Tensor
+    num_image: int
+    last: torch.Tensor
+
+
+@dataclass
+class LayerView:
+    """What an in-LLM token stage reads at its layer: the layer's input and output rows, its rotated
+    queries and keys, the image rows' indices [N] and the last prompt row [1]."""
+
+    h_in: torch.Tensor  # [1,T,D]
+    h: torch.Tensor  # [1,T,D]
+    q: torch.Tensor  # [1,H,T,d]
+    k: torch.Tensor  # [1,Hkv,T,d]
+    image_rows: torch.Tensor  # [N]
+    last: torch.Tensor  # [1]
 
 
 class DecoderLayer(nn.Module):
@@ -348,10 +375,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = DecoderMLP(c)
 
-    def forward(self, h, cos, sin, index: int, attend: Attend):
+    def forward(self, h, cos, sin, index: int, attend: Attend, shift: int = 0):
+        """-> (h, q, k): the rotated queries and keys too, for token stages that score with attention."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
-        h = h + self.self_attn.o_proj(attend(index, q, k, v))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.self_attn.o_proj(attend(index, q, k, v, shift))
+        return h + self.mlp(self.post_attention_layernorm(h)), q, k
 
 
 class LanguageModel(nn.Module):
@@ -370,15 +398,36 @@ class LanguageModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, inputs_embeds, position_ids, attend: Attend):
+    def forward(self, inputs_embeds, position_ids, attend: Attend, stages: Optional[dict] = None,
+                prompt: Optional[PromptRows] = None):
+        """Hidden states after the final norm. `stages` {layer: [stage]} are in-LLM token stages: with
+        `prompt` (a full-prompt prefill) each one drops image rows after its layer, the kept rows keep
+        their original positions and the later layers' caches get the compacted rows; without it (a decode
+        step, later text) they only shift the later layers' cache slots by what they dropped."""
+        from vlmc.passes.token.functional import add_int, keep_rows
+
+        stages = stages or {}
         cos, sin = self.rope(position_ids)
-        h = inputs_embeds
-        # the rows' positions, for modules whose weights depend on a row's modality (MASQuant's smoothing:
-        # the image's rows sit at positions the prompt template fixes); cleared after the call
-        self.row_positions = position_ids
+        h, positions, shift = inputs_embeds, position_ids, 0
+        if prompt is not None:
+            n, last = prompt.num_image, prompt.last
         try:
             for i, layer in enumerate(self.layers):
-                h = layer(h, cos, sin, i, attend)
+                # the rows' positions, for modules whose weights depend on a row's modality (MASQuant's
+                # smoothing: the image's rows sit at positions the prompt template fixes)
+                self.row_positions = positions
+                h_in = h
+                h, q, k = layer(h, cos, sin, i, attend, shift)
+                for stage in stages.get(i, ()):
+                    if prompt is None:
+                        shift += stage.dropped
+                        continue
+                    rows = prompt.image_start + torch.arange(n)
+                    kept = stage.select(LayerView(h_in, h, q, k, rows, last))
+                    idx = keep_rows(h.shape[1], prompt.image_start, kept, n)
+                    h, cos, sin = h.index_select(1, idx), cos.index_select(1, idx), sin.index_select(1, idx)
+                    positions = positions.index_select(1, idx)
+                    n, last = kept.shape[0], add_int(last, -stage.dropped)
         finally:
             self.row_positions = None
         return self.norm(h)
@@ -464,12 +513,13 @@ class LlavaModel(nn.Module):
         projector.out). A stage with `wants_block_input = True` at a block also gets the block's input,
         for scores read from that block's attention. A stage with `tracks_size = True` (a merge) takes
         and returns the tokens' sizes too, which the later blocks' attention reads; a stage that does not
-        track sizes cannot follow one inside the vision tower. In-LLM points need per-layer cache lengths
-        and are not insertable yet.
+        track sizes cannot follow one inside the vision tower. At `decoder.layer[i]` a stage is an in-LLM
+        one (`select(LayerView) -> kept image indices`, `dropped` rows): see `LanguageModel.forward`.
         """
         self.resolve(point)
-        if point.startswith("decoder."):
-            raise VlmcError(f"insertion at {point} (inside the LLM) is not supported yet; use a vision point")
+        if point.startswith("decoder.") != hasattr(stage, "dropped") and not getattr(stage, "transparent", False):
+            kind = "an in-LLM stage" if hasattr(stage, "dropped") else "a visual-token stage"
+            raise VlmcError(f"insertion at {point}: {kind} cannot run there")
         block = VISION_POINTS.match(point).group(2)
         if block is not None:
             self._check_size_order(point, int(block), stage)
@@ -506,6 +556,38 @@ class LlavaModel(nn.Module):
                 x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
         return x, size
 
+    def decoder_stages(self) -> dict[int, list[nn.Module]]:
+        """The in-LLM token stages by decoder layer."""
+        out = {}
+        for i in range(self.config.text.num_layers):
+            key = _key(f"decoder.layer[{i}]")
+            if key in self.insertions:
+                out[i] = list(self.insertions[key])
+        return out
+
+    def cache_shifts(self) -> list[int]:
+        """Per decoder layer, the image rows dropped before it: that layer's KV cache is that much shorter
+        and a token at slot s of layer 0 sits at slot s - shift there."""
+        stages, shift, out = self.decoder_stages(), 0, []
+        for i in range(self.config.text.num_layers):
+            out.append(shift)
+            shift += sum(s.dropped for s in stages.get(i, ()))
+        return out
+
+    def dropped_in_llm(self) -> int:
+        """Image rows the in-LLM stages drop in all."""
+        return sum(s.dropped for stages in self.decoder_stages().values() for s in stages)
+
+    def image_rows_in_llm(self) -> int:
+        """The image rows a prompt holds when in-LLM stages exist: what the first of them receives."""
+        stages = self.decoder_stages()
+        first = stages[min(stages)][0]
+        return first.keep + first.dropped
+
+    def run_decoder(self, embeds, position_ids, attend: Attend, prompt: Optional[PromptRows] = None):
+        """The language model with this model's in-LLM stages (see `LanguageModel.forward`)."""
+        return self.language_model(embeds, position_ids, attend, self.decoder_stages(), prompt)
+
     # ----- vision
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 or 0..255 float image [3,H,W] or [B,3,H,W] -> CLIP-normalised float [B,3,H,W]."""
@@ -538,20 +620,26 @@ class LlavaModel(nn.Module):
         return embeds.masked_scatter(mask[..., None], image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, position_ids=None):
-        """Logits [B,T,V] of a whole prompt, no cache (the reference every program is checked against)."""
+        """Logits [B,T',V] of a whole prompt, no cache (the reference every program is checked against);
+        T' = T less the rows in-LLM stages drop (batch 1 then)."""
         image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
         embeds = self.merge_embeddings(input_ids, image_embeds)
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1])[None].expand(embeds.shape[0], -1)
-        logits, _ = self.decode(embeds, position_ids, None)
+        prompt = None
+        if image_embeds is not None and self.decoder_stages():
+            start = (input_ids[0] == self.config.image_token_id).long().argmax()[None]
+            prompt = PromptRows(start, image_embeds.shape[1], torch.tensor([embeds.shape[1] - 1]))
+        logits, _ = self.decode(embeds, position_ids, None, prompt)
         return logits
 
-    def decode(self, embeds, position_ids, past: Optional[list]):
-        """Eager decoding with a growing cache: past = [(k, v)] per layer or None. Returns logits, cache."""
+    def decode(self, embeds, position_ids, past: Optional[list], prompt: Optional[PromptRows] = None):
+        """Eager decoding with a growing cache: past = [(k, v)] per layer or None. Returns logits, cache.
+        `prompt`: this call is a full-prompt prefill, the in-LLM stages drop image rows."""
         n_rep = self.config.text.num_heads // self.config.text.num_kv_heads
         new_past = []
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v, shift):
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
             new_past.append((k, v))
@@ -560,7 +648,7 @@ class LlavaModel(nn.Module):
             out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        h = self.language_model(embeds, position_ids, attend)
+        h = self.run_decoder(embeds, position_ids, attend, prompt)
         return self.lm_head(h), new_past
 
 

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmc.models_zoo.llava import LlavaModel, repeat_kv
+from typing import Optional
+
+from vlmc.models_zoo.llava import LlavaModel, PromptRows, repeat_kv
 
 
 class VisionEncoderProgram(nn.Module):
@@ -49,17 +51,21 @@ class TokenEmbeddingProgram(nn.Module):
         return self.embed_tokens(input_ids)
 
 
-def cache_shape(model: LlavaModel, max_context: int) -> tuple[int, int, int, int]:
+def cache_shape(model: LlavaModel, max_context: int, layer: int = 0) -> tuple[int, int, int, int]:
+    """The static-cache form's cache [1, Hkv, C, d] of one layer: C is shorter by the image rows in-LLM
+    stages dropped before that layer."""
     t = model.config.text
-    return (1, t.num_kv_heads, max_context, t.head_dim)
+    return (1, t.num_kv_heads, max_context - model.cache_shifts()[layer], t.head_dim)
 
 
 class StaticCacheDecoder(nn.Module):
     """(embeds [1,T,D], position_ids [1,T], cache_position [T], logits_index [1], [k_0, v_0, ...])
-    -> (logits [1,V], k_0', v_0', ...), caches [1, Hkv, C, d].
+    -> (logits [1,V], k_0', v_0', ...), caches [1, Hkv, C_i, d].
 
     A query in slot s attends to slots <= s, so right-padding a prompt to T is harmless: padded
     slots lie beyond the last real one and each decode step overwrites its slot before reading it.
+    After in-LLM token stages, layer i's rows sit `shift` slots earlier (its cache is that much shorter)
+    and the positions (RoPE) stay the original ones.
     """
 
     def __init__(self, model: LlavaModel, max_context: int):
@@ -69,14 +75,21 @@ class StaticCacheDecoder(nn.Module):
         self.n_rep = t.num_heads // t.num_kv_heads
 
     def forward(self, inputs_embeds, position_ids, cache_position, logits_index, caches: list[torch.Tensor]):
-        slots = torch.arange(self.max_context, dtype=cache_position.dtype)
-        write = (slots[None, :] == cache_position[:, None]).to(inputs_embeds.dtype)  # [T, C]
-        keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
-        mask = slots[None, :] <= cache_position[:, None]  # [T, C]
-        write_t = write.transpose(0, 1)
+        return self.run(inputs_embeds, position_ids, cache_position, logits_index, caches, None)
+
+    def run(self, inputs_embeds, position_ids, cache_position, logits_index, caches, prompt: Optional[PromptRows]):
+        """`forward`, or with `prompt` a full-prompt prefill that runs the in-LLM token stages."""
         new_caches: list[torch.Tensor] = []
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v, shift):
+            length = caches[2 * i].shape[2]
+            slots = torch.arange(length, dtype=cache_position.dtype)
+            # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
+            position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
+            write = (slots[None, :] == position[:, None]).to(q.dtype)  # [T, C]
+            keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
+            mask = slots[None, :] <= position[:, None]  # [T, C]
+            write_t = write.transpose(0, 1)
             k_all = caches[2 * i] * keep + write_t @ k
             v_all = caches[2 * i + 1] * keep + write_t @ v
             new_caches.extend((k_all, v_all))
@@ -84,16 +97,39 @@ class StaticCacheDecoder(nn.Module):
                 q, repeat_kv(k_all, self.n_rep), repeat_kv(v_all, self.n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        h = self.model.language_model(inputs_embeds, position_ids, attend)
-        last = h.index_select(1, logits_index)  # [1, 1, D]
+        h = self.model.run_decoder(inputs_embeds, position_ids, attend, prompt)
+        dropped = 0 if prompt is None else self.model.dropped_in_llm()
+        last = h.index_select(1, logits_index - dropped)  # [1, 1, D]
         return (self.model.lm_head(last)[:, 0], *new_caches)
+
+
+class StaticCachePrefill(nn.Module):
+    """A full-prompt prefill that runs the in-LLM token stages: (embeds [1,T,D], image_start [1],
+    logits_index [1]) -> (logits [1,V], k_0, v_0, ...), the caches as `StaticCacheDecoder` continues them.
+
+    The decode step must not prune, so bundles with in-LLM stages carry this program beside the decoder.
+    """
+
+    def __init__(self, model: LlavaModel, max_context: int):
+        super().__init__()
+        self.decoder = StaticCacheDecoder(model, max_context)
+        self.model = model
+
+    def forward(self, inputs_embeds, image_start, logits_index):
+        m, t = self.model, inputs_embeds.shape[1]
+        caches = [torch.zeros(cache_shape(m, self.decoder.max_context, i)) for i in range(m.config.text.num_layers) for _ in "kv"]
+        pos = torch.arange(t)
+        prompt = PromptRows(image_start, m.image_rows_in_llm(), logits_index)
+        return self.decoder.run(inputs_embeds, pos[None], pos, logits_index, caches, prompt)
 
 
 class ExecuTorchDecoder(nn.Module):
     """(embeds [1,T,D], input_pos int64 [1] = first slot) -> logits [1,V] of the last token.
 
-    The KV cache is the program's mutable buffers [1, C, Hkv, d], written by `llama::update_cache` and
+    The KV cache is the program's mutable buffers [1, C_i, Hkv, d], written by `llama::update_cache` and
     read by `llama::custom_sdpa` (causal from `start_pos`), as ExecuTorch's MultimodalRunner expects.
+    With in-LLM stages, `prefill` (exported as the `text_prefill` method, sharing the buffers) takes the
+    whole prompt and the image's start row; `forward` then continues with shifted slots in later layers.
     """
 
     def __init__(self, model: LlavaModel, max_context: int):
@@ -102,30 +138,48 @@ class ExecuTorchDecoder(nn.Module):
 
         self.model, self.max_context = model, max_context
         t = model.config.text
-        for i in range(t.num_layers):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(1, max_context, t.num_kv_heads, t.head_dim), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(1, max_context, t.num_kv_heads, t.head_dim), persistent=False)
+        for i, shift in enumerate(model.cache_shifts()):
+            shape = (1, max_context - shift, t.num_kv_heads, t.head_dim)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        seq_len = inputs_embeds.shape[1]
-        start = input_pos[0].item()
-        torch._check(start >= 0)
-        torch._check(start + seq_len <= self.max_context)
-        position_ids = (torch.arange(seq_len) + start)[None]
+    def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows]):
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v, shift):
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, start)
-            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, start)
-            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, start, None, 0, True)
+            slot = start - shift
+            torch._check(slot >= 0)
+            torch._check(slot + q.shape[2] <= k_cache.shape[1])
+            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, slot)
+            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, slot)
+            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
             return out.flatten(2)
 
-        h = self.model.language_model(inputs_embeds, position_ids, attend)
+        h = self.model.run_decoder(inputs_embeds, position_ids, attend, prompt)
         return self.model.lm_head(h[:, -1])
+
+    def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + inputs_embeds.shape[1] <= self.max_context)
+        return self._run(inputs_embeds, start, (torch.arange(inputs_embeds.shape[1]) + start)[None], None)
+
+    def prefill(self, inputs_embeds: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+        last = torch.tensor([inputs_embeds.shape[1] - 1])
+        prompt = PromptRows(image_start, self.model.image_rows_in_llm(), last)
+        return self._run(inputs_embeds, 0, torch.arange(inputs_embeds.shape[1])[None], prompt)
 
     def reset(self) -> None:
         for b in self.buffers():
             b.zero_()
+
+
+class ExecuTorchPrefill(ExecuTorchDecoder):
+    """`ExecuTorchDecoder.prefill` as a program's forward, with the same buffer names, so the two methods
+    of one .pte share their KV cache (exported with share_mutable_buffers)."""
+
+    def forward(self, inputs_embeds: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+        return self.prefill(inputs_embeds, image_start)
 
 
 def cache_names(num_layers: int) -> list[str]:

@@ -44,7 +44,12 @@ def tokens_entering(model, point: str, images) -> list[torch.Tensor]:
 
 
 def tokens_at(model, point: str) -> int:
-    """How many tokens arrive at `point` (used to validate and describe passes)."""
+    """How many visual tokens leave `point` after the stages already there (used to validate and describe
+    passes); inside the LLM, the image rows left after that layer's stages."""
+    if point.startswith("decoder."):
+        layer = int(point.split("[")[1].rstrip("]"))
+        dropped = model.cache_shifts()[layer] + sum(s.dropped for s in model.decoder_stages().get(layer, ()))
+        return tokens_at(model, "projector.out") - dropped
     s = model.config.vision.image_size
     return tokens_entering(model, point, [np.zeros((3, s, s), np.uint8)])[0].shape[1]
 
@@ -83,6 +88,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         params = p.config.model_dump(exclude={"at"})
         records.append({"name": p.name, "at": at, "params": params, "tokens_in": n_in, "tokens_out": n_out,
                         "image_tokens": tokens_at(model, "projector.out"), "reads_text": p.reads_text,
+                        "in_llm": at.startswith("decoder."),
                         "source": p.source, "departures": p.departures})
     return records, plan
 

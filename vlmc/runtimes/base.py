@@ -25,11 +25,21 @@ class DecoderShape:
     hidden_size: int
     max_context: int
     max_prompt: int
+    cache_shifts: tuple = ()  # per layer, image rows in-LLM stages dropped before it (its cache is shorter)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "DecoderShape":
         d = manifest["decoder"]
-        return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"])
+        return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"],
+                   tuple(d.get("cache_shifts", ())))
+
+    @property
+    def full_prompt_prefill(self) -> bool:
+        """In-LLM token stages: the prompt is prefilled whole by `text_prefill`, told where the image starts."""
+        return any(self.cache_shifts)
+
+    def cache_length(self, layer: int) -> int:
+        return self.max_context - (self.cache_shifts[layer] if self.cache_shifts else 0)
 
 
 class Session(ABC):
@@ -50,8 +60,14 @@ class Session(ABC):
         return self.call("token_embedding", [np.asarray([ids], dtype=np.int64)])[0]
 
     @abstractmethod
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        """Start a sequence: embeds [1,T,D] fill cache slots 0..T-1; returns the last token's logits [V]."""
+    def prefill(self, embeds: np.ndarray, image_start: Optional[int] = None) -> np.ndarray:
+        """Start a sequence: embeds [1,T,D] fill cache slots 0..T-1; returns the last token's logits [V].
+        `image_start`: the prompt's first image row, which a bundle with in-LLM token stages needs."""
+
+    def _image_start(self, image_start: Optional[int]) -> np.ndarray:
+        if image_start is None:
+            raise VlmcError("this bundle drops image tokens inside the LLM: its prefill needs the whole prompt and where the image starts")
+        return np.asarray([image_start], np.int64)
 
     @abstractmethod
     def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:
@@ -79,7 +95,7 @@ class StaticCacheSession(Session):
 
     def _empty_caches(self) -> list[np.ndarray]:
         s = self.shape
-        return [np.zeros((1, s.num_kv_heads, s.max_context, s.head_dim), np.float32) for _ in range(2 * s.num_layers)]
+        return [np.zeros((1, s.num_kv_heads, s.cache_length(i), s.head_dim), np.float32) for i in range(s.num_layers) for _ in "kv"]
 
     def _decode(self, embeds, positions, logits_index) -> np.ndarray:
         pos = np.asarray(positions, np.int64)
@@ -87,16 +103,20 @@ class StaticCacheSession(Session):
         self.caches = list(out[1:])
         return out[0][0]
 
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray, image_start: Optional[int] = None) -> np.ndarray:
         t = embeds.shape[1]
         self.check_prompt_length(t)
+        if self.pad_prefill:
+            padded = np.zeros((1, self.shape.max_prompt, embeds.shape[2]), np.float32)
+            padded[:, :t] = embeds
+            embeds = padded
+        last = np.asarray([t - 1], np.int64)
+        if self.shape.full_prompt_prefill:
+            out = self.call("text_prefill", [embeds.astype(np.float32), self._image_start(image_start), last])
+            self.caches = list(out[1:])
+            return out[0][0]
         self.caches = self._empty_caches()
-        if not self.pad_prefill:
-            return self._decode(embeds, range(t), t - 1)
-        p = self.shape.max_prompt
-        padded = np.zeros((1, p, embeds.shape[2]), np.float32)
-        padded[:, :t] = embeds
-        return self._decode(padded, range(p), t - 1)
+        return self._decode(embeds, range(embeds.shape[1]), t - 1)
 
     def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:
         if pos >= self.shape.max_context:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from vlmc.models_zoo.llava import LlavaModel
-from vlmc.models_zoo.programs import StaticCacheDecoder, TokenEmbeddingProgram, VisionEncoderProgram
+from vlmc.models_zoo.programs import StaticCacheDecoder, StaticCachePrefill, TokenEmbeddingProgram, VisionEncoderProgram
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 
 
@@ -19,6 +19,8 @@ class EagerSession(StaticCacheSession):
             "token_embedding": TokenEmbeddingProgram(model),
             "text_decoder": StaticCacheDecoder(model, shape.max_context),
         }
+        if shape.full_prompt_prefill:
+            self.programs["text_prefill"] = StaticCachePrefill(model, shape.max_context)
 
     def call(self, program, inputs):
         args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]

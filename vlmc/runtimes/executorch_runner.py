@@ -29,7 +29,8 @@ class ExecuTorchSession(Session):
         self._torch = torch
         try:
             self.program = Runtime.get().load_program(str(pte), enable_etdump=profile_ops, debug_buffer_size=0)
-            self.methods = {m: self.program.load_method(m) for m in METHODS}
+            methods = METHODS + (("text_prefill",) if shape.full_prompt_prefill else ())
+            self.methods = {m: self.program.load_method(m) for m in methods}
         except Exception as e:  # the pybindings raise RuntimeError with the runtime's error code
             raise VlmcError(f"ExecuTorch cannot load {pte}: {first_line(e)}") from None
 
@@ -37,8 +38,10 @@ class ExecuTorchSession(Session):
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
         return [o.numpy().copy() for o in self.methods[program].execute(args)]
 
-    def prefill(self, embeds):
+    def prefill(self, embeds, image_start=None):
         self.check_prompt_length(embeds.shape[1])
+        if self.shape.full_prompt_prefill:
+            return self.call("text_prefill", [embeds.astype(np.float32), self._image_start(image_start)])[0][0]
         return self.call("text_decoder", [embeds.astype(np.float32), np.asarray([0], np.int64)])[0][0]
 
     def step(self, embeds, pos):

@@ -27,7 +27,7 @@ def generate(session: Session, prompt: PromptIds, image_u8: np.ndarray, max_new_
         parts.append(session.embed(prompt.after))
     gen.embed_ms = _ms(t0)
     t0 = time.perf_counter()
-    logits = session.prefill(np.concatenate(parts, axis=1))
+    logits = session.prefill(np.concatenate(parts, axis=1), image_start=len(prompt.before))
     gen.prefill_ms = _ms(t0)
     gen.first_logits = logits
     pos = len(prompt)

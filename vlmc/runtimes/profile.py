@@ -76,8 +76,8 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     progress(f"{runtime}: token_embedding x{iterations}")
     programs["token_embedding"] = _bench(lambda: [session.embed(ids) for ids in (prompt.before, prompt.after) if ids], warmup, iterations)
     progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
-    programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds), warmup, iterations), "tokens": len(prompt)}
-    token = int(np.argmax(session.prefill(embeds)))
+    programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations), "tokens": len(prompt)}
+    token = int(np.argmax(session.prefill(embeds, len(prompt.before))))
     token_embeds = session.embed([token])
     progress(f"{runtime}: text_decoder decode step x{iterations}")
     programs["text_decoder.decode"] = {**_bench(lambda: session.step(token_embeds, len(prompt)), warmup, iterations), "tokens": 1}

@@ -24,6 +24,7 @@ class Calibration:
     images: list[np.ndarray] = field(default_factory=list)  # uint8 [3,H,W]
     decoder_calls: list[list[tuple[np.ndarray, int]]] = field(default_factory=list)  # per question: (embeds [1,T,D], start)
     static_decoder_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_decoder inputs, in call order
+    static_prefill_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_prefill's (in-LLM token stages)
     visual_rows: list[tuple[int, int]] = field(default_factory=list)  # per question: the image tokens' rows [a, b)
     source: dict = field(default_factory=dict)
 
@@ -62,15 +63,15 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
     from vlmc.runtimes.eager_runner import EagerSession
 
     class RecordingSession(EagerSession):
-        """Keeps the text_decoder inputs the static-cache generation loop produces."""
+        """Keeps the text_decoder (and text_prefill) inputs the static-cache generation loop produces."""
 
         def __init__(self, *args):
             super().__init__(*args)
-            self.recorded: list[list[np.ndarray]] = []
+            self.recorded: dict[str, list[list[np.ndarray]]] = {"text_decoder": [], "text_prefill": []}
 
         def call(self, program, inputs):
-            if program == "text_decoder":
-                self.recorded.append([np.array(a) for a in inputs])
+            if program in self.recorded:
+                self.recorded[program].append([np.array(a) for a in inputs])
             return super().call(program, inputs)
 
     options, c = recipe.calibration, model.config
@@ -88,7 +89,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
         parts = ([session.embed(p.before)] if p.before else []) + [session.vision(q.image)] + ([session.embed(p.after)] if p.after else [])
         embeds = np.concatenate(parts, axis=1)
         calls = [(embeds, 0)]
-        logits = session.prefill(embeds)
+        logits = session.prefill(embeds, image_start=len(p.before))
         pos = embeds.shape[1]
         for _ in range(DECODE_STEPS):
             step = session.embed([int(np.argmax(logits))])
@@ -99,7 +100,8 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
         cal.decoder_calls.append(calls)
         a = len(p.before)
         cal.visual_rows.append((a, a + image_tokens))
-    cal.static_decoder_inputs = session.recorded
+    cal.static_decoder_inputs = session.recorded["text_decoder"]
+    cal.static_prefill_inputs = session.recorded["text_prefill"]
     return cal
 
 

@@ -234,3 +234,70 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
     dom = gather_tokens(tokens, dom_idx)
     ctx_idx = torch.argmax(is_target, dim=-1)
     return torch.cat([dom, ctx], dim=1), torch.cat([dom_idx, ctx_idx], dim=1)
+
+
+# ---------------------------------------------------------------- inside the LLM (one prompt, rows [T])
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest of scores [N], ascending indices [k] (ties to the lower index)."""
+    return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices, scores.shape[-1])[0]
+
+
+def add_int(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x + c for an integer tensor, with c as a tensor: PT2E's prepare turns scalar operands of add into
+    float constants, which would make index arithmetic float."""
+    return x + torch.full_like(x, c)
+
+
+def keep_rows(length, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices of a prompt of `length` rows after dropping image rows: the rows before the image
+    (which starts at `start` [1]), the kept image rows (`kept` [R], ascending, into the n image rows),
+    the rows after. One comparison per output row, so the image's start may be a program input."""
+    r = kept.shape[0]
+    j = torch.arange(length - (n - r))
+    inside = kept.index_select(0, (j - start).clamp(0, r - 1)) + start
+    return torch.where(j < start, j, torch.where(j < add_int(start, r), inside, add_int(j, n - r)))
+
+
+def query_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of chosen query rows over all rows, averaged over heads: q [1,H,T,d], k [1,Hkv,T,d]
+    (grouped heads share keys), queries [Q] row indices, visible [Q,T] bool (what each may see) -> [Q,T]."""
+    h, hkv = q.shape[1], k.shape[1]
+    keys = k[:, :, None].expand(-1, -1, h // hkv, -1, -1).reshape(1, h, k.shape[2], k.shape[3])
+    scores = (q.index_select(2, queries) @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [1,H,Q,T]
+    scores = torch.where(visible[None, None], scores, torch.full_like(scores, -1e4))
+    return torch.softmax(scores, dim=-1).mean(dim=1)[0]
+
+
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """FastV's score: the attention the last prompt row pays each image row [N] (causal: rows <= last)."""
+    visible = (torch.arange(q.shape[2]) <= last)[None]
+    return query_attention(q, k, last, visible)[0].index_select(0, image_rows)
+
+
+def instruction_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The attention the text rows after the image (the instruction, up to `last`) pay each image row,
+    averaged over those rows [N]. Every row is scored as a query and the instruction rows are picked by a
+    mask, so the instruction's length may vary."""
+    t = q.shape[2]
+    rows = torch.arange(t)
+    visible = rows[None, :] <= rows[:, None]  # causal [T,T]
+    attn = query_attention(q, k, rows, visible)  # [T,T]
+    end = image_rows[-1:]
+    instruction = ((rows > end) & (rows <= last)).to(attn.dtype)  # [T]
+    weights = instruction / instruction.sum().clamp_min(1.0)
+    return (weights @ attn).index_select(0, image_rows)
+
+
+def variation(h_in: torch.Tensor, h: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """V2Drop's score: how far a layer moved each image row, ‖h - h_in‖ / ‖h_in‖ [N]."""
+    a, b = h_in[0].index_select(0, image_rows), h[0].index_select(0, image_rows)
+    return (b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-6)
+
+
+def transition(h_in: torch.Tensor, h: torch.Tensor, image_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much a layer changed each image row: (relative magnitude change |‖h‖ - ‖h_in‖| / ‖h_in‖,
+    direction change 1 - cos(h, h_in)), each [N]."""
+    a, b = h_in[0].index_select(0, image_rows), h[0].index_select(0, image_rows)
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    return (nb - na).abs() / na.clamp_min(1e-6), 1.0 - (a * b).sum(-1) / (na * nb).clamp_min(1e-6)

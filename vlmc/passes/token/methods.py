@@ -380,3 +380,130 @@ class ToMe(TokenPass):
 
     def place(self, model, tokens_in, calibration=None):
         return [(f"vision.block[{i}]", ToMeStage(model.resolve(f"vision.block[{i}]"), self.config.r)) for i in self._blocks(model)]
+
+
+# ---------------------------------------------------------------- inside the LLM
+
+class LayerKeepConfig(PassConfig):
+    at: str = Field("decoder.layer[1]", description="decoder.layer[L]: the image rows are dropped after layer L "
+                                                    "(FastV's K = L + 1)")
+    keep: int = Field(..., ge=1, description="image tokens the later layers keep (static)")
+
+
+def _layer(at: str) -> int:
+    return int(at.split("[")[1].rstrip("]"))
+
+
+class LayerStage(nn.Module):
+    """An in-LLM stage: after its layer keeps `keep` of the image rows (`select(view)` -> ascending
+    indices into them); `dropped` is static, so every later layer's cache is that much shorter."""
+
+    def __init__(self, keep: int, tokens_in: int):
+        super().__init__()
+        self.keep, self.dropped = keep, tokens_in - keep
+
+
+class LayerPass(TokenPass):
+    """A method acting inside the LLM on a full-prompt prefill (the vlmc runner's `text_prefill`)."""
+
+    points = ("decoder.layer",)
+    reads_text = True
+    Config = LayerKeepConfig
+
+    def check(self, tokens_in, grid, model):
+        last = model.config.text.num_layers - 1
+        for layer in self.layers():
+            if layer >= last:
+                raise VlmcError(f"pass {self.name}: parameter 'at': decoder.layer[{layer}] is the last layer, dropping "
+                                f"tokens after it saves nothing (use decoder.layer[0..{last - 1}])")
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+    def layers(self) -> list[int]:
+        return [_layer(self.config.at)]
+
+
+class LastTokenAttentionStage(LayerStage):
+    def select(self, view):
+        return T.top_indices(T.last_token_attention(view.q, view.k, view.image_rows, view.last), self.keep)
+
+
+@register
+class FastV(LayerPass):
+    """FastV: after layer L keep the image tokens the last prompt token attends to most (mean over heads)."""
+
+    name = "fastv"
+    source = "FastV (Chen et al., ECCV 2024)"
+    departures = ("R is a token count fixed at export (the paper's ratio at K=2 is keep = 50% of 576); the score "
+                  "is layer L's own attention row, so `at: decoder.layer[L]` is the paper's K = L + 1")
+
+    def stage(self, model, point_module, tokens_in):
+        return LastTokenAttentionStage(self.config.keep, tokens_in)
+
+
+class V2DropConfig(LayerKeepConfig):
+    steps: int = Field(1, ge=1, description="consecutive layers from `at` that drop tokens, the count shrinking "
+                                            "geometrically to `keep` (progressive dropping)")
+
+
+class VariationStage(LayerStage):
+    def select(self, view):
+        return T.top_indices(T.variation(view.h_in, view.h, view.image_rows), self.keep)
+
+
+@register
+class V2Drop(LayerPass):
+    """V2Drop: drop the image tokens whose representation a layer changed least, progressively."""
+
+    name = "v2drop"
+    source = "V2Drop, variation-aware vision token dropping (CVPR 2026 seed notes)"
+    departures = ("the variation is the relative L2 change ‖h_L - h_{L-1}‖ / ‖h_{L-1}‖ of the token across layer L; "
+                  "the per-layer counts are fixed at export (geometric from the image's tokens to `keep`)")
+    Config = V2DropConfig
+
+    def layers(self):
+        first = _layer(self.config.at)
+        return list(range(first, first + self.config.steps))
+
+    def place(self, model, tokens_in, calibration=None):
+        n, keep, steps = tokens_in, self.config.keep, self.config.steps
+        counts = [round(n * (keep / n) ** (j / steps)) for j in range(1, steps)] + [keep]
+        placed = []
+        for layer, count in zip(self.layers(), counts):
+            if count >= n:
+                raise VlmcError(f"pass {self.name}: parameter 'steps': {steps} steps from {tokens_in} to {keep} tokens "
+                                "leave a step that drops nothing (use fewer steps)")
+            placed.append((f"decoder.layer[{layer}]", VariationStage(count, n)))
+            n = count
+        return placed
+
+
+class TransPruneConfig(LayerKeepConfig):
+    instruction_weight: float = Field(1.0, ge=0.0, description="weight of the instruction-guided attention against "
+                                                               "the token transition variation")
+
+
+class TransitionStage(LayerStage):
+    def __init__(self, keep, tokens_in, instruction_weight):
+        super().__init__(keep, tokens_in)
+        self.instruction_weight = instruction_weight
+
+    def select(self, view):
+        magnitude, direction = T.transition(view.h_in, view.h, view.image_rows)
+        unit = lambda s: s / s.amax().clamp_min(1e-12)  # noqa: E731
+        attention = T.instruction_attention(view.q, view.k, view.image_rows, view.last)
+        return T.top_indices(unit(magnitude) + unit(direction) + self.instruction_weight * unit(attention), self.keep)
+
+
+@register
+class TransPrune(LayerPass):
+    """TransPrune: token transition variation (magnitude and direction change across a layer) plus the
+    instruction's attention to each image token."""
+
+    name = "transprune"
+    source = "TransPrune (token transition pruning, CVPR 2026 seed notes)"
+    departures = ("one dropping layer with a static count (the paper prunes progressively); the two parts of the "
+                  "transition variation and the instruction attention are each scaled to max 1 and summed")
+    Config = TransPruneConfig
+
+    def stage(self, model, point_module, tokens_in):
+        return TransitionStage(self.config.keep, tokens_in, self.config.instruction_weight)

@@ -1,0 +1,183 @@
+"""Token methods inside the LLM (FastV, V2Drop, TransPrune): the full-prompt prefill drops image rows after a
+decoder layer, later layers keep shorter caches, kept rows keep their original positions, and the decode
+step continues consistently on every target."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmc import api, passes
+from vlmc.errors import VlmcError
+from vlmc.models_zoo import load
+from vlmc.models_zoo.llava import LayerView, PromptRows
+from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
+from vlmc.passes.token import functional as T
+from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage
+
+TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+IN_LLM = {
+    "fastv": {"name": "fastv", "at": "decoder.layer[0]", "keep": 5},
+    "v2drop": {"name": "v2drop", "at": "decoder.layer[0]", "keep": 5},
+    "transprune": {"name": "transprune", "at": "decoder.layer[0]", "keep": 5},
+}
+
+
+# ---------------------------------------------------------------- the scorers' defining properties
+
+def _view(t=12, n=6, start=3, last=9, heads=4, kv_heads=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, heads, t, d, generator=g), torch.randn(1, kv_heads, t, d, generator=g)
+    h_in, h = torch.randn(1, t, 16, generator=g), torch.randn(1, t, 16, generator=g)
+    return LayerView(h_in, h, q, k, start + torch.arange(n), torch.tensor([last]))
+
+
+def test_fastv_keeps_the_image_rows_the_last_token_attends_to_most():
+    v = _view()
+    v.k[:, :, 10:] = 50.0 * v.q[:, ::2, 9:10]  # rows after `last` (padding) would dominate if seen
+    probs = []
+    for head in range(4):  # brute force: each head's softmax over the rows the last token sees
+        scores = torch.stack([v.q[0, head, 9] @ v.k[0, head // 2, j] / 8 ** 0.5 for j in range(10)])
+        probs.append(torch.softmax(scores, 0))
+    mean = torch.stack(probs).mean(0)[3:9]
+    expected = sorted(torch.topk(mean, 3).indices.tolist())
+    assert LastTokenAttentionStage(3, 6).select(v).tolist() == expected
+
+
+def test_v2drop_keeps_the_rows_a_layer_changed_most():
+    v = _view()
+    change = [((v.h[0, r] - v.h_in[0, r]).norm() / v.h_in[0, r].norm()).item() for r in range(3, 9)]
+    assert VariationStage(2, 6).select(v).tolist() == sorted(np.argsort(change)[-2:].tolist())
+
+
+def test_instruction_attention_reads_only_the_text_after_the_image():
+    v = _view()
+    base = T.instruction_attention(v.q, v.k, v.image_rows, v.last)
+    v.q[:, :, :9] += 5.0 * torch.randn(1, 4, 9, 8)  # rows before the instruction: no effect
+    v.q[:, :, 10:] += 5.0 * torch.randn(1, 4, 2, 8)  # rows after the last: no effect
+    torch.testing.assert_close(T.instruction_attention(v.q, v.k, v.image_rows, v.last), base)
+    v.q[:, :, 9] += 1.0  # the instruction row itself does change it
+    assert not torch.allclose(T.instruction_attention(v.q, v.k, v.image_rows, v.last), base)
+    assert TransitionStage(2, 6, 1.0).select(v).shape == (2,)
+
+
+def test_keep_rows_keeps_text_and_the_kept_image_rows_in_order():
+    rows = T.keep_rows(10, torch.tensor([2]), torch.tensor([1, 3]), 5)
+    assert rows.tolist() == [0, 1, 3, 5, 7, 8, 9]
+
+
+# ---------------------------------------------------------------- the model and its programs
+
+@pytest.fixture(scope="module")
+def fastv_model(tiny_ckpt):
+    m = load(str(tiny_ckpt)).model.eval()
+    passes.apply(m, [IN_LLM["fastv"]])
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[12, 14, 4] + [4] * 15 + [5, 6, 7, 8, 13, 14]])  # USER : <image>x16 what color is the ASSISTANT :
+    return m, ids, torch.randn(1, 3, 32, 32, generator=g)
+
+
+def test_kept_rows_keep_their_original_positions(fastv_model):
+    """The pruned forward equals: layer 0 on the whole prompt, then the kept rows alone, at their original
+    RoPE positions, through the rest of the model with plain causal attention."""
+    m, ids, pixels = fastv_model
+    lm, n_rep = m.language_model, 2
+    with torch.no_grad():
+        pruned = m(ids, pixels)[0, -1]
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        t = embeds.shape[1]
+        pos = torch.arange(t)[None]
+
+        def causal(i, q, k, v, shift):
+            k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+        cos, sin = lm.rope(pos)
+        h, q, k = lm.layers[0](embeds, cos, sin, 0, causal)
+        scores = T.last_token_attention(q, k, 2 + torch.arange(16), torch.tensor([t - 1]))
+        image_kept = 2 + torch.sort(torch.topk(scores, 5).indices).values
+        rows = torch.cat([torch.arange(2), image_kept, torch.arange(18, t)])
+        cos, sin = lm.rope(pos[:, rows])
+        h, _, _ = lm.layers[1](h[:, rows], cos, sin, 1, causal)
+        expected = m.lm_head(lm.norm(h))[0, -1]
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_and_decode_programs_continue_the_pruned_caches(fastv_model):
+    m, ids, pixels = fastv_model
+    assert m.cache_shifts() == [0, 11]
+    with torch.no_grad():
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        t = embeds.shape[1]
+        prompt = PromptRows(torch.tensor([2]), 16, torch.tensor([t - 1]))
+        ref_logits, past = m.decode(embeds, torch.arange(t)[None], None, prompt)  # growing caches, torch.cat
+        assert [p[0].shape[2] for p in past] == [t, t - 11]
+        padded = torch.cat([embeds, torch.zeros(1, 4, embeds.shape[2])], 1)  # Core ML's padded prefill
+        out = StaticCachePrefill(m, 40)(padded, torch.tensor([2]), torch.tensor([t - 1]))
+        assert [c.shape[2] for c in out[1:]] == [40, 40, 29, 29]
+        torch.testing.assert_close(out[0][0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+        et = ExecuTorchDecoder(m, 40)
+        torch.testing.assert_close(et.prefill(embeds, torch.tensor([2]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+        caches, decoder = list(out[1:]), StaticCacheDecoder(m, 40)
+        for step in range(3):
+            nxt = m.language_model.embed_tokens(ref_logits[:, -1].argmax(-1, keepdim=True))
+            p = t + step
+            ref_logits, past = m.decode(nxt, torch.tensor([[p]]), past)
+            got, *caches = decoder(nxt, torch.tensor([[p]]), torch.tensor([p]), torch.tensor([0]), caches)
+            torch.testing.assert_close(got[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(et(nxt, torch.tensor([p]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bundles
+
+@pytest.fixture(scope="module", params=[m if m == "fastv" else pytest.param(m, marks=pytest.mark.slow) for m in IN_LLM])
+def in_llm_bundle(request, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("in_llm") / request.param
+    return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
+                        "prompt_template": TEMPLATE, "passes": [IN_LLM[request.param]]}, out)
+
+
+def test_in_llm_method_exports_and_verifies_on_every_target(in_llm_bundle):
+    m = in_llm_bundle.manifest
+    (p,) = m["passes"]
+    assert (p["tokens_in"], p["tokens_out"], p["in_llm"]) == (16, 5, True)
+    assert m["prompt"]["num_image_tokens"] == 16  # the prompt holds the whole image; the LLM drops rows
+    assert m["decoder"]["cache_shifts"] == [0, 11] and m["decoder"]["cache_lengths"] == [48, 37]
+    assert m["runner"].startswith("vlmc")
+    for target in ("onnx", "executorch", "coreml"):
+        assert "text_prefill" in m["targets"][target]["programs"]
+    checked = {(r["target"], r["program"]) for r in m["verification"]["results"]}
+    assert {("onnx", "text_prefill"), ("executorch", "text_prefill"), ("coreml", "text_prefill")} <= checked
+    assert all(r["passed"] for r in m["verification"]["results"])
+
+
+def test_in_llm_method_gives_the_same_tokens_on_every_runtime(in_llm_bundle, sample_image):
+    tokens = {rt: api.run(in_llm_bundle.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
+              for rt in ("eager", "onnxruntime", "executorch")}
+    assert len(tokens["eager"]) == 6 and tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+
+
+@pytest.mark.slow
+def test_in_llm_method_with_static_int8_verifies(tiny_ckpt, calibration_jsonl, tmp_path):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "calibration": {"dataset": str(calibration_jsonl), "n": 8},
+                     "passes": [IN_LLM["fastv"], {"name": "w8a8"}]}, tmp_path / "q")
+    assert {"text_prefill", "text_decoder"} <= set(b.manifest["targets"]["onnx"]["programs"])
+    assert b.manifest["targets"]["executorch"]["programs"]["text_prefill"]["quantization"]["scheme"] == "w8a8"
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ({"name": "fastv", "keep": 5, "at": "decoder.layer[1]"}, "decoder.layer[1] is the last layer"),
+    ({"name": "fastv", "keep": 16, "at": "decoder.layer[0]"}, "'keep': 16 must be below the 16 tokens"),
+    ({"name": "fastv", "keep": 5, "at": "projector.out"}, "not a place this method works"),
+    ({"name": "fastv", "keep": 5, "at": "decoder.layer[5]"}, "unknown insertion point"),
+    ({"name": "v2drop", "keep": 15, "steps": 2, "at": "decoder.layer[0]"}, "decoder.layer[1] is the last layer"),
+    ({"name": "divprune", "keep": 5, "at": "decoder.layer[0]"}, "not a place this method works"),
+])
+def test_bad_in_llm_parameters_are_refused_before_export(tiny_ckpt, tmp_path, spec, fragment):
+    with pytest.raises(VlmcError, match=re.escape(fragment)):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE, "passes": [spec]}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
