@@ -21,7 +21,9 @@ IN_LLM = {
     "fastv": {"name": "fastv", "at": "decoder.layer[0]", "keep": 5},
     "v2drop": {"name": "v2drop", "at": "decoder.layer[0]", "keep": 5},
     "transprune": {"name": "transprune", "at": "decoder.layer[0]", "keep": 5},
+    "duet": {"name": "duet", "at": "decoder.layer[0]", "dominant": 7, "contextual": 3, "keep": 5},
 }
+PROMPT_IMAGE_TOKENS = {"duet": 10}  # its vision stage shrinks the image before the LLM; the others keep 16
 
 
 # ---------------------------------------------------------------- the scorers' defining properties
@@ -141,9 +143,10 @@ def in_llm_bundle(request, tiny_ckpt, tmp_path_factory):
 def test_in_llm_method_exports_and_verifies_on_every_target(in_llm_bundle):
     m = in_llm_bundle.manifest
     (p,) = m["passes"]
+    n = PROMPT_IMAGE_TOKENS.get(p["name"], 16)
     assert (p["tokens_in"], p["tokens_out"], p["in_llm"]) == (16, 5, True)
-    assert m["prompt"]["num_image_tokens"] == 16  # the prompt holds the whole image; the LLM drops rows
-    assert m["decoder"]["cache_shifts"] == [0, 11] and m["decoder"]["cache_lengths"] == [48, 37]
+    assert m["prompt"]["num_image_tokens"] == n  # the prompt holds the image as the LLM gets it; the LLM drops rows
+    assert m["decoder"]["cache_shifts"] == [0, n - 5] and m["decoder"]["cache_lengths"] == [48, 48 - n + 5]
     assert m["runner"].startswith("vlmc")
     for target in ("onnx", "executorch", "coreml"):
         assert "text_prefill" in m["targets"][target]["programs"]
@@ -156,6 +159,17 @@ def test_in_llm_method_gives_the_same_tokens_on_every_runtime(in_llm_bundle, sam
     tokens = {rt: api.run(in_llm_bundle.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
               for rt in ("eager", "onnxruntime", "executorch")}
     assert len(tokens["eager"]) == 6 and tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+
+
+def test_a_pre_llm_pass_chains_with_an_in_llm_one(tiny_ckpt, tmp_path, sample_image):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "passes": [{"name": "divprune", "keep": 10}, IN_LLM["fastv"]]}, tmp_path / "c")
+    assert [(p["name"], p["tokens_in"], p["tokens_out"]) for p in b.manifest["passes"]] == [("divprune", 16, 10), ("fastv", 10, 5)]
+    assert b.manifest["decoder"]["cache_shifts"] == [0, 5]
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=4)["tokens"]
+              for rt in ("eager", "onnxruntime")}
+    assert tokens["eager"] == tokens["onnxruntime"]
 
 
 @pytest.mark.slow
@@ -175,6 +189,7 @@ def test_in_llm_method_with_static_int8_verifies(tiny_ckpt, calibration_jsonl, t
     ({"name": "fastv", "keep": 5, "at": "decoder.layer[5]"}, "unknown insertion point"),
     ({"name": "v2drop", "keep": 15, "steps": 2, "at": "decoder.layer[0]"}, "decoder.layer[1] is the last layer"),
     ({"name": "divprune", "keep": 5, "at": "decoder.layer[0]"}, "not a place this method works"),
+    ({"name": "duet", "keep": 9, "dominant": 6, "contextual": 3, "at": "decoder.layer[0]"}, "'keep': 9 must be below the vision stage's 9"),
 ])
 def test_bad_in_llm_parameters_are_refused_before_export(tiny_ckpt, tmp_path, spec, fragment):
     with pytest.raises(VlmcError, match=re.escape(fragment)):

@@ -252,7 +252,7 @@ def evaluate(target, runtime, dataset, split, count, as_json):
 
 @cli.command()
 @click.option("--model", "-m", default="shapes-llava", show_default=True)
-@click.option("--methods", default="random,pooling,divprune,tfps,score,coin,docprune,visionzip,tome,fastv,v2drop,transprune", show_default=True,
+@click.option("--methods", default="random,pooling,divprune,tfps,score,coin,docprune,visionzip,tome,fastv,v2drop,transprune,duet", show_default=True,
               help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static)")
 @click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
 @click.option("--quant", "quant", multiple=True,

@@ -28,6 +28,9 @@ def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> d
         return {"name": "tome", "at": "vision.block[0]", "r": math.ceil((tokens - keep) / blocks)}
     if method == "pooling":
         return {"name": "pooling", "keep": max(1, math.isqrt(keep)) ** 2}
+    if method == "duet":  # its vision stage keeps twice the tokens, the LLM stage the rest of the way
+        vision = min(2 * keep, tokens - 1)
+        return {"name": "duet", "keep": keep, "dominant": vision - max(1, vision // 6), "contextual": max(1, vision // 6)}
     if method == "visionzip":
         contextual = max(1, keep // 6)
         return {"name": "visionzip", "dominant": keep - contextual, "contextual": contextual}

@@ -284,7 +284,7 @@ def instruction_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Te
     visible = rows[None, :] <= rows[:, None]  # causal [T,T]
     attn = query_attention(q, k, rows, visible)  # [T,T]
     end = image_rows[-1:]
-    instruction = ((rows > end) & (rows <= last)).to(attn.dtype)  # [T]
+    instruction = (rows > end).to(attn.dtype) * (rows <= last).to(attn.dtype)  # [T] (no bool `and`: Core ML)
     weights = instruction / instruction.sum().clamp_min(1.0)
     return (weights @ attn).index_select(0, image_rows)
 

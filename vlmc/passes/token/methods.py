@@ -489,7 +489,7 @@ class TransitionStage(LayerStage):
 
     def select(self, view):
         magnitude, direction = T.transition(view.h_in, view.h, view.image_rows)
-        unit = lambda s: s / s.amax().clamp_min(1e-12)  # noqa: E731
+        unit = lambda s: s / s.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
         attention = T.instruction_attention(view.q, view.k, view.image_rows, view.last)
         return T.top_indices(unit(magnitude) + unit(direction) + self.instruction_weight * unit(attention), self.keep)
 
@@ -507,3 +507,65 @@ class TransPrune(LayerPass):
 
     def stage(self, model, point_module, tokens_in):
         return TransitionStage(self.config.keep, tokens_in, self.config.instruction_weight)
+
+
+class InstructionAttentionStage(LayerStage):
+    def select(self, view):
+        return T.top_indices(T.instruction_attention(view.q, view.k, view.image_rows, view.last), self.keep)
+
+
+class V2VDominantStage(nn.Module):
+    """DUET's vision stage at the feature-layer block: dominant tokens by the attention the patches pay
+    each other (V2V), the rest merged into contextual tokens."""
+
+    wants_block_input = True
+
+    def __init__(self, block, dominant: int, contextual: int):
+        super().__init__()
+        self.attn, self.norm = block.self_attn, block.layer_norm1
+        self.dominant, self.contextual = dominant, contextual
+
+    def forward(self, x, x_in):
+        h = self.norm(x_in)[:, 1:]  # patches only (CLS kept aside)
+        q, k = self.attn.heads(h, self.attn.q_proj), self.attn.heads(h, self.attn.k_proj)
+        received = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(dim=(1, 2))  # [B, N]
+        reduced, _ = T.dominant_and_contextual(x[:, 1:], received, k.mean(dim=1), self.dominant, self.contextual)
+        return torch.cat([x[:, :1], reduced], dim=1)
+
+
+class DuetConfig(V2DropConfig):
+    dominant: int = Field(..., ge=1, description="vision stage: tokens kept by V2V attention")
+    contextual: int = Field(..., ge=1, description="vision stage: merged tokens made of the rest")
+
+
+@register
+class DuetVLM(V2Drop):
+    """DUET-VLM: a vision stage (V2V-attention dominant tokens + merged contextual tokens, at the feature
+    layer) and an LLM stage (the instruction's attention to the image rows, hierarchically over `steps` layers)."""
+
+    name = "duet"
+    source = "DUET-VLM, dual-stage unified efficient token reduction (CVPR 2026 seed notes)"
+    departures = ("the contextual tokens join their most key-similar target (VisionZip's merge) rather than "
+                  "attention-guided local clusters; T2V attention is the instruction rows' mean softmax attention; "
+                  "every count is fixed at export")
+    Config = DuetConfig
+
+    def check(self, tokens_in, grid, model):
+        super().check(tokens_in, grid, model)
+        c, n = self.config, model.config.num_image_tokens
+        if model.config.vision_feature_select_strategy != "default":
+            raise VlmcError("pass duet: needs a model whose features drop the CLS token (select strategy 'default')")
+        if tokens_in != n:
+            raise VlmcError(f"pass duet: its vision stage needs all {n} image tokens, but {tokens_in} arrive (use it alone)")
+        if c.dominant + c.contextual >= n:
+            raise VlmcError(f"pass duet: parameters 'dominant' + 'contextual' = {c.dominant + c.contextual} must be below the {n} patch tokens")
+        if c.keep >= c.dominant + c.contextual:
+            raise VlmcError(f"pass duet: parameter 'keep': {c.keep} must be below the vision stage's "
+                            f"{c.dominant + c.contextual} tokens (dominant + contextual)")
+
+    def place(self, model, tokens_in, calibration=None):
+        c = self.config
+        block = f"vision.block[{model.config.num_vision_layers_run - 1}]"
+        vision = (block, V2VDominantStage(model.resolve(block), c.dominant, c.contextual))
+        return [vision] + [(point, InstructionAttentionStage(stage.keep, stage.keep + stage.dropped))
+                           for point, stage in super().place(model, c.dominant + c.contextual, calibration)]
