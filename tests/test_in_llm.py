@@ -22,6 +22,7 @@ IN_LLM = {
     "v2drop": {"name": "v2drop", "at": "decoder.layer[0]", "keep": 5},
     "transprune": {"name": "transprune", "at": "decoder.layer[0]", "keep": 5},
     "duet": {"name": "duet", "at": "decoder.layer[0]", "dominant": 7, "contextual": 3, "keep": 5},
+    "hawk": {"name": "hawk", "at": "decoder.layer[0]", "keep": 5, "head_weights": [0.4, 0.3, 0.2, 0.1]},
 }
 PROMPT_IMAGE_TOKENS = {"duet": 10}  # its vision stage shrinks the image before the LLM; the others keep 16
 
@@ -62,6 +63,31 @@ def test_instruction_attention_reads_only_the_text_after_the_image():
     v.q[:, :, 9] += 1.0  # the instruction row itself does change it
     assert not torch.allclose(T.instruction_attention(v.q, v.k, v.image_rows, v.last), base)
     assert TransitionStage(2, 6, 1.0).select(v).shape == (2,)
+
+
+def test_hawk_head_importance_is_zero_for_a_head_the_output_ignores(fastv_model):
+    from vlmc.passes.token.methods import head_importance
+
+    m, ids, pixels = fastv_model
+    with torch.no_grad():
+        prompts = [(m.merge_embeddings(ids, m.encode_image(pixels)), 2, ids.shape[1] - 1)]
+        o_proj = m.language_model.layers[0].self_attn.o_proj.weight
+        saved = o_proj.clone()
+        o_proj[:, 2 * 16: 3 * 16] = 0.0  # head 2 (head_dim 16) no longer reaches the residual stream
+        try:
+            w = head_importance(m, 0, prompts)
+        finally:
+            o_proj.copy_(saved)
+    assert w[2] == 0 and (w[[0, 1, 3]] > 0).all() and abs(float(w.sum()) - 1) < 1e-6
+
+
+def test_hawk_calibrates_its_head_weights_into_the_recipe(tiny_ckpt, calibration_jsonl, tmp_path):
+    spec = {k: v for k, v in IN_LLM["hawk"].items() if k != "head_weights"}
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "calibration": {"dataset": str(calibration_jsonl), "n": 4}, "passes": [spec]}, tmp_path / "h")
+    w = b.manifest["recipe"]["passes"][0]["head_weights"]
+    assert len(w) == 4 and abs(sum(w) - 1) < 1e-4 and min(w) >= 0
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
 
 
 def test_keep_rows_keeps_text_and_the_kept_image_rows_in_order():
@@ -189,6 +215,7 @@ def test_in_llm_method_with_static_int8_verifies(tiny_ckpt, calibration_jsonl, t
     ({"name": "fastv", "keep": 5, "at": "decoder.layer[5]"}, "unknown insertion point"),
     ({"name": "v2drop", "keep": 15, "steps": 2, "at": "decoder.layer[0]"}, "decoder.layer[1] is the last layer"),
     ({"name": "divprune", "keep": 5, "at": "decoder.layer[0]"}, "not a place this method works"),
+    ({"name": "hawk", "keep": 5, "at": "decoder.layer[0]", "head_weights": [1, 0]}, "'head_weights': needs 4 non-negative"),
     ({"name": "duet", "keep": 9, "dominant": 6, "contextual": 3, "at": "decoder.layer[0]"}, "'keep': 9 must be below the vision stage's 9"),
 ])
 def test_bad_in_llm_parameters_are_refused_before_export(tiny_ckpt, tmp_path, spec, fragment):

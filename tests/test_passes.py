@@ -15,13 +15,16 @@ METHODS = {
     "score": {"name": "score", "keep": 6},
     "coin": {"name": "coin", "keep": 6},
     "docprune": {"name": "docprune", "keep": 6},
+    "apet": {"name": "apet", "keep": 6},
+    "zooprune": {"name": "zooprune", "keep": 6},
+    "vlmpruner": {"name": "vlmpruner", "keep": 6},
     "visionzip": {"name": "visionzip", "dominant": 4, "contextual": 3},
     "tome": {"name": "tome", "at": "vision.block[0]", "r": 3},
 }
 TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
 
 
-SLOW = {"score", "coin", "docprune"}  # the seed methods' conformance: -m slow keeps the default run short
+SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner"}  # the seed methods' conformance: -m slow keeps the default run short
 
 
 @pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(METHODS)])

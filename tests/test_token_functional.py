@@ -147,3 +147,47 @@ def test_docprune_keeps_the_tokens_unlike_the_border_background():
     assert border.sum() == 16 and border[12] == 0
     _, idx = T.select_topk(tokens, T.foreground_scores(tokens, border), 3)
     assert idx[0].tolist() == objects
+
+
+def test_apet_keeps_the_token_worst_reconstructed_from_those_kept():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 30, 8)
+    order = T.greedy_residual(feats, 6)[0].tolist()
+    assert len(set(order)) == 6
+    for step in range(1, 6):
+        basis = feats[0, order[:step]].T  # [D, step]
+        error = [(feats[0, i] - basis @ torch.linalg.lstsq(basis, feats[0, i]).solution).norm().item()
+                 if i not in order[:step] else -1.0 for i in range(30)]
+        assert order[step] == max(range(30), key=error.__getitem__), step
+
+
+def test_zoo_sensitivity_is_the_projectors_finite_difference_response():
+    torch.manual_seed(0)
+    a = torch.randn(5, 8)
+    directions = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    x = torch.randn(1, 4, 8)
+    linear = lambda t: t @ a.T  # noqa: E731  (a linear projector moves every token alike: mean ‖A u‖)
+    sens = T.projector_sensitivity(x, linear(x), linear, directions, 0.1)
+    torch.testing.assert_close(sens, (directions @ a.T).norm(dim=-1).mean().expand(1, 4))
+    relu = lambda t: torch.relu(t @ a.T)  # noqa: E731
+    dead = (torch.linalg.pinv(a) @ torch.full((5,), -50.0))[None, None]  # every projected unit at -50
+    x = torch.cat([x, dead], dim=1)
+    sens = T.projector_sensitivity(x, relu(x), relu, directions, 0.1)
+    assert sens[0, -1] == 0 and (sens[0, :-1] > 0).all()
+
+
+def test_vlm_pruner_takes_the_best_token_outside_the_buffer_each_step():
+    torch.manual_seed(0)
+    scores = torch.rand(1, 36)
+    ys, xs = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    coords = torch.stack([xs, ys], -1).reshape(-1, 2).float()
+    dist = torch.cdist(coords, coords)
+    order = T.buffered_spread(scores, dist, 12, buffer=2.0)[0].tolist()
+    assert order[0] == int(scores.argmax()) and len(set(order)) == 12
+    for step in range(1, 12):
+        nearest = dist[:, order[:step]].min(dim=1).values
+        for tier in (2.0, 1.0, 0.0):
+            free = [i for i in range(36) if i not in order[:step] and nearest[i] >= tier]
+            if free:
+                assert order[step] == max(free, key=lambda i: float(scores[0, i])), step
+                break

@@ -17,7 +17,7 @@ from vlmc.exporter.context import ExportContext
 from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
 from vlmc.models_zoo import LoadedModel, load
 from vlmc.passes.quant import QuantPlan, coreml_quant
-from vlmc.passes.quant.calibration import calibration_images, check_source
+from vlmc.passes.quant.calibration import CalibrationSource, check_source
 from vlmc.recipe import Recipe
 
 LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower}
@@ -39,8 +39,7 @@ def prepare(recipe: Recipe) -> Prepared:
     """
     passes.validate(recipe.passes)
     loaded = load(recipe.model)
-    image_size = loaded.config.vision.image_size
-    records, plan = passes.apply(loaded.model, recipe.passes, lambda: calibration_images(recipe.calibration, image_size))
+    records, plan = passes.apply(loaded.model, recipe.passes, CalibrationSource(recipe, loaded.tokenizer, loaded.config))
     image_tokens = passes.tokens_at(loaded.model, "projector.out")
     # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
     resolved = [{"name": r["name"], "at": r["at"], **r["params"]} for r in records]

@@ -69,7 +69,7 @@ def canonical_point(model, point: str) -> str:
 def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant.QuantPlan]:
     """Insert the recipe's token passes in order and plan its quantization passes (which the targets
     apply after the token passes, whatever their place in the list); return what the manifest records
-    about each token pass, and the plan. `calibration()` gives the calibration images, for passes
+    about each token pass, and the plan. `calibration` (a CalibrationSource) gives the calibration data, for passes
     that fix their choice from data."""
     built = [registry.build(spec) for spec in specs]
     plan = quant.plan(model, [p for p in built if p.kind == "quant"])

@@ -58,6 +58,31 @@ def calibration_images(options, image_size: int) -> list[np.ndarray]:
     return [q.image for q in _questions(options, image_size)]
 
 
+class CalibrationSource:
+    """The recipe's calibration questions, for token passes that fix a choice from data: calling it gives
+    the images (uint8 [3,H,W]); `prompts(model)` the whole prompts as `model`, with the stages inserted so
+    far, embeds them: (embeds [1,T,D], the first image row, the last row)."""
+
+    def __init__(self, recipe, tokenizer, config):
+        self.options, self.template, self.tokenizer, self.config = recipe.calibration, recipe.prompt_template, tokenizer, config
+
+    def __call__(self) -> list[np.ndarray]:
+        return calibration_images(self.options, self.config.vision.image_size)
+
+    def prompts(self, model) -> list[tuple[torch.Tensor, int, int]]:
+        check_source(self.options)
+        c, out = self.config, []
+        with torch.no_grad():
+            for q in _questions(self.options, c.vision.image_size):
+                unknown = self.tokenizer.unknown_words(q.question)
+                if unknown:
+                    raise VlmcError(f"calibration {q.where}: words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
+                image = model.encode_image(model.normalize(torch.from_numpy(q.image)))
+                p = self.tokenizer.prompt(self.template, q.question, image.shape[1], c.image_token_id, c.text.bos_token_id)
+                out.append((model.merge_embeddings(torch.tensor([p.ids]), image), len(p.before), len(p) - 1))
+        return out
+
+
 def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
     """Run the eager model over the calibration questions and record every program's inputs."""
     from vlmc.runtimes.eager_runner import EagerSession

@@ -166,6 +166,51 @@ def greedy_log_det(features: torch.Tensor, quality: torch.Tensor, k: int) -> tor
     return torch.stack(chosen, dim=1)
 
 
+def greedy_residual(features: torch.Tensor, k: int) -> torch.Tensor:
+    """ApET's selection: each step keeps the token worst reconstructed as a linear combination of the tokens
+    already kept (the largest residual after projecting onto their span), by incremental Gram-Schmidt
+    (column-pivoted QR), matmuls and gathers only. Indices in selection order [B, k]."""
+    b, n, _ = features.shape
+    residual = features
+    taken = torch.zeros(b, n, dtype=features.dtype)
+    chosen = []
+    for _ in range(k):
+        norms = residual.norm(dim=-1)
+        j = torch.argmax(tie_break(norms * (1 - taken) - taken), dim=-1)  # kept tokens score -1
+        chosen.append(j)
+        taken = taken + one_hot(j, n, features.dtype)
+        u = gather_tokens(residual, j[:, None])  # [B, 1, D]: the new direction
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        residual = residual - (residual @ u.transpose(1, 2)) @ u
+    return torch.stack(chosen, dim=1)
+
+
+def buffered_spread(scores: torch.Tensor, grid_dist: torch.Tensor, k: int, buffer: float) -> torch.Tensor:
+    """VLM-Pruner's selection: starting from the highest score, each step takes the best-scoring token at
+    least `buffer` grid cells from every token kept so far; when none is left that far, half the buffer,
+    then any token. scores [B, N] in [0, 1], grid_dist [N, N] the tokens' distances on the patch grid (a
+    constant). Indices in selection order [B, k]."""
+    b, n = scores.shape
+    taken = torch.zeros(b, n, dtype=scores.dtype)
+    nearest = torch.full((b, n), float(n), dtype=scores.dtype)  # grid distance to the closest kept token
+    chosen = []
+    for _ in range(k):
+        tier = (nearest >= buffer).to(scores.dtype) + (nearest >= buffer / 2).to(scores.dtype)  # 2, 1 or 0
+        j = torch.argmax(tie_break(scores + 2.0 * tier - 8.0 * taken), dim=-1)
+        chosen.append(j)
+        taken = taken + one_hot(j, n, scores.dtype)
+        nearest = torch.minimum(nearest, grid_dist.index_select(0, j))
+    return torch.stack(chosen, dim=1)
+
+
+def projector_sensitivity(tokens: torch.Tensor, projected: torch.Tensor, projector, directions: torch.Tensor, eps) -> torch.Tensor:
+    """ZOO-Prune's zeroth-order sensitivity: how far the projector's output (`projected` = P(tokens)) moves
+    per unit step of a token's input along fixed random unit directions [M, D]: ‖P(x + eps u) - P(x)‖ / eps
+    averaged over them [B, N] (no gradients: forward passes only)."""
+    moves = [(projector(tokens + eps * u) - projected).norm(dim=-1) / eps for u in directions]
+    return torch.stack(moves, 0).mean(0)
+
+
 def pooling_matrix(grid: int, out: int) -> torch.Tensor:
     """[out*out, grid*grid] averaging matrix of an adaptive average pool over a square token grid."""
     rows = []
@@ -259,14 +304,19 @@ def keep_rows(length, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.
     return torch.where(j < start, j, torch.where(j < add_int(start, r), inside, add_int(j, n - r)))
 
 
-def query_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of chosen query rows over all rows, averaged over heads: q [1,H,T,d], k [1,Hkv,T,d]
-    (grouped heads share keys), queries [Q] row indices, visible [Q,T] bool (what each may see) -> [Q,T]."""
+def query_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, visible: torch.Tensor,
+                    head_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of chosen query rows over all rows, averaged over heads (or weighted by
+    `head_weights` [H], summing to 1): q [1,H,T,d], k [1,Hkv,T,d] (grouped heads share keys), queries [Q]
+    row indices, visible [Q,T] bool (what each may see) -> [Q,T]."""
     h, hkv = q.shape[1], k.shape[1]
     keys = k[:, :, None].expand(-1, -1, h // hkv, -1, -1).reshape(1, h, k.shape[2], k.shape[3])
     scores = (q.index_select(2, queries) @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [1,H,Q,T]
     scores = torch.where(visible[None, None], scores, torch.full_like(scores, -1e4))
-    return torch.softmax(scores, dim=-1).mean(dim=1)[0]
+    attn = torch.softmax(scores, dim=-1)
+    if head_weights is None:
+        return attn.mean(dim=1)[0]
+    return (attn * head_weights[None, :, None, None]).sum(dim=1)[0]
 
 
 def last_token_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -275,14 +325,15 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Ten
     return query_attention(q, k, last, visible)[0].index_select(0, image_rows)
 
 
-def instruction_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def instruction_attention(q: torch.Tensor, k: torch.Tensor, image_rows: torch.Tensor, last: torch.Tensor,
+                          head_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The attention the text rows after the image (the instruction, up to `last`) pay each image row,
     averaged over those rows [N]. Every row is scored as a query and the instruction rows are picked by a
     mask, so the instruction's length may vary."""
     t = q.shape[2]
     rows = torch.arange(t)
     visible = rows[None, :] <= rows[:, None]  # causal [T,T]
-    attn = query_attention(q, k, rows, visible)  # [T,T]
+    attn = query_attention(q, k, rows, visible, head_weights)  # [T,T]
     end = image_rows[-1:]
     instruction = (rows > end).to(attn.dtype) * (rows <= last).to(attn.dtype)  # [T] (no bool `and`: Core ML)
     weights = instruction / instruction.sum().clamp_min(1.0)

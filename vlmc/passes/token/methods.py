@@ -226,6 +226,104 @@ class SCoRe(SelectPass):
         return WeightedCenterStage(self.config.keep, self.config.salience_power)
 
 
+class ResidualStage(SelectingStage):
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def select(self, x):
+        idx = T.ascending(T.greedy_residual(x, self.keep), x.shape[1])
+        return T.gather_tokens(x, idx), idx
+
+
+@register
+class ApET(SelectPass):
+    """ApET: keep the tokens the kept set approximates worst; each greedy step adds the token with the
+    largest linear-approximation (reconstruction) error from the tokens already kept."""
+
+    name = "apet"
+    source = "ApET, approximation-error token selection (CVPR 2026 seed notes)"
+    departures = ("the error is the least-squares residual onto the span of the kept tokens (column-pivoted QR), "
+                  "first pick the largest token; no learned or text part; k fixed at export")
+
+    def stage(self, model, point_module, tokens_in):
+        return ResidualStage(self.config.keep)
+
+
+class ZooConfig(SelectConfig):
+    at: str = "vision.out"
+    directions: int = Field(2, ge=1, description="random directions of the zeroth-order estimate (fixed at export)")
+    eps: float = Field(0.05, gt=0.0, description="finite-difference step, relative to the tokens' mean norm")
+    seed: int = 0
+
+
+class SensitivityStage(SelectingStage):
+    def __init__(self, keep: int, projector: nn.Module, directions: torch.Tensor, eps: float):
+        super().__init__()
+        self.keep, self.projector, self.eps = keep, projector, eps
+        self.register_buffer("directions", directions)
+
+    def select(self, x):
+        projected = self.projector(x)
+        sens = T.projector_sensitivity(x, projected, self.projector, self.directions, self.eps * x.norm(dim=-1).mean())
+        weights = sens / sens.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+        idx = T.ascending(T.farthest_point(projected, self.keep, weights=weights), x.shape[1])
+        return T.gather_tokens(x, idx), idx
+
+
+@register
+class ZooPrune(SelectPass):
+    """ZOO-Prune: sensitivity through the projector, estimated zeroth-order (finite differences along random
+    directions), times diversity: a weighted k-center on the projected tokens weighted by sensitivity."""
+
+    name = "zooprune"
+    source = "ZOO-Prune, zeroth-order sensitivity x diversity (CVPR 2026 seed notes)"
+    departures = ("a fixed set of seeded random directions (the same in every runtime) and a step relative to the "
+                  "tokens' mean norm; diversity is SCoRe's weighted k-center on cosine distance; k fixed at export")
+    Config = ZooConfig
+    points = ("vision.out",)
+
+    def stage(self, model, point_module, tokens_in):
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed)
+        directions = F.normalize(torch.randn(c.directions, model.config.vision.hidden_size, generator=g), dim=-1)
+        return SensitivityStage(c.keep, model.multi_modal_projector, directions, c.eps)
+
+
+class VLMPrunerConfig(SelectConfig):
+    buffer: float = Field(2.0, gt=0.0, description="minimum grid distance between kept tokens (halved, then dropped, "
+                                                   "when no token is left that far)")
+
+
+class SpreadStage(SelectingStage):
+    def __init__(self, keep: int, coords: torch.Tensor, buffer: float):
+        super().__init__()
+        self.keep, self.buffer = keep, buffer
+        self.register_buffer("grid_dist", torch.cdist(coords, coords))
+
+    def select(self, x):
+        idx = T.ascending(T.buffered_spread(T.salience(x), self.grid_dist, self.keep, self.buffer), x.shape[1])
+        return T.gather_tokens(x, idx), idx
+
+
+@register
+class VLMPruner(SelectPass):
+    """VLM-Pruner: centrifugal selection, from the most salient token outwards, with a spatial buffer that
+    keeps the kept tokens sparse over the image (relaxed when the buffer leaves no candidate)."""
+
+    name = "vlmpruner"
+    source = "VLM-Pruner, centrifugal token selection with buffered spatial sparsity (CVPR 2026 seed notes)"
+    departures = ("importance is SCoRe's salience (cosine distance from the mean token); the buffer is relaxed in "
+                  "two tiers (half, then none) instead of adaptively; k fixed at export")
+    Config = VLMPrunerConfig
+    needs_grid = True
+
+    def stage(self, model, point_module, tokens_in):
+        grid = math.isqrt(tokens_in)
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        return SpreadStage(self.config.keep, torch.stack([xs, ys], -1).reshape(-1, 2).float(), self.config.buffer)
+
+
 class CoInConfig(SelectConfig):
     informativeness: float = Field(2.0, ge=0.0, description="theta in quality = exp(theta x salience) (0: coverage only)")
 
@@ -569,3 +667,76 @@ class DuetVLM(V2Drop):
         vision = (block, V2VDominantStage(model.resolve(block), c.dominant, c.contextual))
         return [vision] + [(point, InstructionAttentionStage(stage.keep, stage.keep + stage.dropped))
                            for point, stage in super().place(model, c.dominant + c.contextual, calibration)]
+
+
+def head_importance(model, layer: int, prompts) -> torch.Tensor:
+    """How much each attention head of decoder `layer` matters to the answer: the mean KL divergence of the
+    last prompt token's next-token distribution when that head's output is zeroed, over calibration
+    prompts; normalised to sum to 1 [H] (uniform if no head matters)."""
+    t = model.config.text
+    n_rep = t.num_heads // t.num_kv_heads
+
+    def answer(embeds, head=None):
+        def attend(i, q, k, v, shift):
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), is_causal=True)
+            if i == layer and head is not None:
+                out = out * (torch.arange(t.num_heads) != head).to(out.dtype)[None, :, None, None]
+            return out.transpose(1, 2).flatten(2)
+
+        h = model.language_model(embeds, torch.arange(embeds.shape[1])[None], attend)
+        return torch.log_softmax(model.lm_head(h[:, -1]), dim=-1)[0]
+
+    kl = torch.zeros(t.num_heads, dtype=torch.float64)
+    with torch.no_grad():
+        for embeds, _, last in prompts:
+            ref = answer(embeds[:, : last + 1])
+            for head in range(t.num_heads):
+                kl[head] += (ref.exp() * (ref - answer(embeds[:, : last + 1], head))).sum().double()
+    total = kl.sum()
+    return (kl / total if total > 0 else torch.full_like(kl, 1.0 / t.num_heads)).float()
+
+
+class HawkConfig(LayerKeepConfig):
+    head_weights: Optional[list[float]] = Field(None, description="per-head importance of the layer (calibrated over the "
+                                                                  "calibration questions when not given)")
+
+
+class HeadWeightedStage(LayerStage):
+    def __init__(self, keep, tokens_in, head_weights: torch.Tensor):
+        super().__init__(keep, tokens_in)
+        self.register_buffer("head_weights", head_weights)
+
+    def select(self, view):
+        attention = T.instruction_attention(view.q, view.k, view.image_rows, view.last, self.head_weights)
+        return T.top_indices(attention, self.keep)
+
+
+@register
+class Hawk(LayerPass):
+    """HAWK: the instruction's attention to each image row at layer L, its heads weighted by an importance
+    calibrated offline (how much the answer changes without the head)."""
+
+    name = "hawk"
+    source = "HAWK, head-importance-weighted text-to-image attention (CVPR 2026 seed notes)"
+    departures = ("head importance is the mean KL of the answer distribution when the head is zeroed, over the "
+                  "calibration questions (a closed form for the paper's offline calibration); the weights are written "
+                  "into the bundle's recipe, so it rebuilds without the data")
+    Config = HawkConfig
+
+    def check(self, tokens_in, grid, model):
+        super().check(tokens_in, grid, model)
+        w, heads = self.config.head_weights, model.config.text.num_heads
+        if w is not None and (len(w) != heads or min(w) < 0 or sum(w) <= 0):
+            raise VlmcError(f"pass hawk: parameter 'head_weights': needs {heads} non-negative weights, not all zero")
+
+    def stage(self, model, point_module, tokens_in):
+        w = torch.tensor(self.config.head_weights, dtype=torch.float32)
+        return HeadWeightedStage(self.config.keep, tokens_in, w / w.sum())
+
+    def place(self, model, tokens_in, calibration=None):
+        if self.config.head_weights is None:
+            if calibration is None:
+                raise VlmcError("pass hawk: needs calibration questions (recipe 'calibration') or 'head_weights'")
+            w = head_importance(model, _layer(self.config.at), calibration.prompts(model))
+            self.config = self.config.model_copy(update={"head_weights": [round(float(x), 6) for x in w]})
+        return super().place(model, tokens_in, calibration)
