@@ -396,11 +396,15 @@ class VisionZipStage(nn.Module):
         self.attn, self.norm = block.self_attn, block.layer_norm1
         self.dominant, self.contextual = dominant, contextual
 
+    def dominance(self, h):
+        """(each patch's dominance score [B, N], its key averaged over heads [B, N, d]) from the block's
+        normalised input h [B, 1+N, D]: here the CLS token's attention, summed over heads."""
+        cls_attn = self.attn.cls_attention(h).sum(dim=1)[:, 1:]  # CLS column dropped
+        return cls_attn, self.attn.heads(h, self.attn.k_proj).mean(dim=1)[:, 1:]
+
     def forward(self, x, x_in):
-        h = self.norm(x_in)
-        cls_attn = self.attn.cls_attention(h).sum(dim=1)[:, 1:]  # [B, N]: summed over heads, CLS column dropped
-        keys = self.attn.heads(h, self.attn.k_proj).mean(dim=1)[:, 1:]  # [B, N, d]: averaged over heads
-        reduced, _ = T.dominant_and_contextual(x[:, 1:], cls_attn, keys, self.dominant, self.contextual)
+        scores, keys = self.dominance(self.norm(x_in))
+        reduced, _ = T.dominant_and_contextual(x[:, 1:], scores, keys, self.dominant, self.contextual)
         return torch.cat([x[:, :1], reduced], dim=1)
 
 
@@ -612,23 +616,14 @@ class InstructionAttentionStage(LayerStage):
         return T.top_indices(T.instruction_attention(view.q, view.k, view.image_rows, view.last), self.keep)
 
 
-class V2VDominantStage(nn.Module):
+class V2VDominantStage(VisionZipStage):
     """DUET's vision stage at the feature-layer block: dominant tokens by the attention the patches pay
-    each other (V2V), the rest merged into contextual tokens."""
+    each other (V2V: received attention, mean over patch queries and heads), the rest merged."""
 
-    wants_block_input = True
-
-    def __init__(self, block, dominant: int, contextual: int):
-        super().__init__()
-        self.attn, self.norm = block.self_attn, block.layer_norm1
-        self.dominant, self.contextual = dominant, contextual
-
-    def forward(self, x, x_in):
-        h = self.norm(x_in)[:, 1:]  # patches only (CLS kept aside)
+    def dominance(self, h):
+        h = h[:, 1:]  # patches only
         q, k = self.attn.heads(h, self.attn.q_proj), self.attn.heads(h, self.attn.k_proj)
-        received = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(dim=(1, 2))  # [B, N]
-        reduced, _ = T.dominant_and_contextual(x[:, 1:], received, k.mean(dim=1), self.dominant, self.contextual)
-        return torch.cat([x[:, :1], reduced], dim=1)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(dim=(1, 2)), k.mean(dim=1)
 
 
 class DuetConfig(V2DropConfig):
