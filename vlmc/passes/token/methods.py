@@ -643,6 +643,10 @@ class DuetVLM(V2Drop):
                   "every count is fixed at export")
     Config = DuetConfig
 
+    @classmethod
+    def acts_at(cls):
+        return ["vision.block (the feature layer's)", "decoder.layer"]
+
     def check(self, tokens_in, grid, model):
         super().check(tokens_in, grid, model)
         c, n = self.config, model.config.num_image_tokens
