@@ -182,7 +182,7 @@ def test_vlm_pruner_takes_the_best_token_outside_the_buffer_each_step():
     ys, xs = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
     coords = torch.stack([xs, ys], -1).reshape(-1, 2).float()
     dist = torch.cdist(coords, coords)
-    order = T.buffered_spread(scores, dist, 12, buffer=2.0)[0].tolist()
+    order = T.buffered_spread(scores, T.spread_tiers(dist, 2.0), 12)[0].tolist()
     assert order[0] == int(scores.argmax()) and len(set(order)) == 12
     for step in range(1, 12):
         nearest = dist[:, order[:step]].min(dim=1).values
@@ -191,3 +191,28 @@ def test_vlm_pruner_takes_the_best_token_outside_the_buffer_each_step():
             if free:
                 assert order[step] == max(free, key=lambda i: float(scores[0, i])), step
                 break
+
+
+def _graph_nodes(fn, *args) -> int:
+    class Wrap(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    return sum(n.op == "call_function" for n in torch.export.export(Wrap(), args).graph.nodes)
+
+
+def test_greedy_selections_cost_few_graph_nodes_a_step():
+    """Selection cost on a small encoder is per-node dispatch: each extra kept token adds 3 exported nodes to
+    the max-min loop (argmax, row gather, minimum) and 15 to the residual loop (its rank-1 update)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 50, 16), torch.rand(1, 50)
+    tiers = T.spread_tiers(torch.cdist(torch.rand(50, 2), torch.rand(50, 2)), 0.3)
+    per_step = {
+        "divprune": lambda k: _graph_nodes(lambda f: T.farthest_point(f, k), x),
+        "score": lambda k: _graph_nodes(lambda f, s: T.farthest_point(f, k, weights=s), x, w),
+        "vlmpruner": lambda k: _graph_nodes(lambda s, t: T.buffered_spread(s, t, k), w, tiers),
+        "apet": lambda k: _graph_nodes(lambda f: T.greedy_residual(f, k), x),
+    }
+    for name, nodes in per_step.items():
+        step = (nodes(12) - nodes(2)) / 10
+        assert step <= (15 if name == "apet" else 3), (name, step)

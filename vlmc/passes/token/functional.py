@@ -16,15 +16,21 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- helpers
 
-def tie_break(scores: torch.Tensor) -> torch.Tensor:
+def tie_break(scores: torch.Tensor, dim=-1) -> torch.Tensor:
     """Scores with equal values ordered by index (lower first) on every runtime.
 
     topk's order among equal values is not specified the same way by every backend; a tiny
-    index-proportional offset, scaled to the scores' range, makes the order part of the data.
+    index-proportional offset, scaled to the scores' range over `dim`, makes the order part of the data.
     """
+    return scores - tie_offsets(scores, dim)
+
+
+def tie_offsets(scores: torch.Tensor, dim=-1) -> torch.Tensor:
+    """The index-proportional offsets `tie_break` subtracts (a constant per column, so it can be folded
+    once into a score that a greedy loop then updates)."""
     n = scores.shape[-1]
-    span = scores.abs().amax(dim=-1, keepdim=True) + 1.0
-    return scores - torch.arange(n, dtype=scores.dtype) * (span * 1e-6 / n)
+    span = scores.abs().amax(dim=dim, keepdim=True) + 1.0
+    return torch.arange(n, dtype=scores.dtype) * (span * 1e-6 / n)
 
 
 def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -44,8 +50,14 @@ def ascending(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(key, idx.shape[-1], dim=-1).indices
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit L2 norm along the last dim (F.normalize without its Expand node, which costs as much
+    as the division in an exported graph)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
-    x = F.normalize(x, dim=-1)
+    x = unit(x)
     return x @ x.transpose(-1, -2)
 
 
@@ -85,7 +97,7 @@ def most_selected(selections: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def salience(tokens: torch.Tensor) -> torch.Tensor:
     """How much each token stands out from the image as a whole: its cosine distance from the mean token,
     scaled to [0, 1] per image [B, N] (objects over a busy background score high)."""
-    d = 1.0 - (F.normalize(tokens, dim=-1) * F.normalize(tokens.mean(dim=1, keepdim=True), dim=-1)).sum(-1)
+    d = 1.0 - (unit(tokens) * unit(tokens.mean(dim=1, keepdim=True))).sum(-1)
     return d / d.amax(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
@@ -100,7 +112,39 @@ def foreground_scores(tokens: torch.Tensor, border: torch.Tensor) -> torch.Tenso
     """DocPrune's background removal: the background prototype is the mean of the border tokens; a token
     scores by its cosine distance from it [B, N] (background patches score near 0)."""
     proto = (border[None, :, None] * tokens).sum(1, keepdim=True) / border.sum()
-    return 1.0 - (F.normalize(tokens, dim=-1) * F.normalize(proto, dim=-1)).sum(-1)
+    return 1.0 - (unit(tokens) * unit(proto)).sum(-1)
+
+
+def row_lookup(matrix: torch.Tensor, batch: int):
+    """A function idx [B, 1] -> row idx[b] of each matrix[b] [B, 1, M] (matrix [B, N, M], or [N, M] shared by
+    the batch): one embedding gather on rows flattened once, the cheapest step a greedy loop can have in an
+    exported graph (per-node dispatch, not arithmetic, is what a 196-token selection costs)."""
+    rows = matrix.reshape(-1, matrix.shape[-1])
+    if matrix.dim() == 2 or batch == 1:
+        return lambda idx: F.embedding(idx, rows)
+    offsets = (torch.arange(batch) * matrix.shape[1])[:, None]
+    return lambda idx: F.embedding(idx + offsets, rows)
+
+
+def greedy_max_min(score: torch.Tensor | None, matrix: torch.Tensor, k: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """The loop of the max-min selections: each step takes the argmax of score [B, N] and lowers every score
+    to at most the chosen token's row of `matrix`, so a token's score is the minimum over the kept tokens
+    (with `first` [B] given, the first pick is it and the score starts as its row). Three graph nodes a
+    step: argmax, gather, minimum (argmax returns the first maximum on every runtime). Indices in
+    selection order [B, k]."""
+    row = row_lookup(matrix, (first if score is None else score).shape[0])
+    chosen = []
+    if first is not None:
+        chosen.append(first[:, None])
+        score = row(chosen[0])
+    else:
+        score = score[:, None, :]  # [B, 1, N]
+    while len(chosen) < k:
+        j = torch.argmax(score, dim=-1)  # [B, 1]
+        chosen.append(j)
+        if len(chosen) < k:
+            score = torch.minimum(score, row(j))
+    return torch.cat(chosen, dim=1)
 
 
 def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = None, cosine: bool = True,
@@ -109,27 +153,28 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
     with `weights` [B, N], the weighted k-center of SCoRe: the largest weight x distance.
 
     Distance is 1 - cosine similarity (or Euclidean); `first` [B] is the starting token (default: the
-    heaviest token, or the one farthest from the mean). Returns the chosen indices in selection order [B, k].
+    heaviest token, or the one farthest from the mean); weights lie in [0, 1]. The weights and the tie-break
+    offsets are folded into the distance matrix's columns once (min over kept rows commutes with both), so
+    each step is an argmax, a row gather and a minimum. Returns the chosen indices in selection order [B, k].
     """
     b, n, _ = features.shape
-    if cosine:
-        dist = 1.0 - cosine_similarity_matrix(features)
-    else:
-        sq = (features * features).sum(-1)
-        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0.0).sqrt()
     if first is None and weights is not None:
         first = torch.argmax(tie_break(weights), dim=-1)
     elif first is None:
         centre = features.mean(dim=1, keepdim=True)
         first = torch.argmax(tie_break(((features - centre) ** 2).sum(-1)), dim=-1)
-    chosen = [first]
-    min_dist = torch.gather(dist, 1, first[:, None, None].expand(b, 1, n))[:, 0]  # [B, N]
-    for _ in range(k - 1):
-        nxt = torch.argmax(tie_break(min_dist if weights is None else min_dist * weights), dim=-1)
-        chosen.append(nxt)
-        d = torch.gather(dist, 1, nxt[:, None, None].expand(b, 1, n))[:, 0]
-        min_dist = torch.minimum(min_dist, d)
-    return torch.stack(chosen, dim=1)
+    if cosine:  # distance in [0, 2], weights in [0, 1]: the tie-break offsets are a constant [N]
+        sim = cosine_similarity_matrix(features)
+        offsets = torch.arange(n, dtype=features.dtype) * (3e-6 / n)
+        dist = (1.0 - offsets) - sim if weights is None else (1.0 - sim) * weights[:, None, :] - offsets
+    else:
+        sq = (features * features).sum(-1)
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0.0).sqrt()
+        if weights is not None:
+            dist = dist * weights[:, None, :]
+        span = 2.0 * sq.amax(dim=-1, keepdim=True).sqrt() + 1.0  # bounds every distance: no pass over [N, N]
+        dist = dist - (torch.arange(n, dtype=features.dtype) * (span * 1e-6 / n))[:, None, :]
+    return greedy_max_min(None, dist, k, first)
 
 
 def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine: bool = True):
@@ -137,70 +182,50 @@ def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine
     return gather_tokens(tokens, idx), idx
 
 
-def greedy_log_det(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy MAP of a DPP with kernel diag(q) S diag(q), S the tokens' cosine similarity (CoIn's
-    informativeness x coverage by volume): each step adds the token that grows log det the most, with the
-    incremental Cholesky update of Chen et al. (2018), matmuls and gathers only. Indices in selection
-    order [B, k]."""
-    b, n, _ = features.shape
-    f = F.normalize(features, dim=-1) * quality[..., None]  # rows of the kernel's factor: L = f f^T
-    gain = (f * f).sum(-1)  # d_i^2: log det grows by log d_i^2 when i is added
-    taken = torch.zeros(b, n, dtype=features.dtype)
-    rows: list[torch.Tensor] = []  # Cholesky rows e_t [B, N]
-    chosen = []
-    for _ in range(k):
-        j = torch.argmax(tie_break(gain * (1 - taken) - taken), dim=-1)  # chosen tokens score -1
-        chosen.append(j)
-        if len(chosen) == k:
-            break
-        taken = taken + one_hot(j, n, features.dtype)
-        fj = gather_tokens(f, j[:, None])  # [B, 1, D]
-        e = (fj @ f.transpose(1, 2))[:, 0]  # L[j, :]
-        if rows:
-            c = torch.stack(rows, dim=1)  # [B, t, N]
-            e = e - (torch.gather(c, 2, j[:, None, None].expand(-1, c.shape[1], 1)) * c).sum(1)
-        dj = torch.gather(gain, 1, j[:, None]).clamp_min(1e-12).sqrt()
-        e = e / dj
-        rows.append(e)
-        gain = gain - e * e
-    return torch.stack(chosen, dim=1)
-
-
 def greedy_residual(features: torch.Tensor, k: int) -> torch.Tensor:
     """ApET's selection: each step keeps the token worst reconstructed as a linear combination of the tokens
     already kept (the largest residual after projecting onto their span), by incremental Gram-Schmidt
     (column-pivoted QR), matmuls and gathers only. Indices in selection order [B, k]."""
     b, n, _ = features.shape
+    index = torch.arange(n)
     residual = features
-    taken = torch.zeros(b, n, dtype=features.dtype)
+    penalty = -tie_offsets((features * features).sum(-1))  # -inf once kept
     chosen = []
-    for _ in range(k):
-        norms = residual.norm(dim=-1)
-        j = torch.argmax(tie_break(norms * (1 - taken) - taken), dim=-1)  # kept tokens score -1
+    for step in range(k):
+        j = torch.argmax((residual * residual).sum(-1) + penalty, dim=-1, keepdim=True)  # [B, 1]
         chosen.append(j)
-        taken = taken + one_hot(j, n, features.dtype)
-        u = gather_tokens(residual, j[:, None])  # [B, 1, D]: the new direction
+        if step == k - 1:
+            break
+        penalty = torch.where(index == j, float("-inf"), penalty)
+        u = row_lookup(residual, b)(j)  # [B, 1, D]: the new direction
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        residual = residual - (residual @ u.transpose(1, 2)) @ u
-    return torch.stack(chosen, dim=1)
+        residual = residual - (residual @ u.transpose(1, 2)) * u
+    return torch.cat(chosen, dim=1)
 
 
-def buffered_spread(scores: torch.Tensor, grid_dist: torch.Tensor, k: int, buffer: float) -> torch.Tensor:
+def greedy_log_det(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP of a DPP with kernel diag(q) S diag(q), S the tokens' cosine similarity (CoIn's
+    informativeness x coverage by volume). log det grows by the new row's squared residual after projecting
+    onto the rows already kept (the incremental Cholesky of Chen et al., 2018), so this is ApET's greedy
+    residual on the quality-scaled unit rows. Indices in selection order [B, k]."""
+    return greedy_residual(unit(features) * quality[..., None], k)
+
+
+def spread_tiers(grid_dist: torch.Tensor, buffer: float) -> torch.Tensor:
+    """VLM-Pruner's buffer as a constant [N, N] bonus a kept token j gives a candidate i: 4 when i is at least
+    `buffer` grid cells from j, 2 when at least half of it, 0 inside, -inf for i = j (never picked twice)."""
+    tiers = 2.0 * (grid_dist >= buffer).float() + 2.0 * (grid_dist >= buffer / 2).float()
+    return tiers.fill_diagonal_(float("-inf"))
+
+
+def buffered_spread(scores: torch.Tensor, tiers: torch.Tensor, k: int) -> torch.Tensor:
     """VLM-Pruner's selection: starting from the highest score, each step takes the best-scoring token at
     least `buffer` grid cells from every token kept so far; when none is left that far, half the buffer,
-    then any token. scores [B, N] in [0, 1], grid_dist [N, N] the tokens' distances on the patch grid (a
-    constant). Indices in selection order [B, k]."""
-    b, n = scores.shape
-    taken = torch.zeros(b, n, dtype=scores.dtype)
-    nearest = torch.full((b, n), float(n), dtype=scores.dtype)  # grid distance to the closest kept token
-    chosen = []
-    for _ in range(k):
-        tier = (nearest >= buffer).to(scores.dtype) + (nearest >= buffer / 2).to(scores.dtype)  # 2, 1 or 0
-        j = torch.argmax(tie_break(scores + 2.0 * tier - 8.0 * taken), dim=-1)
-        chosen.append(j)
-        taken = taken + one_hot(j, n, scores.dtype)
-        nearest = torch.minimum(nearest, grid_dist.index_select(0, j))
-    return torch.stack(chosen, dim=1)
+    then any token. scores [B, N] in [0, 1], tiers [N, N] from `spread_tiers` (a constant). The tier is
+    monotone in the distance, so a candidate's bonus is the minimum over the kept tokens of their tier
+    rows: the max-min loop on score + tier. Indices in selection order [B, k]."""
+    s = tie_break(scores)
+    return greedy_max_min(s + 4.0, s[:, None, :] + tiers, k)
 
 
 def projector_sensitivity(tokens: torch.Tensor, projected: torch.Tensor, projector, directions: torch.Tensor, eps) -> torch.Tensor:
@@ -238,7 +263,7 @@ def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.T
     Merges are size-weighted averages, done as a one-hot assignment matmul. Token 0 (CLS) is never
     merged when `protect_first`. Returns (x, size) with N - r tokens: unmerged A first, then B.
     """
-    metric = F.normalize(metric, dim=-1)
+    metric = unit(metric)
     a, b_ = metric[:, ::2], metric[:, 1::2]
     scores = a @ b_.transpose(-1, -2)  # [B, Na, Nb]
     if protect_first:
@@ -270,8 +295,9 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
     target_ranks = torch.floor(torch.arange(contextual, dtype=tokens.dtype) * step)  # evenly spaced
     # target t is the non-dominant token whose rank equals target_ranks[t]
     is_target = (rest_rank[:, None, :] == target_ranks[None, :, None]).to(tokens.dtype) * (1.0 - is_dom[:, None, :])  # [B, C, N]
-    target_keys = is_target @ F.normalize(keys, dim=-1)  # [B, C, K]
-    sim = F.normalize(keys, dim=-1) @ target_keys.transpose(1, 2)  # [B, N, C]
+    keys = unit(keys)
+    target_keys = is_target @ keys  # [B, C, K]
+    sim = keys @ target_keys.transpose(1, 2)  # [B, N, C]
     choice = torch.argmax(sim, dim=-1)
     assign = one_hot(choice, contextual, tokens.dtype) * (1.0 - is_dom)[..., None]  # [B, N, C]; dominant excluded
     counts = assign.sum(1)[..., None].clamp_min(1.0)  # [B, C, 1]

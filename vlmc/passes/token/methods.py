@@ -158,7 +158,7 @@ class FarthestStage(SelectingStage):
 
     def select(self, x):
         if self.spatial_weight:
-            feats = torch.cat([F.normalize(x, dim=-1), self.spatial_weight * self.coords.expand(x.shape[0], -1, -1)], dim=-1)
+            feats = torch.cat([T.unit(x), self.spatial_weight * self.coords.expand(x.shape[0], -1, -1)], dim=-1)
             return T.select_farthest(x, feats, self.keep, cosine=False)
         return T.select_farthest(x, x, self.keep, cosine=True)
 
@@ -298,11 +298,11 @@ class VLMPrunerConfig(SelectConfig):
 class SpreadStage(SelectingStage):
     def __init__(self, keep: int, coords: torch.Tensor, buffer: float):
         super().__init__()
-        self.keep, self.buffer = keep, buffer
-        self.register_buffer("grid_dist", torch.cdist(coords, coords))
+        self.keep = keep
+        self.register_buffer("tiers", T.spread_tiers(torch.cdist(coords, coords), buffer))
 
     def select(self, x):
-        idx = T.ascending(T.buffered_spread(T.salience(x), self.grid_dist, self.keep, self.buffer), x.shape[1])
+        idx = T.ascending(T.buffered_spread(T.salience(x), self.tiers, self.keep), x.shape[1])
         return T.gather_tokens(x, idx), idx
 
 
