@@ -213,9 +213,10 @@ def greedy_log_det(features: torch.Tensor, quality: torch.Tensor, k: int) -> tor
 
 def spread_tiers(grid_dist: torch.Tensor, buffer: float) -> torch.Tensor:
     """VLM-Pruner's buffer as a constant [N, N] bonus a kept token j gives a candidate i: 4 when i is at least
-    `buffer` grid cells from j, 2 when at least half of it, 0 inside, -inf for i = j (never picked twice)."""
+    `buffer` grid cells from j, 2 when at least half of it, 0 inside, -16 for i = j (below any score in
+    [0, 1] plus a tier, so never picked twice; finite, so it survives fp16 on Core ML)."""
     tiers = 2.0 * (grid_dist >= buffer).float() + 2.0 * (grid_dist >= buffer / 2).float()
-    return tiers.fill_diagonal_(float("-inf"))
+    return tiers.fill_diagonal_(-16.0)
 
 
 def buffered_spread(scores: torch.Tensor, tiers: torch.Tensor, k: int) -> torch.Tensor:
