@@ -48,3 +48,14 @@ def make_hf_llava(directory: Path, seed: int = 0, vocab_size: int = 64, tie: boo
     model.save_pretrained(directory)
     write_wordlevel_tokenizer(directory, vocab_size=vocab_size)
     return model
+
+
+SPACED_TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+
+
+def three_target_bundle(ckpt, passes: list, out):
+    """A bundle of the tiny checkpoint with `passes` on onnx, executorch and coreml (the conformance set)."""
+    from vlmc import api
+
+    return api.compile({"model": str(ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
+                        "prompt_template": SPACED_TEMPLATE, "passes": passes}, out)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmc import api, passes
+from tests.helpers import SPACED_TEMPLATE, three_target_bundle
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.models_zoo.llava import LayerView, PromptRows
@@ -16,7 +17,7 @@ from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, Stat
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage
 
-TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+TEMPLATE = SPACED_TEMPLATE
 IN_LLM = {
     "fastv": {"name": "fastv", "at": "decoder.layer[0]", "keep": 5},
     "v2drop": {"name": "v2drop", "at": "decoder.layer[0]", "keep": 5},
@@ -165,8 +166,7 @@ def test_prefill_and_decode_programs_continue_the_pruned_caches(fastv_model):
 @pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) for m in IN_LLM])
 def in_llm_bundle(request, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("in_llm") / request.param
-    return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
-                        "prompt_template": TEMPLATE, "passes": [IN_LLM[request.param]]}, out)
+    return three_target_bundle(tiny_ckpt, [IN_LLM[request.param]], out)
 
 
 def test_in_llm_method_exports_and_verifies_on_every_target(in_llm_bundle):

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from vlmc import api
+from tests.helpers import SPACED_TEMPLATE, three_target_bundle
 from vlmc.errors import VlmcError
 from vlmc.passes import registry
 
@@ -21,7 +22,7 @@ METHODS = {
     "visionzip": {"name": "visionzip", "dominant": 4, "contextual": 3},
     "tome": {"name": "tome", "at": "vision.block[0]", "r": 3},
 }
-TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+TEMPLATE = SPACED_TEMPLATE
 
 
 SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner"}  # the seed methods' conformance: -m slow keeps the default run short
@@ -30,8 +31,7 @@ SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner"}  # the see
 @pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(METHODS)])
 def pruned_bundle(request, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / request.param
-    return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
-                        "prompt_template": TEMPLATE, "passes": [METHODS[request.param]]}, out)
+    return three_target_bundle(tiny_ckpt, [METHODS[request.param]], out)
 
 
 def test_method_exports_and_verifies_on_every_target(pruned_bundle):
