@@ -211,7 +211,68 @@ def test_in_llm_method_with_static_int8_verifies(tiny_ckpt, calibration_jsonl, t
     assert all(r["passed"] for r in b.manifest["verification"]["results"])
 
 
+def _answer_logits(model, prompt):
+    """The next-token logits of one calibration prompt through the model's in-LLM stages."""
+    from vlmc.passes.token.methods import causal_attend
+
+    embeds, start, last = prompt
+    rows = PromptRows(torch.tensor([start]), model.image_rows_in_llm(), torch.tensor([last]))
+    with torch.no_grad():
+        h = model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], causal_attend(model.config.text), rows)
+        return model.lm_head(h[:, -1])
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "fastv", "at": "decoder.layer[1]", "keep": 22},
+    {"name": "v2drop", "at": "decoder.layer[0]", "keep": 22, "steps": 3},
+    {"name": "duet", "at": "decoder.layer[1]", "keep": 22, "dominant": 40, "contextual": 10},
+])
+def test_in_llm_static_mode_keeps_the_rows_the_method_keeps_on_its_calibration_prompt(spec):
+    """Calibrated on one prompt, the constant rows are exactly what the scorer keeps on that prompt, at
+    every dropping layer (each calibrated after the earlier ones became constant), so the answer matches."""
+    from vlmc.passes.quant.calibration import CalibrationSource
+    from vlmc.recipe import Recipe
+
+    class OnePrompt(CalibrationSource):
+        def prompts(self, model):
+            return super().prompts(model)[:1]
+
+    loaded = load("shapes-llava")
+    calibration = OnePrompt(Recipe.model_validate({"calibration": {"n": 8}}), loaded.tokenizer, loaded.config)
+    dynamic, static = load("shapes-llava").model, load("shapes-llava").model
+    passes.apply(dynamic, [spec])
+    records, _ = passes.apply(static, [{**spec, "static": True}], calibration)
+    rows = records[0]["params"]["indices"]
+    assert len(rows) == spec.get("steps", 1) and len(rows[-1]) == 22 and all(r == sorted(set(r)) for r in rows)
+    assert records[0]["reads_text"] is False and records[0]["in_llm"]
+    prompt = calibration.prompts(dynamic)[0]
+    torch.testing.assert_close(_answer_logits(static, prompt), _answer_logits(dynamic, prompt))
+    other = CalibrationSource(Recipe.model_validate({"calibration": {"n": 8}}), loaded.tokenizer, loaded.config).prompts(dynamic)[5]
+    assert not torch.allclose(_answer_logits(static, other), _answer_logits(dynamic, other))  # other prompts differ
+
+
+@pytest.mark.slow
+def test_in_llm_static_mode_exports_a_constant_gather(tiny_ckpt, calibration_jsonl, tmp_path, sample_image):
+    import onnx
+
+    recipe = {"model": str(tiny_ckpt), "targets": ["onnx", "executorch"], "max_context": 48, "prompt_template": TEMPLATE,
+              "calibration": {"dataset": str(calibration_jsonl), "n": 8}}
+    b = api.compile({**recipe, "passes": [{**IN_LLM["fastv"], "static": True}]}, tmp_path / "s")
+    rows = b.manifest["passes"][0]["params"]["indices"]
+    assert len(rows) == 1 and len(rows[0]) == 5 and rows[0] == sorted(set(rows[0]))
+    assert b.manifest["recipe"]["passes"][0]["indices"] == rows  # the bundle rebuilds without the data
+    assert b.manifest["passes"][0]["reads_text"] is False
+    ops = {n.op_type for n in onnx.load(str(b.path / "text_prefill.onnx")).graph.node}
+    assert "TopK" not in ops  # no scoring left in the prefill
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=4)["tokens"]
+              for rt in ("eager", "onnxruntime", "executorch")}
+    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"]
+
+
 @pytest.mark.parametrize("spec,fragment", [
+    ({"name": "fastv", "keep": 5, "at": "decoder.layer[0]", "indices": [1, 2]}, "'indices': needs 5 distinct indices in 0..15"),
+    ({"name": "fastv", "keep": 5, "at": "decoder.layer[0]", "indices": [[1, 2, 3, 4, 5], [1, 2]]}, "'indices': needs one list per dropping layer (1), not 2"),
     ({"name": "fastv", "keep": 5, "at": "decoder.layer[1]"}, "decoder.layer[1] is the last layer"),
     ({"name": "fastv", "keep": 16, "at": "decoder.layer[0]"}, "'keep': 16 must be below the 16 tokens"),
     ({"name": "fastv", "keep": 5, "at": "projector.out"}, "not a place this method works"),

@@ -253,7 +253,7 @@ def evaluate(target, runtime, dataset, split, count, as_json):
 @cli.command()
 @click.option("--model", "-m", default="shapes-llava", show_default=True)
 @click.option("--methods", default="random,pooling,divprune,tfps,score,coin,docprune,visionzip,tome,fastv,v2drop,transprune,duet", show_default=True,
-              help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static)")
+              help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static, fastv-static)")
 @click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
 @click.option("--quant", "quant", multiple=True,
               help="sweep quantization instead: one configuration per option, passes joined by + (w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder)")

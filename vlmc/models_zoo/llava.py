@@ -528,6 +528,15 @@ class LlavaModel(nn.Module):
             self.insertions[key] = nn.ModuleList()
         self.insertions[key].append(stage)
 
+    def pop(self, point: str) -> nn.Module:
+        """Remove the stage inserted last at `point` (calibration probes)."""
+        key = _key(point)
+        stage = self.insertions[key][-1]
+        del self.insertions[key][-1]
+        if not len(self.insertions[key]):
+            del self.insertions[key]
+        return stage
+
     def _stage(self, point: str, x: torch.Tensor, block_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         key = _key(point)
         if key in self.insertions:

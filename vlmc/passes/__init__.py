@@ -39,8 +39,59 @@ def tokens_entering(model, point: str, images) -> list[torch.Tensor]:
             for image in images:
                 model.encode_image(model.normalize(torch.from_numpy(image)))
     finally:
-        model.insertions[point.replace(".", "_").replace("[", "_").replace("]", "")].pop(-1)
+        model.pop(point)
     return probe.seen
+
+
+class _RecordRows(nn.Module):
+    """Wraps an in-LLM stage, keeping the image rows it selects (calibrated static mode)."""
+
+    def __init__(self, stage):
+        super().__init__()
+        self.stage, self.keep, self.dropped = stage, stage.keep, stage.dropped
+        self.seen: list[torch.Tensor] = []
+
+    def select(self, view):
+        kept = self.stage.select(view)
+        self.seen.append(kept)
+        return kept
+
+
+def kept_rows_most_often(model, placed, calibration) -> list[torch.Tensor]:
+    """The calibrated static mode inside the LLM: for each in-LLM stage of `placed` (point, stage pairs in
+    order), the image rows it keeps most often over the calibration prompts, ascending. Each stage is
+    calibrated after the earlier ones have become constant, so its rows index what they leave."""
+    from vlmc.models_zoo.llava import PromptRows
+    from vlmc.passes.token import functional as T
+    from vlmc.passes.token.methods import ConstantRowsStage, causal_attend
+
+    out, inserted, prompts = [], [], None
+    attend = causal_attend(model.config.text)
+    try:
+        for point, stage in placed:
+            if not point.startswith("decoder."):
+                model.insert(point, stage)  # a vision-side stage changes what the LLM receives
+                inserted.append(point)
+                continue
+            if prompts is None:
+                prompts = calibration.prompts(model)
+            probe = _RecordRows(stage)
+            model.insert(point, probe)
+            try:
+                with torch.no_grad():
+                    for embeds, start, last in prompts:
+                        rows = PromptRows(torch.tensor([start]), model.image_rows_in_llm(), torch.tensor([last]))
+                        model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], attend, rows)
+            finally:
+                model.pop(point)
+            kept = T.most_selected(torch.stack(probe.seen), stage.keep + stage.dropped, stage.keep)
+            out.append(kept)
+            model.insert(point, ConstantRowsStage(kept, stage.dropped))
+            inserted.append(point)
+    finally:
+        for point in reversed(inserted):
+            model.pop(point)
+    return out
 
 
 def tokens_at(model, point: str) -> int:

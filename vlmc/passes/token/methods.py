@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from vlmc.errors import VlmcError
@@ -490,6 +490,18 @@ class LayerKeepConfig(PassConfig):
     at: str = Field("decoder.layer[1]", description="decoder.layer[L]: the image rows are dropped after layer L "
                                                     "(FastV's K = L + 1)")
     keep: int = Field(..., ge=1, description="image tokens the later layers keep (static)")
+    static: bool = Field(False, description="calibrated static mode: every prompt keeps the image rows this method "
+                                            "keeps most often over the calibration questions, a constant gather "
+                                            "(no scoring in the graph, the question no longer matters)")
+    indices: Optional[list[list[int]]] = Field(None, description="per dropping layer, the constant kept image rows "
+                                                                 "(indices into the rows entering it; the static "
+                                                                 "mode fills them in)")
+
+    @field_validator("indices", mode="before")
+    @classmethod
+    def _one_layer(cls, v):
+        """A flat list is the one dropping layer's rows."""
+        return [v] if isinstance(v, list) and v and all(isinstance(i, int) for i in v) else v
 
 
 def _layer(at: str) -> int:
@@ -522,6 +534,50 @@ class LayerPass(TokenPass):
 
     def layers(self) -> list[int]:
         return [_layer(self.config.at)]
+
+    def stages(self, model, tokens_in, calibration=None) -> list[tuple[str, nn.Module]]:
+        """The scoring stages, (point, stage) pairs in the order they act."""
+        return [(self.config.at, self.stage(model, model.resolve(self.config.at), tokens_in))]
+
+    def place(self, model, tokens_in, calibration=None):
+        placed = self.stages(model, tokens_in, calibration)
+        if self.config.indices is None and not self.config.static:
+            return placed
+        if self.config.indices is None:
+            if calibration is None:
+                raise VlmcError(f"pass {self.name}: 'static' needs calibration questions (recipe 'calibration')")
+            from vlmc.passes import kept_rows_most_often
+
+            rows = kept_rows_most_often(model, placed, calibration)
+            self.config = self.config.model_copy(update={"indices": [r.tolist() for r in rows]})
+        self.reads_text = False  # the kept rows no longer depend on the question
+        return self._constant(placed)
+
+    def _constant(self, placed):
+        """The in-LLM stages of `placed` replaced by constant gathers of `indices`."""
+        in_llm = [stage for point, stage in placed if point.startswith("decoder.")]
+        rows = self.config.indices
+        if len(rows) != len(in_llm):
+            raise VlmcError(f"pass {self.name}: parameter 'indices': needs one list per dropping layer ({len(in_llm)}), "
+                            f"not {len(rows)}")
+        for r, stage in zip(rows, in_llm):
+            n = stage.keep + stage.dropped
+            if len(r) != stage.keep or len(set(r)) != len(r) or not all(0 <= i < n for i in r):
+                raise VlmcError(f"pass {self.name}: parameter 'indices': needs {stage.keep} distinct indices in 0..{n - 1} "
+                                "for each dropping layer")
+        constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped) for r, stage in zip(rows, in_llm))
+        return [(point, next(constant) if point.startswith("decoder.") else stage) for point, stage in placed]
+
+
+class ConstantRowsStage(LayerStage):
+    """The calibrated static mode inside the LLM: the same image rows kept for every prompt."""
+
+    def __init__(self, rows: torch.Tensor, dropped: int):
+        super().__init__(rows.shape[0], rows.shape[0] + dropped)
+        self.register_buffer("rows", rows)
+
+    def select(self, view):
+        return self.rows
 
 
 class LastTokenAttentionStage(LayerStage):
@@ -566,7 +622,10 @@ class V2Drop(LayerPass):
         first = _layer(self.config.at)
         return list(range(first, first + self.config.steps))
 
-    def place(self, model, tokens_in, calibration=None):
+    def layer_stage(self, keep: int, tokens_in: int) -> LayerStage:
+        return VariationStage(keep, tokens_in)
+
+    def stages(self, model, tokens_in, calibration=None):
         n, keep, steps = tokens_in, self.config.keep, self.config.steps
         counts = [round(n * (keep / n) ** (j / steps)) for j in range(1, steps)] + [keep]
         placed = []
@@ -574,7 +633,7 @@ class V2Drop(LayerPass):
             if count >= n:
                 raise VlmcError(f"pass {self.name}: parameter 'steps': {steps} steps from {tokens_in} to {keep} tokens "
                                 "leave a step that drops nothing (use fewer steps)")
-            placed.append((f"decoder.layer[{layer}]", VariationStage(count, n)))
+            placed.append((f"decoder.layer[{layer}]", self.layer_stage(count, n)))
             n = count
         return placed
 
@@ -660,12 +719,28 @@ class DuetVLM(V2Drop):
             raise VlmcError(f"pass duet: parameter 'keep': {c.keep} must be below the vision stage's "
                             f"{c.dominant + c.contextual} tokens (dominant + contextual)")
 
-    def place(self, model, tokens_in, calibration=None):
+    def layer_stage(self, keep, tokens_in):
+        return InstructionAttentionStage(keep, tokens_in)
+
+    def stages(self, model, tokens_in, calibration=None):
         c = self.config
         block = f"vision.block[{model.config.num_vision_layers_run - 1}]"
         vision = (block, V2VDominantStage(model.resolve(block), c.dominant, c.contextual))
-        return [vision] + [(point, InstructionAttentionStage(stage.keep, stage.keep + stage.dropped))
-                           for point, stage in super().place(model, c.dominant + c.contextual, calibration)]
+        return [vision] + super().stages(model, c.dominant + c.contextual, calibration)
+
+
+def causal_attend(t, head_mask: Optional[tuple[int, torch.Tensor]] = None):
+    """Eager causal attention over a whole prompt (grouped heads) for calibration runs; `head_mask`
+    (layer, [H] weights) scales that layer's head outputs."""
+    n_rep = t.num_heads // t.num_kv_heads
+
+    def attend(i, q, k, v, shift):
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), is_causal=True)
+        if head_mask is not None and i == head_mask[0]:
+            out = out * head_mask[1].to(out.dtype)[None, :, None, None]
+        return out.transpose(1, 2).flatten(2)
+
+    return attend
 
 
 def head_importance(model, layer: int, prompts) -> torch.Tensor:
@@ -673,16 +748,10 @@ def head_importance(model, layer: int, prompts) -> torch.Tensor:
     last prompt token's next-token distribution when that head's output is zeroed, over calibration
     prompts; normalised to sum to 1 [H] (uniform if no head matters)."""
     t = model.config.text
-    n_rep = t.num_heads // t.num_kv_heads
 
     def answer(embeds, head=None):
-        def attend(i, q, k, v, shift):
-            out = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), is_causal=True)
-            if i == layer and head is not None:
-                out = out * (torch.arange(t.num_heads) != head).to(out.dtype)[None, :, None, None]
-            return out.transpose(1, 2).flatten(2)
-
-        h = model.language_model(embeds, torch.arange(embeds.shape[1])[None], attend)
+        mask = None if head is None else (layer, (torch.arange(t.num_heads) != head).float())
+        h = model.language_model(embeds, torch.arange(embeds.shape[1])[None], causal_attend(t, mask))
         return torch.log_softmax(model.lm_head(h[:, -1]), dim=-1)[0]
 
     kl = torch.zeros(t.num_heads, dtype=torch.float64)
