@@ -213,13 +213,8 @@ def test_in_llm_method_with_static_int8_verifies(tiny_ckpt, calibration_jsonl, t
 
 def _answer_logits(model, prompt):
     """The next-token logits of one calibration prompt through the model's in-LLM stages."""
-    from vlmc.passes.token.methods import causal_attend
-
-    embeds, start, last = prompt
-    rows = PromptRows(torch.tensor([start]), model.image_rows_in_llm(), torch.tensor([last]))
     with torch.no_grad():
-        h = model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], causal_attend(model.config.text), rows)
-        return model.lm_head(h[:, -1])
+        return model.lm_head(passes.prompt_prefill(model, prompt))
 
 
 @pytest.mark.parametrize("spec", [

@@ -57,16 +57,27 @@ class _RecordRows(nn.Module):
         return kept
 
 
+def prompt_prefill(model, prompt) -> torch.Tensor:
+    """A calibration prompt (embeds [1,T,D], first image row, last row) prefilled whole, eagerly, through
+    the model's in-LLM stages: the hidden state of its last row [1,D]."""
+    from vlmc.models_zoo.llava import PromptRows
+    from vlmc.passes.token.methods import causal_attend
+
+    embeds, start, last = prompt
+    rows = PromptRows(torch.tensor([start]), model.image_rows_in_llm(), torch.tensor([last]))
+    with torch.no_grad():
+        h = model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], causal_attend(model.config.text), rows)
+    return h[:, -1]
+
+
 def kept_rows_most_often(model, placed, calibration) -> list[torch.Tensor]:
     """The calibrated static mode inside the LLM: for each in-LLM stage of `placed` (point, stage pairs in
     order), the image rows it keeps most often over the calibration prompts, ascending. Each stage is
     calibrated after the earlier ones have become constant, so its rows index what they leave."""
-    from vlmc.models_zoo.llava import PromptRows
     from vlmc.passes.token import functional as T
-    from vlmc.passes.token.methods import ConstantRowsStage, causal_attend
+    from vlmc.passes.token.methods import ConstantRowsStage
 
     out, inserted, prompts = [], [], None
-    attend = causal_attend(model.config.text)
     try:
         for point, stage in placed:
             if not point.startswith("decoder."):
@@ -78,10 +89,8 @@ def kept_rows_most_often(model, placed, calibration) -> list[torch.Tensor]:
             probe = _RecordRows(stage)
             model.insert(point, probe)
             try:
-                with torch.no_grad():
-                    for embeds, start, last in prompts:
-                        rows = PromptRows(torch.tensor([start]), model.image_rows_in_llm(), torch.tensor([last]))
-                        model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], attend, rows)
+                for prompt in prompts:
+                    prompt_prefill(model, prompt)
             finally:
                 model.pop(point)
             kept = T.most_selected(torch.stack(probe.seen), stage.keep + stage.dropped, stage.keep)

@@ -35,6 +35,12 @@ def _check_keep(name: str, keep: int, tokens_in: int) -> None:
         raise VlmcError(f"pass {name}: parameter 'keep': {keep} must be below the {tokens_in} tokens at this point")
 
 
+def _check_indices(name: str, idx: list[int], keep: int, tokens_in: int, where: str = "") -> None:
+    """Refuse a hand-given (or recorded) index list that is not `keep` distinct indices below `tokens_in`."""
+    if len(idx) != keep or len(set(idx)) != len(idx) or not all(0 <= i < tokens_in for i in idx):
+        raise VlmcError(f"pass {name}: parameter 'indices': needs {keep} distinct indices in 0..{tokens_in - 1}{where}")
+
+
 def _check_grid(name: str, tokens_in: int, grid: int) -> None:
     if tokens_in != grid * grid:
         raise VlmcError(f"pass {name}: needs the full {grid}x{grid} token grid, but {tokens_in} tokens arrive here "
@@ -62,9 +68,8 @@ class SelectPass(KeepPass):
 
     def check(self, tokens_in, grid, model):
         super().check(tokens_in, grid, model)
-        idx = self.config.indices
-        if idx is not None and (len(idx) != self.config.keep or len(set(idx)) != len(idx) or not all(0 <= i < tokens_in for i in idx)):
-            raise VlmcError(f"pass {self.name}: parameter 'indices': needs {self.config.keep} distinct indices in 0..{tokens_in - 1}")
+        if self.config.indices is not None:
+            _check_indices(self.name, self.config.indices, self.config.keep, tokens_in)
 
     def place(self, model, tokens_in, calibration=None):
         at = self.config.at
@@ -561,10 +566,7 @@ class LayerPass(TokenPass):
             raise VlmcError(f"pass {self.name}: parameter 'indices': needs one list per dropping layer ({len(in_llm)}), "
                             f"not {len(rows)}")
         for r, stage in zip(rows, in_llm):
-            n = stage.keep + stage.dropped
-            if len(r) != stage.keep or len(set(r)) != len(r) or not all(0 <= i < n for i in r):
-                raise VlmcError(f"pass {self.name}: parameter 'indices': needs {stage.keep} distinct indices in 0..{n - 1} "
-                                "for each dropping layer")
+            _check_indices(self.name, r, stage.keep, stage.keep + stage.dropped, " for each dropping layer")
         constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped) for r, stage in zip(rows, in_llm))
         return [(point, next(constant) if point.startswith("decoder.") else stage) for point, stage in placed]
 
