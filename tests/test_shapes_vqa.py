@@ -48,3 +48,10 @@ def test_write_makes_images_and_jsonl(tmp_path):
     assert len(rows) == 3 and all((tmp_path / r["image"]).is_file() for r in rows)
     with pytest.raises(VlmcError, match="unknown split"):
         s.generate("dev", 0)
+
+
+def test_scene_questions_ask_only_the_requested_types():
+    scene = next(it for it in s.items("train", 50) if len({(o.color, o.shape) for o in it.objects}) >= 3).objects
+    asked = s.scene_questions(scene, np.random.default_rng(0), 6, ("position", "size"))
+    assert asked and {t for _, _, t in asked} <= {"position", "size"}
+    assert all(a in {"left", "right", "above", "below", "bigger", "smaller"} for _, a, _ in asked)

@@ -7,9 +7,17 @@
 The prompt is the bundle template "USER: <image>\\n{question} ASSISTANT:" followed by the one-word answer
 and </s>, then more turns about the same image ("USER: {question} ASSISTANT: {answer} </s>"): the 196 image
 tokens cost most of the compute, so several answers per image give several times the supervision per
-step. The loss covers every answer and its </s>; per-patch colour/shape probes add dense supervision.
-Validation asks one question per image, exactly as `vlmc eval` does. The script reports val accuracy
-per question type and writes training.json beside the checkpoint.
+step. The loss covers every answer and its </s>; per-patch colour / shape probes on the image tokens add
+dense supervision the generator knows for free. Validation asks one question per image, exactly as
+`vlmc eval` does. The script reports val accuracy per question type and writes training.json beside the
+checkpoint.
+
+Off by default (the shipped checkpoint is trained without them; docs/builtin_model.md has their results),
+three aids for the relational questions:
+- --grid-weight: a per-patch probe making each image token regress its own grid column and row;
+- --retrieval-weight: a probe on decoder layer --retrieval-layer at each position / size answer that
+  regresses the two named objects' centres and sizes (the fetch the comparison needs);
+- --relational-items: more train images asking only position / size questions.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 import math
 import multiprocessing
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,20 +45,46 @@ from vlmc.models_zoo.llava import LlavaModel  # noqa: E402
 from vlmc.models_zoo.tokenizer import DEFAULT_TEMPLATE, TextTokenizer  # noqa: E402
 
 
+RELATION = re.compile(r"is the (\w+ \w+) (?:left or right of|above or below|bigger or smaller than) the (\w+ \w+)\?")
+RELATIONAL = ("position", "size")
+
+
+def named_geometry(question: str, objects) -> list[float]:
+    """The two objects a position / size question names: centres and sizes / image size (NaN otherwise)."""
+    m = RELATION.fullmatch(question)
+    if not m:
+        return [math.nan] * 6
+    by_name = {f"{o.color} {o.shape}": o for o in objects}
+    a, b = by_name[m.group(1)], by_name[m.group(2)]
+    return [v / shapes_vqa.IMAGE_SIZE for v in (a.x, a.y, a.size, b.x, b.y, b.size)]
+
+
 def _make(args):
-    split, start, n, turns = args
+    """Training tuples (image CHW, question, answer, type, patch colours, patch shapes, extra turns,
+    geometry per turn). `relational`: only scenes with two nameable objects, only position / size turns."""
+    split, start, n, turns, relational = args
     out = []
     for i, item in enumerate(shapes_vqa.items(split, n, start)):
-        colors, shapes = shapes_vqa.patch_labels(item.objects)
         rng = np.random.default_rng([97, start + i])
-        extra = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns) if q != item.question][: turns - 1]
-        out.append((item.image.transpose(2, 0, 1).copy(), item.question, item.answer, item.qtype, colors, shapes, extra))
+        if relational:
+            qas = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns, RELATIONAL)]
+            if not qas:
+                continue
+            (question, answer), extra, qtype = qas[0], qas[1:], "relational"
+        else:
+            question, answer, qtype = item.question, item.answer, item.qtype
+            extra = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns) if q != question][: turns - 1]
+        colors, shapes = shapes_vqa.patch_labels(item.objects)
+        geometry = [named_geometry(q, item.objects) for q, _ in [(question, answer)] + extra]
+        geometry += [[math.nan] * 6] * (turns - len(geometry))
+        out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry))
     return out
 
 
-def generate_items(split: str, n: int, workers: int, turns: int = 1):
+def generate_items(split: str, n: int, workers: int, turns: int = 1, start: int = 0, relational: bool = False):
+    """Items start..start+n of `split` (relational: those of them with two nameable objects)."""
     chunk = max(1, math.ceil(n / (workers * 4)))
-    jobs = [(split, s, min(chunk, n - s), turns) for s in range(0, n, chunk)]
+    jobs = [(split, start + s, min(chunk, n - s), turns, relational) for s in range(0, n, chunk)]
     if workers <= 1:
         return [x for j in jobs for x in _make(j)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -60,7 +95,8 @@ def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int
     """Token ids [N, L] (right-padded); index of the first question's last prompt token and its answer
     id; positions of every supervised token (answers and their </s>, -1 = none) [N, M]; images uint8."""
     seqs, last, answers, targets = [], [], [], []
-    for _, q, a, _, _, _, extra in items:
+    for x in items:
+        q, a, extra = x[1], x[2], x[6]
         p = tok.prompt(DEFAULT_TEMPLATE, q, num_image_tokens, image_token_id, None)
         seq, supervised = list(p.ids), []
         for i, (question, answer) in enumerate([(q, a)] + list(extra)):
@@ -95,27 +131,62 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 class PatchHeads(torch.nn.Module):
     """Training-only linear probes on the image tokens the LLM receives: the colour and shape under each
-    patch. Dense supervision the generator knows for free; it gets the vision tower past the plateau where
-    answers are guessed from the question alone. Not part of the shipped model."""
+    patch, and the patch's own grid column and row. Dense supervision the generator knows for free: colour /
+    shape get the vision tower past the plateau where answers are guessed from the question alone; without
+    the grid probe the tokens hardly encode where they are (R^2 0.06 for the column), so nothing the decoder
+    retrieves can say left from right. Not part of the shipped model."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, num_patches: int):
         super().__init__()
         self.color = torch.nn.Linear(dim, 1 + len(shapes_vqa.COLORS))
         self.shape = torch.nn.Linear(dim, 1 + len(shapes_vqa.SHAPES))
+        self.grid = torch.nn.Linear(dim, 2)
+        side = math.isqrt(num_patches)
+        cells = torch.arange(num_patches)
+        self.register_buffer("cells", torch.stack([cells % side, cells // side], -1).float() / (side - 1), persistent=False)
 
-    def forward(self, tokens, colors, shapes):
+    def forward(self, tokens, colors, shapes, grid_weight: float):
+        grid = F.mse_loss(self.grid(tokens).float(), self.cells.expand(tokens.shape[0], -1, -1))
         return (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
-                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
+                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()) + grid_weight * 10 * grid)
 
 
-def loss_fn(model: LlavaModel, heads: PatchHeads, aux_weight: float, ids, target_pos, images, colors, shapes):
-    image_embeds = model.encode_image(model.normalize(images))
-    embeds = model.merge_embeddings(ids, image_embeds)
-    logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
+class RetrievalHead(torch.nn.Module):
+    """Training-only probe on decoder layer `layer`'s output at the token that predicts a position / size
+    answer: regresses the two named objects' centres and sizes. The answer loss alone leaves position at
+    chance; this supervises the fetch of both objects that the comparison needs. Not part of the shipped model."""
+
+    def __init__(self, dim: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head = torch.nn.Linear(dim, 6)
+
+    def forward(self, hidden, target_pos, geometry):
+        answer_pos = target_pos[:, 0::2][:, : geometry.shape[1]]  # each turn's answer token
+        rows, turns = torch.nonzero((answer_pos >= 0) & ~geometry[:, : answer_pos.shape[1], 0].isnan(), as_tuple=True)
+        if not len(rows):
+            return hidden.sum() * 0
+        predicted = self.head(hidden[rows, answer_pos[rows, turns] - 1]).float()
+        return 10 * F.mse_loss(predicted, geometry[rows, turns])
+
+
+def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, colors, shapes, geometry):
+    captured = {}
+    hook = (model.language_model.layers[retrieval.layer].register_forward_hook(lambda m, i, out: captured.update(h=out[0]))
+            if weights["retrieval"] else None)
+    try:
+        image_embeds = model.encode_image(model.normalize(images))
+        embeds = model.merge_embeddings(ids, image_embeds)
+        logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
+    finally:
+        if hook is not None:
+            hook.remove()
     rows, cols = torch.nonzero(target_pos >= 0, as_tuple=True)
     pos = target_pos[rows, cols]  # each supervised token, predicted from the position before it
     answer_loss = F.cross_entropy(logits[rows, pos - 1].float(), ids[rows, pos])
-    return answer_loss + aux_weight * heads(image_embeds, colors, shapes), answer_loss
+    retrieval_loss = retrieval(captured["h"], target_pos, geometry) if hook is not None else torch.zeros((), device=ids.device)
+    loss = answer_loss + weights["aux"] * heads(image_embeds, colors, shapes, weights["grid"]) + weights["retrieval"] * retrieval_loss
+    return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item()}
 
 
 @torch.no_grad()
@@ -152,7 +223,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--relational-items", type=int, default=0,
+                    help="more train images asking only position / size questions (those of two-or-more-object scenes)")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
+    ap.add_argument("--grid-weight", type=float, default=0.0, help="weight of the per-patch grid-position probe (in the aux term)")
+    ap.add_argument("--retrieval-weight", type=float, default=0.0, help="weight of the named-objects retrieval probe (0: off)")
+    ap.add_argument("--retrieval-layer", type=int, default=1, help="decoder layer whose output the retrieval probe reads")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
     args = ap.parse_args()
@@ -174,21 +250,26 @@ def main() -> None:
 
     t0 = time.time()
     train = generate_items("train", args.train_items, args.workers, args.turns)
+    relational = generate_items("train", args.relational_items, args.workers, args.turns, start=args.train_items, relational=True)
+    train += relational
     val = generate_items("val", args.val_items, args.workers)
-    print(f"data: {len(train)} train / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
+    print(f"data: {len(train)} train ({len(relational)} relational) / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
     tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
     tr_colors = torch.from_numpy(np.stack([x[4] for x in train]))
     tr_shapes = torch.from_numpy(np.stack([x[5] for x in train]))
-    heads = PatchHeads(config.text.hidden_size).to(device)
+    tr_geometry = torch.tensor([x[7] for x in train], dtype=torch.float32)
+    heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
+    retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
+    weights = {"aux": args.aux_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
     va = encode(tok, val, config.num_image_tokens, config.image_token_id)
     val_data = (*va, [x[3] for x in val])
 
-    params = list(model.named_parameters()) + list(heads.named_parameters())
+    params = list(model.named_parameters()) + list(heads.named_parameters()) + list(retrieval.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
-    warmup = min(300, args.steps // 10)
+    warmup = max(1, min(300, args.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     gen = torch.Generator().manual_seed(args.seed)
@@ -202,24 +283,25 @@ def main() -> None:
         ids, target_pos = tr_ids[idx, :width].to(device), tr_targets[idx].to(device)
         images = augment(tr_images[idx].to(device), gen)
         with amp:
-            loss, answer_loss = loss_fn(model, heads, args.aux_weight, ids, target_pos, images,
-                                        tr_colors[idx].to(device), tr_shapes[idx].to(device))
+            loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
+                                        tr_colors[idx].to(device), tr_shapes[idx].to(device), tr_geometry[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} answer {answer_loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} answer {parts['answer']:.4f} retrieval {parts['retrieval']:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             ev = evaluate(model, val_data, 256, device)
-            history.append({"step": step, "loss": round(loss.item(), 4), "answer_loss": round(answer_loss.item(), 4), **ev})
+            history.append({"step": step, "loss": round(loss.item(), 4), "answer_loss": round(parts["answer"], 4), **ev})
             print(f"  val accuracy {ev['accuracy']}%  {ev['per_type']}", flush=True)
 
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
-    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "aux_weight": args.aux_weight, "turns": args.turns,
-              "train_items": args.train_items, "device": str(device), "seconds": round(time.time() - t0, 1),
+    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **weights,
+              "retrieval_layer": args.retrieval_layer, "train_items": args.train_items, "relational_items": len(relational),
+              "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({(args.out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")

@@ -176,13 +176,13 @@ def _question(objects: list[Obj], qtype: str, rng: np.random.Generator):
     return None
 
 
-def scene_questions(objects, rng: np.random.Generator, k: int) -> list[tuple[str, str, str]]:
-    """Up to k more (question, answer, type) about one scene, for multi-turn training sequences."""
+def scene_questions(objects, rng: np.random.Generator, k: int, types=QUESTION_TYPES) -> list[tuple[str, str, str]]:
+    """Up to k more (question, answer, type) of `types` about one scene, for multi-turn training sequences."""
     out: list[tuple[str, str, str]] = []
     for _ in range(4 * k):
         if len(out) == k:
             break
-        qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        qtype = types[int(rng.integers(len(types)))]
         qa = _question(list(objects), qtype, rng)
         if qa is not None and all(qa[0] != q for q, _, _ in out):
             out.append((qa[0], qa[1], qtype))
