@@ -146,9 +146,11 @@ class PatchHeads(torch.nn.Module):
         self.register_buffer("cells", torch.stack([cells % side, cells // side], -1).float() / (side - 1), persistent=False)
 
     def forward(self, tokens, colors, shapes, grid_weight: float):
-        grid = F.mse_loss(self.grid(tokens).float(), self.cells.expand(tokens.shape[0], -1, -1))
-        return (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
-                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()) + grid_weight * 10 * grid)
+        loss = (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
+                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
+        if grid_weight:
+            loss = loss + grid_weight * 10 * F.mse_loss(self.grid(tokens).float(), self.cells.expand(tokens.shape[0], -1, -1))
+        return loss
 
 
 class RetrievalHead(torch.nn.Module):
