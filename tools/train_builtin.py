@@ -17,11 +17,15 @@ three aids for the relational questions:
 - --grid-weight: a per-patch probe making each image token regress its own grid column and row;
 - --retrieval-weight: a probe on decoder layer --retrieval-layer at each position / size answer that
   regresses the two named objects' centres and sizes (the fetch the comparison needs);
-- --relational-items: more train images asking only position / size questions.
+- --relational-items: more train images asking only position / size questions, --relational-share of each
+  batch; with --relational-from F they and the two probes join only after that fraction of the steps.
+--precision bf16 autocasts the matmuls (1.5x faster steps on this CPU; see docs/builtin_model.md for
+what it did to accuracy).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -46,7 +50,7 @@ from vlmc.models_zoo.tokenizer import DEFAULT_TEMPLATE, TextTokenizer  # noqa: E
 
 
 RELATION = re.compile(r"is the (\w+ \w+) (?:left or right of|above or below|bigger or smaller than) the (\w+ \w+)\?")
-RELATIONAL = ("position", "size")
+RELATIONAL = ("position", "position", "size")  # relational turns: two position questions to one size question
 
 
 def named_geometry(question: str, objects) -> list[float]:
@@ -61,7 +65,8 @@ def named_geometry(question: str, objects) -> list[float]:
 
 def _make(args):
     """Training tuples (image CHW, question, answer, type, patch colours, patch shapes, extra turns,
-    geometry per turn). `relational`: only scenes with two nameable objects, only position / size turns."""
+    geometry per turn). `relational`: only scenes with two nameable objects, only position / size turns
+    (position twice as often: size needs only the first object, position needs both fetched and compared)."""
     split, start, n, turns, relational = args
     out = []
     for i, item in enumerate(shapes_vqa.items(split, n, start)):
@@ -172,6 +177,24 @@ class RetrievalHead(torch.nn.Module):
         return 10 * F.mse_loss(predicted, geometry[rows, turns])
 
 
+@contextlib.contextmanager
+def fp32_attention():
+    """bf16 autocast on CPU halves the matmuls' time, but CPU attention in bf16 is slower than in fp32 (its
+    backward most of all): run attention in fp32 and everything else in bf16 — 1.5x faster steps here."""
+    bf16_attention = F.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, **kw):
+        mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        with torch.autocast(q.device.type, enabled=False):
+            return bf16_attention(q.float(), k.float(), v.float(), attn_mask=mask, **kw).to(q.dtype)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = bf16_attention
+
+
 def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, colors, shapes, geometry):
     captured = {}
     hook = (model.language_model.layers[retrieval.layer].register_forward_hook(lambda m, i, out: captured.update(h=out[0]))
@@ -227,12 +250,17 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--relational-items", type=int, default=0,
                     help="more train images asking only position / size questions (those of two-or-more-object scenes)")
+    ap.add_argument("--relational-from", type=float, default=0.0,
+                    help="fraction of the steps after which the relational images and the grid / retrieval probes join")
+    ap.add_argument("--relational-share", type=float, default=0.35,
+                    help="share of each batch drawn from the relational images once they have joined")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
     ap.add_argument("--grid-weight", type=float, default=0.0, help="weight of the per-patch grid-position probe (in the aux term)")
     ap.add_argument("--retrieval-weight", type=float, default=0.0, help="weight of the named-objects retrieval probe (0: off)")
     ap.add_argument("--retrieval-layer", type=int, default=1, help="decoder layer whose output the retrieval probe reads")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the shipped checkpoint is trained without)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
+                    help="bf16: autocast matmuls to bfloat16 (attention stays fp32 on CPU, see fp32_attention); weights stay fp32")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -253,6 +281,7 @@ def main() -> None:
     t0 = time.time()
     train = generate_items("train", args.train_items, args.workers, args.turns)
     relational = generate_items("train", args.relational_items, args.workers, args.turns, start=args.train_items, relational=True)
+    standard = len(train)
     train += relational
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train ({len(relational)} relational) / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
@@ -262,7 +291,10 @@ def main() -> None:
     tr_geometry = torch.tensor([x[7] for x in train], dtype=torch.float32)
     heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
     retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
-    weights = {"aux": args.aux_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
+    late_weights = {"aux": args.aux_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
+    weights = {**late_weights, "grid": 0.0, "retrieval": 0.0} if args.relational_from > 0 else late_weights
+    relational_from = round(args.relational_from * args.steps) + 1
+    relational_batch = round(args.relational_share * args.batch_size) if relational else 0
     va = encode(tok, val, config.num_image_tokens, config.image_token_id)
     val_data = (*va, [x[3] for x in val])
 
@@ -275,16 +307,24 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     gen = torch.Generator().manual_seed(args.seed)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    bf16 = args.precision == "bf16"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    attention = fp32_attention if bf16 and device.type == "cpu" else contextlib.nullcontext
     model.train()
     history = []
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(tr_ids), (args.batch_size,), generator=gen)
+        if step == relational_from:
+            weights = late_weights
+            print(f"step {step}: relational images ({args.relational_share:.0%} of each batch) and probes {weights} join", flush=True)
+        late = relational_batch if step >= relational_from else 0
+        idx = torch.randint(0, standard, (args.batch_size - late,), generator=gen)
+        if late:
+            idx = torch.cat([idx, torch.randint(standard, len(train), (late,), generator=gen)])
         width = int(tr_targets[idx].max()) + 1
         ids, target_pos = tr_ids[idx, :width].to(device), tr_targets[idx].to(device)
         images = augment(tr_images[idx].to(device), gen)
-        with amp:
+        with amp, attention():
             loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
                                         tr_colors[idx].to(device), tr_shapes[idx].to(device), tr_geometry[idx].to(device))
         opt.zero_grad(set_to_none=True)
@@ -301,8 +341,9 @@ def main() -> None:
 
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
-    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **weights,
-              "retrieval_layer": args.retrieval_layer, "train_items": args.train_items, "relational_items": len(relational),
+    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **late_weights,
+              "retrieval_layer": args.retrieval_layer, "precision": args.precision, "train_items": args.train_items,
+              "relational_items": len(relational), "relational_from": args.relational_from, "relational_share": args.relational_share,
               "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
