@@ -317,16 +317,16 @@ def main() -> None:
         if step == relational_from:
             weights = late_weights
             print(f"step {step}: relational images ({args.relational_share:.0%} of each batch) and probes {weights} join", flush=True)
-        late = relational_batch if step >= relational_from else 0
-        idx = torch.randint(0, standard, (args.batch_size - late,), generator=gen)
-        if late:
-            idx = torch.cat([idx, torch.randint(standard, len(train), (late,), generator=gen)])
+        relational_rows = relational_batch if step >= relational_from else 0
+        idx = torch.randint(0, standard, (args.batch_size - relational_rows,), generator=gen)
+        if relational_rows:
+            idx = torch.cat([idx, torch.randint(standard, len(train), (relational_rows,), generator=gen)])
         width = int(tr_targets[idx].max()) + 1
         ids, target_pos = tr_ids[idx, :width].to(device), tr_targets[idx].to(device)
         images = augment(tr_images[idx].to(device), gen)
         with amp, attention():
             loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
-                                        tr_colors[idx].to(device), tr_shapes[idx].to(device), tr_geometry[idx].to(device))
+                                  tr_colors[idx].to(device), tr_shapes[idx].to(device), tr_geometry[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
