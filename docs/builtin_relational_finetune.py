@@ -31,7 +31,7 @@ def rel_items(n, seed):
             if len(qs) == 5: break
         if not qs: continue
         img = S._draw(S._background(rng), objs, rng)
-        c, s = S.patch_labels(objs)
+        c, s, _ = S.patch_labels(objs)
         geometry = [tb.named_geometry(q, objs) for q, _ in qs] + [[float("nan")] * 6] * (5 - len(qs))
         out.append((img.transpose(2, 0, 1).copy(), qs[0][0], qs[0][1], "rel", c, s, qs[1:], geometry))
     return out
@@ -65,7 +65,7 @@ for step in range(1, a.steps + 1):
         target = torch.stack([grid % 14, grid // 14], -1).float() / 13.0
         ploss = 10 * torch.nn.functional.mse_loss(pl, target[None].expand(32, -1, -1))
     rl = retrieval(cap["h"], tp, tr_g[idx])
-    loss = al + 0.5 * heads(e, tr_c[idx], tr_s[idx], 0.0) + a.pos * ploss + a.retrieval * rl
+    loss = al + 0.5 * heads(e, tr_c[idx], tr_s[idx], None, 0.0, 0.0) + a.pos * ploss + a.retrieval * rl
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
     if step % 50 == 0: print(f"step {step} loss {loss.item():.4f} answer {al.item():.4f} pos {ploss.item():.3f} retrieval {rl.item():.3f} {time.time()-t0:.0f}s", flush=True)
     if step % 100 == 0: print("  val", tb.evaluate(model, vd, 256, "cpu"), flush=True)

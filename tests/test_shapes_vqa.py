@@ -55,3 +55,12 @@ def test_scene_questions_ask_only_the_requested_types():
     asked = s.scene_questions(scene, np.random.default_rng(0), 6, ("position", "size"))
     assert asked and {t for _, _, t in asked} <= {"position", "size"}
     assert all(a in {"left", "right", "above", "below", "bigger", "smaller"} for _, a, _ in asked)
+
+
+def test_patch_labels_mark_each_objects_patches_with_its_colour_shape_and_size_class():
+    small = s.Obj("circle", "red", 12, 20, 20)  # box 14..26: patch centres 20 (column / row 2)
+    large = s.Obj("square", "blue", 24, 80, 60)  # box 68..92 x 48..72: centres 68..92 x 52..68
+    colors, shapes, sizes = (a.reshape(14, 14) for a in s.patch_labels([small, large]))
+    assert sizes[2, 2] == 1 and colors[2, 2] == 1 + list(s.COLORS).index("red") and shapes[2, 2] == 1
+    assert (sizes[6:9, 8:12] == 2).all() and (shapes[6:9, 8:12] == 1 + s.SHAPES.index("square")).all()
+    assert (sizes > 0).sum() == 1 + 3 * 4 and (colors > 0).sum() == (sizes > 0).sum()

@@ -13,10 +13,13 @@ dense supervision the generator knows for free. Validation asks one question per
 checkpoint.
 
 Off by default (the shipped checkpoint is trained without them; docs/builtin_model.md has their results),
-three aids for the relational questions:
+aids for the relational questions:
+- --position-init grid: the vision tower's position table starts as 2-D sin/cos codes of column and row;
 - --grid-weight: a per-patch probe making each image token regress its own grid column and row;
+- --size-weight: a per-patch probe for the size class (small / large) of the object under each patch;
 - --retrieval-weight: a probe on decoder layer --retrieval-layer at each position / size answer that
-  regresses the two named objects' centres and sizes (the fetch the comparison needs);
+  regresses the two named objects' centres and sizes (the fetch the comparison needs); with
+  --retrieval-questions named, also at every answer whose question names one object;
 - --relational-items: more train images asking only position / size questions, --relational-share of each
   batch; with --relational-from F they and the two probes join only after that fraction of the steps.
 --precision bf16 autocasts the matmuls (1.5x faster steps on this CPU; see docs/builtin_model.md for
@@ -53,21 +56,31 @@ RELATION = re.compile(r"is the (\w+ \w+) (?:left or right of|above or below|bigg
 RELATIONAL = ("position", "position", "size")  # relational turns: two position questions to one size question
 
 
-def named_geometry(question: str, objects) -> list[float]:
-    """The two objects a position / size question names: centres and sizes / image size (NaN otherwise)."""
+NAMED = (re.compile(r"what color is the (?P<shape>\w+)\?"), re.compile(r"which shape is (?P<color>\w+)\?"),
+         re.compile(r"is there a (?P<color>\w+) (?P<shape>\w+)\?"))
+
+
+def named_geometry(question: str, objects, single: bool = False) -> list[float]:
+    """Centres and sizes / image size of the objects a question names: the two of a position / size
+    question; with `single`, also the one object a colour, shape or (present) existence question names.
+    NaN where a question names fewer."""
     m = RELATION.fullmatch(question)
-    if not m:
-        return [math.nan] * 6
-    by_name = {f"{o.color} {o.shape}": o for o in objects}
-    a, b = by_name[m.group(1)], by_name[m.group(2)]
-    return [v / shapes_vqa.IMAGE_SIZE for v in (a.x, a.y, a.size, b.x, b.y, b.size)]
+    if m:
+        by_name = {f"{o.color} {o.shape}": o for o in objects}
+        named = [by_name[m.group(1)], by_name[m.group(2)]]
+    else:
+        m = next((p.fullmatch(question) for p in NAMED if single and p.fullmatch(question)), None)
+        fits = [o for o in objects if m and all(getattr(o, k) == v for k, v in m.groupdict().items())]
+        named = fits if len(fits) == 1 else []
+    values = [v / shapes_vqa.IMAGE_SIZE for o in named for v in (o.x, o.y, o.size)]
+    return values + [math.nan] * (6 - len(values))
 
 
 def _make(args):
     """Training tuples (image CHW, question, answer, type, patch colours, patch shapes, extra turns,
     geometry per turn). `relational`: only scenes with two nameable objects, only position / size turns
     (position twice as often: size needs only the first object, position needs both fetched and compared)."""
-    split, start, n, turns, relational = args
+    split, start, n, turns, relational, single = args
     out = []
     for i, item in enumerate(shapes_vqa.items(split, n, start)):
         rng = np.random.default_rng([97, start + i])
@@ -79,17 +92,19 @@ def _make(args):
         else:
             question, answer, qtype = item.question, item.answer, item.qtype
             extra = [(q, a) for q, a, _ in shapes_vqa.scene_questions(item.objects, rng, turns) if q != question][: turns - 1]
-        colors, shapes = shapes_vqa.patch_labels(item.objects)
-        geometry = [named_geometry(q, item.objects) for q, _ in [(question, answer)] + extra]
+        colors, shapes, sizes = shapes_vqa.patch_labels(item.objects)
+        geometry = [named_geometry(q, item.objects, single) for q, _ in [(question, answer)] + extra]
         geometry += [[math.nan] * 6] * (turns - len(geometry))
-        out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry))
+        out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry, sizes))
     return out
 
 
-def generate_items(split: str, n: int, workers: int, turns: int = 1, start: int = 0, relational: bool = False):
-    """Items start..start+n of `split` (relational: those of them with two nameable objects)."""
+def generate_items(split: str, n: int, workers: int, turns: int = 1, start: int = 0, relational: bool = False,
+                   single: bool = False):
+    """Items start..start+n of `split` (relational: those of them with two nameable objects; single: the
+    retrieval targets include single-object questions, see named_geometry)."""
     chunk = max(1, math.ceil(n / (workers * 4)))
-    jobs = [(split, start + s, min(chunk, n - s), turns, relational) for s in range(0, n, chunk)]
+    jobs = [(split, start + s, min(chunk, n - s), turns, relational, single) for s in range(0, n, chunk)]
     if workers <= 1:
         return [x for j in jobs for x in _make(j)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -136,7 +151,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 class PatchHeads(torch.nn.Module):
     """Training-only linear probes on the image tokens the LLM receives: the colour and shape under each
-    patch, and the patch's own grid column and row. Dense supervision the generator knows for free: colour /
+    patch, the size class of its object, and the patch's own grid column and row. Dense supervision the generator knows for free: colour /
     shape get the vision tower past the plateau where answers are guessed from the question alone; without
     the grid probe the tokens hardly encode where they are (R^2 0.06 for the column), so nothing the decoder
     retrieves can say left from right. Not part of the shipped model."""
@@ -146,22 +161,26 @@ class PatchHeads(torch.nn.Module):
         self.color = torch.nn.Linear(dim, 1 + len(shapes_vqa.COLORS))
         self.shape = torch.nn.Linear(dim, 1 + len(shapes_vqa.SHAPES))
         self.grid = torch.nn.Linear(dim, 2)
+        self.size = torch.nn.Linear(dim, 3)
         side = math.isqrt(num_patches)
         cells = torch.arange(num_patches)
         self.register_buffer("cells", torch.stack([cells % side, cells // side], -1).float() / (side - 1), persistent=False)
 
-    def forward(self, tokens, colors, shapes, grid_weight: float):
+    def forward(self, tokens, colors, shapes, sizes, grid_weight: float, size_weight: float):
         loss = (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
                 + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
+        if size_weight:
+            loss = loss + size_weight * F.cross_entropy(self.size(tokens).flatten(0, 1).float(), sizes.flatten())
         if grid_weight:
             loss = loss + grid_weight * 10 * F.mse_loss(self.grid(tokens).float(), self.cells.expand(tokens.shape[0], -1, -1))
         return loss
 
 
 class RetrievalHead(torch.nn.Module):
-    """Training-only probe on decoder layer `layer`'s output at the token that predicts a position / size
-    answer: regresses the two named objects' centres and sizes. The answer loss alone leaves position at
-    chance; this supervises the fetch of both objects that the comparison needs. Not part of the shipped model."""
+    """Training-only probe on decoder layer `layer`'s output at the token that predicts an answer: regresses
+    the centres and sizes of the objects the question names (named_geometry). The answer loss alone leaves
+    position at chance; this supervises the fetch of both objects that the comparison needs. Not part of
+    the shipped model."""
 
     def __init__(self, dim: int, layer: int):
         super().__init__()
@@ -174,7 +193,25 @@ class RetrievalHead(torch.nn.Module):
         if not len(rows):
             return hidden.sum() * 0
         predicted = self.head(hidden[rows, answer_pos[rows, turns] - 1]).float()
-        return 10 * F.mse_loss(predicted, geometry[rows, turns])
+        target = geometry[rows, turns]
+        named = ~target.isnan()  # single-object questions name one object: three of the six targets
+        return 10 * F.mse_loss(predicted[named], target[named])
+
+
+def grid_position_codes(side: int, dim: int) -> torch.Tensor:
+    """2-D sin/cos codes for the vision tower's position table (row 0, the CLS token, zero): half the width
+    codes the patch column, half its row, at wavelengths from 2 to 4 grid widths, so the lowest frequencies
+    are monotonic ramps across the image. PyTorch's default N(0, 1) table gives each patch a random code
+    from which neither "left of" nor "next to" can be read linearly."""
+    quarter = dim // 4
+    wavelengths = torch.logspace(math.log10(2.0), math.log10(4.0 * side), quarter)
+    cells = torch.arange(side * side)
+    codes = []
+    for coordinate in (cells % side, cells // side):
+        angle = 2 * math.pi * coordinate[:, None].float() / wavelengths[None]
+        codes += [angle.sin(), angle.cos()]
+    table = torch.cat(codes, dim=1) * math.sqrt(2.0)  # unit RMS per entry, like the N(0, 1) default
+    return torch.cat([torch.zeros(1, dim), table], dim=0)
 
 
 @contextlib.contextmanager
@@ -195,7 +232,8 @@ def fp32_attention():
         F.scaled_dot_product_attention = bf16_attention
 
 
-def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, colors, shapes, geometry):
+def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, labels, geometry):
+    """Answer loss plus the weighted probes; `labels`: the per-patch colour, shape and size classes."""
     captured = {}
     hook = (model.language_model.layers[retrieval.layer].register_forward_hook(lambda m, i, out: captured.update(h=out[0]))
             if weights["retrieval"] else None)
@@ -210,7 +248,7 @@ def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weig
     pos = target_pos[rows, cols]  # each supervised token, predicted from the position before it
     answer_loss = F.cross_entropy(logits[rows, pos - 1].float(), ids[rows, pos])
     retrieval_loss = retrieval(captured["h"], target_pos, geometry) if hook is not None else torch.zeros((), device=ids.device)
-    loss = answer_loss + weights["aux"] * heads(image_embeds, colors, shapes, weights["grid"]) + weights["retrieval"] * retrieval_loss
+    loss = answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"]) + weights["retrieval"] * retrieval_loss
     return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item()}
 
 
@@ -255,10 +293,15 @@ def main() -> None:
     ap.add_argument("--relational-share", type=float, default=0.35,
                     help="share of each batch drawn from the relational images once they have joined")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
+    ap.add_argument("--size-weight", type=float, default=0.0, help="weight of the per-patch size-class probe (in the aux term)")
     ap.add_argument("--grid-weight", type=float, default=0.0, help="weight of the per-patch grid-position probe (in the aux term)")
     ap.add_argument("--retrieval-weight", type=float, default=0.0, help="weight of the named-objects retrieval probe (0: off)")
+    ap.add_argument("--retrieval-questions", choices=("relational", "named"), default="relational",
+                    help="answers the retrieval probe reads: position / size only, or every question naming an object")
     ap.add_argument("--retrieval-layer", type=int, default=1, help="decoder layer whose output the retrieval probe reads")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
+    ap.add_argument("--position-init", choices=("grid", "random"), default="random",
+                    help="vision position table at step 0: 2-D sin/cos grid codes, or PyTorch's default N(0, 1)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
                     help="bf16: autocast matmuls to bfloat16 (attention stays fp32 on CPU, see fp32_attention); weights stay fp32")
     args = ap.parse_args()
@@ -275,23 +318,29 @@ def main() -> None:
     vocab = write_tokenizer(args.out, shapes_vqa.VOCABULARY)
     tok = TextTokenizer(args.out)
     config = builtin_config(vocab_size=64 * math.ceil(len(vocab) / 64))
-    model = LlavaModel(config).to(device)
+    model = LlavaModel(config)
+    if args.position_init == "grid":
+        table = model.vision_tower.embeddings.position_embedding.weight
+        with torch.no_grad():
+            table.copy_(grid_position_codes(math.isqrt(config.num_image_tokens), table.shape[1]))
+    model = model.to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}", flush=True)
 
     t0 = time.time()
-    train = generate_items("train", args.train_items, args.workers, args.turns)
-    relational = generate_items("train", args.relational_items, args.workers, args.turns, start=args.train_items, relational=True)
+    single = args.retrieval_questions == "named"
+    train = generate_items("train", args.train_items, args.workers, args.turns, single=single)
+    relational = generate_items("train", args.relational_items, args.workers, args.turns, start=args.train_items,
+                                relational=True, single=single)
     standard = len(train)
     train += relational
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train ({len(relational)} relational) / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
     tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
-    tr_colors = torch.from_numpy(np.stack([x[4] for x in train]))
-    tr_shapes = torch.from_numpy(np.stack([x[5] for x in train]))
+    tr_labels = [torch.from_numpy(np.stack([x[i] for x in train])) for i in (4, 5, 8)]  # colour, shape, size
     tr_geometry = torch.tensor([x[7] for x in train], dtype=torch.float32)
     heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
     retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
-    late_weights = {"aux": args.aux_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
+    late_weights = {"aux": args.aux_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
     weights = {**late_weights, "grid": 0.0, "retrieval": 0.0} if args.relational_from > 0 else late_weights
     relational_from = round(args.relational_from * args.steps) + 1
     relational_batch = round(args.relational_share * args.batch_size) if relational else 0
@@ -314,7 +363,7 @@ def main() -> None:
     history = []
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        if step == relational_from:
+        if step == relational_from and args.relational_from > 0:
             weights = late_weights
             print(f"step {step}: relational images ({args.relational_share:.0%} of each batch) and probes {weights} join", flush=True)
         relational_rows = relational_batch if step >= relational_from else 0
@@ -326,7 +375,7 @@ def main() -> None:
         images = augment(tr_images[idx].to(device), gen)
         with amp, attention():
             loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
-                                  tr_colors[idx].to(device), tr_shapes[idx].to(device), tr_geometry[idx].to(device))
+                                  [t[idx].to(device) for t in tr_labels], tr_geometry[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -342,7 +391,8 @@ def main() -> None:
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
     report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **late_weights,
-              "retrieval_layer": args.retrieval_layer, "precision": args.precision, "train_items": args.train_items,
+              "retrieval_layer": args.retrieval_layer, "retrieval_questions": args.retrieval_questions, "precision": args.precision,
+              "position_init": args.position_init, "train_items": args.train_items,
               "relational_items": len(relational), "relational_from": args.relational_from, "relational_share": args.relational_share,
               "device": str(device), "seconds": round(time.time() - t0, 1),
               "val": history[-1] if history else None, "history": history}

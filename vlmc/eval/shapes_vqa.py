@@ -59,10 +59,11 @@ class Item:
     objects: tuple = ()  # the scene (Obj), for dense supervision and analysis
 
 
-def patch_labels(objects, patch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch colour and shape class (0 = background, else 1 + index) from the patch centres."""
+def patch_labels(objects, patch: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-patch colour, shape and size class (0 = background, else 1 + index; sizes: 1 small, 2 large)
+    from the patch centres."""
     n = IMAGE_SIZE // patch
-    colors, shapes = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    colors, shapes, sizes = (np.zeros((n, n), np.int64) for _ in range(3))
     centres = np.arange(n) * patch + patch / 2
     for o in objects:
         x0, y0, x1, y1 = o.box()
@@ -71,7 +72,8 @@ def patch_labels(objects, patch: int = 8) -> tuple[np.ndarray, np.ndarray]:
         mask = ys[:, None] & xs[None, :]
         colors[mask] = 1 + list(COLORS).index(o.color)
         shapes[mask] = 1 + SHAPES.index(o.shape)
-    return colors.reshape(-1), shapes.reshape(-1)
+        sizes[mask] = 1 + (o.size >= SIZES["large"][0])
+    return colors.reshape(-1), shapes.reshape(-1), sizes.reshape(-1)
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
