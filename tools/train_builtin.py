@@ -78,7 +78,7 @@ def named_geometry(question: str, objects, single: bool = False) -> list[float]:
 
 def _make(args):
     """Training tuples (image CHW, question, answer, type, patch colours, patch shapes, extra turns,
-    geometry per turn). `relational`: only scenes with two nameable objects, only position / size turns
+    geometry per turn, patch size classes). `relational`: only scenes with two nameable objects, only position / size turns
     (position twice as often: size needs only the first object, position needs both fetched and compared)."""
     split, start, n, turns, relational, single = args
     out = []
@@ -151,8 +151,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 class PatchHeads(torch.nn.Module):
     """Training-only linear probes on the image tokens the LLM receives: the colour and shape under each
-    patch, the size class of its object, and the patch's own grid column and row. Dense supervision the generator knows for free: colour /
-    shape get the vision tower past the plateau where answers are guessed from the question alone; without
+    patch, the size class of its object, and the patch's own grid column and row. Dense supervision the
+    generator knows for free: colour / shape get the vision tower past the plateau where answers are guessed from the question alone; without
     the grid probe the tokens hardly encode where they are (R^2 0.06 for the column), so nothing the decoder
     retrieves can say left from right. Not part of the shipped model."""
 
