@@ -69,7 +69,7 @@ def named_geometry(question: str, objects, single: bool = False) -> list[float]:
         by_name = {f"{o.color} {o.shape}": o for o in objects}
         named = [by_name[m.group(1)], by_name[m.group(2)]]
     else:
-        m = next((p.fullmatch(question) for p in NAMED if single and p.fullmatch(question)), None)
+        m = next(filter(None, (p.fullmatch(question) for p in NAMED)), None) if single else None
         fits = [o for o in objects if m and all(getattr(o, k) == v for k, v in m.groupdict().items())]
         named = fits if len(fits) == 1 else []
     values = [v / shapes_vqa.IMAGE_SIZE for o in named for v in (o.x, o.y, o.size)]
