@@ -20,6 +20,8 @@ aids for the relational questions:
 - --retrieval-weight: a probe on decoder layer --retrieval-layer at each position / size answer that
   regresses the two named objects' centres and sizes (the fetch the comparison needs); with
   --retrieval-questions named, also at every answer whose question names one object;
+- --fetch-weight: attention supervision at decoder layer --fetch-layer: at each answer, query head 0 (and
+  head 2 for a second named object) should attend to the patches of the objects the question names;
 - --relational-items: more train images asking only position / size questions, --relational-share of each
   batch; with --relational-from F they and the two probes join only after that fraction of the steps.
 --precision bf16 autocasts the matmuls (1.5x faster steps on this CPU; see docs/builtin_model.md for
@@ -58,6 +60,25 @@ RELATIONAL = ("position", "position", "size")  # relational turns: two position 
 
 NAMED = (re.compile(r"what color is the (?P<shape>\w+)\?"), re.compile(r"which shape is (?P<color>\w+)\?"),
          re.compile(r"is there a (?P<color>\w+) (?P<shape>\w+)\?"))
+COUNTED = re.compile(r"how many (?P<shape>\w+)s are there\?")
+
+
+def fetch_selectors(question: str) -> list[int]:
+    """What the answer must attend to, as (colour, shape) class pairs for up to two objects (0: any, -1: no
+    object): the two named objects of a position / size question; the shape of a colour or count question,
+    the colour of a shape question, the colour and shape of an existence question. Patches matching a pair
+    (PatchHeads' classes) are that object's; none match when it is absent ("is there a red circle?" -> no)."""
+    m = RELATION.fullmatch(question)
+    names = [m.group(1), m.group(2)] if m else []
+    if not m:
+        m = next(filter(None, (p.fullmatch(question) for p in NAMED + (COUNTED,))), None)
+        names = [f"{m.groupdict().get('color', '')} {m.groupdict().get('shape', '')}"] if m else []
+    colors, shapes = list(shapes_vqa.COLORS), shapes_vqa.SHAPES
+    pairs = []
+    for name in names:
+        color, shape = name.split(" ")
+        pairs += [1 + colors.index(color) if color else 0, 1 + shapes.index(shape) if shape else 0]
+    return pairs + [-1] * (4 - len(pairs))
 
 
 def named_geometry(question: str, objects, single: bool = False) -> list[float]:
@@ -78,7 +99,7 @@ def named_geometry(question: str, objects, single: bool = False) -> list[float]:
 
 def _make(args):
     """Training tuples (image CHW, question, answer, type, patch colours, patch shapes, extra turns,
-    geometry per turn, patch size classes). `relational`: only scenes with two nameable objects, only position / size turns
+    geometry per turn, patch size classes, fetch selectors per turn). `relational`: only scenes with two nameable objects, only position / size turns
     (position twice as often: size needs only the first object, position needs both fetched and compared)."""
     split, start, n, turns, relational, single = args
     out = []
@@ -95,7 +116,10 @@ def _make(args):
         colors, shapes, sizes = shapes_vqa.patch_labels(item.objects)
         geometry = [named_geometry(q, item.objects, single) for q, _ in [(question, answer)] + extra]
         geometry += [[math.nan] * 6] * (turns - len(geometry))
-        out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry, sizes))
+        selectors = [fetch_selectors(q) for q, _ in [(question, answer)] + extra]
+        selectors += [[-1] * 4] * (turns - len(selectors))
+        out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry, sizes,
+                    selectors))
     return out
 
 
@@ -198,6 +222,33 @@ class RetrievalHead(torch.nn.Module):
         return 10 * F.mse_loss(predicted[named], target[named])
 
 
+def fetch_loss(q, k, target_pos, selectors, patch_colors, patch_shapes, image_start: int, heads=(0, 2)):
+    """Attention supervision at one decoder layer: at the token that predicts each answer, query head
+    heads[j] should put its attention on the patches of the j-th object the question names (fetch_selectors);
+    the loss is minus the log of the attention mass there. The answer loss alone must discover this fetch
+    through a long plateau where colours are guessed from the scene, not read from the named shape. q [B,H,T,d],
+    k [B,Hkv,T,d] rotated as the layer uses them; patch classes [B,N] as PatchHeads gets them."""
+    answer_pos = target_pos[:, 0::2][:, : selectors.shape[1]]
+    selectors = selectors[:, : answer_pos.shape[1]]
+    n_rep, n = q.shape[1] // k.shape[1], patch_colors.shape[1]
+    losses = []
+    for slot, head in enumerate(heads):
+        pair = selectors[..., 2 * slot: 2 * slot + 2]
+        rows, turns = torch.nonzero((answer_pos >= 0) & (pair[..., 0] >= 0), as_tuple=True)
+        color, shape = pair[rows, turns, 0, None], pair[rows, turns, 1, None]
+        colors, shapes = patch_colors[rows], patch_shapes[rows]
+        target = (shapes > 0) & ((color == 0) | (colors == color)) & ((shape == 0) | (shapes == shape))
+        present = target.any(1)  # an absent object ("is there a red circle?" -> no) has nothing to fetch
+        rows, turns, target = rows[present], turns[present], target[present]
+        at = answer_pos[rows, turns] - 1
+        scores = torch.einsum("nd,ntd->nt", q[rows, head, at], k[rows, head // n_rep]).float() / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(torch.arange(k.shape[2], device=k.device)[None] > at[:, None], -math.inf)
+        on_image = scores.log_softmax(-1)[:, image_start: image_start + n]
+        losses.append(-on_image.masked_fill(~target, -math.inf).logsumexp(-1))
+    losses = torch.cat(losses)
+    return losses.mean() if len(losses) else q.sum() * 0
+
+
 def grid_position_codes(side: int, dim: int) -> torch.Tensor:
     """2-D sin/cos codes for the vision tower's position table (row 0, the CLS token, zero): half the width
     codes the patch column, half its row, at wavelengths from 2 to 4 grid widths, so the lowest frequencies
@@ -232,24 +283,32 @@ def fp32_attention():
         F.scaled_dot_product_attention = bf16_attention
 
 
-def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, labels, geometry):
+def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, labels, geometry,
+            selectors, fetch_layer: int):
     """Answer loss plus the weighted probes; `labels`: the per-patch colour, shape and size classes."""
-    captured = {}
-    hook = (model.language_model.layers[retrieval.layer].register_forward_hook(lambda m, i, out: captured.update(h=out[0]))
-            if weights["retrieval"] else None)
+    captured, hooks = {}, []
+    layers = model.language_model.layers
+    if weights["retrieval"]:
+        hooks.append(layers[retrieval.layer].register_forward_hook(lambda m, i, out: captured.update(h=out[0])))
+    if weights["fetch"]:
+        hooks.append(layers[fetch_layer].register_forward_hook(lambda m, i, out: captured.update(q=out[1], k=out[2])))
     try:
         image_embeds = model.encode_image(model.normalize(images))
         embeds = model.merge_embeddings(ids, image_embeds)
         logits, _ = model.decode(embeds, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None)
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     rows, cols = torch.nonzero(target_pos >= 0, as_tuple=True)
     pos = target_pos[rows, cols]  # each supervised token, predicted from the position before it
     answer_loss = F.cross_entropy(logits[rows, pos - 1].float(), ids[rows, pos])
-    retrieval_loss = retrieval(captured["h"], target_pos, geometry) if hook is not None else torch.zeros((), device=ids.device)
-    loss = answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"]) + weights["retrieval"] * retrieval_loss
-    return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item()}
+    zero = torch.zeros((), device=ids.device)
+    retrieval_loss = retrieval(captured["h"], target_pos, geometry) if "h" in captured else zero
+    image_start = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    fetch = fetch_loss(captured["q"], captured["k"], target_pos, selectors, labels[0], labels[1], image_start) if "q" in captured else zero
+    loss = (answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"])
+            + weights["retrieval"] * retrieval_loss + weights["fetch"] * fetch)
+    return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item(), "fetch": fetch.item()}
 
 
 @torch.no_grad()
@@ -299,6 +358,9 @@ def main() -> None:
     ap.add_argument("--retrieval-questions", choices=("relational", "named"), default="relational",
                     help="answers the retrieval probe reads: position / size only, or every question naming an object")
     ap.add_argument("--retrieval-layer", type=int, default=1, help="decoder layer whose output the retrieval probe reads")
+    ap.add_argument("--fetch-weight", type=float, default=0.0,
+                    help="weight of the attention supervision: decoder heads fetch the objects each question names (0: off)")
+    ap.add_argument("--fetch-layer", type=int, default=1, help="decoder layer whose attention --fetch-weight supervises")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
     ap.add_argument("--position-init", choices=("grid", "random"), default="random",
                     help="vision position table at step 0: 2-D sin/cos grid codes, or PyTorch's default N(0, 1)")
@@ -338,9 +400,11 @@ def main() -> None:
     tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
     tr_labels = [torch.from_numpy(np.stack([x[i] for x in train])) for i in (4, 5, 8)]  # colour, shape, size
     tr_geometry = torch.tensor([x[7] for x in train], dtype=torch.float32)
+    tr_selectors = torch.tensor([x[9] for x in train], dtype=torch.long)
     heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
     retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
-    late_weights = {"aux": args.aux_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight}
+    late_weights = {"aux": args.aux_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight,
+                    "fetch": args.fetch_weight}
     weights = {**late_weights, "grid": 0.0, "retrieval": 0.0} if args.relational_from > 0 else late_weights
     relational_from = round(args.relational_from * args.steps) + 1
     relational_batch = round(args.relational_share * args.batch_size) if relational else 0
@@ -375,14 +439,15 @@ def main() -> None:
         images = augment(tr_images[idx].to(device), gen)
         with amp, attention():
             loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
-                                  [t[idx].to(device) for t in tr_labels], tr_geometry[idx].to(device))
+                                  [t[idx].to(device) for t in tr_labels], tr_geometry[idx].to(device),
+                                  tr_selectors[idx].to(device), args.fetch_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} answer {parts['answer']:.4f} retrieval {parts['retrieval']:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} answer {parts['answer']:.4f} retrieval {parts['retrieval']:.4f} fetch {parts['fetch']:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             ev = evaluate(model, val_data, 256, device)
             history.append({"step": step, "loss": round(loss.item(), 4), "answer_loss": round(parts["answer"], 4), **ev})
@@ -391,7 +456,7 @@ def main() -> None:
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
     report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **late_weights,
-              "retrieval_layer": args.retrieval_layer, "retrieval_questions": args.retrieval_questions, "precision": args.precision,
+              "retrieval_layer": args.retrieval_layer, "fetch_layer": args.fetch_layer, "retrieval_questions": args.retrieval_questions, "precision": args.precision,
               "position_init": args.position_init, "train_items": args.train_items,
               "relational_items": len(relational), "relational_from": args.relational_from, "relational_share": args.relational_share,
               "device": str(device), "seconds": round(time.time() - t0, 1),
