@@ -10,13 +10,13 @@ from train_builtin import fetch_loss, fetch_selectors  # noqa: E402
 
 
 def test_fetch_selectors_name_the_objects_each_question_needs():
-    # (colour class, shape class) per object, 0 = any, -1 = no object; classes are 1 + index
-    assert fetch_selectors("what color is the circle?") == [0, 1, -1, -1]
-    assert fetch_selectors("which shape is blue?") == [3, 0, -1, -1]
-    assert fetch_selectors("how many diamonds are there?") == [0, 4, -1, -1]
-    assert fetch_selectors("is there a red square?") == [1, 2, -1, -1]
-    assert fetch_selectors("is the red circle left or right of the green diamond?") == [1, 1, 2, 4]
-    assert fetch_selectors("is the orange triangle bigger or smaller than the red square?") == [6, 3, 1, 2]
+    # (colour class, shape class) per object, 0 = any, -1 = no object; classes are 1 + index; then 1 if it counts
+    assert fetch_selectors("what color is the circle?") == [0, 1, -1, -1, 0]
+    assert fetch_selectors("which shape is blue?") == [3, 0, -1, -1, 0]
+    assert fetch_selectors("how many diamonds are there?") == [0, 4, -1, -1, 1]
+    assert fetch_selectors("is there a red square?") == [1, 2, -1, -1, 0]
+    assert fetch_selectors("is the red circle left or right of the green diamond?") == [1, 1, 2, 4, 0]
+    assert fetch_selectors("is the orange triangle bigger or smaller than the red square?") == [6, 3, 1, 2, 0]
 
 
 def _scene(patches=6, text=4, d=8):
@@ -33,27 +33,40 @@ def test_fetch_loss_is_zero_when_the_head_attends_to_the_named_object_only():
     q, k, target_pos, colors, shapes = _scene()
     q[0, 0, -1, 0] = 1.0
     k[0, 0, 2 + 1, 0] = k[0, 0, 2 + 2, 0] = 100.0  # kv head 0 serves query head 0: the two red-circle patches
-    selectors = torch.tensor([[[1, 1, -1, -1]]])
+    selectors = torch.tensor([[[1, 1, -1, -1, 0]]])
     assert fetch_loss(q, k, target_pos, selectors, colors, shapes, image_start=2).item() < 1e-6
 
 
 def test_fetch_loss_is_minus_log_of_the_mass_on_the_object():
     q, k, target_pos, colors, shapes = _scene()  # zero queries: uniform attention over the 12 causal rows
-    selectors = torch.tensor([[[0, 1, 2, 3]]])  # any-coloured circle (2 patches), green triangle (1 patch)
+    selectors = torch.tensor([[[0, 1, 2, 3, 0]]])  # any-coloured circle (2 patches), green triangle (1 patch)
     loss = fetch_loss(q, k, target_pos, selectors, colors, shapes, image_start=2).item()
     assert math.isclose(loss, (-math.log(2 / 12) - math.log(1 / 12)) / 2, rel_tol=1e-5)
 
 
 def test_fetch_loss_skips_absent_objects_and_counts_only_earlier_rows():
     q, k, target_pos, colors, shapes = _scene()
-    absent = torch.tensor([[[4, 4, -1, -1]]])  # "is there a yellow diamond?" -> no: nothing to fetch
+    absent = torch.tensor([[[4, 4, -1, -1, 0]]])  # "is there a yellow diamond?" -> no: nothing to fetch
     assert fetch_loss(q, k, target_pos, absent, colors, shapes, image_start=2).item() == 0
     q[0, 0, -1, 0] = 1.0
     k[0, 0, 2 + 3, 0] = -100.0  # the triangle patch gets no mass, the other 11 rows share it evenly
-    selectors = torch.tensor([[[0, 2, -1, -1]]])  # the one square patch
+    selectors = torch.tensor([[[0, 2, -1, -1, 0]]])  # the one square patch
     loss = fetch_loss(q, k, target_pos, selectors, colors, shapes, image_start=2).item()
     assert math.isclose(loss, -math.log(1 / 11), rel_tol=1e-5)
     q[0, 0, 7, 0] = 1.0
     target_pos = torch.tensor([[8, 9]])  # predicted at row 7: rows 8.. come later, rows 0..7 less the triangle count
     loss = fetch_loss(q, k, target_pos, selectors, colors, shapes, image_start=2).item()
     assert math.isclose(loss, -math.log(1 / 7), rel_tol=1e-5)
+
+
+def test_count_sink_lets_a_count_question_attend_to_the_text_as_well():
+    q, k, target_pos, colors, shapes = _scene()  # uniform attention over the 12 causal rows, 6 of them text
+    circles = torch.tensor([[[0, 1, -1, -1, 1]]])  # "how many circles?": 2 circle patches
+    patches_only = fetch_loss(q, k, target_pos, circles, colors, shapes, image_start=2).item()
+    assert math.isclose(patches_only, -math.log(2 / 12), rel_tol=1e-5)
+    with_sink = fetch_loss(q, k, target_pos, circles, colors, shapes, image_start=2, count_sink=True).item()
+    assert math.isclose(with_sink, -math.log(8 / 12), rel_tol=1e-5)
+    diamonds = torch.tensor([[[0, 4, -1, -1, 1]]])  # none in the image: the answer 0 is read off the sink
+    assert fetch_loss(q, k, target_pos, diamonds, colors, shapes, image_start=2).item() == 0
+    assert math.isclose(fetch_loss(q, k, target_pos, diamonds, colors, shapes, image_start=2, count_sink=True).item(),
+                        -math.log(6 / 12), rel_tol=1e-5)

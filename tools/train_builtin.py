@@ -22,6 +22,8 @@ aids for the relational questions:
   --retrieval-questions named, also at every answer whose question names one object;
 - --fetch-weight: attention supervision at decoder layer --fetch-layer: at each answer, query head 0 (and
   head 2 for a second named object) should attend to the patches of the objects the question names;
+  --fetch-count sink lets a count question's head also attend to the text, so its share on the shape can
+  carry the count;
 - --relational-items: more train images asking only position / size questions, --relational-share of each
   batch; with --relational-from F they and the two probes join only after that fraction of the steps.
 --precision bf16 autocasts the matmuls (1.5x faster steps on this CPU; see docs/builtin_model.md for
@@ -65,9 +67,10 @@ COUNTED = re.compile(r"how many (?P<shape>\w+)s are there\?")
 
 def fetch_selectors(question: str) -> list[int]:
     """What the answer must attend to, as (colour, shape) class pairs for up to two objects (0: any, -1: no
-    object): the two named objects of a position / size question; the shape of a colour or count question,
-    the colour of a shape question, the colour and shape of an existence question. Patches matching a pair
-    (PatchHeads' classes) are that object's; none match when it is absent ("is there a red circle?" -> no)."""
+    object), then 1 for a count question: the two named objects of a position / size question; the shape of a
+    colour or count question, the colour of a shape question, the colour and shape of an existence question.
+    Patches matching a pair (PatchHeads' classes) are that object's; none match when it is absent ("is there
+    a red circle?" -> no)."""
     m = RELATION.fullmatch(question)
     names = [m.group(1), m.group(2)] if m else []
     if not m:
@@ -78,7 +81,7 @@ def fetch_selectors(question: str) -> list[int]:
     for name in names:
         color, shape = name.split(" ")
         pairs += [1 + colors.index(color) if color else 0, 1 + shapes.index(shape) if shape else 0]
-    return pairs + [-1] * (4 - len(pairs))
+    return pairs + [-1] * (4 - len(pairs)) + [int(bool(COUNTED.fullmatch(question)))]
 
 
 def named_geometry(question: str, objects, single: bool = False) -> list[float]:
@@ -117,7 +120,7 @@ def _make(args):
         geometry = [named_geometry(q, item.objects, single) for q, _ in [(question, answer)] + extra]
         geometry += [[math.nan] * 6] * (turns - len(geometry))
         selectors = [fetch_selectors(q) for q, _ in [(question, answer)] + extra]
-        selectors += [[-1] * 4] * (turns - len(selectors))
+        selectors += [[-1] * 4 + [0]] * (turns - len(selectors))
         out.append((item.image.transpose(2, 0, 1).copy(), question, answer, qtype, colors, shapes, extra, geometry, sizes,
                     selectors))
     return out
@@ -222,29 +225,38 @@ class RetrievalHead(torch.nn.Module):
         return 10 * F.mse_loss(predicted[named], target[named])
 
 
-def fetch_loss(q, k, target_pos, selectors, patch_colors, patch_shapes, image_start: int, heads=(0, 2)):
+def fetch_loss(q, k, target_pos, selectors, patch_colors, patch_shapes, image_start: int, heads=(0, 2),
+               count_sink: bool = False):
     """Attention supervision at one decoder layer: at the token that predicts each answer, query head
     heads[j] should put its attention on the patches of the j-th object the question names (fetch_selectors);
     the loss is minus the log of the attention mass there. The answer loss alone must discover this fetch
-    through a long plateau where colours are guessed from the scene, not read from the named shape. q [B,H,T,d],
-    k [B,Hkv,T,d] rotated as the layer uses them; patch classes [B,N] as PatchHeads gets them."""
+    through a long plateau where colours are guessed from the scene, not read from the named shape.
+    `count_sink`: a count question's head may also attend to any text row, so that the share of attention on
+    the shape's patches (against a text "sink") can carry how many there are, which attention normalised over
+    those patches alone cannot; with no such shape in the image, all attention belongs on the text.
+    q [B,H,T,d], k [B,Hkv,T,d] rotated as the layer uses them; patch classes [B,N] as PatchHeads gets them."""
     answer_pos = target_pos[:, 0::2][:, : selectors.shape[1]]
     selectors = selectors[:, : answer_pos.shape[1]]
     n_rep, n = q.shape[1] // k.shape[1], patch_colors.shape[1]
+    rows_t = torch.arange(k.shape[2], device=k.device)
     losses = []
     for slot, head in enumerate(heads):
         pair = selectors[..., 2 * slot: 2 * slot + 2]
         rows, turns = torch.nonzero((answer_pos >= 0) & (pair[..., 0] >= 0), as_tuple=True)
         color, shape = pair[rows, turns, 0, None], pair[rows, turns, 1, None]
         colors, shapes = patch_colors[rows], patch_shapes[rows]
-        target = (shapes > 0) & ((color == 0) | (colors == color)) & ((shape == 0) | (shapes == shape))
-        present = target.any(1)  # an absent object ("is there a red circle?" -> no) has nothing to fetch
+        on_patches = (shapes > 0) & ((color == 0) | (colors == color)) & ((shape == 0) | (shapes == shape))
+        counting = (selectors[rows, turns, 4] == 1) & count_sink
+        target = torch.zeros(len(rows), k.shape[2], dtype=torch.bool, device=k.device)
+        target[:, image_start: image_start + n] = on_patches
+        text = (rows_t < image_start) | (rows_t >= image_start + n)
+        target |= counting[:, None] & text[None]
+        present = on_patches.any(1) | counting  # an absent object ("is there a red circle?" -> no) has nothing to fetch
         rows, turns, target = rows[present], turns[present], target[present]
         at = answer_pos[rows, turns] - 1
         scores = torch.einsum("nd,ntd->nt", q[rows, head, at], k[rows, head // n_rep]).float() / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(torch.arange(k.shape[2], device=k.device)[None] > at[:, None], -math.inf)
-        on_image = scores.log_softmax(-1)[:, image_start: image_start + n]
-        losses.append(-on_image.masked_fill(~target, -math.inf).logsumexp(-1))
+        scores = scores.masked_fill(rows_t[None] > at[:, None], -math.inf)
+        losses.append(-scores.log_softmax(-1).masked_fill(~target, -math.inf).logsumexp(-1))
     losses = torch.cat(losses)
     return losses.mean() if len(losses) else q.sum() * 0
 
@@ -284,7 +296,7 @@ def fp32_attention():
 
 
 def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weights, ids, target_pos, images, labels, geometry,
-            selectors, fetch_layer: int):
+            selectors, fetch_layer: int, fetch_count_sink: bool = False):
     """Answer loss plus the weighted probes; `labels`: the per-patch colour, shape and size classes."""
     captured, hooks = {}, []
     layers = model.language_model.layers
@@ -305,7 +317,8 @@ def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weig
     zero = torch.zeros((), device=ids.device)
     retrieval_loss = retrieval(captured["h"], target_pos, geometry) if "h" in captured else zero
     image_start = int((ids[0] == model.config.image_token_id).nonzero()[0])
-    fetch = fetch_loss(captured["q"], captured["k"], target_pos, selectors, labels[0], labels[1], image_start) if "q" in captured else zero
+    fetch = fetch_loss(captured["q"], captured["k"], target_pos, selectors, labels[0], labels[1], image_start,
+                       count_sink=fetch_count_sink) if "q" in captured else zero
     loss = (answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"])
             + weights["retrieval"] * retrieval_loss + weights["fetch"] * fetch)
     return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item(), "fetch": fetch.item()}
@@ -361,6 +374,8 @@ def main() -> None:
     ap.add_argument("--fetch-weight", type=float, default=0.0,
                     help="weight of the attention supervision: decoder heads fetch the objects each question names (0: off)")
     ap.add_argument("--fetch-layer", type=int, default=1, help="decoder layer whose attention --fetch-weight supervises")
+    ap.add_argument("--fetch-count", choices=("patches", "sink"), default="patches",
+                    help="count questions' fetch target: the shape's patches only, or those and the text rows (a sink)")
     ap.add_argument("--turns", type=int, default=5, help="questions per training image (multi-turn sequence)")
     ap.add_argument("--position-init", choices=("grid", "random"), default="random",
                     help="vision position table at step 0: 2-D sin/cos grid codes, or PyTorch's default N(0, 1)")
@@ -440,7 +455,7 @@ def main() -> None:
         with amp, attention():
             loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
                                   [t[idx].to(device) for t in tr_labels], tr_geometry[idx].to(device),
-                                  tr_selectors[idx].to(device), args.fetch_layer)
+                                  tr_selectors[idx].to(device), args.fetch_layer, args.fetch_count == "sink")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -456,7 +471,7 @@ def main() -> None:
     model = model.float().cpu().eval()
     save_checkpoint(model, args.out)
     report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "turns": args.turns, **late_weights,
-              "retrieval_layer": args.retrieval_layer, "fetch_layer": args.fetch_layer, "retrieval_questions": args.retrieval_questions, "precision": args.precision,
+              "retrieval_layer": args.retrieval_layer, "fetch_layer": args.fetch_layer, "fetch_count": args.fetch_count, "retrieval_questions": args.retrieval_questions, "precision": args.precision,
               "position_init": args.position_init, "train_items": args.train_items,
               "relational_items": len(relational), "relational_from": args.relational_from, "relational_share": args.relational_share,
               "device": str(device), "seconds": round(time.time() - t0, 1),
