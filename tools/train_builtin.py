@@ -16,6 +16,7 @@ Off by default (the shipped checkpoint is trained without them; docs/builtin_mod
 aids for the relational questions:
 - --position-init grid: the vision tower's position table starts as 2-D sin/cos codes of column and row;
 - --grid-weight: a per-patch probe making each image token regress its own grid column and row;
+- --shape-weight: the per-patch shape probe's weight against the colour probe's (1: equal);
 - --size-weight: a per-patch probe for the size class (small / large) of the object under each patch;
 - --retrieval-weight: a probe on decoder layer --retrieval-layer at each position / size answer that
   regresses the two named objects' centres and sizes (the fetch the comparison needs); with
@@ -193,9 +194,9 @@ class PatchHeads(torch.nn.Module):
         cells = torch.arange(num_patches)
         self.register_buffer("cells", torch.stack([cells % side, cells // side], -1).float() / (side - 1), persistent=False)
 
-    def forward(self, tokens, colors, shapes, sizes, grid_weight: float, size_weight: float):
+    def forward(self, tokens, colors, shapes, sizes, grid_weight: float, size_weight: float, shape_weight: float = 1.0):
         loss = (F.cross_entropy(self.color(tokens).flatten(0, 1).float(), colors.flatten())
-                + F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
+                + shape_weight * F.cross_entropy(self.shape(tokens).flatten(0, 1).float(), shapes.flatten()))
         if size_weight:
             loss = loss + size_weight * F.cross_entropy(self.size(tokens).flatten(0, 1).float(), sizes.flatten())
         if grid_weight:
@@ -319,7 +320,7 @@ def loss_fn(model: LlavaModel, heads: PatchHeads, retrieval: RetrievalHead, weig
     image_start = int((ids[0] == model.config.image_token_id).nonzero()[0])
     fetch = fetch_loss(captured["q"], captured["k"], target_pos, selectors, labels[0], labels[1], image_start,
                        count_sink=fetch_count_sink) if "q" in captured else zero
-    loss = (answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"])
+    loss = (answer_loss + weights["aux"] * heads(image_embeds, *labels, weights["grid"], weights["size"], weights["shape"])
             + weights["retrieval"] * retrieval_loss + weights["fetch"] * fetch)
     return loss, {"answer": answer_loss.item(), "retrieval": retrieval_loss.item(), "fetch": fetch.item()}
 
@@ -365,6 +366,8 @@ def main() -> None:
     ap.add_argument("--relational-share", type=float, default=0.35,
                     help="share of each batch drawn from the relational images once they have joined")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape probes")
+    ap.add_argument("--shape-weight", type=float, default=1.0,
+                    help="weight of the per-patch shape probe against the colour probe (in the aux term)")
     ap.add_argument("--size-weight", type=float, default=0.0, help="weight of the per-patch size-class probe (in the aux term)")
     ap.add_argument("--grid-weight", type=float, default=0.0, help="weight of the per-patch grid-position probe (in the aux term)")
     ap.add_argument("--retrieval-weight", type=float, default=0.0, help="weight of the named-objects retrieval probe (0: off)")
@@ -418,7 +421,7 @@ def main() -> None:
     tr_selectors = torch.tensor([x[9] for x in train], dtype=torch.long)
     heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
     retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
-    late_weights = {"aux": args.aux_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight,
+    late_weights = {"aux": args.aux_weight, "shape": args.shape_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight,
                     "fetch": args.fetch_weight}
     weights = {**late_weights, "grid": 0.0, "retrieval": 0.0} if args.relational_from > 0 else late_weights
     relational_from = round(args.relational_from * args.steps) + 1
