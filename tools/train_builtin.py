@@ -1,6 +1,6 @@
 """Train vlmc's built-in VLM (shapes-llava) on ShapesVQA and write it as a Hugging Face checkpoint.
 
-    python tools/train_builtin.py                      # defaults: fixed seed, fits the 2-core CPU in < 60 min
+    python tools/train_builtin.py                      # defaults: fixed seed, about an hour on a 2-core CPU
     python tools/train_builtin.py --device cuda        # the same recipe, faster on a GPU
     python tools/train_builtin.py --out /tmp/ckpt      # write elsewhere than the shipped checkpoint
 
