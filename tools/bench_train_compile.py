@@ -60,10 +60,7 @@ def main() -> None:
         tok = TextTokenizer(Path(tmp))
     config = builtin_config(vocab_size=64 * math.ceil(len(vocab) / 64))
     items = tb.generate_items("train", args.items, 1, turns=5, single=True)
-    ids_all, _, _, targets_all, images_all = tb.encode(tok, items, config.num_image_tokens, config.image_token_id)
-    labels_all = [torch.from_numpy(np.stack([x[i] for x in items])) for i in (4, 5, 8)]
-    geometry_all = torch.tensor([x[7] for x in items], dtype=torch.float32)
-    selectors_all = torch.tensor([x[9] for x in items], dtype=torch.long)
+    data = tb.training_tensors(tok, items, config)
 
     runs = {"eager": build(config, False, args.seed), "compiled": build(config, True, args.seed)}
     seconds = {k: [] for k in runs}
@@ -71,13 +68,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(items), (args.batch_size,), generator=gen)
-        width = int(targets_all[idx].max()) + 1
-        images = tb.augment(images_all[idx], gen)
+        batch = tb.take_batch(data, idx, gen, "cpu")
         for name in (list(runs) if step % 2 else list(runs)[::-1]):
             model, heads, retrieval, fetch, params, opt = runs[name]
             t0 = time.perf_counter()
-            loss, _ = tb.loss_fn(model, heads, retrieval, WEIGHTS, ids_all[idx, :width], targets_all[idx], images,
-                                 [t[idx] for t in labels_all], geometry_all[idx], selectors_all[idx], 1, False, fetch)
+            loss, _ = tb.loss_fn(model, heads, retrieval, WEIGHTS, *batch, 1, False, fetch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

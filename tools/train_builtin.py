@@ -174,6 +174,25 @@ def encode(tok: TextTokenizer, items, num_image_tokens: int, image_token_id: int
     return ids, torch.tensor(last), torch.tensor(answers), target_pos, images
 
 
+def training_tensors(tok: TextTokenizer, items, config):
+    """Everything a training step draws from, one row per item: token ids, supervised positions, images,
+    the per-patch colour / shape / size classes, the named geometry and the fetch selectors."""
+    ids, _, _, targets, images = encode(tok, items, config.num_image_tokens, config.image_token_id)
+    labels = [torch.from_numpy(np.stack([x[i] for x in items])) for i in (4, 5, 8)]
+    geometry = torch.tensor([x[7] for x in items], dtype=torch.float32)
+    selectors = torch.tensor([x[9] for x in items], dtype=torch.long)
+    return ids, targets, images, labels, geometry, selectors
+
+
+def take_batch(data, idx: torch.Tensor, generator: torch.Generator, device):
+    """Rows `idx` of training_tensors, cut to the batch's widest sequence, images augmented: loss_fn's
+    (ids, target_pos, images, labels, geometry, selectors)."""
+    ids, targets, images, labels, geometry, selectors = data
+    width = int(targets[idx].max()) + 1
+    return (ids[idx, :width].to(device), targets[idx].to(device), augment(images[idx].to(device), generator),
+            [t[idx].to(device) for t in labels], geometry[idx].to(device), selectors[idx].to(device))
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Brightness/contrast jitter that keeps hues: more robust colour reading, same answers."""
     x = images.float()
@@ -441,10 +460,7 @@ def main() -> None:
     train += relational
     val = generate_items("val", args.val_items, args.workers)
     print(f"data: {len(train)} train ({len(relational)} relational) / {len(val)} val items in {time.time() - t0:.0f} s", flush=True)
-    tr_ids, _, _, tr_targets, tr_images = encode(tok, train, config.num_image_tokens, config.image_token_id)
-    tr_labels = [torch.from_numpy(np.stack([x[i] for x in train])) for i in (4, 5, 8)]  # colour, shape, size
-    tr_geometry = torch.tensor([x[7] for x in train], dtype=torch.float32)
-    tr_selectors = torch.tensor([x[9] for x in train], dtype=torch.long)
+    train_data = training_tensors(tok, train, config)
     heads = PatchHeads(config.text.hidden_size, config.num_image_tokens).to(device)
     retrieval = RetrievalHead(config.text.hidden_size, args.retrieval_layer).to(device)
     late_weights = {"aux": args.aux_weight, "shape": args.shape_weight, "size": args.size_weight, "grid": args.grid_weight, "retrieval": args.retrieval_weight,
@@ -479,13 +495,9 @@ def main() -> None:
         idx = torch.randint(0, standard, (args.batch_size - relational_rows,), generator=gen)
         if relational_rows:
             idx = torch.cat([idx, torch.randint(standard, len(train), (relational_rows,), generator=gen)])
-        width = int(tr_targets[idx].max()) + 1
-        ids, target_pos = tr_ids[idx, :width].to(device), tr_targets[idx].to(device)
-        images = augment(tr_images[idx].to(device), gen)
+        batch = take_batch(train_data, idx, gen, device)
         with amp, attention():
-            loss, parts = loss_fn(model, heads, retrieval, weights, ids, target_pos, images,
-                                  [t[idx].to(device) for t in tr_labels], tr_geometry[idx].to(device),
-                                  tr_selectors[idx].to(device), args.fetch_layer, args.fetch_count == "sink", fetch)
+            loss, parts = loss_fn(model, heads, retrieval, weights, *batch, args.fetch_layer, args.fetch_count == "sink", fetch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
