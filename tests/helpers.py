@@ -59,3 +59,61 @@ def three_target_bundle(ckpt, passes: list, out):
 
     return api.compile({"model": str(ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
                         "prompt_template": SPACED_TEMPLATE, "passes": passes}, out)
+
+
+IDEFICS3_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<fake_token_around_image>", "<global-img>",
+                     "<end_of_utterance>", "<|im_start|>"]
+IDEFICS3_WORDS = ["User", "Assistant", ":"] + WORDS[:12]
+
+
+def write_hf5_tokenizer(directory: Path, specials: list[str], words: list[str], vocab_size: int, bos: bool):
+    """A WordLevel tokenizer saved by transformers 5's PreTrainedTokenizerFast.save_pretrained (the BOS
+    rule lands in tokenizer.json's post-processor, not in tokenizer_config.json)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = specials + words
+    pieces += [f"tok{i}" for i in range(len(pieces), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="removed", invert=True)
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", add_bos_token=bos)
+    fast.save_pretrained(directory)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    data["model"].setdefault("merges", [])  # ExecuTorch's HF tokenizer loader requires the key
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    return fast
+
+
+def make_hf_idefics3(directory: Path, seed: int = 0, model_type: str = "smolvlm", tie: bool = False, kv_heads: int = 2,
+                     image_size: int = 32, patch_size: int = 4, scale_factor: int = 2, bos: bool = True, vocab_size: int = 64):
+    """Save a tiny random transformers Idefics3 / SmolVLM model, its image processor (one global tile,
+    longest edge 2x the tile) and a transformers-5 tokenizer; returns (model, processor)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
+
+    torch.manual_seed(seed)
+    config_class, model_class = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if model_type == "smolvlm"
+                                 else (Idefics3Config, Idefics3ForConditionalGeneration))
+    cfg = config_class(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": image_size, "patch_size": patch_size},
+        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab_size,
+                     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
+        scale_factor=scale_factor, image_token_id=4, tie_word_embeddings=tie,
+    )
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    model.save_pretrained(directory)
+    tokenizer = write_hf5_tokenizer(directory, IDEFICS3_SPECIALS, IDEFICS3_WORDS, vocab_size, bos)
+    seq = (image_size // patch_size // scale_factor) ** 2
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
+                                       do_image_splitting=False)
+    images.save_pretrained(directory)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=seq)
+    return model, processor

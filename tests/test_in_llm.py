@@ -12,7 +12,7 @@ from vlmc import api, passes
 from tests.helpers import SPACED_TEMPLATE, three_target_bundle
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
-from vlmc.models_zoo.llava import LayerView, PromptRows
+from vlmc.models_zoo.core import LayerView, PromptRows, keep_rows
 from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage
@@ -93,7 +93,7 @@ def test_hawk_calibrates_its_head_weights_into_the_recipe(tiny_ckpt, calibration
 
 
 def test_keep_rows_keeps_text_and_the_kept_image_rows_in_order():
-    rows = T.keep_rows(10, torch.tensor([2]), torch.tensor([1, 3]), 5)
+    rows = keep_rows(10, torch.tensor([2]), torch.tensor([1, 3]), 5)
     assert rows.tolist() == [0, 1, 3, 5, 7, 8, 9]
 
 
@@ -123,13 +123,11 @@ def test_kept_rows_keep_their_original_positions(fastv_model):
             k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
             return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
 
-        cos, sin = lm.rope(pos)
-        h, q, k = lm.layers[0](embeds, cos, sin, 0, causal)
+        h, q, k = lm.layers[0](embeds, m.rope(pos), 0, causal)
         scores = T.last_token_attention(q, k, 2 + torch.arange(16), torch.tensor([t - 1]))
         image_kept = 2 + torch.sort(torch.topk(scores, 5).indices).values
         rows = torch.cat([torch.arange(2), image_kept, torch.arange(18, t)])
-        cos, sin = lm.rope(pos[:, rows])
-        h, _, _ = lm.layers[1](h[:, rows], cos, sin, 1, causal)
+        h, _, _ = lm.layers[1](h[:, rows], m.rope(pos[:, rows]), 1, causal)
         expected = m.lm_head(lm.norm(h))[0, -1]
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=1e-5)
 
@@ -233,7 +231,7 @@ def test_in_llm_static_mode_keeps_the_rows_the_method_keeps_on_its_calibration_p
             return super().prompts(model)[:1]
 
     loaded = load("shapes-llava")
-    calibration = OnePrompt(Recipe.model_validate({"calibration": {"n": 8}}), loaded.tokenizer, loaded.config)
+    calibration = OnePrompt(loaded.template(Recipe.model_validate({"calibration": {"n": 8}})), loaded.tokenizer, loaded.model)
     dynamic, static = load("shapes-llava").model, load("shapes-llava").model
     passes.apply(dynamic, [spec])
     records, _ = passes.apply(static, [{**spec, "static": True}], calibration)
@@ -242,7 +240,7 @@ def test_in_llm_static_mode_keeps_the_rows_the_method_keeps_on_its_calibration_p
     assert records[0]["reads_text"] is False and records[0]["in_llm"]
     prompt = calibration.prompts(dynamic)[0]
     torch.testing.assert_close(_answer_logits(static, prompt), _answer_logits(dynamic, prompt))
-    other = CalibrationSource(Recipe.model_validate({"calibration": {"n": 8}}), loaded.tokenizer, loaded.config).prompts(dynamic)[5]
+    other = CalibrationSource(loaded.template(Recipe.model_validate({"calibration": {"n": 8}})), loaded.tokenizer, loaded.model).prompts(dynamic)[5]
     assert not torch.allclose(_answer_logits(static, other), _answer_logits(dynamic, other))  # other prompts differ
 
 

@@ -64,10 +64,9 @@ def test_masquant_divides_each_modality_by_its_own_factors(calibrated):
     assert isinstance(norm, smoothing.ModalityRMSNorm)
     assert not torch.allclose(norm.visual_weight, norm.text_weight)
     assert isinstance(m.language_model.layers[0].self_attn.q_proj, smoothing.CompensatedLinear)
-    lm = m.language_model
-    lm.row_positions = torch.arange(rows[1] + 3)[None]
+    m.row_positions = torch.arange(rows[1] + 3)[None]
     visual = norm.rows.visual()[0, :, 0] > 0
-    lm.row_positions = None
+    m.row_positions = None
     assert visual.tolist() == [rows[0] <= i < rows[1] for i in range(rows[1] + 3)]
 
 

@@ -100,12 +100,12 @@ def main() -> None:
 
     from vlmc.models_zoo import load
 
-    c = load(args.model).config
+    c = load(args.model).model
     runtimes = args.runtimes.split(",")
     targets = sorted({{"onnxruntime": "onnx", "executorch": "executorch"}[r] for r in runtimes})
     configs = {"uncompressed": None}
     for m in args.methods.split(","):
-        configs[m] = method_spec(m, args.keep, c.num_image_tokens, c.num_vision_layers_run)
+        configs[m] = method_spec(m, args.keep, c.num_image_tokens, c.num_vision_blocks)
     bundles, refused = {}, {}
     for label, spec in configs.items():
         print(f"export {label} ...", flush=True)

@@ -60,7 +60,7 @@ def token_probes(model, n_images: int) -> dict:
 def count_confusion(loaded, n_questions: int) -> dict:
     """{true count: {predicted answer: questions}} over the count questions among the first n test questions."""
     c, t = loaded.config, loaded.config.text
-    recipe = build({}).resolve(c.num_image_tokens)
+    recipe = loaded.template(build({})).resolve(c.num_image_tokens)
     prompt = {"template": recipe.prompt_template, "num_image_tokens": c.num_image_tokens, "image_token_id": c.image_token_id,
               "bos_token_id": t.bos_token_id, "eos_token_ids": list(t.eos_token_ids)}
     shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)

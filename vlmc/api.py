@@ -58,7 +58,7 @@ def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt:
     b.file("tokenizer.json")
     p = b.manifest["prompt"]
     tok = TextTokenizer(b.path)
-    pixels = load_image(image, p["image_size"])
+    pixels = load_image(image, p["image_size"], p.get("image_resize"))
     unknown = tok.unknown_words(prompt)
     if unknown:
         raise VlmcError(f"prompt words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
@@ -106,7 +106,9 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             grow = full - prompt["num_image_tokens"]
             ref_shape = DecoderShape(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
                                      shape.max_context + grow, shape.max_prompt + grow)
-            reference = Answerer(EagerSession(load(b.manifest["model"]["source"]).model, ref_shape), tok,
+            ref = load(b.manifest["model"]["source"], b.manifest["recipe"].get("image_size"))
+            ref.template(Recipe.model_validate(b.manifest["recipe"]))
+            reference = Answerer(EagerSession(ref.model, ref_shape), tok,
                                  {**prompt, "num_image_tokens": full})
         name, source = b.name, b.manifest["model"]["source"]
     else:
@@ -114,9 +116,11 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             raise VlmcError(f"{target} is not a bundle: a model is evaluated with --runtime eager (export it to use {runtime})")
         loaded = load(str(target))
         c = loaded.config
-        recipe = build({}).resolve(c.num_image_tokens)
-        prompt = {"template": recipe.prompt_template, "num_image_tokens": c.num_image_tokens, "image_token_id": c.image_token_id,
-                  "bos_token_id": c.text.bos_token_id, "eos_token_ids": list(c.text.eos_token_ids), "image_size": c.vision.image_size}
+        n = loaded.model.num_image_tokens
+        recipe = loaded.template(build({})).resolve(n)
+        prompt = {"template": recipe.prompt_template, "num_image_tokens": n, "image_token_id": c.image_token_id,
+                  "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(c.text.eos_token_ids), "image_size": loaded.model.image_size,
+                  "image_resize": loaded.image_resize}
         t = c.text
         shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
         answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
@@ -124,7 +128,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
     if dataset == "shapes-vqa":
         questions = shapes_vqa_questions(split, n if n is not None else 2000, prompt["image_size"])
     else:
-        questions = jsonl_questions(Path(dataset), n, prompt["image_size"])
+        questions = jsonl_questions(Path(dataset), n, prompt["image_size"], prompt.get("image_resize"))
     result = score(answer, reference, questions, progress)
     out = {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
            "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}

@@ -51,9 +51,11 @@ class Recipe(Strict):
     name: Optional[str] = Field(None, description="bundle name (default: the output folder's name)")
     model: str = Field("shapes-llava", description="built-in model name or checkpoint directory")
     targets: list[Literal["onnx", "executorch", "coreml"]] = Field(default_factory=lambda: ["onnx", "executorch"], min_length=1)
+    image_size: Optional[int] = Field(None, ge=14, le=4096, description="input resolution (square) for families whose resolution "
+                                                                "is chosen at export (it sets the image token count)")
     max_context: int = Field(256, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens")
     max_prompt: Optional[int] = Field(None, ge=1, description="fixed prefill length of ONNX / Core ML (default: image tokens + 48, at most max_context)")
-    prompt_template: str = Field("USER: <image>\n{prompt} ASSISTANT:", description="where the image and the question go")
+    prompt_template: Optional[str] = Field(None, description="where the image and the question go (default: the model family's chat turn)")
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     executorch: ExecutorchOptions = Field(default_factory=ExecutorchOptions)
     coreml: CoremlOptions = Field(default_factory=CoremlOptions)
@@ -79,9 +81,19 @@ class Recipe(Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v):
-        if v.count("<image>") != 1 or "{prompt}" not in v:
+        if v is not None and (v.count("<image>") != 1 or "{prompt}" not in v):
             raise ValueError("must contain <image> exactly once and {prompt}")
         return v
+
+    def with_template(self, default: str, image_wrap: tuple[str, str] = ("", "")) -> "Recipe":
+        """The prompt template filled in (the family's chat turn when none is given), with the family's
+        text around the image's token run (e.g. SmolVLM's `<fake_token_around_image><global-img>`) put
+        around `<image>` unless the template already has it."""
+        template = self.prompt_template or default
+        wrapped = image_wrap[0] + "<image>" + image_wrap[1]
+        if wrapped not in template:
+            template = template.replace("<image>", wrapped)
+        return self.model_copy(update={"prompt_template": template})
 
     def resolve(self, num_image_tokens: int) -> "Recipe":
         """Fill the defaults that depend on the model, and check the lengths fit together."""

@@ -82,8 +82,8 @@ def sweep(model: str, methods: list[str], keeps: list[int], n: int, runtimes: li
     with tempfile.TemporaryDirectory() as tmp:
         from vlmc.models_zoo import load
 
-        c = load(model).config
-        configs = [("uncompressed", None)] + [(f"{m}@{k}", method_spec(m, k, c.num_image_tokens, c.num_vision_layers_run))
+        c = load(model).model
+        configs = [("uncompressed", None)] + [(f"{m}@{k}", method_spec(m, k, c.num_image_tokens, c.num_vision_blocks))
                                               for m in methods for k in keeps]
         base = None
         for label, spec in configs:

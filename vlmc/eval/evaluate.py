@@ -58,8 +58,9 @@ def shapes_vqa_questions(split: str, n: int, image_size: int) -> Iterator[Questi
                        f"shapes-vqa {split} #{i}")
 
 
-def jsonl_questions(path: Path, n: Optional[int], image_size: int) -> Iterator[Question]:
-    """Lines of {"image": path relative to the file, "question": ..., "answer": ..., "type": optional}."""
+def jsonl_questions(path: Path, n: Optional[int], image_size: int, resize: Optional[dict] = None) -> Iterator[Question]:
+    """Lines of {"image": path relative to the file, "question": ..., "answer": ..., "type": optional};
+    images resized by the model family's rule (`resize`, see vlmc.runtimes.image)."""
     from vlmc.runtimes.image import load_image
 
     if not path.is_file():
@@ -77,7 +78,7 @@ def jsonl_questions(path: Path, n: Optional[int], image_size: int) -> Iterator[Q
             raise VlmcError(f"{where}: needs non-empty string fields image, question, answer")
         image_path = (path.parent / row["image"])
         try:
-            image = load_image(image_path, image_size)
+            image = load_image(image_path, image_size, resize)
         except VlmcError as e:
             raise VlmcError(f"{where}: {e}") from None
         yield Question(image, row["question"], row["answer"], str(row.get("type", "all")), where)

@@ -38,8 +38,9 @@ def prepare(recipe: Recipe) -> Prepared:
     Everything here is checked before any export work: pass names and parameters, lengths.
     """
     passes.validate(recipe.passes)
-    loaded = load(recipe.model)
-    records, plan = passes.apply(loaded.model, recipe.passes, CalibrationSource(recipe, loaded.tokenizer, loaded.config))
+    loaded = load(recipe.model, recipe.image_size)
+    recipe = loaded.template(recipe)
+    records, plan = passes.apply(loaded.model, recipe.passes, CalibrationSource(recipe, loaded.tokenizer, loaded.model))
     image_tokens = passes.tokens_at(loaded.model, "projector.out")
     # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
     resolved = [{"name": r["name"], "at": r["at"], **r["params"]} for r in records]
@@ -136,10 +137,10 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": loaded.name, "family": loaded.family, "source": loaded.source, "config": cfg.to_dict()},
             "prompt": {"template": recipe.prompt_template, "add_bos": loaded.tokenizer.add_bos,
-                       "bos_token_id": cfg.text.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
+                       "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
                        "image_token_id": cfg.image_token_id, "num_image_tokens": prepared.image_tokens,
-                       "num_image_tokens_unpruned": cfg.num_image_tokens,
-                       "image_size": cfg.vision.image_size},
+                       "num_image_tokens_unpruned": loaded.model.num_image_tokens,
+                       "image_size": loaded.model.image_size, "image_resize": loaded.image_resize},
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,

@@ -100,8 +100,8 @@ def lower(ctx: ExportContext) -> dict:
         "get_vocab_size": c.text.vocab_size,
         "get_eos_ids": list(c.text.eos_token_ids),
     }
-    if c.text.bos_token_id is not None:
-        constants["get_bos_id"] = c.text.bos_token_id
+    if ctx.loaded.bos_token_id is not None:
+        constants["get_bos_id"] = ctx.loaded.bos_token_id
     ctx.progress(f"executorch: lowering to {r.executorch.backend}")
     partitioner = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()] if r.executorch.backend == "xnnpack" else []
     try:

@@ -30,7 +30,7 @@ class Sample:
 
 
 def make_sample(ctx: ExportContext) -> Sample:
-    c, size = ctx.model.config, ctx.model.config.vision.image_size
+    c, size = ctx.model.config, ctx.model.image_size
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
     image = np.stack([(xx * 255 // size), (yy * 255 // size), ((xx + yy) * 127 // size)]).astype(np.int64)

@@ -1,10 +1,13 @@
 """Model families vlmc knows, the built-in models it ships, and loading from a checkpoint directory.
 
-A family adapter turns a Hugging Face checkpoint directory (config.json, *.safetensors,
-tokenizer.json) into a vlmc model with a known anatomy; passes and the exporter see only that.
+A family adapter (one module: `llava.py`, ...) turns a Hugging Face checkpoint directory (config.json,
+*.safetensors, tokenizer.json) into a model on the family-agnostic core (`core.py`); passes and the
+exporter see only the core's anatomy. An adapter module provides `build(config, directory,
+preprocessor_config) -> model`, `normalize_hf_key`, `to_hf_key`, `to_hf_config` and `DEFAULT_TEMPLATE`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from vlmc.errors import VlmcError, first_line
 from vlmc.models_zoo.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # torch is imported only by what needs it, so onnxruntime-only processes stay light
-    from vlmc.models_zoo.llava import LlavaConfig, LlavaModel
+    from vlmc.models_zoo.core import VisionLanguageModel
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
 BUILTINS = {
@@ -23,7 +26,11 @@ BUILTINS = {
 }
 FAMILIES = {
     "llava": "LLaVA-1.5: LlavaForConditionalGeneration (clip_vision_model + llama), config.json model_type 'llava'",
+    "idefics3": "Idefics3: SigLIP + pixel-shuffle connector + Llama, one global image tile, model_type 'idefics3'",
+    "smolvlm": "SmolVLM / SmolVLM2 (the Idefics3 architecture), one global image tile, model_type 'smolvlm'",
 }
+# config.json model_type -> the adapter module under vlmc.models_zoo
+ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
 DEFAULT_MODEL = "shapes-llava"
 
 
@@ -33,12 +40,40 @@ class LoadedModel:
     family: str
     source: str  # a built-in name or an absolute checkpoint directory: enough to load it again
     directory: Path
-    model: "LlavaModel"
+    model: "VisionLanguageModel"
     tokenizer: TextTokenizer
 
     @property
-    def config(self) -> "LlavaConfig":
+    def config(self):
         return self.model.config
+
+    @property
+    def bos_token_id(self):
+        """The BOS id the tokenizer's own rule names, else the config's."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.config.text.bos_token_id
+
+    @property
+    def image_resize(self) -> dict:
+        """How the host resizes an image for this model, as its Hugging Face processor does."""
+        return self.model.image_resize
+
+    def template(self, recipe):
+        """`recipe` with its prompt template filled in for this model's family; the model learns where the
+        template puts the image (when that does not depend on the question)."""
+        family = adapter(self.family)
+        recipe = recipe.with_template(family.DEFAULT_TEMPLATE, getattr(family, "IMAGE_WRAP", ("", "")))
+        template = recipe.prompt_template
+        if template.index("<image>") < template.index("{prompt}"):
+            probe = self.tokenizer.prompt(template, "", 1, self.config.image_token_id, self.bos_token_id)
+            self.model.set_image_start(len(probe.before))
+        return recipe
+
+
+def adapter(family: str):
+    """The adapter module of a family (config.json's model_type)."""
+    import importlib
+
+    return importlib.import_module(f"vlmc.models_zoo.{ADAPTERS[family]}")
 
 
 def _directory(spec: str) -> tuple[str, Path, str]:
@@ -66,23 +101,26 @@ def read_config(directory: Path) -> dict:
     return cfg
 
 
-def load(spec: str = DEFAULT_MODEL) -> LoadedModel:
-    """Load a built-in model by name or a checkpoint directory, checking every file it needs."""
+def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedModel:
+    """Load a built-in model by name or a checkpoint directory, checking every file it needs.
+    `image_size`: the input resolution, for families whose resolution is chosen at export."""
     import safetensors.torch
 
-    from vlmc.models_zoo.llava import LlavaConfig, LlavaModel, load_state
+    from vlmc.models_zoo.core import load_state
 
     name, directory, source = _directory(spec)
     cfg = read_config(directory)
     family = cfg.get("model_type")
-    if family not in FAMILIES:
-        raise VlmcError(f"{directory}/config.json: unknown model family {family!r} (vlmc loads: {', '.join(FAMILIES)})")
-    mean_std = {}
+    if family not in ADAPTERS:
+        raise VlmcError(f"{directory}/config.json: unknown model family {family!r} (vlmc loads: {', '.join(ADAPTERS)})")
+    family_module = adapter(family)
     pre = directory / "preprocessor_config.json"
+    preprocessor = {}
     if pre.is_file():
-        p = json.loads(pre.read_text())
-        mean_std = {k: tuple(p[k]) for k in ("image_mean", "image_std") if k in p}
-    config = LlavaConfig.from_hf(cfg, **mean_std)
+        try:
+            preprocessor = json.loads(pre.read_text())
+        except json.JSONDecodeError as e:
+            raise VlmcError(f"{pre}: invalid JSON ({e.msg} at line {e.lineno})") from None
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise VlmcError(f"{directory}: no *.safetensors weights")
@@ -93,24 +131,31 @@ def load(spec: str = DEFAULT_MODEL) -> LoadedModel:
             tensors.update(safetensors.torch.load_file(str(f)))
         except Exception as e:  # safetensors raises SafetensorError / OSError with its own text
             raise VlmcError(f"{f}: unreadable safetensors file ({first_line(e)})") from None
-    model = LlavaModel(config)
-    load_state(model, tensors, str(directory))
-    if tokenizer.vocab_size > config.text.vocab_size:
-        raise VlmcError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, the model only {config.text.vocab_size}")
+    if image_size is None:
+        model = family_module.build(cfg, directory, preprocessor)
+    elif "image_size" in inspect.signature(family_module.build).parameters:
+        model = family_module.build(cfg, directory, preprocessor, image_size=image_size)
+    else:
+        raise VlmcError(f"recipe field 'image_size': the {family} family's resolution is fixed by its config "
+                        "(only families with a variable resolution take it)")
+    load_state(model, tensors, str(directory), family_module.normalize_hf_key, model.config.text.tie_word_embeddings)
+    if tokenizer.vocab_size > model.config.text.vocab_size:
+        raise VlmcError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.text.vocab_size}")
     return LoadedModel(name, family, source, directory, model.eval(), tokenizer)
 
 
-def save_checkpoint(model: "LlavaModel", directory: Path, tokenizer_dir: Path | None = None) -> None:
+def save_checkpoint(model: "VisionLanguageModel", directory: Path, tokenizer_dir: Path | None = None) -> None:
     """Write `model` as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
     import shutil
 
     import safetensors.torch
 
-    from vlmc.models_zoo.llava import hf_state_dict, to_hf_config
+    from vlmc.models_zoo.core import hf_state_dict
 
+    family = adapter(model.family)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2) + "\n")
-    safetensors.torch.save_file(hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(family.to_hf_config(model.config), indent=2) + "\n")
+    safetensors.torch.save_file(hf_state_dict(model, family.to_hf_key), str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_dir is not None and tokenizer_dir.resolve() != directory.resolve():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (tokenizer_dir / name).is_file():

@@ -15,7 +15,8 @@ TEMPLATE_WORDS = ["USER", "ASSISTANT", ":", "?"]
 
 
 def builtin_config(vocab_size: int):
-    from vlmc.models_zoo.llava import LlavaConfig, TextConfig, VisionConfig
+    from vlmc.models_zoo.layers import TextConfig, VisionConfig
+    from vlmc.models_zoo.llava import LlavaConfig
 
     return LlavaConfig(
         vision=VisionConfig(image_size=112, patch_size=8, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4),

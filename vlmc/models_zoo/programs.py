@@ -16,7 +16,8 @@ from torch import nn
 
 from typing import Optional
 
-from vlmc.models_zoo.llava import LlavaModel, PromptRows, repeat_kv
+from vlmc.models_zoo.core import PromptRows, VisionLanguageModel
+from vlmc.models_zoo.layers import repeat_kv
 
 
 class VisionEncoderProgram(nn.Module):
@@ -26,12 +27,12 @@ class VisionEncoderProgram(nn.Module):
     "nchw_float" takes float [1,3,H,W] in 0..255 (Core ML has no uint8 tensor inputs).
     """
 
-    def __init__(self, model: LlavaModel, layout: str = "chw_uint8"):
+    def __init__(self, model: VisionLanguageModel, layout: str = "chw_uint8"):
         super().__init__()
         self.model, self.layout = model, layout
 
     def example_input(self) -> torch.Tensor:
-        s = self.model.config.vision.image_size
+        s = self.model.image_size
         g = torch.Generator().manual_seed(0)
         img = torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8)
         return img if self.layout == "chw_uint8" else img.float()[None]
@@ -43,15 +44,15 @@ class VisionEncoderProgram(nn.Module):
 class TokenEmbeddingProgram(nn.Module):
     """Token ids int64 [1, T] -> embeddings [1, T, D]."""
 
-    def __init__(self, model: LlavaModel):
+    def __init__(self, model: VisionLanguageModel):
         super().__init__()
-        self.embed_tokens = model.language_model.embed_tokens
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        return self.model.embed_text(input_ids)
 
 
-def cache_shape(model: LlavaModel, max_context: int, layer: int = 0) -> tuple[int, int, int, int]:
+def cache_shape(model: VisionLanguageModel, max_context: int, layer: int = 0) -> tuple[int, int, int, int]:
     """The static-cache form's cache [1, Hkv, C, d] of one layer: C is shorter by the image rows in-LLM
     stages dropped before that layer."""
     t = model.config.text
@@ -68,7 +69,7 @@ class StaticCacheDecoder(nn.Module):
     and the positions (RoPE) stay the original ones.
     """
 
-    def __init__(self, model: LlavaModel, max_context: int):
+    def __init__(self, model: VisionLanguageModel, max_context: int):
         super().__init__()
         self.model, self.max_context = model, max_context
         t = model.config.text
@@ -88,7 +89,7 @@ class StaticCacheDecoder(nn.Module):
             position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
             write = (slots[None, :] == position[:, None]).to(q.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
-            mask = slots[None, :] <= position[:, None]  # [T, C]
+            mask = self.model.attention_mask(i, position, slots)  # [T, C]
             write_t = write.transpose(0, 1)
             k_all = caches[2 * i] * keep + write_t @ k
             v_all = caches[2 * i + 1] * keep + write_t @ v
@@ -110,7 +111,7 @@ class StaticCachePrefill(nn.Module):
     The decode step must not prune, so bundles with in-LLM stages carry this program beside the decoder.
     """
 
-    def __init__(self, model: LlavaModel, max_context: int):
+    def __init__(self, model: VisionLanguageModel, max_context: int):
         super().__init__()
         self.decoder = StaticCacheDecoder(model, max_context)
         self.model = model
@@ -132,7 +133,7 @@ class ExecuTorchDecoder(nn.Module):
     whole prompt and the image's start row; `forward` then continues with shifted slots in later layers.
     """
 
-    def __init__(self, model: LlavaModel, max_context: int):
+    def __init__(self, model: VisionLanguageModel, max_context: int):
         super().__init__()
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
@@ -152,8 +153,15 @@ class ExecuTorchDecoder(nn.Module):
             torch._check(slot + q.shape[2] <= k_cache.shape[1])
             torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, slot)
             torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, slot)
-            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
-            return out.flatten(2)
+            if self.model.causal_attention:
+                out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
+                return out.flatten(2)
+            # a family mask (sliding window, bidirectional image rows): plain SDPA over the whole cache
+            mask = self.model.attention_mask(i, slot + torch.arange(q.shape[2]), torch.arange(k_cache.shape[1]))
+            n_rep = q.shape[1] // k_cache.shape[2]
+            out = F.scaled_dot_product_attention(q, repeat_kv(k_cache.transpose(1, 2), n_rep),
+                                                 repeat_kv(v_cache.transpose(1, 2), n_rep), attn_mask=mask)
+            return out.transpose(1, 2).flatten(2)
 
         h = self.model.run_decoder(inputs_embeds, position_ids, attend, prompt)
         return self.model.lm_head(h[:, -1])

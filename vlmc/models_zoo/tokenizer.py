@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from tokenizers import Tokenizer
 
@@ -30,8 +31,26 @@ class PromptIds:
         return len(self.before) + self.num_image_tokens + len(self.after)
 
 
+def _template_bos(post_processor) -> Optional[str]:
+    """The special token a tokenizer.json post-processor puts first in a single sequence, if any
+    (transformers 5 writes the BOS rule there instead of `add_bos_token` in tokenizer_config.json)."""
+    if not isinstance(post_processor, dict):
+        return None
+    if post_processor.get("type") == "Sequence":
+        found = [_template_bos(p) for p in post_processor.get("processors", [])]
+        return next((f for f in found if f), None)
+    if post_processor.get("type") == "TemplateProcessing":
+        single = post_processor.get("single") or []
+        if single and "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"]["id"]
+    if post_processor.get("type") in ("BertProcessing", "RobertaProcessing"):
+        return (post_processor.get("cls") or [None])[0]
+    return None
+
+
 class TextTokenizer:
-    """A Hugging Face tokenizer.json, with the BOS policy of its tokenizer_config.json."""
+    """A Hugging Face tokenizer.json, with its BOS rule: `add_bos_token` of tokenizer_config.json where it
+    is written (transformers 4), else the post-processor of tokenizer.json (transformers 5)."""
 
     def __init__(self, directory: Path):
         path = directory / "tokenizer.json"
@@ -42,8 +61,15 @@ class TextTokenizer:
         except Exception as e:  # the tokenizers library raises bare Exceptions with its parser message
             raise VlmcError(f"{path}: not a readable tokenizer.json ({first_line(e)})") from None
         cfg_path = directory / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        self.add_bos = bool(cfg.get("add_bos_token", False))
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise VlmcError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(cfg, dict):
+            raise VlmcError(f"{cfg_path}: expected a JSON object")
+        bos_piece = _template_bos(json.loads(self._tok.to_str()).get("post_processor"))
+        self.bos_id: Optional[int] = self._tok.token_to_id(bos_piece) if bos_piece else None
+        self.add_bos = bool(cfg["add_bos_token"]) if "add_bos_token" in cfg else self.bos_id is not None
         self.path = path
 
     @property
@@ -76,5 +102,6 @@ class TextTokenizer:
         if text.count(IMAGE_PLACEHOLDER) != 1:
             raise VlmcError(f"prompt template must contain {IMAGE_PLACEHOLDER} exactly once: {template!r}")
         before, after = text.split(IMAGE_PLACEHOLDER)
+        bos_token_id = self.bos_id if self.bos_id is not None else bos_token_id
         bos = [bos_token_id] if self.add_bos and bos_token_id is not None else []
         return PromptIds(bos + self.encode(before), self.encode(after), num_image_tokens, image_token_id)

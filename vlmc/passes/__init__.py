@@ -60,7 +60,7 @@ class _RecordRows(nn.Module):
 def prompt_prefill(model, prompt) -> torch.Tensor:
     """A calibration prompt (embeds [1,T,D], first image row, last row) prefilled whole, eagerly, through
     the model's in-LLM stages: the hidden state of its last row [1,D]."""
-    from vlmc.models_zoo.llava import PromptRows
+    from vlmc.models_zoo.core import PromptRows
     from vlmc.passes.token.methods import causal_attend
 
     embeds, start, last = prompt
@@ -110,7 +110,7 @@ def tokens_at(model, point: str) -> int:
         layer = int(point.split("[")[1].rstrip("]"))
         dropped = model.cache_shifts()[layer] + sum(s.dropped for s in model.decoder_stages().get(layer, ()))
         return tokens_at(model, "projector.out") - dropped
-    s = model.config.vision.image_size
+    s = model.image_size
     return tokens_entering(model, point, [np.zeros((3, s, s), np.uint8)])[0].shape[1]
 
 
@@ -118,7 +118,7 @@ def canonical_point(model, point: str) -> str:
     """`vision.block[-1]` -> the last block that runs before the feature layer."""
     m = re.fullmatch(r"vision\.block\[(-\d+)\]", point)
     if m:
-        n = model.config.num_vision_layers_run
+        n = model.num_vision_blocks
         i = n + int(m.group(1))
         if i < 0:
             raise VlmcError(f"insertion point {point}: only {n} vision blocks run")
@@ -134,13 +134,12 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
     built = [registry.build(spec) for spec in specs]
     plan = quant.plan(model, [p for p in built if p.kind == "quant"])
     records = []
-    grid = model.config.vision.image_size // model.config.vision.patch_size
     for p in (p for p in built if p.kind == "token"):
         at = canonical_point(model, p.config.at)
         model.resolve(at)
         p.config = p.config.model_copy(update={"at": at})
         n_in = tokens_at(model, at)
-        p.check(n_in, grid, model)
+        p.check(n_in, model.token_grid(at), model)
         placed = p.place(model, n_in, calibration)
         for point, stage in placed:
             model.insert(point, stage)

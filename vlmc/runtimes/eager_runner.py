@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlmc.models_zoo.llava import LlavaModel
+from vlmc.models_zoo.core import VisionLanguageModel
 from vlmc.models_zoo.programs import StaticCacheDecoder, StaticCachePrefill, TokenEmbeddingProgram, VisionEncoderProgram
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 
@@ -12,7 +12,7 @@ from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 class EagerSession(StaticCacheSession):
     runtime = "eager"
 
-    def __init__(self, model: LlavaModel, shape: DecoderShape):
+    def __init__(self, model: VisionLanguageModel, shape: DecoderShape):
         super().__init__(shape)
         self.programs = {
             "vision_encoder": VisionEncoderProgram(model),

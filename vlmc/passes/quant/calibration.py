@@ -44,18 +44,18 @@ def check_source(options) -> None:
                         "(lower calibration.n or add questions)")
 
 
-def _questions(options, image_size: int):
+def _questions(options, image_size: int, resize=None):
     from vlmc.eval.evaluate import jsonl_questions, shapes_vqa_questions
 
     if options.dataset == "shapes-vqa":
         return shapes_vqa_questions(options.split, options.n, image_size)
-    return jsonl_questions(Path(options.dataset), options.n, image_size)
+    return jsonl_questions(Path(options.dataset), options.n, image_size, resize)
 
 
-def calibration_images(options, image_size: int) -> list[np.ndarray]:
+def calibration_images(options, image_size: int, resize=None) -> list[np.ndarray]:
     """The calibration questions' images (uint8 [3,H,W]), for token passes that fix their choice from data."""
     check_source(options)
-    return [q.image for q in _questions(options, image_size)]
+    return [q.image for q in _questions(options, image_size, resize)]
 
 
 class CalibrationSource:
@@ -63,17 +63,18 @@ class CalibrationSource:
     the images (uint8 [3,H,W]); `prompts(model)` the whole prompts as `model`, with the stages inserted so
     far, embeds them: (embeds [1,T,D], the first image row, the last row)."""
 
-    def __init__(self, recipe, tokenizer, config):
-        self.options, self.template, self.tokenizer, self.config = recipe.calibration, recipe.prompt_template, tokenizer, config
+    def __init__(self, recipe, tokenizer, model):
+        self.options, self.template, self.tokenizer = recipe.calibration, recipe.prompt_template, tokenizer
+        self.config, self.image_size, self.resize = model.config, model.image_size, model.image_resize
 
     def __call__(self) -> list[np.ndarray]:
-        return calibration_images(self.options, self.config.vision.image_size)
+        return calibration_images(self.options, self.image_size, self.resize)
 
     def prompts(self, model) -> list[tuple[torch.Tensor, int, int]]:
         check_source(self.options)
         c, out = self.config, []
         with torch.no_grad():
-            for q in _questions(self.options, c.vision.image_size):
+            for q in _questions(self.options, self.image_size, self.resize):
                 unknown = self.tokenizer.unknown_words(q.question)
                 if unknown:
                     raise VlmcError(f"calibration {q.where}: words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
@@ -104,7 +105,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
     session = RecordingSession(model, shape)
     cal = Calibration(source={"dataset": options.dataset, "n": options.n,
                               **({"split": options.split} if options.dataset == "shapes-vqa" else {})})
-    for q in _questions(options, c.vision.image_size):
+    for q in _questions(options, model.image_size, model.image_resize):
         unknown = tokenizer.unknown_words(q.question)
         if unknown:
             raise VlmcError(f"calibration {q.where}: words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")

@@ -31,14 +31,14 @@ METHODS = ("smoothquant", "masquant")
 
 class RowModality:
     """Which rows of the decoder call are the image's: positions [start, stop) of the prompt template.
-    Reads the language model's `row_positions` (set for the duration of each call)."""
+    Reads the model's `row_positions` (set for the duration of each decoder call)."""
 
-    def __init__(self, language_model: nn.Module, start: int, stop: int):
-        self.language_model, self.start, self.stop = language_model, start, stop
+    def __init__(self, model: nn.Module, start: int, stop: int):
+        self.model, self.start, self.stop = model, start, stop
 
     def visual(self) -> torch.Tensor:
         """1.0 on the image's rows, 0.0 elsewhere [B, T, 1] (float arithmetic: Core ML has no boolean and)."""
-        pos = self.language_model.row_positions
+        pos = self.model.row_positions
         return ((pos >= self.start).float() * (pos < self.stop).float())[..., None]
 
 
@@ -126,7 +126,7 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], image_rows: Optio
                 _scale_columns(linears, s)
                 continue
             s_v, s_t = factors(inputs.visual_absmax, weights, alpha), factors(inputs.text_absmax, weights, alpha)
-            rows = RowModality(model.language_model, *image_rows)
+            rows = RowModality(model, *image_rows)
             smoothed_visual = inputs.visual / inputs.n_visual / s_v[:, None] / s_v[None, :]  # E[x~ x~^T], x~ = x / s_v
             parent, attr = _parent(model, norm_name)
             setattr(parent, attr, ModalityRMSNorm(norm, s_v, s_t, rows))

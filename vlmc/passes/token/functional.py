@@ -310,25 +310,16 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
 
 # ---------------------------------------------------------------- inside the LLM (one prompt, rows [T])
 
+def attention_row(q_row: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one query per head over all keys: q_row [B,H,1,d], k [B,H,N,d] -> [B,H,N]
+    (the CLS row), computed alone so that fused SDPA kernels stay usable for the attention itself."""
+    scores = (q_row @ k.transpose(-1, -2)) / math.sqrt(q_row.shape[-1])
+    return torch.softmax(scores, dim=-1).squeeze(-2)
+
+
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest of scores [N], ascending indices [k] (ties to the lower index)."""
     return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices, scores.shape[-1])[0]
-
-
-def add_int(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x + c for an integer tensor, with c as a tensor: PT2E's prepare turns scalar operands of add into
-    float constants, which would make index arithmetic float."""
-    return x + torch.full_like(x, c)
-
-
-def keep_rows(length, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
-    """Row indices of a prompt of `length` rows after dropping image rows: the rows before the image
-    (which starts at `start` [1]), the kept image rows (`kept` [R], ascending, into the n image rows),
-    the rows after. One comparison per output row, so the image's start may be a program input."""
-    r = kept.shape[0]
-    j = torch.arange(length - (n - r))
-    inside = kept.index_select(0, (j - start).clamp(0, r - 1)) + start
-    return torch.where(j < start, j, torch.where(j < add_int(start, r), inside, add_int(j, n - r)))
 
 
 def query_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, visible: torch.Tensor,

@@ -41,6 +41,14 @@ def _check_indices(name: str, idx: list[int], keep: int, tokens_in: int, where: 
         raise VlmcError(f"pass {name}: parameter 'indices': needs {keep} distinct indices in 0..{tokens_in - 1}{where}")
 
 
+def _check_cls(name: str, model) -> None:
+    """VisionZip-style scoring reads the CLS token's attention and keeps only patch tokens."""
+    if not model.vision_has_cls or model.features_have_cls:
+        why = "has no CLS token" if not model.vision_has_cls else "keeps the CLS token in its features"
+        raise VlmcError(f"pass {name}: needs a vision tower whose CLS token scores the patches and is dropped from "
+                        f"the features; the {model.family} tower {why}")
+
+
 def _check_grid(name: str, tokens_in: int, grid: int) -> None:
     if tokens_in != grid * grid:
         raise VlmcError(f"pass {name}: needs the full {grid}x{grid} token grid, but {tokens_in} tokens arrive here "
@@ -291,8 +299,8 @@ class ZooPrune(SelectPass):
     def stage(self, model, point_module, tokens_in):
         c = self.config
         g = torch.Generator().manual_seed(c.seed)
-        directions = F.normalize(torch.randn(c.directions, model.config.vision.hidden_size, generator=g), dim=-1)
-        return SensitivityStage(c.keep, model.multi_modal_projector, directions, c.eps)
+        directions = F.normalize(torch.randn(c.directions, model.vision_width, generator=g), dim=-1)
+        return SensitivityStage(c.keep, model.connector, directions, c.eps)
 
 
 class VLMPrunerConfig(SelectConfig):
@@ -398,17 +406,18 @@ class VisionZipStage(nn.Module):
 
     def __init__(self, block, dominant: int, contextual: int):
         super().__init__()
-        self.attn, self.norm = block.self_attn, block.layer_norm1
+        self.block = block
         self.dominant, self.contextual = dominant, contextual
 
-    def dominance(self, h):
+    def dominance(self, x_in):
         """(each patch's dominance score [B, N], its key averaged over heads [B, N, d]) from the block's
-        normalised input h [B, 1+N, D]: here the CLS token's attention, summed over heads."""
-        cls_attn = self.attn.cls_attention(h).sum(dim=1)[:, 1:]  # CLS column dropped
-        return cls_attn, self.attn.heads(h, self.attn.k_proj).mean(dim=1)[:, 1:]
+        input x_in [B, 1+N, D]: here the CLS token's attention, summed over heads."""
+        k = self.block.keys(x_in)
+        cls_attn = T.attention_row(self.block.queries(x_in[:, :1]), k).sum(dim=1)[:, 1:]  # CLS column dropped
+        return cls_attn, k.mean(dim=1)[:, 1:]
 
     def forward(self, x, x_in):
-        scores, keys = self.dominance(self.norm(x_in))
+        scores, keys = self.dominance(x_in)
         reduced, _ = T.dominant_and_contextual(x[:, 1:], scores, keys, self.dominant, self.contextual)
         return torch.cat([x[:, :1], reduced], dim=1)
 
@@ -428,8 +437,7 @@ class VisionZip(TokenPass):
         c = self.config
         if c.dominant + c.contextual >= n:
             raise VlmcError(f"pass visionzip: parameters 'dominant' + 'contextual' = {c.dominant + c.contextual} must be below the {n} patch tokens")
-        if model.config.vision_feature_select_strategy != "default":
-            raise VlmcError("pass visionzip: needs a model whose features drop the CLS token (select strategy 'default')")
+        _check_cls("visionzip", model)
 
     def stage(self, model, point_module, tokens_in):
         return VisionZipStage(point_module, self.config.dominant, self.config.contextual)
@@ -448,15 +456,15 @@ class ToMeStage(nn.Module):
     wants_block_input = True
     tracks_size = True
 
-    def __init__(self, block, r: int):
+    def __init__(self, block, r: int, protect_first: bool):
         super().__init__()
-        self.attn, self.norm, self.r = block.self_attn, block.layer_norm1, r
+        self.block, self.r, self.protect_first = block, r, protect_first
 
     def forward(self, x, x_in, size):
         if size is None:
             size = torch.ones_like(x[..., :1])
-        keys = self.attn.heads(self.norm(x_in), self.attn.k_proj).mean(dim=1)
-        return T.bipartite_soft_matching(x, keys, size, self.r, protect_first=True)
+        keys = self.block.keys(x_in).mean(dim=1)
+        return T.bipartite_soft_matching(x, keys, size, self.r, protect_first=self.protect_first)
 
 
 @register
@@ -474,19 +482,19 @@ class ToMe(TokenPass):
 
     def _blocks(self, model) -> range:
         first = int(self.config.at.split("[")[1].rstrip("]"))
-        return range(first, model.config.num_vision_layers_run)
+        return range(first, model.num_vision_blocks)
 
     def check(self, tokens_in, grid, model):
         n = tokens_in  # CLS included
         for i in self._blocks(model):
-            mergeable = (n + 1) // 2 - 1  # set A is the even positions; CLS (position 0) is protected
+            mergeable = (n + 1) // 2 - int(model.vision_has_cls)  # set A is the even positions; a CLS (position 0) is protected
             if self.config.r > mergeable:
                 raise VlmcError(f"pass tome: parameter 'r': {self.config.r} is too large for vision.block[{i}] "
                                 f"({n} tokens there: at most {mergeable} can merge)")
             n -= self.config.r
 
     def place(self, model, tokens_in, calibration=None):
-        return [(f"vision.block[{i}]", ToMeStage(model.resolve(f"vision.block[{i}]"), self.config.r)) for i in self._blocks(model)]
+        return [(f"vision.block[{i}]", ToMeStage(model.resolve(f"vision.block[{i}]"), self.config.r, model.vision_has_cls)) for i in self._blocks(model)]
 
 
 # ---------------------------------------------------------------- inside the LLM
@@ -681,9 +689,9 @@ class V2VDominantStage(VisionZipStage):
     """DUET's vision stage at the feature-layer block: dominant tokens by the attention the patches pay
     each other (V2V: received attention, mean over patch queries and heads), the rest merged."""
 
-    def dominance(self, h):
-        h = h[:, 1:]  # patches only
-        q, k = self.attn.heads(h, self.attn.q_proj), self.attn.heads(h, self.attn.k_proj)
+    def dominance(self, x_in):
+        h = x_in[:, 1:]  # patches only
+        q, k = self.block.queries(h), self.block.keys(h)
         return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(dim=(1, 2)), k.mean(dim=1)
 
 
@@ -710,9 +718,8 @@ class DuetVLM(V2Drop):
 
     def check(self, tokens_in, grid, model):
         super().check(tokens_in, grid, model)
-        c, n = self.config, model.config.num_image_tokens
-        if model.config.vision_feature_select_strategy != "default":
-            raise VlmcError("pass duet: needs a model whose features drop the CLS token (select strategy 'default')")
+        c, n = self.config, model.num_image_tokens
+        _check_cls("duet", model)
         if tokens_in != n:
             raise VlmcError(f"pass duet: its vision stage needs all {n} image tokens, but {tokens_in} arrive (use it alone)")
         if c.dominant + c.contextual >= n:
@@ -726,7 +733,7 @@ class DuetVLM(V2Drop):
 
     def stages(self, model, tokens_in, calibration=None):
         c = self.config
-        block = f"vision.block[{model.config.num_vision_layers_run - 1}]"
+        block = f"vision.block[{model.num_vision_blocks - 1}]"
         vision = (block, V2VDominantStage(model.resolve(block), c.dominant, c.contextual))
         return [vision] + super().stages(model, c.dominant + c.contextual, calibration)
 
@@ -753,7 +760,7 @@ def head_importance(model, layer: int, prompts) -> torch.Tensor:
 
     def answer(embeds, head=None):
         mask = None if head is None else (layer, (torch.arange(t.num_heads) != head).float())
-        h = model.language_model(embeds, torch.arange(embeds.shape[1])[None], causal_attend(t, mask))
+        h = model.run_decoder(embeds, torch.arange(embeds.shape[1])[None], causal_attend(t, mask), stages={})
         return torch.log_softmax(model.lm_head(h[:, -1]), dim=-1)[0]
 
     kl = torch.zeros(t.num_heads, dtype=torch.float64)

@@ -1,0 +1,440 @@
+"""The family-agnostic core every vlmc model is built on: its anatomy and the machinery passes need.
+
+A family adapter subclasses `VisionLanguageModel` and supplies only its parts (see "What a family
+supplies" below): its modules under Hugging Face's names, how pixels become the first vision tokens, what
+the feature layer hands to the connector, the connector, the decoder layers and their position scheme.
+Everything passes and the exporter read lives here, once:
+
+- named insertion points (`vision.block[i]`, `vision.out`, `projector.out`, `decoder.layer[L]`),
+  `insert` / `pop`, the order rules of stages inside the vision tower and merged sizes threaded through it;
+- the in-LLM drop loop: image rows dropped after a layer keep their original positions, and every later
+  layer's cache is shorter by what was dropped (`cache_shifts`);
+- the part lists quantization reads (`part_modules`, `norm_consumers`);
+- the eager reference: image encoding, embedding merge, whole-prompt logits and a growing-cache decode.
+
+Passes import this module's types (`LayerView`, `PromptRows`); this module imports nothing from passes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmc.errors import VlmcError
+from vlmc.models_zoo.layers import Attend, repeat_kv
+
+POINTS = re.compile(r"^(vision\.block\[(\d+)\]|vision\.out|projector\.out|decoder\.layer\[(\d+)\])$")
+
+
+@dataclass
+class PromptRows:
+    """Where a full prompt's image rows are (a prefill that runs the in-LLM token stages).
+
+    `image_start` [1] int64 (the template fixes it, but a program takes it as an input), `num_image` the
+    image rows (static), `last` [1] int64 the row whose next token is predicted (the query FastV reads).
+    """
+
+    image_start: torch.Tensor
+    num_image: int
+    last: torch.Tensor
+
+
+@dataclass
+class LayerView:
+    """What an in-LLM token stage reads at its layer: the layer's input and output rows, its rotated
+    queries and keys, the image rows' indices [N] and the last prompt row [1]."""
+
+    h_in: torch.Tensor  # [1,T,D]
+    h: torch.Tensor  # [1,T,D]
+    q: torch.Tensor  # [1,H,T,d]
+    k: torch.Tensor  # [1,Hkv,T,d]
+    image_rows: torch.Tensor  # [N]
+    last: torch.Tensor  # [1]
+
+
+def add_int(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x + c for an integer tensor, with c as a tensor: PT2E's prepare turns scalar operands of add into
+    float constants, which would make index arithmetic float."""
+    return x + torch.full_like(x, c)
+
+
+def keep_rows(length, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices of a prompt of `length` rows after dropping image rows: the rows before the image
+    (which starts at `start` [1]), the kept image rows (`kept` [R], ascending, into the n image rows),
+    the rows after. One comparison per output row, so the image's start may be a program input."""
+    r = kept.shape[0]
+    j = torch.arange(length - (n - r))
+    inside = kept.index_select(0, (j - start).clamp(0, r - 1)) + start
+    return torch.where(j < start, j, torch.where(j < add_int(start, r), inside, add_int(j, n - r)))
+
+
+def _key(point: str) -> str:
+    return point.replace(".", "_").replace("[", "_").replace("]", "")
+
+
+class VisionLanguageModel(nn.Module):
+    """An image -> vision blocks -> features -> connector -> decoder VLM with named insertion points.
+
+    What a family supplies:
+    - `family` (the config's model_type) and the module paths of its parts: `vision_blocks_path`,
+      `connector_path`, `embed_tokens_path`, `decoder_layers_path`, `final_norm_path`, and `parts`
+      (what quantization covers: {"vision": [paths], "decoder": [paths]}); an `lm_head` attribute;
+    - `embed_image(pixels)` -> the tokens entering vision block 0, `select_features(x)` -> the tokens at
+      `vision.out` (the feature layer's output, CLS dropped or kept, post-norm where the family has one);
+    - `rope(position_ids)` -> a tuple of [B,T,...] tensors its decoder layers take (the position scheme);
+    - `num_vision_blocks` (the blocks the feature layer needs), `image_size` (square input side),
+      `patch_grid` (side of the patch grid), `connector_merge` (the connector's spatial merge: 1 for an MLP,
+      the pixel-shuffle factor otherwise), `vision_has_cls`, `features_have_cls`;
+    - config: `config.text` with the decoder geometry (num_layers, num_heads, num_kv_heads, head_dim,
+      hidden_size, vocab_size, bos_token_id, eos_token_ids, tie_word_embeddings), `config.image_token_id`,
+      `config.image_mean` / `config.image_std`, and `config.to_dict()`.
+    """
+
+    family: str = ""
+    vision_blocks_path = connector_path = embed_tokens_path = decoder_layers_path = final_norm_path = ""
+    parts: dict[str, tuple[str, ...]] = {}
+    vision_has_cls = False
+    features_have_cls = False
+    connector_merge = 1
+    embed_scale: Optional[float] = None  # the decoder scales token embeddings by it (Gemma); image rows are not scaled
+    image_resize = {"rule": "shortest_edge_center_crop", "filter": "bicubic"}  # the host's resize (vlmc.runtimes.image)
+    # False when `attention_mask` is more than causal (sliding windows, bidirectional image rows): the
+    # ExecuTorch decoder then attends with an explicit mask instead of llama::custom_sdpa (causal only)
+    causal_attention = True
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
+        # the rows' positions during a decoder call, for modules whose weights depend on a row's modality
+        # (MASQuant's smoothing: the image's rows sit at positions the prompt template fixes)
+        self.row_positions: Optional[torch.Tensor] = None
+        # the prompt row where the image's tokens start: set from the prompt template (`set_image_start`)
+        # for families whose positions or masks depend on it (M-RoPE, bidirectional image attention)
+        self.image_start: Optional[int] = None
+        # Token stages inserted by passes at named points of the anatomy (see `insert`).
+        self.insertions = nn.ModuleDict()
+
+    def set_image_start(self, row: int) -> None:
+        """Where the prompt template puts the image (constant for a template with the image before the question)."""
+        self.image_start = row
+
+    def attention_mask(self, layer: int, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
+        """Which cache slots [C] each query slot [T] of decoder `layer` sees: [T, C] bool. Causal here;
+        a family overrides it (and sets `causal_attention = False`) for sliding windows or image rows
+        that see each other."""
+        return k_slots[None, :] <= q_slots[:, None]
+
+    # ----- the parts, by path
+    def _part(self, path: str) -> nn.Module:
+        """The submodule at a dotted path, read from the module tree (not attributes: a family may name a
+        module like one of the accessors below)."""
+        module: nn.Module = self
+        for name in path.split("."):
+            module = module._modules[name]
+        return module
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        return self._part(self.vision_blocks_path)
+
+    @property
+    def connector(self) -> nn.Module:
+        return self._part(self.connector_path)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self._part(self.embed_tokens_path)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._part(self.decoder_layers_path)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._part(self.final_norm_path)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the decoder receives without token passes."""
+        n = (self.patch_grid // self.connector_merge) ** 2
+        return n + 1 if self.features_have_cls else n
+
+    @property
+    def vision_width(self) -> int:
+        """The width of the tokens at vision.out (what the connector reads)."""
+        return self.config.vision.hidden_size
+
+    def token_grid(self, point: str) -> int:
+        """Side of the square token grid at a pre-LLM point, before any stage there."""
+        return self.patch_grid // self.connector_merge if point == "projector.out" else self.patch_grid
+
+    # ----- anatomy
+    def part_modules(self, part: str) -> list[tuple[str, nn.Module]]:
+        """The modules of a part that quantization covers: `vision` is the vision_encoder program's
+        weights (vision tower + connector), `decoder` the text_decoder's (layers + head; the embedding
+        table is the token_embedding program's)."""
+        if part not in self.parts:
+            raise ValueError(f"unknown part {part!r}")
+        return [(path, self._part(path)) for path in self.parts[part]]
+
+    def norm_consumers(self, part: str) -> list[tuple[str, nn.Module, list[tuple[str, nn.Linear]]]]:
+        """(norm name, norm, [(linear name, linear)]) for each norm and the linears it feeds directly: where
+        smoothing factors fold (the norm's gain divided, the linears' input columns multiplied)."""
+        if part == "vision":
+            path, blocks = self.vision_blocks_path, list(self.vision_blocks)[: self.num_vision_blocks]
+        elif part == "decoder":
+            path, blocks = self.decoder_layers_path, list(self.decoder_layers)
+        else:
+            raise ValueError(f"unknown part {part!r}")
+        out = []
+        for i, block in enumerate(blocks):
+            p = f"{path}.{i}"
+            for norm, linears in block.smoothing_groups():
+                out.append((f"{p}.{norm}", block.get_submodule(norm),
+                            [(f"{p}.{name}", block.get_submodule(name)) for name in linears]))
+        return out
+
+    def insertion_points(self) -> list[str]:
+        return ([f"vision.block[{i}]" for i in range(self.num_vision_blocks)] + ["vision.out", "projector.out"]
+                + [f"decoder.layer[{i}]" for i in range(self.config.text.num_layers)])
+
+    def resolve(self, point: str) -> nn.Module:
+        """The module that produces the tokens at a named insertion point."""
+        if point not in self.insertion_points():
+            raise VlmcError(f"unknown insertion point {point!r} (have vision.block[0..{self.num_vision_blocks - 1}], "
+                            f"vision.out, projector.out, decoder.layer[0..{self.config.text.num_layers - 1}])")
+        m = POINTS.match(point)
+        if m.group(2) is not None:
+            return self.vision_blocks[int(m.group(2))]
+        if point == "vision.out":
+            return self.vision_blocks[self.num_vision_blocks - 1]
+        if point == "projector.out":
+            return self.connector
+        return self.decoder_layers[int(m.group(3))]
+
+    def insert(self, point: str, stage: nn.Module) -> None:
+        """Run `stage(tokens) -> tokens` on the visual tokens leaving `point` (after earlier stages there).
+
+        Vision points see [B, N, D] (CLS first where the family has one) at blocks, the selected features
+        at vision.out, the connector's output at projector.out. A stage with `wants_block_input = True` at a
+        block also gets the block's input, for scores read from that block's attention. A stage with
+        `tracks_size = True` (a merge) takes and returns the tokens' sizes too, which the later blocks'
+        attention reads; a stage that does not track sizes cannot follow one inside the vision tower. At
+        `decoder.layer[i]` a stage is an in-LLM one (`select(LayerView) -> kept image indices`, `dropped`
+        rows): see `run_decoder`. A connector that merges the patch grid (pixel shuffle, pooling) needs
+        all of it, so only transparent stages may run before it.
+        """
+        self.resolve(point)
+        transparent = getattr(stage, "transparent", False)
+        if point.startswith("decoder.") != hasattr(stage, "dropped") and not transparent:
+            kind = "an in-LLM stage" if hasattr(stage, "dropped") else "a visual-token stage"
+            raise VlmcError(f"insertion at {point}: {kind} cannot run there")
+        if self.connector_merge > 1 and point.startswith("vision.") and not transparent:
+            raise VlmcError(f"insertion at {point}: the {self.family} connector merges the full {self.patch_grid}x"
+                            f"{self.patch_grid} patch grid, so visual tokens can only be reduced after it (projector.out)")
+        block = POINTS.match(point).group(2)
+        if block is not None:
+            self._check_size_order(point, int(block), stage)
+        key = _key(point)
+        if key not in self.insertions:
+            self.insertions[key] = nn.ModuleList()
+        self.insertions[key].append(stage)
+
+    def pop(self, point: str) -> nn.Module:
+        """Remove the stage inserted last at `point` (calibration probes)."""
+        key = _key(point)
+        stage = self.insertions[key][-1]
+        del self.insertions[key][-1]
+        if not len(self.insertions[key]):
+            del self.insertions[key]
+        return stage
+
+    def _stage(self, point: str, x: torch.Tensor, block_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        key = _key(point)
+        if key in self.insertions:
+            for stage in self.insertions[key]:
+                x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
+        return x
+
+    def _check_size_order(self, point: str, block: int, stage: nn.Module) -> None:
+        """Inside the vision tower, no stage that ignores merged sizes may run at or after a merging one."""
+        tracks = lambda s: getattr(s, "tracks_size", False)  # noqa: E731
+        keys = {i: _key(f"vision.block[{i}]") for i in range(self.num_vision_blocks)}
+        staged = [(block, stage)] + [(i, s) for i, k in keys.items() if k in self.insertions for s in self.insertions[k]]
+        staged = [(i, s) for i, s in staged if not getattr(s, "transparent", False)]
+        first_merge = min((i for i, s in staged if tracks(s)), default=None)
+        if first_merge is not None and any(i >= first_merge and not tracks(s) for i, s in staged):
+            raise VlmcError(f"insertion at {point}: a token stage that does not track merged sizes cannot run inside "
+                            "the vision tower at or after a merging one (place it at vision.out or projector.out)")
+
+    def _block_stages(self, i: int, x, block_input, size):
+        """The stages after vision block i, threading the merged tokens' sizes (None until a merge)."""
+        key = _key(f"vision.block[{i}]")
+        for stage in self.insertions[key] if key in self.insertions else ():
+            if getattr(stage, "tracks_size", False):
+                x, size = stage(x, block_input, size)
+            else:
+                x = stage(x, block_input) if getattr(stage, "wants_block_input", False) else stage(x)
+        return x, size
+
+    def decoder_stages(self) -> dict[int, list[nn.Module]]:
+        """The in-LLM token stages by decoder layer."""
+        out = {}
+        for i in range(self.config.text.num_layers):
+            key = _key(f"decoder.layer[{i}]")
+            if key in self.insertions:
+                out[i] = list(self.insertions[key])
+        return out
+
+    def cache_shifts(self) -> list[int]:
+        """Per decoder layer, the image rows dropped before it: that layer's KV cache is that much shorter
+        and a token at slot s of layer 0 sits at slot s - shift there."""
+        stages, shift, out = self.decoder_stages(), 0, []
+        for i in range(self.config.text.num_layers):
+            out.append(shift)
+            shift += sum(s.dropped for s in stages.get(i, ()))
+        return out
+
+    def dropped_in_llm(self) -> int:
+        """Image rows the in-LLM stages drop in all."""
+        return sum(s.dropped for stages in self.decoder_stages().values() for s in stages)
+
+    def image_rows_in_llm(self) -> int:
+        """The image rows a prompt holds when in-LLM stages exist: what the first of them receives."""
+        stages = self.decoder_stages()
+        first = stages[min(stages)][0]
+        return first.keep + first.dropped
+
+    # ----- vision
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 or 0..255 float image [3,H,W] or [B,3,H,W] -> normalised float [B,3,H,W]."""
+        x = image.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        return (x / 255.0 - self.image_mean) / self.image_std
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B,3,H,W] -> image embeddings in the decoder's space [B,N',D]."""
+        x = self.embed_image(pixel_values)
+        size = None  # patches each token stands for, once a merging stage ran
+        blocks = self.vision_blocks
+        for i in range(self.num_vision_blocks):
+            x, size = self._block_stages(i, blocks[i](x, size), x, size)
+        x = self._stage("vision.out", self.select_features(x))
+        return self._stage("projector.out", self.connector(x))
+
+    # ----- text
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the decoder's input rows (the token_embedding program)."""
+        embeds = self.embed_tokens(input_ids)
+        return embeds if self.embed_scale is None else embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype)
+
+    def merge_embeddings(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the image-token placeholders replaced by the image embeddings, in order."""
+        embeds = self.embed_text(input_ids)
+        if image_embeds is None:
+            return embeds
+        mask = input_ids == self.config.image_token_id
+        if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise VlmcError(f"prompt has {int(mask.sum())} image tokens but the image gives {image_embeds.shape[1]}")
+        return embeds.masked_scatter(mask[..., None], image_embeds.to(embeds.dtype))
+
+    def run_decoder(self, inputs_embeds, position_ids, attend: Attend, prompt: Optional[PromptRows] = None,
+                    stages: Optional[dict] = None):
+        """Hidden states after the final norm. `stages` {layer: [stage]} (default: this model's in-LLM
+        stages): with `prompt` (a full-prompt prefill) each one drops image rows after its layer, the kept
+        rows keep their original positions and the later layers' caches get the compacted rows; without it
+        (a decode step, later text) they only shift the later layers' cache slots by what they dropped."""
+        stages = self.decoder_stages() if stages is None else stages
+        rope = self.rope(position_ids)
+        h, positions, shift = inputs_embeds, position_ids, 0
+        if prompt is not None:
+            n, last = prompt.num_image, prompt.last
+        try:
+            for i, layer in enumerate(self.decoder_layers):
+                self.row_positions = positions
+                h_in = h
+                h, q, k = layer(h, rope, i, attend, shift)
+                for stage in stages.get(i, ()):
+                    if prompt is None:
+                        shift += stage.dropped
+                        continue
+                    rows = prompt.image_start + torch.arange(n)
+                    kept = stage.select(LayerView(h_in, h, q, k, rows, last))
+                    idx = keep_rows(h.shape[1], prompt.image_start, kept, n)
+                    h, rope = h.index_select(1, idx), tuple(r.index_select(1, idx) for r in rope)
+                    positions = positions.index_select(1, idx)
+                    n, last = kept.shape[0], add_int(last, -stage.dropped)
+        finally:
+            self.row_positions = None
+        return self.final_norm(h)
+
+    def forward(self, input_ids, pixel_values=None, position_ids=None):
+        """Logits [B,T',V] of a whole prompt, no cache (the reference every program is checked against);
+        T' = T less the rows in-LLM stages drop (batch 1 then)."""
+        image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
+        embeds = self.merge_embeddings(input_ids, image_embeds)
+        if position_ids is None:
+            position_ids = torch.arange(embeds.shape[1])[None].expand(embeds.shape[0], -1)
+        prompt = None
+        if image_embeds is not None and self.decoder_stages():
+            start = (input_ids[0] == self.config.image_token_id).long().argmax()[None]
+            prompt = PromptRows(start, image_embeds.shape[1], torch.tensor([embeds.shape[1] - 1]))
+        logits, _ = self.decode(embeds, position_ids, None, prompt)
+        return logits
+
+    def decode(self, embeds, position_ids, past: Optional[list], prompt: Optional[PromptRows] = None):
+        """Eager decoding with a growing cache: past = [(k, v)] per layer or None. Returns logits, cache.
+        `prompt`: this call is a full-prompt prefill, the in-LLM stages drop image rows."""
+        n_rep = self.config.text.num_heads // self.config.text.num_kv_heads
+        new_past = []
+
+        def attend(i, q, k, v, shift):
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+            new_past.append((k, v))
+            t, s = q.shape[2], k.shape[2]
+            mask = self.attention_mask(i, torch.arange(s - t, s), torch.arange(s))
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+            return out.transpose(1, 2).flatten(2)
+
+        h = self.run_decoder(embeds, position_ids, attend, prompt)
+        return self.lm_head(h), new_past
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, normalize_key, tied: bool) -> None:
+    """Load a checkpoint's tensors strictly (names mapped by `normalize_key`): missing or unexpected names
+    and shape mismatches are errors, not silent skips. `tied`: the head shares the embedding table."""
+    state = {normalize_key(k): v for k, v in tensors.items()}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("insertions.")}
+    if tied:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise VlmcError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    if unexpected:
+        raise VlmcError(f"{source}: checkpoint has {len(unexpected)} unknown tensors, e.g. {unexpected[0]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise VlmcError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+
+
+def hf_state_dict(model: VisionLanguageModel, to_hf_key) -> dict[str, torch.Tensor]:
+    """Parameters under the family's Hugging Face names (`to_hf_key`), without token stages or a tied head."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("insertions."):
+            continue
+        if k == "lm_head.weight" and model.config.text.tie_word_embeddings:
+            continue
+        out[to_hf_key(k)] = v.detach().contiguous().clone()
+    return out
