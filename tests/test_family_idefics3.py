@@ -1,0 +1,121 @@
+"""Idefics3 / SmolVLM / SmolVLM2 on the core: parity with transformers, its processor, export and passes."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import make_hf_idefics3
+from vlmc import api
+from vlmc.errors import VlmcError
+from vlmc.models_zoo import load
+from vlmc.recipe import build
+from vlmc.runtimes.image import load_image
+
+QUESTION = "what color is the circle ?"
+# (model_type, tied head, kv heads, image size, patch, scale factor): GQA 2:1 and 1:1, 8x8 -> 16 tokens,
+# 6x6 -> 4 tokens with a factor 3 shuffle, 10x10 -> 25 tokens
+CONFIGS = [("smolvlm", False, 2, 32, 4, 2), ("idefics3", True, 4, 24, 4, 3), ("smolvlm", True, 1, 40, 4, 2)]
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smolvlm")
+    hf, processor = make_hf_idefics3(d)
+    return d, hf, processor
+
+
+def _prompt_ids(d, question=QUESTION):
+    loaded = load(str(d))
+    recipe = loaded.template(build({}))
+    c = loaded.config
+    return loaded, loaded.tokenizer.prompt(recipe.prompt_template, question, loaded.model.num_image_tokens,
+                                           c.image_token_id, loaded.bos_token_id)
+
+
+@pytest.mark.parametrize("model_type,tie,kv,size,patch,scale", CONFIGS)
+def test_logits_match_transformers_with_and_without_the_cache(tmp_path, model_type, tie, kv, size, patch, scale):
+    hf, _ = make_hf_idefics3(tmp_path, model_type=model_type, tie=tie, kv_heads=kv, image_size=size,
+                             patch_size=patch, scale_factor=scale)
+    loaded, prompt = _prompt_ids(tmp_path)
+    ours = loaded.model
+    assert ours.family == model_type and ours.num_image_tokens == (size // patch // scale) ** 2
+    ids = torch.tensor([prompt.ids])
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=pixels[:, None], use_cache=True)
+        assert (ours(ids, pixels) - out.logits).abs().max().item() <= 1e-4
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        embeds = ours.merge_embeddings(ids, ours.encode_image(pixels))
+        n = embeds.shape[1]
+        logits, past = ours.decode(embeds, torch.arange(n)[None], None)
+        step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
+    assert (logits - out.logits).abs().max().item() <= 1e-4
+    assert (step[:, -1] - hf_step).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("width,height", [(50, 37), (20, 90), (33, 33), (128, 64)])
+def test_preprocessing_equals_the_processor(smolvlm, tmp_path, width, height):
+    d, _, processor = smolvlm
+    rng = np.random.default_rng(width * height)
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    loaded, prompt = _prompt_ids(d)
+    m = loaded.model
+    pixels = m.normalize(torch.from_numpy(load_image(path, m.image_size, m.image_resize)))
+    with Image.open(path) as im:
+        ref = processor(text=f"<|im_start|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:", images=[im.convert("RGB")],
+                        return_tensors="pt", do_image_splitting=False)
+    assert ref["pixel_values"].shape[1] == 1
+    assert (pixels - ref["pixel_values"][:, 0]).abs().max().item() <= 1e-5
+    assert prompt.ids == ref["input_ids"][0].tolist()
+
+
+def test_bos_comes_from_the_transformers5_tokenizer(smolvlm):
+    d, _, _ = smolvlm
+    assert "add_bos_token" not in (d / "tokenizer_config.json").read_text()
+    loaded, prompt = _prompt_ids(d)
+    assert loaded.tokenizer.add_bos and prompt.before[0] == 1
+
+
+@pytest.fixture(scope="module")
+def smolvlm_bundle(smolvlm, tmp_path_factory):
+    d, _, _ = smolvlm
+    return api.compile({"model": str(d), "targets": ["onnx", "executorch", "coreml"], "max_context": 64}, tmp_path_factory.mktemp("b") / "s")
+
+
+def test_export_verifies_on_every_target_and_names_the_family(smolvlm_bundle):
+    m = smolvlm_bundle.manifest
+    assert m["model"]["family"] == "smolvlm"
+    assert m["prompt"]["image_resize"]["rule"] == "longest_edge_then_square"
+    assert "<fake_token_around_image><global-img><image><fake_token_around_image>" in m["prompt"]["template"]
+    results = m["verification"]["results"]
+    assert {r["target"] for r in results} == {"onnx", "executorch", "coreml"} and all(r["passed"] for r in results)
+    assert m["runner"].startswith("any")
+
+
+def test_runtimes_generate_the_same_tokens(smolvlm_bundle, sample_image):
+    tokens = {rt: api.run(smolvlm_bundle.path, rt, sample_image, QUESTION, max_new_tokens=6)["tokens"]
+              for rt in ("eager", "onnxruntime", "executorch")}
+    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("passes", [[{"name": "divprune", "keep": 6}], [{"name": "w8a8"}]], ids=["divprune", "w8a8"])
+def test_token_and_quantization_passes_verify(smolvlm, calibration_jsonl, tmp_path, passes):
+    d, _, _ = smolvlm
+    b = api.compile({"model": str(d), "targets": ["onnx"], "max_context": 64, "passes": passes,
+                     "calibration": {"dataset": str(calibration_jsonl), "n": 8}}, tmp_path / "p")
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    if passes[0]["name"] == "divprune":
+        assert b.manifest["prompt"]["num_image_tokens"] == 6 and b.manifest["prompt"]["num_image_tokens_unpruned"] == 16
+
+
+@pytest.mark.parametrize("spec,match", [({"name": "divprune", "keep": 6, "at": "vision.out"}, "pixel-shuffle|merges the full"),
+                                        ({"name": "tome", "r": 2}, "merges the full"),
+                                        ({"name": "visionzip", "dominant": 4, "contextual": 2}, "no CLS token")])
+def test_vision_side_passes_are_refused_with_the_reason(smolvlm, tmp_path, spec, match):
+    d, _, _ = smolvlm
+    with pytest.raises(VlmcError, match=match):
+        api.compile({"model": str(d), "targets": ["onnx"], "passes": [spec]}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
