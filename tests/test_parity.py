@@ -55,3 +55,40 @@ def test_builtin_checkpoint_loads_in_transformers_with_the_same_answers():
             theirs = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
         assert (ours - theirs).abs().max().item() <= 1e-4
         assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("height,width", [(50, 90), (90, 50), (112, 112), (37, 41)])
+def test_builtin_directory_builds_the_transformers_processor(tmp_path, height, width):
+    """AutoProcessor loads the shipped directory; its pixels and ids are what vlmc feeds the programs."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlmc.models_zoo import BUILTIN_ROOT
+    from vlmc.recipe import build
+    from vlmc.runtimes.image import load_image
+
+    processor = AutoProcessor.from_pretrained(BUILTIN_ROOT / "shapes-llava")
+    loaded = load("shapes-llava")
+    Image.fromarray(np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    template = loaded.template(build({})).prompt_template
+    with Image.open(tmp_path / "i.png") as im:
+        ref = processor(text=template.replace("{prompt}", "what color is the circle?"), images=im, return_tensors="pt")
+    pixels = loaded.model.normalize(torch.from_numpy(load_image(tmp_path / "i.png", 112)))
+    prompt = loaded.tokenizer.prompt(template, "what color is the circle?", 196, loaded.config.image_token_id, loaded.bos_token_id)
+    assert (pixels - ref["pixel_values"]).abs().max().item() <= 1e-6
+    assert prompt.ids == ref["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_bos_rule_of_a_tokenizer_saved_by_transformers5(tmp_path, bos):
+    """transformers 5 writes the BOS rule into tokenizer.json's post-processor only; vlmc follows it."""
+    from tests.helpers import SPECIALS, WORDS, write_hf5_tokenizer
+
+    make_hf_llava(tmp_path)
+    hf_tok = write_hf5_tokenizer(tmp_path, SPECIALS, WORDS, 64, bos)
+    loaded = load(str(tmp_path))
+    prompt = loaded.tokenizer.prompt("USER : <image> {prompt} ASSISTANT :", "what color is the circle ?", 16, 4, loaded.bos_token_id)
+    text = "USER : " + "<image>" * 16 + " what color is the circle ? ASSISTANT :"
+    assert prompt.ids == hf_tok(text)["input_ids"]
+    assert (prompt.ids[0] == hf_tok.bos_token_id) is bos

@@ -47,4 +47,8 @@ def write_tokenizer(directory: Path, words: list[str]) -> dict[str, int]:
         {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "crop_size": {"height": 112, "width": 112},
          "size": {"shortest_edge": 112}, "image_processor_type": "CLIPImageProcessor", "do_rescale": True,
          "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True, "do_center_crop": True}, indent=2) + "\n")
+    # what transformers' LlavaProcessor needs to expand <image> into the 196 image tokens
+    (directory / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "LlavaProcessor", "patch_size": 8, "vision_feature_select_strategy": "default",
+         "num_additional_image_tokens": 1, "image_token": "<image>"}, indent=2) + "\n")
     return vocab

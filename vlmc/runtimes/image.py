@@ -37,8 +37,9 @@ def resize(im, size: int, rule: Optional[dict] = None):
     kind, resample = rule.get("rule"), _filter(rule.get("filter", "bicubic"))
     w, h = im.size
     if kind == "shortest_edge_center_crop":
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)  # truncated, as transformers' get_resize_output_image_size does
+        im = im.resize((size, new_long) if w <= h else (new_long, size), resample)
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
         return im.crop((left, top, left + size, top + size))
