@@ -95,6 +95,9 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
     path = Path(target)
     if (path / "manifest.json").is_file():
         b = Bundle(path)
+        if b.manifest["model"].get("weights", "checkpoint") != "checkpoint":
+            raise VlmcError(f"{target}: built from {b.manifest['model']['source']} with random weights; its accuracy means "
+                            "nothing (profile it; evaluate a bundle of a real checkpoint)")
         b.file("tokenizer.json")
         prompt, tok, shape = b.manifest["prompt"], TextTokenizer(b.path), DecoderShape.from_manifest(b.manifest)
         answer = Answerer(session(b, runtime), tok, prompt)
@@ -114,6 +117,8 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
     else:
         if runtime != "eager":
             raise VlmcError(f"{target} is not a bundle: a model is evaluated with --runtime eager (export it to use {runtime})")
+        if str(target).startswith("preset:"):
+            raise VlmcError(f"{target} has random weights; its accuracy means nothing (evaluate a checkpoint directory)")
         loaded = load(str(target))
         c = loaded.config
         n = loaded.model.num_image_tokens

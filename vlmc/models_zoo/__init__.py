@@ -28,9 +28,10 @@ FAMILIES = {
     "llava": "LLaVA-1.5: LlavaForConditionalGeneration (clip_vision_model + llama), config.json model_type 'llava'",
     "idefics3": "Idefics3: SigLIP + pixel-shuffle connector + Llama, one global image tile, model_type 'idefics3'",
     "smolvlm": "SmolVLM / SmolVLM2 (the Idefics3 architecture), one global image tile, model_type 'smolvlm'",
+    "internvl": "InternVL (HF-native): InternViT + pixel-shuffle MLP projector + Qwen2, one image tile, model_type 'internvl'",
 }
 # config.json model_type -> the adapter module under vlmc.models_zoo
-ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
+ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
 DEFAULT_MODEL = "shapes-llava"
 
 
@@ -42,6 +43,7 @@ class LoadedModel:
     directory: Path
     model: "VisionLanguageModel"
     tokenizer: TextTokenizer
+    random_weights: bool = False  # an architecture preset: profile it, never evaluate it
 
     @property
     def config(self):
@@ -102,13 +104,19 @@ def read_config(directory: Path) -> dict:
 
 
 def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedModel:
-    """Load a built-in model by name or a checkpoint directory, checking every file it needs.
-    `image_size`: the input resolution, for families whose resolution is chosen at export."""
+    """Load a built-in model by name, a checkpoint directory or an architecture preset (`preset:NAME`,
+    random weights), checking every file it needs. `image_size`: the input resolution, for families whose
+    resolution is chosen at export."""
     import safetensors.torch
 
-    from vlmc.models_zoo.core import load_state
+    from vlmc.models_zoo import presets
+    from vlmc.models_zoo.core import load_state, skip_init
 
-    name, directory, source = _directory(spec)
+    preset = spec[len("preset:"):] if spec.startswith("preset:") else None
+    if preset is not None:
+        name, directory, source = preset, presets.materialize(preset), spec
+    else:
+        name, directory, source = _directory(spec)
     cfg = read_config(directory)
     family = cfg.get("model_type")
     if family not in ADAPTERS:
@@ -122,26 +130,30 @@ def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedMode
         except json.JSONDecodeError as e:
             raise VlmcError(f"{pre}: invalid JSON ({e.msg} at line {e.lineno})") from None
     files = sorted(directory.glob("*.safetensors"))
-    if not files:
+    if not files and preset is None:
         raise VlmcError(f"{directory}: no *.safetensors weights")
     tokenizer = TextTokenizer(directory)
     tensors = {}
-    for f in files:
+    for f in files if preset is None else ():
         try:
             tensors.update(safetensors.torch.load_file(str(f)))
         except Exception as e:  # safetensors raises SafetensorError / OSError with its own text
             raise VlmcError(f"{f}: unreadable safetensors file ({first_line(e)})") from None
-    if image_size is None:
-        model = family_module.build(cfg, directory, preprocessor)
-    elif "image_size" in inspect.signature(family_module.build).parameters:
-        model = family_module.build(cfg, directory, preprocessor, image_size=image_size)
-    else:
+    if image_size is not None and "image_size" not in inspect.signature(family_module.build).parameters:
         raise VlmcError(f"recipe field 'image_size': the {family} family's resolution is fixed by its config "
                         "(only families with a variable resolution take it)")
-    load_state(model, tensors, str(directory), family_module.normalize_hf_key, model.config.text.tie_word_embeddings)
+    options = {} if image_size is None else {"image_size": image_size}
+    if preset is not None:
+        model = family_module.build(cfg, directory, preprocessor, **options)
+        presets.random_init(model)
+    else:
+        with skip_init():  # the checkpoint's tensors become the parameters: no second copy of the weights
+            model = family_module.build(cfg, directory, preprocessor, **options)
+        load_state(model, tensors, str(directory), family_module.normalize_hf_key, model.config.text.tie_word_embeddings)
+        del tensors
     if tokenizer.vocab_size > model.config.text.vocab_size:
         raise VlmcError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.text.vocab_size}")
-    return LoadedModel(name, family, source, directory, model.eval(), tokenizer)
+    return LoadedModel(name, family, source, directory, model.eval(), tokenizer, random_weights=preset is not None)
 
 
 def save_checkpoint(model: "VisionLanguageModel", directory: Path, tokenizer_dir: Path | None = None) -> None:
@@ -165,5 +177,9 @@ def save_checkpoint(model: "VisionLanguageModel", directory: Path, tokenizer_dir
 def describe() -> list[dict]:
     """Rows for `vlmc models`."""
     rows = [{"name": n, "kind": "built-in", "description": d} for n, d in BUILTINS.items()]
+    from vlmc.models_zoo import presets
+
+    rows += [{"name": f"preset:{n}", "kind": "preset (random weights)", "description": p["release"]}
+             for n, p in presets.PRESETS.items() if p["config"]["model_type"] in ADAPTERS]
     rows += [{"name": f, "kind": "family (from a checkpoint dir)", "description": d} for f, d in FAMILIES.items()]
     return rows

@@ -17,6 +17,7 @@ Passes import this module's types (`LayerView`, `PromptRows`); this module impor
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -408,9 +409,25 @@ class VisionLanguageModel(nn.Module):
         return self.lm_head(h), new_past
 
 
+@contextmanager
+def skip_init():
+    """Build modules without initialising their parameters (allocated, never written), for a model whose
+    parameters a checkpoint's tensors replace: the untouched allocations cost no memory."""
+    layers = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.modules.conv._ConvNd)
+    saved = [(cls, cls.__dict__["reset_parameters"]) for cls in layers]
+    try:
+        for cls in layers:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
+
+
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, normalize_key, tied: bool) -> None:
     """Load a checkpoint's tensors strictly (names mapped by `normalize_key`): missing or unexpected names
-    and shape mismatches are errors, not silent skips. `tied`: the head shares the embedding table."""
+    and shape mismatches are errors, not silent skips. `tied`: the head shares the embedding table. The
+    tensors become the parameters (float32; assigned, not copied)."""
     state = {normalize_key(k): v for k, v in tensors.items()}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("insertions.")}
     if tied:
@@ -425,7 +442,9 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, 
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise VlmcError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
 
 
 def hf_state_dict(model: VisionLanguageModel, to_hf_key) -> dict[str, torch.Tensor]:
