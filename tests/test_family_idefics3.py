@@ -119,3 +119,21 @@ def test_vision_side_passes_are_refused_with_the_reason(smolvlm, tmp_path, spec,
     with pytest.raises(VlmcError, match=match):
         api.compile({"model": str(d), "targets": ["onnx"], "passes": [spec]}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_stock_multimodal_runner_generates_vlmc_tokens(smolvlm_bundle, sample_image):
+    """ExecuTorch's own MultimodalRunner runs the SmolVLM bundle: text, image, text, as an app would feed it."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the llama:: kernels)
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
+
+    p = smolvlm_bundle.manifest["prompt"]
+    before, after = p["template"].replace("{prompt}", QUESTION).split("<image>")
+    if p["add_bos"]:  # the stock runner encodes text as given: the app writes the BOS piece, as a chat template does
+        before = "<s>" + before
+    runner = MultimodalRunner(str(smolvlm_bundle.path / "model.pte"), str(smolvlm_bundle.path / "tokenizer.json"))
+    image = torch.from_numpy(load_image(sample_image, p["image_size"], p["image_resize"]))
+    pieces = []
+    runner.generate([make_text_input(before), make_image_input(image), make_text_input(after)],
+                    GenerationConfig(max_new_tokens=6, temperature=0.0, echo=False), token_callback=pieces.append)
+    ours = api.run(smolvlm_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
+    assert [x for x in pieces if x and x != "</s>"] == ours["pieces"]

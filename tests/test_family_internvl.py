@@ -163,6 +163,7 @@ def internvl_bundle(internvl, tmp_path_factory):
                        tmp_path_factory.mktemp("b") / "ivl")
 
 
+@pytest.mark.slow
 def test_export_verifies_on_every_target_and_names_the_family(internvl_bundle):
     m = internvl_bundle.manifest
     assert m["model"]["family"] == "internvl"
@@ -172,14 +173,15 @@ def test_export_verifies_on_every_target_and_names_the_family(internvl_bundle):
     assert {r["target"] for r in results} == {"onnx", "executorch", "coreml"} and all(r["passed"] for r in results)
 
 
+@pytest.mark.slow
 def test_runtimes_generate_the_same_tokens(internvl_bundle, sample_image):
     tokens = {rt: api.run(internvl_bundle.path, rt, sample_image, QUESTION, max_new_tokens=6)["tokens"]
               for rt in ("eager", "onnxruntime", "executorch")}
     assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("passes", [[{"name": "divprune", "keep": 6}], [{"name": "w8a8"}]], ids=["divprune", "w8a8"])
+@pytest.mark.parametrize("passes", [pytest.param([{"name": "divprune", "keep": 6}], id="divprune"),
+                                    pytest.param([{"name": "w8a8"}], id="w8a8", marks=pytest.mark.slow)])
 def test_token_and_quantization_passes_verify(internvl, calibration_jsonl, tmp_path, passes):
     d, _, _ = internvl
     calibration = {"calibration": {"dataset": str(calibration_jsonl), "n": 8}} if passes[0]["name"] == "w8a8" else {}

@@ -44,7 +44,7 @@ def export_once(model: str, target: str, work: Path, extra: list[str]) -> dict:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
     else:
         manifest = json.loads((out / "manifest.json").read_text())
-        row["artifact_gb"] = round(sum(f["size"] for f in manifest["files"].values()) / 2**30, 3)
+        row["artifact_gb"] = round(sum(f["bytes"] for f in manifest["files"].values()) / 2**30, 3)
         row["verified"] = all(r["passed"] for r in manifest["verification"]["results"])
         row["export_seconds_in_manifest"] = manifest["metrics"]["export_seconds"]
     return row

@@ -29,9 +29,12 @@ FAMILIES = {
     "idefics3": "Idefics3: SigLIP + pixel-shuffle connector + Llama, one global image tile, model_type 'idefics3'",
     "smolvlm": "SmolVLM / SmolVLM2 (the Idefics3 architecture), one global image tile, model_type 'smolvlm'",
     "internvl": "InternVL (HF-native): InternViT + pixel-shuffle MLP projector + Qwen2, one image tile, model_type 'internvl'",
+    "qwen2_5_vl": "Qwen2.5-VL: window-attention ViT + patch merger + Qwen2 with M-RoPE, one square image (recipe image_size), model_type 'qwen2_5_vl'",
+    "qwen2_vl": "Qwen2-VL (the Qwen2.5-VL design with full attention and LayerNorms), model_type 'qwen2_vl'",
+    "gemma3": "Gemma 3: SigLIP + average-pool projector + Gemma 3 (sliding-window layers, bidirectional image rows), one square image, model_type 'gemma3'",
 }
 # config.json model_type -> the adapter module under vlmc.models_zoo
-ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
+ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl", "gemma3": "gemma3"}
 DEFAULT_MODEL = "shapes-llava"
 
 
@@ -68,6 +71,9 @@ class LoadedModel:
         if template.index("<image>") < template.index("{prompt}"):
             probe = self.tokenizer.prompt(template, "", 1, self.config.image_token_id, self.bos_token_id)
             self.model.set_image_start(len(probe.before))
+        elif self.model.needs_image_start:
+            raise VlmcError(f"recipe field 'prompt_template': the {self.family} family needs the image before the question "
+                            "(its positions / attention mask depend on where the image starts)")
         return recipe
 
 

@@ -106,6 +106,8 @@ class VisionLanguageModel(nn.Module):
     # False when `attention_mask` is more than causal (sliding windows, bidirectional image rows): the
     # ExecuTorch decoder then attends with an explicit mask instead of llama::custom_sdpa (causal only)
     causal_attention = True
+    # positions or masks depend on where the image starts: the template must fix it (image before the question)
+    needs_image_start = False
 
     def __init__(self, config):
         super().__init__()
