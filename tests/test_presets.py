@@ -55,3 +55,25 @@ def test_a_preset_bundle_says_its_weights_are_random_and_eval_refuses_it(tiny_pr
 def test_an_unknown_preset_is_named(tmp_path):
     with pytest.raises(VlmcError, match="unknown preset 'nope'"):
         load("preset:nope")
+
+
+# (parameters in millions, image tokens, image size) of each release, checked without allocating weights
+RELEASES = {"smolvlm2-256m": (256.5, 64, 512), "smolvlm2-500m": (507.5, 64, 512), "internvl3-1b": (802.3, 256, 448),
+            "qwen2.5-vl-3b": (3754.6, 256, 448), "gemma3-4b": (4300.1, 256, 896), "llava-1.5-7b": (7063.4, 576, 336)}
+
+
+@pytest.mark.parametrize("name", list(RELEASES))
+def test_every_preset_builds_with_its_release_geometry(monkeypatch, tmp_path, name):
+    import torch
+
+    from vlmc.models_zoo import adapter
+
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    p = presets.PRESETS[name]
+    directory = presets.materialize(name)
+    with torch.device("meta"):  # the geometry only: no memory for the weights
+        m = adapter(p["config"]["model_type"]).build(p["config"], directory, p["preprocessor"])
+    params, tokens, size = RELEASES[name]
+    assert round(sum(x.numel() for x in m.parameters()) / 1e6, 1) == params
+    assert (m.num_image_tokens, m.image_size) == (tokens, size)
+    assert (directory / "tokenizer.json").stat().st_size > 0

@@ -53,6 +53,58 @@ PRESETS: dict[str, dict] = {
                          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
         "specials": SMOLVLM_SPECIALS, "bos": True,
     },
+    "internvl3-1b": {
+        "release": "OpenGVLab/InternVL3-1B-hf (InternViT-300M 448px, pixel shuffle 0.5, Qwen2.5-0.5B)",
+        "config": {"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"], "image_token_id": 151667,
+                   "image_seq_length": 256, "downsample_ratio": 0.5, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+                   "vision_feature_select_strategy": "default", "tie_word_embeddings": True,
+                   "vision_config": {"model_type": "internvl_vision", "hidden_size": 1024, "intermediate_size": 4096,
+                                     "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": [448, 448],
+                                     "patch_size": [14, 14], "attention_bias": True, "use_qk_norm": False, "norm_type": "layer_norm",
+                                     "layer_norm_eps": 1e-6, "hidden_act": "gelu", "use_mean_pooling": True},
+                   "text_config": {**_llama(896, 4864, 24, 14, 2, 151674, theta=1000000.0, eps=1e-6, tie=True,
+                                            bos=151643, eos=151645), "model_type": "qwen2"}},
+        "preprocessor": {"size": {"height": 448, "width": 448}, "resample": 3,
+                         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+        "specials": {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<img>": 151665,
+                     "</img>": 151666, "<IMG_CONTEXT>": 151667}, "bos": False,
+    },
+    "qwen2.5-vl-3b": {
+        "release": "Qwen/Qwen2.5-VL-3B-Instruct (window-attention ViT 448px -> 256 tokens, Qwen2.5-3B with M-RoPE)",
+        "config": {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "image_token_id": 151655,
+                   "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+                   "tie_word_embeddings": True,
+                   "vision_config": {"model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                                     "num_heads": 16, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
+                                     "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                                     "hidden_act": "silu", "in_channels": 3},
+                   "text_config": {**_llama(2048, 11008, 36, 16, 2, 151936, eps=1e-6, tie=True, bos=151643, eos=151645),
+                                   "model_type": "qwen2_5_vl_text",
+                                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}},
+        "preprocessor": {"min_pixels": 3136, "max_pixels": 12845056, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                         "image_std": [0.26862954, 0.26130258, 0.27577711]},
+        "specials": {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+                     "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}, "bos": False,
+    },
+    "gemma3-4b": {
+        "release": "google/gemma-3-4b-it (SigLIP-so400m 896px, 4x4 average pool -> 256 tokens, Gemma 3 4B)",
+        "config": {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "image_token_index": 262144,
+                   "boi_token_index": 255999, "eoi_token_index": 256000, "mm_tokens_per_image": 256,
+                   "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                                     "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                                     "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False},
+                   "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                                   "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                                   "vocab_size": 262208, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+                                   "sliding_window": 1024, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+                                   "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "bos_token_id": 2, "eos_token_id": [1, 106],
+                                   "tie_word_embeddings": True}},
+        "preprocessor": {"size": {"height": 896, "width": 896}, "resample": 2, "image_mean": [0.5, 0.5, 0.5],
+                         "image_std": [0.5, 0.5, 0.5], "do_pan_and_scan": False},
+        "specials": {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105, "<end_of_turn>": 106,
+                     "<start_of_image>": 255999, "<end_of_image>": 256000, "<image_soft_token>": 262144}, "bos": True,
+    },
     "llava-1.5-7b": {
         "release": "llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14 336px, 2-layer MLP, Llama-2-7B)",
         "config": {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "image_token_id": 32000,
@@ -108,6 +160,7 @@ def materialize(name: str) -> Path:
     specials = p["specials"]
     bos = next((piece for piece, i in specials.items() if i == text.get("bos_token_id")), None)
     eos_id = text.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     eos = next((piece for piece, i in specials.items() if i == eos_id), None)
     (directory / "tokenizer.json").write_text(_tokenizer_json(text["vocab_size"], specials))
     (directory / "tokenizer_config.json").write_text(json.dumps(

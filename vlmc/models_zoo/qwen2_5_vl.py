@@ -349,7 +349,7 @@ class MRope(nn.Module):
     def __init__(self, head_dim: int, theta: float, section: tuple):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        owner = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+        owner = torch.repeat_interleave(torch.arange(3), torch.tensor(section), output_size=sum(section))
         for axis, name in enumerate(("inv_t", "inv_h", "inv_w")):
             self.register_buffer(name, torch.where(owner == axis, inv, torch.zeros_like(inv)), persistent=False)
 
