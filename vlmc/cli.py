@@ -71,7 +71,8 @@ def models(as_json):
 
 
 @cli.command()
-@click.option("--model", "-m", default=None, help="built-in model name or Hugging Face checkpoint dir (default: shapes-llava)")
+@click.option("--model", "-m", default=None, help="built-in model, Hugging Face checkpoint dir or preset:NAME (default: shapes-llava)")
+@click.option("--image-size", type=int, default=None, help="input resolution, for families that choose it at export (qwen2_5_vl)")
 @click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
@@ -85,14 +86,15 @@ def models(as_json):
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
-def export(model, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
+def export(model, image_size, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
            no_verify, force, as_json, quiet):
     """Compile a model into a verified bundle for one or more targets."""
     from vlmc import api
     from vlmc.passes.registry import parse_cli
     from vlmc.recipe import load, parse_targets
 
-    overrides = {"model": model, "targets": parse_targets(targets) if targets else None, "max_context": max_context,
+    overrides = {"model": model, "image_size": image_size, "targets": parse_targets(targets) if targets else None,
+                 "max_context": max_context,
                  "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
                  "passes": [parse_cli(p) for p in pass_specs] or None, "calibration.dataset": calibration,
                  "calibration.n": calibration_n}

@@ -1,0 +1,68 @@
+"""The full pass x target matrix of every family (slow): each token pass and quantization scheme either
+exports and verifies on onnx, executorch and coreml, or is refused before any export work with the reason.
+
+    python -m pytest -q -m slow tests/test_family_matrix.py
+"""
+import pytest
+
+from tests.helpers import make_hf_idefics3
+from tests.helpers_gemma3 import make_hf_gemma3
+from tests.helpers_internvl import make_hf_internvl
+from tests.helpers_qwen2_5_vl import make_hf_qwen
+from vlmc import api
+from vlmc.errors import VlmcError
+
+pytestmark = pytest.mark.slow
+
+# family -> (builder, extra recipe fields, image tokens)
+FAMILIES = {
+    "smolvlm": (lambda d: make_hf_idefics3(d), {}, 16),
+    "internvl": (lambda d: make_hf_internvl(d), {}, 16),
+    "gemma3": (lambda d: make_hf_gemma3(d, layer_types=["sliding_attention", "full_attention"], num_layers=2, image_size=32,
+                                        patch_size=4, mm_tokens=16), {}, 16),
+    "qwen2_5_vl": (lambda d: make_hf_qwen(d), {"image_size": 112}, 16),
+}
+VISION_SIDE = {"tome", "visionzip", "zooprune", "duet"}  # need the patch grid before a merging connector
+IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet"}
+
+
+def specs(tokens: int) -> list[dict]:
+    keep = tokens // 3
+    return [{"name": "random", "keep": keep}, {"name": "pooling", "keep": 4}, {"name": "divprune", "keep": keep},
+            {"name": "tfps", "keep": keep}, {"name": "score", "keep": keep}, {"name": "coin", "keep": keep},
+            {"name": "docprune", "keep": keep}, {"name": "apet", "keep": keep}, {"name": "vlmpruner", "keep": keep},
+            {"name": "zooprune", "keep": keep, "at": "vision.out"}, {"name": "tome", "r": 2},
+            {"name": "visionzip", "dominant": keep, "contextual": 2},
+            {"name": "fastv", "keep": keep}, {"name": "v2drop", "keep": keep}, {"name": "transprune", "keep": keep},
+            {"name": "hawk", "keep": keep}, {"name": "duet", "keep": keep, "dominant": 2 * keep, "contextual": 2},
+            {"name": "divprune", "keep": keep, "static": True},
+            {"name": "w8a8"}, {"name": "w8"}, {"name": "w4", "group_size": 16},
+            {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"}]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    build, extra, tokens = FAMILIES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    build(d)
+    return request.param, d, extra, tokens
+
+
+@pytest.mark.parametrize("index", range(len(specs(16))))
+def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, index, calibration_jsonl, tmp_path):
+    name, d, extra, tokens = family
+    spec = specs(tokens)[index]
+    refused = spec["name"] in VISION_SIDE or (name == "gemma3" and spec["name"] in IN_LLM)
+    recipe = {"model": str(d), "targets": ["onnx", "executorch", "coreml"], "max_context": 64, "passes": [spec],
+              "calibration": {"dataset": str(calibration_jsonl), "n": 8}, **extra}
+    if refused:
+        with pytest.raises(VlmcError):
+            api.compile(recipe, tmp_path / "b")
+        assert not (tmp_path / "b").exists()
+        return
+    if spec["name"] == "w4":  # Core ML's int4 needs iOS18
+        recipe["coreml"] = {"minimum_deployment_target": "iOS18"}
+    b = api.compile(recipe, tmp_path / "b")
+    failed = [r for r in b.manifest["verification"]["results"] if not r["passed"]]
+    assert not failed, failed
+    assert b.manifest["model"]["family"] == name
