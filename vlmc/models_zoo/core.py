@@ -133,6 +133,13 @@ class VisionLanguageModel(nn.Module):
         that see each other."""
         return k_slots[None, :] <= q_slots[:, None]
 
+    def add_head(self) -> None:
+        """The LM head (`lm_head`), sharing the embedding table where the config ties them."""
+        t = self.config.text
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     # ----- the parts, by path
     def _part(self, path: str) -> nn.Module:
         """The submodule at a dotted path, read from the module tree (not attributes: a family may name a

@@ -35,8 +35,8 @@ from torch import nn
 
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
-from vlmc.models_zoo.layers import (DecoderAttention, GatedMLP, RMSNorm, TextConfig, ViTEncoder, VisionConfig, _float, _int,
-                                    apply_rope, check_activation, parse_vision_config)
+from vlmc.models_zoo.layers import (DecoderAttention, GatedMLP, RMSNorm, SiglipTower, TextConfig, VisionConfig, apply_rope,
+                                    check_activation, config_float, config_int, parse_vision_config)
 
 SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 16, "hidden_size": 768, "intermediate_size": 3072,
                    "num_hidden_layers": 12, "num_attention_heads": 12, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
@@ -95,7 +95,7 @@ class Gemma3Config:
             raise VlmcError("config.json: vision_config.vision_use_head must be false (Gemma 3 never uses SigLIP's pooling head)")
         vision = parse_vision_config(v, SIGLIP_DEFAULTS)
         text = parse_gemma3_text(t, cfg, generation)
-        mm = _int("config", cfg, "mm_tokens_per_image", 256)
+        mm = config_int("config", cfg, "mm_tokens_per_image", 256)
         side, grid = math.isqrt(mm), vision.image_size // vision.patch_size
         if side * side != mm or side < 1 or grid % side:
             raise VlmcError(f"config.json: mm_tokens_per_image {mm} must be a square whose side divides the {grid}x{grid} patch grid")
@@ -121,7 +121,7 @@ def parse_gemma3_text(t: dict, top: dict, generation: Optional[dict] = None) -> 
         raise VlmcError("config.json: text_config.attention_bias true is not supported (Gemma 3 has no attention biases)")
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     check_activation("text_config.hidden_activation", act)
-    n = _int("text_config", d, "num_hidden_layers")
+    n = config_int("text_config", d, "num_hidden_layers")
     types = d.get("layer_types")
     if types is None:
         pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
@@ -134,20 +134,20 @@ def parse_gemma3_text(t: dict, top: dict, generation: Optional[dict] = None) -> 
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise VlmcError(f"config.json: text_config.sliding_window {window!r} is not a positive integer")
     local_theta, global_theta, factor = _rope(d)
-    heads = _int("text_config", d, "num_attention_heads")
+    heads = config_int("text_config", d, "num_attention_heads")
     # generation_config.json's stop tokens where given (the instruction-tuned models add <end_of_turn>)
     eos = (generation or {}).get("eos_token_id")
     eos = d.get("eos_token_id", 1) if eos is None or eos == [] else eos
     eos = tuple(eos) if isinstance(eos, list) else (eos,)
     c = Gemma3TextConfig(
-        vocab_size=_int("text_config", d, "vocab_size"), hidden_size=_int("text_config", d, "hidden_size"),
-        intermediate_size=_int("text_config", d, "intermediate_size"), num_layers=n, num_heads=heads,
-        num_kv_heads=_int("text_config", d, "num_key_value_heads", heads), head_dim=_int("text_config", d, "head_dim"),
-        rms_norm_eps=_float("text_config", d, "rms_norm_eps", 1e-6), rope_theta=global_theta, hidden_act=act,
+        vocab_size=config_int("text_config", d, "vocab_size"), hidden_size=config_int("text_config", d, "hidden_size"),
+        intermediate_size=config_int("text_config", d, "intermediate_size"), num_layers=n, num_heads=heads,
+        num_kv_heads=config_int("text_config", d, "num_key_value_heads", heads), head_dim=config_int("text_config", d, "head_dim"),
+        rms_norm_eps=config_float("text_config", d, "rms_norm_eps", 1e-6), rope_theta=global_theta, hidden_act=act,
         # the top-level flag decides tying in Gemma3ForConditionalGeneration
         tie_word_embeddings=bool(top.get("tie_word_embeddings", True)),
         bos_token_id=d.get("bos_token_id", 2), eos_token_ids=eos,
-        query_pre_attn_scalar=_float("text_config", d, "query_pre_attn_scalar", 256.0), sliding_window=window,
+        query_pre_attn_scalar=config_float("text_config", d, "query_pre_attn_scalar", 256.0), sliding_window=window,
         layer_types=tuple(types), rope_local_theta=local_theta, rope_global_factor=factor)
     if c.num_heads % c.num_kv_heads:
         raise VlmcError("config.json: text_config.num_attention_heads is not a multiple of num_key_value_heads")
@@ -174,11 +174,11 @@ def _rope(d: dict) -> tuple[float, float, float]:
                             "(vlmc supports default and linear)")
     factor = 1.0
     if full.get("rope_type", full.get("type")) == "linear":
-        factor = _float("text_config.rope_parameters", full, "factor", 1.0)
+        factor = config_float("text_config.rope_parameters", full, "factor", 1.0)
     if local.get("rope_type", local.get("type")) == "linear" and float(local.get("factor", 1.0)) != 1.0:
         raise VlmcError("config.json: text_config.rope_parameters['sliding_attention'] is linear-scaled, which Gemma 3 never does")
-    return (_float("text_config.rope_parameters", local, "rope_theta", 10000.0),
-            _float("text_config.rope_parameters", full, "rope_theta", 1000000.0), factor)
+    return (config_float("text_config.rope_parameters", local, "rope_theta", 10000.0),
+            config_float("text_config.rope_parameters", full, "rope_theta", 1000000.0), factor)
 
 
 def parse_preprocessor(p: dict, image_size: int) -> dict:
@@ -233,26 +233,6 @@ class GemmaRMSNorm(RMSNorm):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).to(x.dtype)
-
-
-class SiglipEmbeddings(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size)
-        self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)
-        self.register_buffer("position_ids", torch.arange(c.num_patches), persistent=False)
-
-    def forward(self, pixel_values):
-        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        return patches + self.position_embedding(self.position_ids)[None]
-
-
-class SiglipTower(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.embeddings = SiglipEmbeddings(c)
-        self.encoder = ViTEncoder(c)
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
 
 class Gemma3Projector(nn.Module):
@@ -362,9 +342,7 @@ class Gemma3Model(core.VisionLanguageModel):
         self.vision_tower = SiglipTower(config.vision)
         self.multi_modal_projector = Gemma3Projector(config)
         self.language_model = Gemma3TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.add_head()
         self._image_rows: Optional[int] = None  # rows the decoder receives per image, after visual-token stages
 
     @property

@@ -17,8 +17,7 @@ from torch import nn
 
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
-from vlmc.models_zoo.layers import (LlamaLayer, RMSNorm, Rope1D, TextConfig, ViTEncoder, VisionConfig, parse_text_config,
-                                    parse_vision_config)
+from vlmc.models_zoo.layers import LlamaBody, SiglipTower, TextConfig, VisionConfig, parse_text_config, parse_vision_config
 
 SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 32, "hidden_size": 1152, "intermediate_size": 3072,
                    "num_hidden_layers": 12, "num_attention_heads": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
@@ -86,27 +85,6 @@ def bucketed_position_ids(grid: int) -> torch.Tensor:
     return (buckets[:, None] * grid + buckets[None, :]).reshape(-1)
 
 
-class SiglipEmbeddings(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        grid = c.image_size // c.patch_size
-        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size)
-        self.position_embedding = nn.Embedding(grid * grid, c.hidden_size)
-        self.register_buffer("position_ids", bucketed_position_ids(grid), persistent=False)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        return patches + self.position_embedding(self.position_ids)[None]
-
-
-class SiglipTower(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.embeddings = SiglipEmbeddings(c)
-        self.encoder = ViTEncoder(c)
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-
 class ModalityProjection(nn.Module):
     def __init__(self, width_in: int, width_out: int):
         super().__init__()
@@ -134,15 +112,6 @@ class Connector(nn.Module):
         return self.modality_projection(pixel_shuffle(x, self.grid, self.scale_factor))
 
 
-class TextModel(nn.Module):
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary = Rope1D(c.head_dim, c.rope_theta)
-
-
 class Idefics3Model(core.VisionLanguageModel):
     """Idefics3 / SmolVLM: SigLIP -> pixel shuffle + linear -> Llama."""
 
@@ -159,12 +128,10 @@ class Idefics3Model(core.VisionLanguageModel):
         self.connector_merge = config.scale_factor
         self.image_resize = {"rule": "longest_edge_then_square", "filter": config.resize_filter,
                              "longest_edge": config.resize_longest_edge}
-        self.vision_model = SiglipTower(config.vision)
+        self.vision_model = SiglipTower(config.vision, bucketed_position_ids(self.patch_grid))
         self.connector = Connector(config)
-        self.text_model = TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.text_model.embed_tokens.weight
+        self.text_model = LlamaBody(config.text)
+        self.add_head()
 
     @property
     def num_vision_blocks(self) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
 from vlmc.models_zoo.idefics3 import pixel_shuffle
-from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaLayer, RMSNorm, Rope1D, TextConfig, ViTMLP, _float, _int,
+from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaBody, RMSNorm, TextConfig, ViTMLP, config_float, config_int,
                                     check_activation, parse_text_config)
 
 DEFAULT_TEMPLATE = "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -74,7 +74,7 @@ def _side(v: dict, key: str) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise VlmcError(f"config.json: vision_config.{key} {list(value)} is not square (vlmc needs height == width)")
         value = value[0]
-    return _int("vision_config", {key: value}, key)
+    return config_int("vision_config", {key: value}, key)
 
 
 def parse_internvit_config(v: dict) -> InternViTConfig:
@@ -83,10 +83,10 @@ def parse_internvit_config(v: dict) -> InternViTConfig:
     d = {**VISION_DEFAULTS, **{k: x for k, x in v.items() if x is not None}}
     c = InternViTConfig(
         image_size=_side(d, "image_size"), patch_size=_side(d, "patch_size"),
-        hidden_size=_int("vision_config", d, "hidden_size"), intermediate_size=_int("vision_config", d, "intermediate_size"),
-        num_layers=_int("vision_config", d, "num_hidden_layers"), num_heads=_int("vision_config", d, "num_attention_heads"),
-        layer_norm_eps=_float("vision_config", d, "layer_norm_eps", 1e-6), hidden_act=d["hidden_act"],
-        num_channels=_int("vision_config", d, "num_channels"), attention_bias=bool(d["attention_bias"]),
+        hidden_size=config_int("vision_config", d, "hidden_size"), intermediate_size=config_int("vision_config", d, "intermediate_size"),
+        num_layers=config_int("vision_config", d, "num_hidden_layers"), num_heads=config_int("vision_config", d, "num_attention_heads"),
+        layer_norm_eps=config_float("vision_config", d, "layer_norm_eps", 1e-6), hidden_act=d["hidden_act"],
+        num_channels=config_int("vision_config", d, "num_channels"), attention_bias=bool(d["attention_bias"]),
         use_qk_norm=bool(d["use_qk_norm"]), norm_type=d["norm_type"], use_mean_pooling=bool(d["use_mean_pooling"]),
         use_absolute_position_embeddings=bool(d["use_absolute_position_embeddings"]), use_mask_token=bool(d["use_mask_token"]),
     )
@@ -312,17 +312,6 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
-class LanguageModel(nn.Module):
-    """Qwen2's body: the embedding table, the layers (q/k/v biases) and the final norm."""
-
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c, qkv_bias=True, o_bias=False) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary = Rope1D(c.head_dim, c.rope_theta)
-
-
 class InternVLModel(core.VisionLanguageModel):
     """InternVL: InternViT features (CLS dropped) -> pixel shuffle + MLP projector -> Qwen2 decoder."""
 
@@ -342,10 +331,8 @@ class InternVLModel(core.VisionLanguageModel):
         self.image_resize = {"rule": "square", "filter": config.resize_filter}
         self.vision_tower = InternViT(config.vision)
         self.multi_modal_projector = Projector(config)
-        self.language_model = LanguageModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.language_model = LlamaBody(config.text, qkv_bias=True, o_bias=False)  # Qwen2
+        self.add_head()
 
     @property
     def num_vision_blocks(self) -> int:

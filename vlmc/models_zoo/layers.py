@@ -9,7 +9,6 @@ rule, and implements the protocol the core reads (see `core.py`):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -60,7 +59,7 @@ class TextConfig:
     eos_token_ids: tuple = (2,)
 
 
-def _int(section: str, d: dict, key: str, default=None) -> int:
+def config_int(section: str, d: dict, key: str, default=None) -> int:
     value = d.get(key, default)
     if value is None:
         raise VlmcError(f"config.json: {section} is missing {key!r}")
@@ -69,7 +68,7 @@ def _int(section: str, d: dict, key: str, default=None) -> int:
     return int(value)
 
 
-def _float(section: str, d: dict, key: str, default: float) -> float:
+def config_float(section: str, d: dict, key: str, default: float) -> float:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise VlmcError(f"config.json: {section}.{key} {value!r} is not a number")
@@ -85,11 +84,11 @@ def parse_vision_config(v: dict, defaults: dict) -> VisionConfig:
     """A CLIP or SigLIP `vision_config` (transformers' defaults of that model passed in `defaults`)."""
     d = {**defaults, **{k: x for k, x in v.items() if x is not None}}
     c = VisionConfig(
-        image_size=_int("vision_config", d, "image_size"), patch_size=_int("vision_config", d, "patch_size"),
-        hidden_size=_int("vision_config", d, "hidden_size"), intermediate_size=_int("vision_config", d, "intermediate_size"),
-        num_layers=_int("vision_config", d, "num_hidden_layers"), num_heads=_int("vision_config", d, "num_attention_heads"),
-        layer_norm_eps=_float("vision_config", d, "layer_norm_eps", 1e-6), hidden_act=d.get("hidden_act"),
-        num_channels=_int("vision_config", d, "num_channels", 3),
+        image_size=config_int("vision_config", d, "image_size"), patch_size=config_int("vision_config", d, "patch_size"),
+        hidden_size=config_int("vision_config", d, "hidden_size"), intermediate_size=config_int("vision_config", d, "intermediate_size"),
+        num_layers=config_int("vision_config", d, "num_hidden_layers"), num_heads=config_int("vision_config", d, "num_attention_heads"),
+        layer_norm_eps=config_float("vision_config", d, "layer_norm_eps", 1e-6), hidden_act=d.get("hidden_act"),
+        num_channels=config_int("vision_config", d, "num_channels", 3),
     )
     check_activation("vision_config.hidden_act", c.hidden_act)
     if c.image_size % c.patch_size:
@@ -106,20 +105,20 @@ def parse_text_config(t: dict, top: dict, defaults: Optional[dict] = None) -> Te
     rope = t.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or (t.get("rope_scaling") or {}).get("rope_type", "default") != "default":
         raise VlmcError("config.json: text_config uses RoPE scaling, which vlmc does not support yet")
-    heads = _int("text_config", t, "num_attention_heads", 32)
-    hidden = _int("text_config", t, "hidden_size", 4096)
+    heads = config_int("text_config", t, "num_attention_heads", 32)
+    hidden = config_int("text_config", t, "hidden_size", 4096)
     eos = t.get("eos_token_id", 2)
     tie = t.get("tie_word_embeddings", top.get("tie_word_embeddings", False))
     c = TextConfig(
-        vocab_size=_int("text_config", t, "vocab_size"),
+        vocab_size=config_int("text_config", t, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=_int("text_config", t, "intermediate_size", 11008),
-        num_layers=_int("text_config", t, "num_hidden_layers", 32),
+        intermediate_size=config_int("text_config", t, "intermediate_size", 11008),
+        num_layers=config_int("text_config", t, "num_hidden_layers", 32),
         num_heads=heads,
-        num_kv_heads=_int("text_config", t, "num_key_value_heads", heads),
-        head_dim=_int("text_config", t, "head_dim", hidden // heads),
-        rms_norm_eps=_float("text_config", t, "rms_norm_eps", 1e-6),
-        rope_theta=_float("text_config", {"rope_theta": rope.get("rope_theta", t.get("rope_theta", 10000.0))}, "rope_theta", 10000.0),
+        num_kv_heads=config_int("text_config", t, "num_key_value_heads", heads),
+        head_dim=config_int("text_config", t, "head_dim", hidden // heads),
+        rms_norm_eps=config_float("text_config", t, "rms_norm_eps", 1e-6),
+        rope_theta=config_float("text_config", {"rope_theta": rope.get("rope_theta", t.get("rope_theta", 10000.0))}, "rope_theta", 10000.0),
         hidden_act=t.get("hidden_act", "silu"),
         attention_bias=bool(t.get("attention_bias", False)),
         mlp_bias=bool(t.get("mlp_bias", False)),
@@ -255,6 +254,30 @@ class ViTEncoder(nn.Module):
             ViTBlock(c.hidden_size, c.intermediate_size, c.num_heads, c.layer_norm_eps, c.hidden_act) for _ in range(c.num_layers))
 
 
+class SiglipEmbeddings(nn.Module):
+    """SigLIP's: the patch convolution (with bias) and a learned position table read at `position_ids`."""
+
+    def __init__(self, c: VisionConfig, position_ids: torch.Tensor):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size)
+        self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)
+        self.register_buffer("position_ids", position_ids, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        return patches + self.position_embedding(self.position_ids)[None]
+
+
+class SiglipTower(nn.Module):
+    """SigLIP without its head: embeddings (no CLS), the encoder, the post-layernorm."""
+
+    def __init__(self, c: VisionConfig, position_ids: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(c, torch.arange(c.num_patches) if position_ids is None else position_ids)
+        self.encoder = ViTEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
 # ---------------------------------------------------------------- decoder: Llama-style layer
 
 # attend(layer_index, q [B,H,T,d], k [B,Hkv,T,d], v [B,Hkv,T,d], shift) -> [B,T,H*d]; `shift`: how many
@@ -321,3 +344,16 @@ class LlamaLayer(nn.Module):
     def smoothing_groups(self) -> list[tuple[str, list[str]]]:
         return [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
                 ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])]
+
+
+class LlamaBody(nn.Module):
+    """A Llama / Qwen2 body under Hugging Face's names: the embedding table, the layers, the final norm
+    (the head sits beside it, on the model) and 1-D RoPE."""
+
+    def __init__(self, c: TextConfig, qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None, rope: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(c, qkv_bias, o_bias) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if rope:
+            self.rotary = Rope1D(c.head_dim, c.rope_theta)

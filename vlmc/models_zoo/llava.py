@@ -14,8 +14,8 @@ from torch import nn
 
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
-from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaLayer, RMSNorm, Rope1D, TextConfig, ViTEncoder, VisionConfig,
-                                    check_activation, parse_text_config, parse_vision_config)
+from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaBody, TextConfig, ViTEncoder, VisionConfig, check_activation,
+                                    parse_text_config, parse_vision_config)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,17 +119,6 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LanguageModel(nn.Module):
-    """Llama's body: the embedding table, the layers and the final norm (the head sits beside it)."""
-
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary = Rope1D(c.head_dim, c.rope_theta)
-
-
 class LlavaModel(core.VisionLanguageModel):
     """LLaVA-1.5: image -> ViT features at `vision_feature_layer` -> projector -> Llama decoder."""
 
@@ -146,10 +135,8 @@ class LlavaModel(core.VisionLanguageModel):
         super().__init__(config)
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = Projector(config)
-        self.language_model = LanguageModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.language_model = LlamaBody(config.text)
+        self.add_head()
 
     @property
     def features_have_cls(self) -> bool:

@@ -35,7 +35,7 @@ from torch import nn
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
 from vlmc.models_zoo.layers import (
-    GatedMLP, LlamaLayer, RMSNorm, TextConfig, ViTMLP, _float, _int, check_activation, parse_text_config,
+    GatedMLP, LlamaBody, RMSNorm, TextConfig, ViTMLP, config_float, config_int, check_activation, parse_text_config,
     rotate_half,
 )
 
@@ -131,7 +131,7 @@ class QwenVLConfig:
         for key in ("do_resize", "do_rescale", "do_normalize"):
             if preprocessor.get(key) is False:
                 raise VlmcError(f"preprocessor_config.json: {key} false is not supported")
-        return cls(vision=vision, text=text, image_token_id=_int("config.json", cfg, "image_token_id", 151655),
+        return cls(vision=vision, text=text, image_token_id=config_int("config.json", cfg, "image_token_id", 151655),
                    mrope_section=tuple(int(s) for s in section), image_size=int(image_size), model_type=model_type,
                    video_token_id=int(cfg.get("video_token_id", 151656)),
                    vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
@@ -151,18 +151,18 @@ def _vision_config(v: dict, qwen2: bool) -> QwenVisionConfig:
         raise VlmcError(f"config.json: vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported")
     s = "vision_config"
     if qwen2:
-        width = _int(s, v, "embed_dim", 1280)
+        width = config_int(s, v, "embed_dim", 1280)
         c = QwenVisionConfig(
-            depth=_int(s, v, "depth", 32), hidden_size=width, intermediate_size=int(width * _float(s, v, "mlp_ratio", 4)),
-            num_heads=_int(s, v, "num_heads", 16), out_hidden_size=_int(s, v, "hidden_size", 3584), window_size=0,
-            fullatt_block_indexes=tuple(range(_int(s, v, "depth", 32))), hidden_act=v.get("hidden_act", "quick_gelu"),
+            depth=config_int(s, v, "depth", 32), hidden_size=width, intermediate_size=int(width * config_float(s, v, "mlp_ratio", 4)),
+            num_heads=config_int(s, v, "num_heads", 16), out_hidden_size=config_int(s, v, "hidden_size", 3584), window_size=0,
+            fullatt_block_indexes=tuple(range(config_int(s, v, "depth", 32))), hidden_act=v.get("hidden_act", "quick_gelu"),
             qwen2_vl=True, **_common_vision(v))
     else:
         full = v.get("fullatt_block_indexes", (7, 15, 23, 31))
         c = QwenVisionConfig(
-            depth=_int(s, v, "depth", 32), hidden_size=_int(s, v, "hidden_size", 3584),
-            intermediate_size=_int(s, v, "intermediate_size", 3420), num_heads=_int(s, v, "num_heads", 16),
-            out_hidden_size=_int(s, v, "out_hidden_size", 3584), window_size=_int(s, v, "window_size", 112),
+            depth=config_int(s, v, "depth", 32), hidden_size=config_int(s, v, "hidden_size", 3584),
+            intermediate_size=config_int(s, v, "intermediate_size", 3420), num_heads=config_int(s, v, "num_heads", 16),
+            out_hidden_size=config_int(s, v, "out_hidden_size", 3584), window_size=config_int(s, v, "window_size", 112),
             fullatt_block_indexes=tuple(int(i) for i in full), hidden_act=v.get("hidden_act", "silu"), **_common_vision(v))
         if c.window_size < c.patch_size * c.spatial_merge_size:
             raise VlmcError(f"config.json: vision_config.window_size {c.window_size} is smaller than one merged patch "
@@ -177,10 +177,10 @@ def _vision_config(v: dict, qwen2: bool) -> QwenVisionConfig:
 
 def _common_vision(v: dict) -> dict:
     s = "vision_config"
-    return dict(patch_size=_int(s, v, "patch_size", 14), spatial_merge_size=_int(s, v, "spatial_merge_size", 2),
-                temporal_patch_size=_int(s, v, "temporal_patch_size", 2),
-                in_channels=_int(s, v, "in_channels", v.get("in_chans", 3)),
-                rope_theta=_float(s, {"t": (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)}, "t", 10000.0))
+    return dict(patch_size=config_int(s, v, "patch_size", 14), spatial_merge_size=config_int(s, v, "spatial_merge_size", 2),
+                temporal_patch_size=config_int(s, v, "temporal_patch_size", 2),
+                in_channels=config_int(s, v, "in_channels", v.get("in_chans", 3)),
+                rope_theta=config_float(s, {"t": (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)}, "t", 10000.0))
 
 
 # ---------------------------------------------------------------- the fixed grid's constants
@@ -335,14 +335,6 @@ class VisionTower(nn.Module):
 
 # ---------------------------------------------------------------- text
 
-class TextModel(nn.Module):
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c, qkv_bias=True, o_bias=False) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-
 class MRope(nn.Module):
     """Multimodal rotary embedding: frequency j rotates by the t, h or w position (mrope_section)."""
 
@@ -376,11 +368,9 @@ class QwenVLModel(core.VisionLanguageModel):
         self.family = config.model_type
         self.connector_merge = config.vision.spatial_merge_size
         self.visual = VisionTower(config.vision, config.image_size)
-        self.model = TextModel(config.text)
+        self.model = LlamaBody(config.text, qkv_bias=True, o_bias=False, rope=False)  # Qwen2; M-RoPE below
         self.rotary = MRope(config.text.head_dim, config.text.rope_theta, config.mrope_section)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.add_head()
         self._rows: tuple = ((), self.num_image_tokens)  # (projector.out stages, image rows they leave)
 
     @property

@@ -10,7 +10,6 @@ inside the vision_encoder program). The rule travels in the bundle's manifest (`
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
