@@ -87,9 +87,9 @@ class VisionLanguageModel(nn.Module):
     - `embed_image(pixels)` -> the tokens entering vision block 0, `select_features(x)` -> the tokens at
       `vision.out` (the feature layer's output, CLS dropped or kept, post-norm where the family has one);
     - `rope(position_ids)` -> a tuple of [B,T,...] tensors its decoder layers take (the position scheme);
-    - `num_vision_blocks` (the blocks the feature layer needs), `image_size` (square input side),
-      `patch_grid` (side of the patch grid), `connector_merge` (the connector's spatial merge: 1 for an MLP,
-      the pixel-shuffle factor otherwise), `vision_has_cls`, `features_have_cls`;
+    - geometry where it differs from config.vision's: `num_vision_blocks` (the blocks the feature layer
+      needs), `image_size` (square input side), `patch_grid`; `connector_merge` (the connector's spatial
+      merge: 1 for an MLP, the pixel-shuffle or pooling factor otherwise), `vision_has_cls`, `features_have_cls`;
     - config: `config.text` with the decoder geometry (num_layers, num_heads, num_kv_heads, head_dim,
       hidden_size, vocab_size, bos_token_id, eos_token_ids, tie_word_embeddings), `config.image_token_id`,
       `config.image_mean` / `config.image_std`, and `config.to_dict()`.
@@ -168,6 +168,21 @@ class VisionLanguageModel(nn.Module):
     @property
     def final_norm(self) -> nn.Module:
         return self._part(self.final_norm_path)
+
+    # geometry: what most families read off config.vision; a family overrides what differs
+    @property
+    def num_vision_blocks(self) -> int:
+        """The vision blocks that run (those the feature layer needs)."""
+        return self.config.vision.num_layers
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square image the vision_encoder takes."""
+        return self.config.vision.image_size
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.config.vision.patch_size
 
     @property
     def num_image_tokens(self) -> int:
@@ -454,6 +469,12 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, 
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def model_prefixed_key(key: str) -> str:
+    """vlmc's parameter name -> transformers 5's for the families that nest everything under `model.`
+    and keep `lm_head` at the top."""
+    return key if key.startswith("lm_head.") else "model." + key
 
 
 def hf_state_dict(model: VisionLanguageModel, to_hf_key) -> dict[str, torch.Tensor]:

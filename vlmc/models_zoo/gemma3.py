@@ -345,18 +345,6 @@ class Gemma3Model(core.VisionLanguageModel):
         self.add_head()
         self._image_rows: Optional[int] = None  # rows the decoder receives per image, after visual-token stages
 
-    @property
-    def num_vision_blocks(self) -> int:
-        return self.config.vision.num_layers
-
-    @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
-    def patch_grid(self) -> int:
-        return self.config.vision.image_size // self.config.vision.patch_size
-
     def embed_image(self, pixel_values):
         return self.vision_tower.embeddings(pixel_values)
 

@@ -133,18 +133,6 @@ class Idefics3Model(core.VisionLanguageModel):
         self.text_model = LlamaBody(config.text)
         self.add_head()
 
-    @property
-    def num_vision_blocks(self) -> int:
-        return self.config.vision.num_layers
-
-    @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
-    def patch_grid(self) -> int:
-        return self.config.vision.image_size // self.config.vision.patch_size
-
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model.embeddings(pixel_values)
 
@@ -164,8 +152,7 @@ def normalize_hf_key(key: str) -> str:
     return re.sub(r"^model\.", "", key)
 
 
-def to_hf_key(key: str) -> str:
-    return key if key.startswith("lm_head.") else "model." + key
+to_hf_key = core.model_prefixed_key
 
 
 def to_hf_config(c: Idefics3Config) -> dict:

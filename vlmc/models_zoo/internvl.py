@@ -339,10 +339,6 @@ class InternVLModel(core.VisionLanguageModel):
         return self.config.num_vision_layers_run
 
     @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
     def patch_grid(self) -> int:
         return self.config.vision.grid
 
@@ -380,9 +376,7 @@ def normalize_hf_key(key: str) -> str:
     return key
 
 
-def to_hf_key(key: str) -> str:
-    """vlmc's name -> transformers' runtime name (`model.` prefix, `lm_head` at the top), which it loads."""
-    return key if key.startswith("lm_head.") else "model." + key
+to_hf_key = core.model_prefixed_key  # transformers' runtime layout, which it loads
 
 
 def to_hf_config(c: InternVLConfig) -> dict:

@@ -146,14 +146,6 @@ class LlavaModel(core.VisionLanguageModel):
     def num_vision_blocks(self) -> int:
         return self.config.num_vision_layers_run
 
-    @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
-    def patch_grid(self) -> int:
-        return self.config.vision.image_size // self.config.vision.patch_size
-
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_tower.pre_layrnorm(self.vision_tower.embeddings(pixel_values))
 
@@ -181,9 +173,7 @@ def normalize_hf_key(key: str) -> str:
     return key
 
 
-def to_hf_key(key: str) -> str:
-    """vlmc's name -> transformers 5.x's (`model.` prefix, `lm_head` at the top)."""
-    return key if key.startswith("lm_head.") else "model." + key
+to_hf_key = core.model_prefixed_key
 
 
 def build(cfg: dict, directory, preprocessor: dict) -> LlavaModel:
