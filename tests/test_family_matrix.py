@@ -1,7 +1,7 @@
 """The full pass x target matrix of every family (slow): each token pass and quantization scheme either
 exports and verifies on onnx, executorch and coreml, or is refused before any export work with the reason.
 
-    python -m pytest -q -m slow tests/test_family_matrix.py
+    python -m pytest -q -m slow tests/test_family_matrix.py              (-k onnx: one target)
 """
 import pytest
 
@@ -33,8 +33,8 @@ def specs(tokens: int) -> list[dict]:
             {"name": "docprune", "keep": keep}, {"name": "apet", "keep": keep}, {"name": "vlmpruner", "keep": keep},
             {"name": "zooprune", "keep": keep, "at": "vision.out"}, {"name": "tome", "r": 2},
             {"name": "visionzip", "dominant": keep, "contextual": 2},
-            {"name": "fastv", "keep": keep}, {"name": "v2drop", "keep": keep}, {"name": "transprune", "keep": keep},
-            {"name": "hawk", "keep": keep}, {"name": "duet", "keep": keep, "dominant": 2 * keep, "contextual": 2},
+            *({"name": m, "keep": keep, "at": "decoder.layer[0]"} for m in ("fastv", "v2drop", "transprune", "hawk")),
+            {"name": "duet", "keep": keep, "dominant": 2 * keep, "contextual": 2, "at": "decoder.layer[0]"},
             {"name": "divprune", "keep": keep, "static": True},
             {"name": "w8a8"}, {"name": "w8"}, {"name": "w4", "group_size": 16},
             {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"}]
@@ -48,19 +48,21 @@ def family(request, tmp_path_factory):
     return request.param, d, extra, tokens
 
 
-@pytest.mark.parametrize("index", range(len(specs(16))))
-def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, index, calibration_jsonl, tmp_path):
+@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
+@pytest.mark.parametrize("index", range(len(specs(16))), ids=lambda i: "-".join(str(v) for v in specs(16)[i].values()))
+def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, index, target, calibration_jsonl, tmp_path):
     name, d, extra, tokens = family
     spec = specs(tokens)[index]
     refused = spec["name"] in VISION_SIDE or (name == "gemma3" and spec["name"] in IN_LLM)
-    recipe = {"model": str(d), "targets": ["onnx", "executorch", "coreml"], "max_context": 64, "passes": [spec],
+    # export conformance, not accuracy: a tiny random model moves further under quantization than a trained one
+    recipe = {"model": str(d), "targets": [target], "max_context": 64, "passes": [spec], "verify": {"quantized_rel_err": 0.5},
               "calibration": {"dataset": str(calibration_jsonl), "n": 8}, **extra}
     if refused:
         with pytest.raises(VlmcError):
             api.compile(recipe, tmp_path / "b")
         assert not (tmp_path / "b").exists()
         return
-    if spec["name"] == "w4":  # Core ML's int4 needs iOS18
+    if spec["name"] == "w4" and target == "coreml":  # Core ML's int4 needs iOS18
         recipe["coreml"] = {"minimum_deployment_target": "iOS18"}
     b = api.compile(recipe, tmp_path / "b")
     failed = [r for r in b.manifest["verification"]["results"] if not r["passed"]]

@@ -128,3 +128,17 @@ def test_bad_gptq_parameters_are_refused(tiny_ckpt, tmp_path, passes, fragment):
     with pytest.raises(VlmcError, match=fragment):
         api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE, "passes": passes}, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_gptq_of_a_tied_head_leaves_the_embedding_table_float(tmp_path, calibration_jsonl):
+    """The head and the token embedding share one table when tied: GPTQ rounds the head's copy only."""
+    from tests.helpers import make_hf_llava
+
+    make_hf_llava(tmp_path / "ckpt", tie=True)
+    b = api.compile({"model": str(tmp_path / "ckpt"), "targets": ["onnx"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "passes": [{"name": "w4", "method": "gptq", "group_size": GROUP}],
+                     "calibration": {"dataset": str(calibration_jsonl), "n": 8}}, tmp_path / "b")
+    rows = {(r["program"], r["check"]): r for r in b.manifest["verification"]["results"]}
+    assert rows[("token_embedding", "prompt embeddings")]["max_abs_err"] == 0.0
+    assert all(r["passed"] for r in rows.values())
+    assert b.manifest["targets"]["onnx"]["programs"]["text_decoder"]["quantization"]["method"] == "gptq"

@@ -1,7 +1,10 @@
 """Verification: every program on its runtime against the same program in eager PyTorch.
 
 The inputs are real ones: a seeded image, a prompt built from the template, the prefill caches the
-eager decoder produced. Each check passes when |runtime - eager| <= atol + rtol * |eager| everywhere;
+eager decoder produced. Each check passes when |runtime - eager| <= atol * scale + rtol * |eager|
+everywhere, `scale` being the eager tensor's peak magnitude where that exceeds 1 (a runtime's own float
+kernels sum in another order, so the absolute error of a large activation grows with its size: a fixed
+atol would fail a real-size ViT whose features reach tens while passing a toy's);
 a quantized program is compared with the float eager program by relative error,
 ||runtime - eager|| / ||eager|| <= verify.quantized_rel_err (how much quantization may move it; its
 accuracy is measured by `vlmc eval`), and logits checks record whether the top token agrees.
@@ -50,8 +53,9 @@ def _row(target, program, check, got, ref, atol, rtol, rel_err=None) -> dict:
     row = {"target": target, "program": program, "check": check, "max_abs_err": float(err.max(initial=0.0)),
            "max_ref": float(np.abs(ref).max(initial=0.0))}
     if rel_err is None:
-        ratio = float((err / (atol + rtol * np.abs(ref))).max()) if err.size else 0.0
-        return {**row, "tolerance_used": round(ratio, 4), "passed": ratio <= 1.0}
+        scale = max(1.0, row["max_ref"])
+        ratio = float((err / (atol * scale + rtol * np.abs(ref))).max()) if err.size else 0.0
+        return {**row, "atol_scale": round(scale, 4), "tolerance_used": round(ratio, 4), "passed": ratio <= 1.0}
     rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
     row.update(quantized=True, rel_err=round(rel, 5), tolerance_used=round(rel / rel_err, 4), passed=rel <= rel_err)
     if "logits" in check:
