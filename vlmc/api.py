@@ -44,14 +44,19 @@ def session(bundle: Bundle, runtime: str, profile_ops: bool = False):
     return EagerSession(prepared.loaded.model, DecoderShape.from_manifest(bundle.manifest))
 
 
-def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16) -> dict:
-    """Image + prompt -> text with greedy decoding on one runtime."""
+def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16,
+        device: Optional[str] = None, devices_file: Optional[str] = None) -> dict:
+    """Image + prompt -> text with greedy decoding on one runtime, here or on a device (vlmc devices)."""
+    from dataclasses import asdict
+
+    from vlmc.devices import resolve
     from vlmc.models_zoo.tokenizer import TextTokenizer
     from vlmc.runtimes import check_runtime
-    from vlmc.runtimes.generate import generate
+    from vlmc.runtimes.generate import generate, record
     from vlmc.runtimes.image import load_image
 
     check_runtime(runtime)
+    target_device = resolve(device, devices_file)
     if max_new_tokens < 1:
         raise VlmcError("--max-new-tokens must be at least 1")
     b = Bundle(bundle)
@@ -63,22 +68,24 @@ def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt:
     if unknown:
         raise VlmcError(f"prompt words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
     ids = tok.prompt(p["template"], prompt, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
-    gen = generate(session(b, runtime), ids, pixels, max_new_tokens, set(p["eos_token_ids"]))
-    return {
-        "runtime": runtime, "prompt": prompt, "text": tok.decode(gen.tokens), "tokens": gen.tokens,
-        "pieces": [tok.piece(t) for t in gen.tokens], "prompt_tokens": gen.prompt_tokens,
-        "timings": {"vision_ms": round(gen.vision_ms, 3), "embed_ms": round(gen.embed_ms, 3),
-                    "prefill_ms": round(gen.prefill_ms, 3), "time_to_first_token_ms": round(gen.time_to_first_token_ms, 3),
-                    "decode_ms_per_token": round(sum(gen.decode_ms) / len(gen.decode_ms), 3) if gen.decode_ms else None},
-    }
+    if target_device.is_local:
+        out = record(generate(session(b, runtime), ids, pixels, max_new_tokens, set(p["eos_token_ids"])))
+    else:
+        out = target_device.generate(b, runtime, asdict(ids), pixels, max_new_tokens)
+    return {"runtime": runtime, "device": target_device.name, "prompt": prompt, "text": tok.decode(out["tokens"]),
+            "pieces": [tok.piece(t) for t in out["tokens"]], **out}
 
 
 def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
-            new_tokens: int = 8, progress: ProgressFn = None) -> dict:
-    """Latency, stages, memory, sizes (and per-op rows) of a bundle on a runtime, in a spawned process."""
-    from vlmc.runtimes.profile import profile as run_profile
+            new_tokens: int = 8, progress: ProgressFn = None, device: Optional[str] = None,
+            devices_file: Optional[str] = None) -> dict:
+    """Latency, stages, memory, sizes (and per-op rows) of a bundle on a runtime: here in a spawned process,
+    or on a device (vlmc devices) in a fresh process of its own."""
+    from vlmc.devices import resolve
+    from vlmc.runtimes.profile import check_profile_args
 
-    return run_profile(str(bundle), runtime, warmup, iterations, ops, new_tokens, progress)
+    check_profile_args(runtime, warmup, iterations, new_tokens)
+    return resolve(device, devices_file).profile(Bundle(bundle), runtime, warmup, iterations, ops, new_tokens, progress or (lambda m: None))
 
 
 def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "shapes-vqa", split: str = "test",

@@ -73,7 +73,7 @@ def models(as_json):
 @cli.command()
 @click.option("--model", "-m", default=None, help="built-in model, Hugging Face checkpoint dir or preset:NAME (default: shapes-llava)")
 @click.option("--image-size", type=int, default=None, help="input resolution, for families that choose it at export (qwen2_5_vl)")
-@click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml")
+@click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml,tvm")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
 @click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
@@ -176,19 +176,44 @@ def inspect(bundle, as_json):
         _console().print(f"[bold]{target}[/bold]: " + "; ".join(f"{k}: {v}" for k, v in notes.items()))
 
 
+def _device_options(f):
+    f = click.option("--devices", "devices_file", default=None,
+                     help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")(f)
+    return click.option("--device", "-d", default=None,
+                        help="local (default), a name from the devices file, or a URL: ssh://user@host[:port], adb://SERIAL, "
+                             "qemu-aarch64, tvm-rpc://tracker:port/key")(f)
+
+
+@cli.command()
+@click.option("--devices", "devices_file", default=None, help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def devices(devices_file, as_json):
+    """The configured devices, each reached and checked: machine, runtimes, or why it cannot be used."""
+    from vlmc.devices import check_all
+
+    rows = check_all(devices_file)
+    if as_json:
+        return _json_out(rows)
+    _console().print(_table("devices", ["name", "url", "status", "machine", "runtimes"], [
+        [r["name"], r["url"], "ok" if r["ok"] else f"[red]{r['error']}[/red]", r.get("machine", ""), ", ".join(r.get("runtimes", []))]
+        for r in rows]))
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runtime", required=True, help="onnxruntime | executorch | coreml (macOS only)")
+@click.option("--runtime", required=True, help="onnxruntime | executorch | tvm | coreml (macOS only)")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--iterations", "-n", default=20, show_default=True)
 @click.option("--new-tokens", default=8, show_default=True, help="tokens generated for the decode-stage measurement")
-@click.option("--ops", is_flag=True, help="add per-op rows (onnxruntime profiler / ExecuTorch ETDump)")
+@click.option("--ops", is_flag=True, help="add per-op rows (onnxruntime profiler / ExecuTorch ETDump / TVM VM instrument)")
+@_device_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def profile(bundle, runtime, warmup, iterations, new_tokens, ops, as_json):
-    """Latency per program and per stage, memory, sizes (and per-op time) on a runtime."""
+def profile(bundle, runtime, warmup, iterations, new_tokens, ops, device, devices_file, as_json):
+    """Latency per program and per stage, memory, sizes (and per-op time) on a runtime, here or on a device."""
     from vlmc import api
 
-    result = api.profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress=None if as_json else _progress(True))
+    result = api.profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress=None if as_json else _progress(True),
+                         device=device, devices_file=devices_file)
     if as_json:
         return _json_out(result)
     console = _console()
@@ -201,10 +226,16 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, as_json):
         ["decode tokens/s", s["decode_tokens_per_s"]]]))
     console.print(_table("programs", ["program", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
                          [[k, v["p50_ms"], v["p90_ms"], v["p99_ms"], v["mean_ms"]] for k, v in result["programs"].items()]))
+    if result.get("remote_programs"):
+        console.print(_table("programs timed on the server (time_evaluator)", ["program", "p50 ms", "min ms", "repeats"],
+                             [[k, v["p50_ms"], v["min_ms"], v["repeats"]] for k, v in result["remote_programs"].items()]))
     mem = result["memory"]
-    console.print(f"memory: peak RSS {mem['peak_rss_mb']} MB (before load {mem['rss_before_load_mb']} MB, after load "
-                  f"{mem['rss_after_load_mb']} MB); artifacts {_mb(result['artifact_bytes_total'])} "
-                  f"({', '.join(f'{k} {_mb(v)}' for k, v in result['artifacts'].items())})")
+    if mem:
+        console.print(f"memory: peak RSS {mem['peak_rss_mb']} MB (before load {mem['rss_before_load_mb']} MB, after load "
+                      f"{mem['rss_after_load_mb']} MB)")
+    console.print(f"artifacts {_mb(result['artifact_bytes_total'])} ({', '.join(f'{k} {_mb(v)}' for k, v in result['artifacts'].items())})")
+    if result.get("note"):
+        console.print(f"note: {result['note']}")
     if ops:
         console.print(_table("ops (top 20 by total time, one generation)", ["program", "op", "calls", "total ms", "mean ms"],
                              [[r["program"], r["op"], r["calls"], r["total_ms"], r["mean_ms"]] for r in result["ops"][:20]]))
@@ -212,16 +243,17 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, as_json):
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runtime", default="onnxruntime", show_default=True, help="eager | onnxruntime | executorch | coreml")
+@click.option("--runtime", default="onnxruntime", show_default=True, help="eager | onnxruntime | executorch | tvm | coreml")
 @click.option("--image", required=True, type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
+@_device_options
 @click.option("--json", "as_json", is_flag=True, help="tokens and stage timings as JSON")
-def run(bundle, runtime, image, prompt, max_new_tokens, as_json):
-    """Answer a prompt about an image with greedy decoding."""
+def run(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as_json):
+    """Answer a prompt about an image with greedy decoding, here or on a device."""
     from vlmc import api
 
-    result = api.run(bundle, runtime, image, prompt, max_new_tokens)
+    result = api.run(bundle, runtime, image, prompt, max_new_tokens, device=device, devices_file=devices_file)
     if as_json:
         return _json_out(result)
     click.echo(result["text"])

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlmc.errors import VlmcError, first_line
 
-TARGETS = ("onnx", "executorch", "coreml")
-FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
+TARGETS = ("onnx", "executorch", "coreml", "tvm")
+FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage", "tvm": ".so"}
 
 
 class Strict(BaseModel):
@@ -34,6 +34,17 @@ class CoremlOptions(Strict):
     minimum_deployment_target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
 
 
+class TvmOptions(Strict):
+    architectures: list[Literal["host", "aarch64"]] = Field(
+        default_factory=lambda: ["host"], min_length=1,
+        description="host: compiled for this machine's CPU (verified here); aarch64: cross-compiled for 64-bit ARM Linux")
+    mcpu: str = Field("native", pattern=r"^[A-Za-z0-9_.+-]+$",
+                      description="LLVM CPU of the host build: native (this machine's), or a name such as x86-64-v3, znver3")
+    aarch64_mcpu: str = Field("cortex-a76", pattern=r"^[A-Za-z0-9_.+-]+$", description="LLVM CPU of the aarch64 build")
+    tune_trials: int = Field(0, ge=0, le=100000, description="MetaSchedule trials for the vision encoder (0: untuned)")
+    tuning_records: Optional[str] = Field(None, description="a folder of MetaSchedule records (a tvm bundle's tvm_tuning/) to reuse")
+
+
 class VerifyOptions(Strict):
     enabled: bool = True
     atol: float = Field(1e-3, gt=0, description="allowed |runtime - eager| beyond rtol * |eager|")
@@ -50,7 +61,7 @@ class CalibrationOptions(Strict):
 class Recipe(Strict):
     name: Optional[str] = Field(None, description="bundle name (default: the output folder's name)")
     model: str = Field("shapes-llava", description="built-in model name or checkpoint directory")
-    targets: list[Literal["onnx", "executorch", "coreml"]] = Field(default_factory=lambda: ["onnx", "executorch"], min_length=1)
+    targets: list[Literal["onnx", "executorch", "coreml", "tvm"]] = Field(default_factory=lambda: ["onnx", "executorch"], min_length=1)
     image_size: Optional[int] = Field(None, ge=14, le=4096, description="input resolution (square) for families whose resolution "
                                                                 "is chosen at export (it sets the image token count)")
     max_context: int = Field(256, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens")
@@ -59,6 +70,7 @@ class Recipe(Strict):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     executorch: ExecutorchOptions = Field(default_factory=ExecutorchOptions)
     coreml: CoremlOptions = Field(default_factory=CoremlOptions)
+    tvm: TvmOptions = Field(default_factory=TvmOptions)
     verify: VerifyOptions = Field(default_factory=VerifyOptions)
     passes: list[dict] = Field(default_factory=list, description="token and quantization passes: {name, at, ...params} (vlmc passes)")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions, description="data for quantization passes that calibrate")

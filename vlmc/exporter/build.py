@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from vlmc import __version__, passes
 from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
-from vlmc.exporter import coreml_target, executorch_target, onnx_target
+from vlmc.exporter import coreml_target, executorch_target, onnx_target, tvm_target
 from vlmc.exporter.context import ExportContext
 from vlmc.exporter.verify import SAMPLE_QUESTION, Verifier
 from vlmc.models_zoo import LoadedModel, load
@@ -20,7 +20,8 @@ from vlmc.passes.quant import QuantPlan, coreml_quant
 from vlmc.passes.quant.calibration import CalibrationSource, check_source
 from vlmc.recipe import Recipe
 
-LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower}
+LOWERINGS = {"onnx": onnx_target.lower, "executorch": executorch_target.lower, "coreml": coreml_target.lower,
+             "tvm": tvm_target.lower}
 
 
 @dataclass
@@ -60,6 +61,9 @@ def _check_quantization(prepared: Prepared) -> None:
     if "coreml" in recipe.targets:
         for scheme in prepared.quant.schemes.values():
             coreml_quant.check(scheme, recipe.coreml.minimum_deployment_target)
+    if "tvm" in recipe.targets and prepared.quant:
+        raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
+                        "is exported to onnx, executorch and coreml")
     if prepared.quant.needs_calibration:
         check_source(recipe.calibration)
 
@@ -78,6 +82,14 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
             from vlmc.runtimes.executorch_runner import ExecuTorchSession
 
             rows += verifier.executorch(ExecuTorchSession(ctx.out_dir / executorch_target.PTE, ctx.decoder_shape))
+        elif target == "tvm":
+            from vlmc.runtimes.tvm_runner import TvmSession, host_architecture
+
+            libraries = {p: e["libraries"] for p, e in entry["programs"].items()}
+            if all(host_architecture() in libs for libs in libraries.values()):
+                files = {p: ctx.out_dir / libs[host_architecture()] for p, libs in libraries.items()}
+                rows += verifier.static_cache("tvm", TvmSession(files, ctx.decoder_shape), verifier.sample.image)
+            rows += verifier.tvm_cross_builds(entry)
         elif target == "coreml":
             rows += verifier.coreml_structure(entry)
             if platform.system() == "Darwin":
@@ -115,6 +127,8 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     started = time.time()
     prepared = prepare(recipe)
     _check_quantization(prepared)
+    if "tvm" in prepared.recipe.targets:
+        tvm_target.check(prepared.recipe)
     loaded, recipe, cfg = prepared.loaded, prepared.recipe, prepared.loaded.config
     with BundleWriter(out, force) as writer:
         for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -109,7 +109,7 @@ class ExportContext:
 
         m, r = self.target_model(target), self.recipe
         seq = Dim("seq_len", min=1, max=r.max_prompt)
-        pos = torch.arange(r.max_prompt)
+        pos = torch.arange(r.max_prompt)  # position_ids gets a copy: an input that is a view of another adds a guard on its base
         caches = [torch.zeros(cache_shape(m, r.max_context, i)) for i in range(self.num_layers) for _ in "kv"]
         in_names, out_names = static_decoder_io(self.num_layers)
         vision = VisionEncoderProgram(m, image_layout)
@@ -125,7 +125,7 @@ class ExportContext:
             ProgramJob("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
                        ["input_ids"], ["inputs_embeds"]),
             ProgramJob("text_decoder", StaticCacheDecoder(m, r.max_context),
-                       (torch.zeros(1, r.max_prompt, m.config.text.hidden_size), pos[None], pos,
+                       (torch.zeros(1, r.max_prompt, m.config.text.hidden_size), pos[None].clone(), pos,
                         torch.tensor([r.max_prompt - 1]), caches),
                        ({1: seq}, {1: seq}, {0: seq}, None, [None] * len(caches)), in_names, out_names),
         ]

@@ -24,6 +24,8 @@ from vlmc.runtimes.base import Session
 from vlmc.runtimes.eager_runner import EagerSession
 
 SAMPLE_QUESTION = "what color is the circle?"
+ELF_SHARED_OBJECT = 3  # e_type ET_DYN
+ELF_MACHINES = {"aarch64": 183, "x86_64": 62}  # e_machine
 
 
 @dataclass
@@ -131,6 +133,23 @@ class Verifier:
             with torch.no_grad():
                 ref = run(*(torch.from_numpy(a) for a in inputs)).numpy()
             rows.append(self._check("executorch", program, check, session.call(program, inputs)[0], ref))
+        return rows
+
+    def tvm_cross_builds(self, target_entry: dict) -> list[dict]:
+        """Libraries for another architecture cannot run here: check each is a shared object of that machine."""
+        from vlmc.runtimes.tvm_runner import host_architecture
+
+        rows = []
+        for program, entry in target_entry["programs"].items():
+            for arch, name in entry["libraries"].items():
+                if arch == host_architecture():
+                    continue
+                header = (self.ctx.out_dir / name).read_bytes()[:20]
+                machine = int.from_bytes(header[18:20], "little")
+                ok = header[:4] == b"\x7fELF" and header[16] == ELF_SHARED_OBJECT and machine == ELF_MACHINES.get(arch)
+                rows.append({"target": "tvm", "program": program, "check": f"{arch} build (ELF shared object)",
+                             "max_abs_err": None, "passed": ok,
+                             "detail": f"numerics need an {arch} device (vlmc profile --device); this is {host_architecture()}"})
         return rows
 
     def coreml_structure(self, target_entry: dict) -> list[dict]:

@@ -9,7 +9,7 @@ from vlmc.errors import VlmcError
 from vlmc.runtimes.base import DecoderShape, Session
 
 # runtime -> the bundle target whose artifacts it runs (eager runs the PyTorch model itself)
-RUNTIME_TARGETS = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": "coreml", "eager": None}
+RUNTIME_TARGETS = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": "coreml", "tvm": "tvm", "eager": None}
 
 
 def check_runtime(runtime: str) -> None:
@@ -38,6 +38,10 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False) -> Ses
                 bundle.file(f)
             files[p] = bundle.file(e["file"])
         return OnnxSession(files, shape, profile_ops=profile_ops)
+    if runtime == "tvm":
+        from vlmc.runtimes.tvm_runner import open_tvm
+
+        return open_tvm(bundle, shape, profile_ops=profile_ops)
     if runtime == "executorch":
         from vlmc.runtimes.executorch_runner import ExecuTorchSession
 

@@ -44,3 +44,24 @@ def generate(session: Session, prompt: PromptIds, image_u8: np.ndarray, max_new_
         gen.decode_ms.append(_ms(t0))
         pos += 1
     return gen
+
+
+def record(gen: Generation, with_logits: bool = False) -> dict:
+    """A generation's tokens and stage timings, as `vlmc run` reports them (and the first token's logits)."""
+    logits = {"first_logits": gen.first_logits.astype(float).tolist()} if with_logits else {}
+    return {**logits, "tokens": gen.tokens, "prompt_tokens": gen.prompt_tokens,
+            "timings": {"vision_ms": round(gen.vision_ms, 3), "embed_ms": round(gen.embed_ms, 3),
+                        "prefill_ms": round(gen.prefill_ms, 3), "time_to_first_token_ms": round(gen.time_to_first_token_ms, 3),
+                        "decode_ms_per_token": round(sum(gen.decode_ms) / len(gen.decode_ms), 3) if gen.decode_ms else None}}
+
+
+def generate_on(bundle_path: str, runtime: str, prompt: dict, image_u8: np.ndarray, max_new_tokens: int,
+                with_logits: bool = False) -> dict:
+    """Open the bundle on an artifact runtime and generate: what a device runs for `vlmc run --device`."""
+    from vlmc.bundle import Bundle
+    from vlmc.runtimes import open_session
+
+    bundle = Bundle(bundle_path)
+    gen = generate(open_session(bundle, runtime), PromptIds(**prompt), image_u8, max_new_tokens,
+                   set(bundle.manifest["prompt"]["eos_token_ids"]))
+    return record(gen, with_logits)

@@ -57,15 +57,8 @@ def sample_inputs(bundle: Bundle):
     return image, prompt
 
 
-def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int, progress) -> dict:
-    """Profile in this process (call `profile` to get a clean spawned one)."""
-    rss_start = _rss_mb()
-    bundle = Bundle(bundle_path)
-    bundle.file("tokenizer.json")
-    t0 = time.perf_counter()
-    session = open_session(bundle, runtime)
-    load_ms = (time.perf_counter() - t0) * 1000.0
-    rss_loaded = _rss_mb()
+def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iterations: int, new_tokens: int, progress) -> dict:
+    """Programs, stages and artifact sizes of an open session: the part of a profile every device shares."""
     image, prompt = sample_inputs(bundle)
     image_embeds = session.vision(image)
     parts = ([session.embed(prompt.before)] if prompt.before else []) + [image_embeds] + ([session.embed(prompt.after)] if prompt.after else [])
@@ -97,17 +90,28 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     target = RUNTIME_TARGETS[runtime]
     names = sorted({f for e in bundle.programs(target).values() for f in e.get("files", [e["file"]])}) if target else []
     artifacts = {n: bundle.manifest["files"][n]["bytes"] for n in names}
-    result = {
-        "bundle": bundle.name, "runtime": runtime, "device": "local",
-        "host": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
-        "warmup": warmup, "iterations": iterations, "load_ms": round(load_ms, 2),
-        "programs": programs, "stages": stages,
-        "memory": {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
-                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
-        "artifacts": artifacts, "artifact_bytes_total": sum(artifacts.values()),
-    }
+    return {"bundle": bundle.name, "runtime": runtime, "device": "local",
+            "host": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
+            "warmup": warmup, "iterations": iterations, "programs": programs, "stages": stages,
+            "artifacts": artifacts, "artifact_bytes_total": sum(artifacts.values())}
+
+
+def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int, progress) -> dict:
+    """Profile in this process (call `profile` to get a clean spawned one)."""
+    rss_start = _rss_mb()
+    bundle = Bundle(bundle_path)
+    bundle.file("tokenizer.json")
+    t0 = time.perf_counter()
+    session = open_session(bundle, runtime)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    rss_loaded = _rss_mb()
+    result = profile_session(bundle, session, runtime, warmup, iterations, new_tokens, progress)
+    result["load_ms"] = round(load_ms, 2)
+    result["memory"] = {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
+                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if ops:
         progress(f"{runtime}: per-op profile of one generation")
+        image, prompt = sample_inputs(bundle)
         op_session = open_session(bundle, runtime, profile_ops=True)
         generate(op_session, prompt, image, new_tokens, eos_ids=())
         result["ops"] = op_session.op_rows()
@@ -126,18 +130,24 @@ def _child(args, q) -> None:
         q.put(("error", f"profiling failed: {e.__class__.__name__}: {e}\n{traceback.format_exc() if os.environ.get('VLMC_DEBUG') else ''}".strip()))
 
 
+def check_profile_args(runtime: str, warmup: int, iterations: int, new_tokens: int) -> None:
+    check_runtime(runtime)
+    if runtime == "eager":
+        raise VlmcError("profile runs exported artifacts: choose --runtime onnxruntime, executorch, tvm or coreml")
+    if warmup < 0 or iterations < 1:
+        raise VlmcError("--warmup must be >= 0 and --iterations >= 1")
+    if new_tokens < 1:
+        raise VlmcError("--new-tokens must be at least 1")
+
+
 def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
             new_tokens: int = 8, progress=None) -> dict:
     """Profile a bundle on a runtime in a spawned process; returns the profile schema as a dict."""
-    check_runtime(runtime)
-    if runtime == "eager":
-        raise VlmcError("profile runs exported artifacts: choose --runtime onnxruntime, executorch or coreml")
+    check_profile_args(runtime, warmup, iterations, new_tokens)
     if runtime == "coreml":
         from vlmc.runtimes.coreml_runner import require_macos
 
         require_macos()
-    if warmup < 0 or iterations < 1:
-        raise VlmcError("--warmup must be >= 0 and --iterations >= 1")
     Bundle(bundle_path).programs(RUNTIME_TARGETS[runtime])  # fail fast, in this process
     progress = progress or (lambda m: None)
     ctx = multiprocessing.get_context("spawn")

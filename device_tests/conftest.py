@@ -1,0 +1,94 @@
+"""The device suite: every program of a bundle runs on each (runtime, device), matches eager, and profiles.
+
+Devices come from $VLMC_DEVICE_TESTS (comma-separated; default `local,ssh-loopback,tvm-rpc-loopback`):
+each entry is `local`, a name from the devices file ($VLMC_DEVICES), a device URL, or one of the
+loopback devices this suite starts itself: `ssh-loopback` (a real sshd on 127.0.0.1 with throwaway
+keys) and `tvm-rpc-loopback` (TVM's RPC tracker and a server). Point it at a board:
+
+    VLMC_DEVICES=~/devices.yaml VLMC_DEVICE_TESTS=pi5,phone python -m pytest device_tests
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from device_tests.loopback import SSHD, Sshd, TvmRpc
+
+LOOPBACK = ("ssh-loopback", "tvm-rpc-loopback")
+RUNTIMES = {"local": ("onnxruntime", "executorch", "tvm"), "ssh": ("onnxruntime", "executorch", "tvm"),
+            "adb": ("onnxruntime", "executorch"), "qemu-aarch64": ("onnxruntime",), "tvm-rpc": ("tvm",)}
+
+
+def device_names() -> list[str]:
+    return [d.strip() for d in os.environ.get("VLMC_DEVICE_TESTS", "local,ssh-loopback,tvm-rpc-loopback").split(",") if d.strip()]
+
+
+def kind_of(name: str) -> str:
+    if name in LOOPBACK:
+        return name.removesuffix("-loopback")
+    from vlmc.devices import load_config, resolve
+
+    return (load_config().get(name) or resolve(name).config).kind
+
+
+def pytest_generate_tests(metafunc):
+    if "device_runtime" in metafunc.fixturenames:
+        pairs = [(d, r) for d in device_names() for r in RUNTIMES[kind_of(d)]]
+        metafunc.parametrize("device_runtime", pairs, ids=[f"{d}-{r}" for d, r in pairs])
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    if not os.path.exists(SSHD) or shutil.which("ssh") is None:
+        pytest.fail(f"the ssh device tests need OpenSSH's server and client ({SSHD}, ssh): apt-get install openssh-server")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tvm_rpc(tmp_path_factory):
+    server = TvmRpc(tmp_path_factory.mktemp("tvm_rpc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def devices_file(tmp_path_factory, request):
+    """A devices file naming the loopback devices this session uses (started on first use)."""
+    import yaml
+
+    entries = {}
+    names = device_names()
+    if "ssh-loopback" in names:
+        server = request.getfixturevalue("sshd")
+        entries["ssh-loopback"] = {"url": server.url(), **server.settings(timeout_s=600)}
+    if "tvm-rpc-loopback" in names:
+        entries["tvm-rpc-loopback"] = {"url": request.getfixturevalue("tvm_rpc").url()}
+    user_file = os.environ.get("VLMC_DEVICES")
+    if user_file:
+        entries.update(yaml.safe_load(open(os.path.expanduser(user_file)))["devices"])
+    path = tmp_path_factory.mktemp("devices") / "devices.yaml"
+    path.write_text(yaml.safe_dump({"devices": entries}))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """The built-in model on onnx, executorch and tvm (host and aarch64 libraries)."""
+    from vlmc import api
+
+    return api.compile({"targets": ["onnx", "executorch", "tvm"], "tvm": {"architectures": ["host", "aarch64"]}},
+                       tmp_path_factory.mktemp("device_bundle") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def sample_image(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(path)
+    return path

@@ -1,0 +1,66 @@
+"""Every program of a bundle on each (device, runtime): the same logits and tokens as eager, and a profile."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from vlmc import api
+from vlmc.devices import resolve
+
+QUESTION = "what color is the circle?"
+
+
+@pytest.fixture(scope="session")
+def eager_reference(bundle, sample_image):
+    """The eager model's first-token logits and greedy tokens on the sample question."""
+    from vlmc.devices import LocalDevice, DeviceConfig  # noqa: F401
+    from vlmc.models_zoo.tokenizer import TextTokenizer
+    from vlmc.runtimes.base import DecoderShape
+    from vlmc.runtimes.eager_runner import EagerSession
+    from vlmc.runtimes.generate import generate, record
+    from vlmc.runtimes.image import load_image
+    from vlmc.models_zoo import load
+
+    p = bundle.manifest["prompt"]
+    ids = TextTokenizer(bundle.path).prompt(p["template"], QUESTION, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
+    pixels = load_image(sample_image, p["image_size"], p.get("image_resize"))
+    session = EagerSession(load(bundle.manifest["model"]["source"]).model, DecoderShape.from_manifest(bundle.manifest))
+    return ids, pixels, record(generate(session, ids, pixels, 6, set(p["eos_token_ids"])), with_logits=True)
+
+
+def test_programs_match_eager(device_runtime, bundle, devices_file, eager_reference):
+    device_name, runtime = device_runtime
+    ids, pixels, ref = eager_reference
+    device = resolve(device_name, devices_file)
+    out = device.generate(bundle, runtime, asdict(ids), pixels, 6, with_logits=True)
+    got, want = np.asarray(out["first_logits"]), np.asarray(ref["first_logits"])
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), f"{device_name}/{runtime} first-token logits differ from eager"
+    assert out["tokens"] == ref["tokens"]
+    assert out["timings"]["vision_ms"] > 0 and out["timings"]["prefill_ms"] > 0
+
+
+def test_profile_schema(device_runtime, bundle, devices_file):
+    device_name, runtime = device_runtime
+    result = api.profile(bundle.path, runtime, warmup=1, iterations=3, new_tokens=3, device=device_name, devices_file=devices_file)
+    assert result["device"] == device_name and result["runtime"] == runtime
+    assert set(result["programs"]) == {"vision_encoder", "token_embedding", "text_decoder.prefill", "text_decoder.decode"}
+    stages = result["stages"]
+    assert stages["vision_encode_ms"] > 0 and stages["prefill_ms"] > 0 and stages["decode_tokens_per_s"] > 0
+    assert stages["generation"]["new_tokens"] == 3
+    assert result["artifact_bytes_total"] > 0
+    if device_name == "tvm-rpc-loopback":
+        assert set(result["remote_programs"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+        assert "over RPC" in result["note"]
+    else:
+        assert result["memory"]["peak_rss_mb"] > 0
+
+
+def test_devices_listing(devices_file):
+    from vlmc.devices import check_all
+
+    rows = {r["name"]: r for r in check_all(devices_file)}
+    assert rows["local"]["ok"] and "onnxruntime" in rows["local"]["runtimes"]
+    for name in rows:
+        assert rows[name]["ok"], rows[name].get("error")

@@ -1,0 +1,130 @@
+"""The client side of vlmc.remote's protocol, over any command that starts it on a device (ssh, adb, qemu).
+
+The command is an argument list, never a shell string. The bundle travels as a tar on the command's
+stdin and is hash-checked on arrival; the client keeps stdin open while it waits, so killing the command
+on a timeout (or losing the connection) ends the remote side too, which removes its copy.
+"""
+from __future__ import annotations
+
+import io
+import json
+import queue
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from vlmc.bundle import Bundle
+from vlmc.errors import VlmcError
+
+
+def bundle_tar(bundle: Bundle, pixels: Optional[np.ndarray] = None) -> bytes:
+    """The bundle's manifest and the files it lists (hash-checked here first), plus a run's input image."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(bundle.path / "manifest.json", arcname="bundle/manifest.json")
+        for name in bundle.manifest["files"]:
+            tar.add(bundle.file(name), arcname=f"bundle/{name}", recursive=True)
+        if pixels is not None:
+            data = io.BytesIO()
+            np.save(data, pixels, allow_pickle=False)
+            info = tarfile.TarInfo("inputs/pixels.npy")
+            info.size = data.tell()
+            data.seek(0)
+            tar.addfile(info, data)
+    return buf.getvalue()
+
+
+def _reader(stream, q: queue.Queue) -> None:
+    for line in iter(stream.readline, b""):
+        q.put(line)
+    q.put(None)
+
+
+def call(argv: list[str], op: str, args: dict, payload: bytes, timeout_s: float, progress: Callable[[str], None],
+         describe_failure: Callable[[int, str], str]) -> dict:
+    """Run `op` through the command `argv`; the result, or a VlmcError within `timeout_s`.
+
+    `describe_failure(returncode, stderr)` turns a failed command (no answer) into the one-line error."""
+    header = {"op": op, "args": args, "bytes": len(payload), "timeout_s": timeout_s}
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise VlmcError(f"{argv[0]} is not installed here") from None
+    lines: queue.Queue = queue.Queue()
+    errors: list[bytes] = []
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+
+    def send():
+        try:
+            proc.stdin.write(json.dumps(header).encode() + b"\n")
+            proc.stdin.write(payload)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the command ended: its exit status and stderr say why
+
+    threading.Thread(target=send, daemon=True).start()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.05, deadline - time.monotonic()))
+            except queue.Empty:
+                raise VlmcError(f"the device did not answer within {timeout_s:g} s (stopped it; raise timeout_s for longer runs)") from None
+            if line is None:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                stderr = b"".join(errors).decode(errors="replace")
+                raise VlmcError(describe_failure(proc.returncode, stderr))
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a runtime's own chatter on stdout
+            if "progress" in message:
+                progress(message["progress"])
+            elif "error" in message:
+                raise VlmcError(message["error"])
+            elif "result" in message:
+                return message["result"]
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Close stdin (the remote side's signal to end) and make sure the command is gone."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def remote_profile(argv, bundle: Bundle, runtime, warmup, iterations, ops, new_tokens, timeout_s, progress, describe_failure,
+                   device_name: str) -> dict:
+    args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens}
+    progress(f"{device_name}: copying the bundle ({sum(e['bytes'] for e in bundle.manifest['files'].values()) / 2**20:.1f} MB)")
+    result = call(argv, "profile", args, bundle_tar(bundle), timeout_s, progress, describe_failure)
+    result["device"] = device_name
+    return result
+
+
+def remote_generate(argv, bundle: Bundle, runtime, prompt: dict, pixels, max_new_tokens, timeout_s, describe_failure,
+                    with_logits: bool = False) -> dict:
+    args = {"runtime": runtime, "prompt_ids": prompt, "max_new_tokens": max_new_tokens, "with_logits": with_logits}
+    return call(argv, "run", args, bundle_tar(bundle, pixels), timeout_s, lambda m: None, describe_failure)
+
+
+def remote_probe(argv, timeout_s, describe_failure) -> dict:
+    return call(argv, "probe", {}, b"", timeout_s, lambda m: None, describe_failure)
+
+
+def expand(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).expanduser()) if path else None

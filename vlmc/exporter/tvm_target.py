@@ -1,0 +1,186 @@
+"""TVM target: each program imported into Relax from torch.export and compiled to one shared library
+per architecture.
+
+The programs are the explicit-cache ones ONNX exports (the KV cache as inputs/outputs, the text length
+bounded-dynamic 1..max_prompt): Relax keeps the symbolic length, so one library serves prefill and
+decode, and the token passes are in the graph as they are in every other target. The host build is
+verified here like every target; an aarch64 build is cross-compiled with Debian's
+aarch64-linux-gnu-gcc and runs on an ARM device (`vlmc profile --device`). MetaSchedule tunes the vision
+encoder (static shapes) when the recipe gives trials; its records are saved in the bundle and reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmc.errors import VlmcError, first_line
+from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.runtimes.tvm_runner import host_architecture
+
+TUNING_DIR = "tvm_tuning"
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+TUNING_RECORDS = ("database_workload.json", "database_tuning_record.json")
+
+
+def library_name(program: str, arch: str) -> str:
+    return f"{program}.{arch}.so"
+
+
+def compile_target(arch: str, options) -> dict:
+    """The LLVM target of one architecture as TVM's JSON form: the host's own CPU, or a cross triple."""
+    from tvm.target import codegen
+
+    if arch == host_architecture():
+        mcpu = codegen.llvm_get_system_cpu() if options.mcpu == "native" else options.mcpu
+        return {"kind": "llvm", "mcpu": mcpu}
+    if arch == "aarch64":
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": options.aarch64_mcpu, "mattr": ["+neon"]}
+    raise VlmcError(f"recipe field 'tvm.architectures': no cross build for {arch} from {host_architecture()}")
+
+
+def architectures(options) -> list[str]:
+    """The recipe's architectures, `host` resolved to this machine's, each once."""
+    resolved = [host_architecture() if a == "host" else a for a in options.architectures]
+    return list(dict.fromkeys(resolved))
+
+
+def check(recipe) -> None:
+    """What the TVM target needs, refused before any export work: the package, the cross compiler, records."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise VlmcError("target tvm needs Apache TVM: pip install 'vlmc[tvm]'") from None
+    for arch in architectures(recipe.tvm):
+        if arch != host_architecture():
+            cc = CROSS_CC.get(arch)
+            if cc is None:
+                raise VlmcError(f"recipe field 'tvm.architectures': no cross build for {arch} from {host_architecture()}")
+            if shutil.which(cc) is None:
+                raise VlmcError(f"target tvm for {arch} needs the cross compiler {cc}: apt-get install gcc-aarch64-linux-gnu")
+    records = recipe.tvm.tuning_records
+    if records is not None and not all((Path(records) / f).is_file() for f in TUNING_RECORDS):
+        raise VlmcError(f"recipe field 'tvm.tuning_records': {records} holds no MetaSchedule records ({', '.join(TUNING_RECORDS)})")
+
+
+def _import(job) -> "tvm.IRModule":
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(job.module.eval(), job.args, dynamic_shapes=job.dynamic_shapes)
+        return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False)
+    except Exception as e:  # the importer raises many types; the first line names the unsupported op
+        raise VlmcError(f"TVM import of {job.name} failed: {first_line(e)}") from None
+
+
+def _in_process_builder():
+    """MetaSchedule's LocalBuilder starts fresh worker processes per batch, and each spends ~50 s importing
+    TVM's tensor intrinsics before its first build (past the builder's 30 s timeout here): build in this
+    process instead, where they are imported once."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder, local_builder
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    built = local_builder.default_build(item.mod, item.target, None)
+                    results.append(BuilderResult(local_builder.default_export(built), None))
+                except Exception as e:  # a candidate schedule that does not build is a failed trial, not an error
+                    results.append(BuilderResult(None, first_line(e)))
+            return results
+
+    return InProcessBuilder()
+
+
+def _tune(ctx: ExportContext, mod, target: dict):
+    """MetaSchedule over the module's tasks, records in the bundle's tvm_tuning/; then apply the best."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    options = ctx.recipe.tvm
+    work_dir = ctx.out_dir / TUNING_DIR
+    work_dir.mkdir(exist_ok=True)
+    if options.tuning_records:
+        for name in TUNING_RECORDS:
+            shutil.copy(Path(options.tuning_records) / name, work_dir / name)
+    target = tvm.target.Target({**target, "num-cores": os.cpu_count() or 1})
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                                        relax.pipeline.zero_pipeline()])(mod)
+    if options.tune_trials:
+        ctx.progress(f"tvm: MetaSchedule, {options.tune_trials} trials on the vision encoder"
+                     + (f" (adding to {options.tuning_records})" if options.tuning_records else ""))
+        with contextlib.redirect_stdout(io.StringIO()):
+            ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=options.tune_trials,
+                                            num_trials_per_iter=16, builder=_in_process_builder(),
+                                            runner=ms.runner.LocalRunner(timeout_sec=60), seed=0)
+    shutil.rmtree(work_dir / "logs", ignore_errors=True)  # MetaSchedule's own logs: not part of the bundle
+    with target:
+        return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+
+
+def _io(mod, job) -> dict:
+    """Input/output names, shapes (symbolic dims by name) and dtypes as the Relax function states them."""
+    from tvm import tirx
+
+    dims = {d.__name__ for spec in job.dynamic_shapes or () for axes in (spec if isinstance(spec, list) else [spec])
+            if isinstance(axes, dict) for d in axes.values()}
+    symbol = dims.pop() if len(dims) == 1 else None  # torch's own symbol names (s29) say less than the Dim's
+
+    def entry(name, ty):
+        return io_entry(name, [int(d) if isinstance(d, tirx.IntImm) else symbol or str(d) for d in ty.shape.values], str(ty.dtype))
+
+    def flat(ty):  # a returned list of caches is a nested tuple
+        return [leaf for field in ty.fields for leaf in flat(field)] if hasattr(ty, "fields") else [ty]
+
+    main = mod["main"]
+    return {"inputs": [entry(n, p.ty) for n, p in zip(job.input_names, main.params)],
+            "outputs": [entry(n, ty) for n, ty in zip(job.output_names, flat(main.ret_ty))]}
+
+
+def lower(ctx: ExportContext) -> dict:
+    import tvm
+    from tvm.support import cc
+
+    options = ctx.recipe.tvm
+    archs = architectures(options)
+    targets = {arch: compile_target(arch, options) for arch in archs}
+    tuned = options.tune_trials > 0 or options.tuning_records is not None
+    programs = {}
+    for job in ctx.explicit_cache_programs("tvm", "chw_uint8"):
+        ctx.progress(f"tvm: importing {job.name} (torch.export -> Relax)")
+        mod = _import(job)
+        io_spec = _io(mod, job)
+        libraries = {}
+        for arch, target in targets.items():
+            program_mod = mod
+            if job.name == "vision_encoder" and tuned and arch == host_architecture():
+                program_mod = _tune(ctx, mod, target)
+            ctx.progress(f"tvm: compiling {job.name} for {arch} ({target.get('mcpu')})")
+            path = ctx.out_dir / library_name(job.name, arch)
+            try:
+                executable = tvm.compile(program_mod, target=tvm.target.Target(target))
+                fcompile = cc.cross_compiler(CROSS_CC[arch]) if arch in CROSS_CC and arch != host_architecture() else None
+                executable.export_library(str(path), fcompile=fcompile)
+            except Exception as e:  # TVM's FFI raises its own error types
+                raise VlmcError(f"TVM build of {job.name} for {arch} failed: {first_line(e)}") from None
+            libraries[arch] = path.name
+        programs[job.name] = {"file": libraries.get(host_architecture(), next(iter(libraries.values()))),
+                              "files": list(libraries.values()), "libraries": libraries, **io_spec}
+    entry = {"programs": programs, "runtime": "tvm", "tvm_version": tvm.__version__,
+             "architectures": {arch: {"target": json.dumps(t)} for arch, t in targets.items()},
+             "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
+             "prefill": f"at the prompt's length (1..max_prompt={ctx.recipe.max_prompt}); logits_index picks the last token",
+             "tuning": {"vision_encoder": {"trials": options.tune_trials, "records": TUNING_DIR, "reused": options.tuning_records}}
+             if tuned else None}
+    return entry

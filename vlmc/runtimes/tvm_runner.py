@@ -1,0 +1,109 @@
+"""TVM: each program's compiled library on Relax's virtual machine, here or on a TVM RPC server.
+
+A session runs the library built for the machine it runs on: this machine's architecture locally, the
+remote's over RPC (the library is uploaded to the server and loaded there).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vlmc.errors import VlmcError, first_line
+from vlmc.runtimes.base import DecoderShape, StaticCacheSession
+
+
+def host_architecture() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def pick_library(entry: dict, arch: str) -> str:
+    """The program's library for `arch`, or a clear error naming what the bundle has."""
+    libraries = entry.get("libraries", {})
+    if arch not in libraries:
+        raise VlmcError(f"this bundle's TVM libraries are built for {', '.join(libraries) or 'nothing'}, not {arch} "
+                        f"(recipe field 'tvm.architectures')")
+    return libraries[arch]
+
+
+class TvmSession(StaticCacheSession):
+    runtime = "tvm"
+
+    def __init__(self, files: dict[str, Path], shape: DecoderShape, remote=None, profile_ops: bool = False):
+        """`files`: program -> library path; `remote`: a TVM RPC session to upload them to and run them on."""
+        super().__init__(shape)
+        import tvm
+        from tvm import relax
+
+        self._tvm, self.remote, self.profile_ops = tvm, remote, profile_ops
+        self.device = remote.cpu() if remote is not None else tvm.cpu()
+        self.vms = {}
+        for program, path in files.items():
+            try:
+                if remote is not None:
+                    remote.upload(str(path))
+                    lib = remote.load_module(Path(path).name)
+                else:
+                    lib = tvm.runtime.load_module(str(path))
+                self.vms[program] = relax.VirtualMachine(lib, self.device)
+            except Exception as e:  # TVM's FFI raises its own error types
+                raise VlmcError(f"TVM cannot load {Path(path).name}: {first_line(e)}") from None
+            if profile_ops:
+                if remote is not None:
+                    raise VlmcError("per-op profiles of TVM run locally only (the VM's instrument hook is a local function)")
+                self.vms[program].set_instrument(self._instrument(program))
+        self._op_times: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
+        self._last_args: dict[str, list] = {}  # what each program last ran on, for time_programs
+
+    def _instrument(self, program: str):
+        """Times every kernel call of the VM (fused Relax ops lowered to one TIR function each)."""
+        started = {}
+
+        def instrument(func, symbol, before_run, ret_value, *args):
+            if before_run:
+                started[symbol] = time.perf_counter()
+            else:
+                totals = self._op_times[(program, symbol)]
+                totals[0] += 1
+                totals[1] += (time.perf_counter() - started.pop(symbol)) * 1000.0
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
+
+        return instrument
+
+    def call(self, program, inputs):
+        vm = self.vms[program]
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device) for a in inputs]
+        self._last_args[program] = args
+        out = vm["main"](*args)
+        flat = []
+        for o in (out if not hasattr(out, "numpy") else [out]):
+            flat += [t.numpy() for t in o] if not hasattr(o, "numpy") else [o.numpy()]
+        return flat
+
+    def time_programs(self, repeat: int) -> dict:
+        """Each program timed where it runs (on the RPC server: no transfers) by TVM's time_evaluator,
+        on the inputs it last ran with."""
+        out = {}
+        for program, args in self._last_args.items():
+            timer = self.vms[program].time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=0)
+            ms = np.asarray(timer(*args).results) * 1000.0
+            out[program] = {"p50_ms": round(float(np.percentile(ms, 50)), 4), "mean_ms": round(float(ms.mean()), 4),
+                            "min_ms": round(float(ms.min()), 4), "repeats": len(ms)}
+        return out
+
+    def op_rows(self) -> list[dict]:
+        """Per-kernel time recorded by the instrument hook, summed per (program, kernel)."""
+        return [{"program": p, "op": op, "calls": n, "total_ms": round(ms, 4), "mean_ms": round(ms / n, 5)}
+                for (p, op), (n, ms) in sorted(self._op_times.items(), key=lambda kv: -kv[1][1])]
+
+
+def open_tvm(bundle, shape: DecoderShape, remote=None, arch: Optional[str] = None, profile_ops: bool = False) -> TvmSession:
+    """A session over the bundle's libraries for `arch` (default: this machine's), hash-checked first."""
+    arch = arch or host_architecture()
+    files = {p: bundle.file(pick_library(e, arch)) for p, e in bundle.programs("tvm").items()}
+    return TvmSession(files, shape, remote=remote, profile_ops=profile_ops)
