@@ -79,11 +79,21 @@ class TvmSession(StaticCacheSession):
         vm = self.vms[program]
         args = [self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device) for a in inputs]
         self._last_args[program] = args
-        out = vm["main"](*args)
-        flat = []
-        for o in (out if not hasattr(out, "numpy") else [out]):
-            flat += [t.numpy() for t in o] if not hasattr(o, "numpy") else [o.numpy()]
-        return flat
+        # set_input / invoke_stateful / get_outputs: the one calling form whose tuples also come back over RPC
+        vm.set_input("main", *args)
+        vm.invoke_stateful("main")
+
+        def flat(value):
+            return [value.numpy()] if hasattr(value, "numpy") else [a for v in value for a in flat(v)]
+
+        return flat(vm.get_outputs("main"))
+
+    def close(self) -> None:
+        """Drop every handle on the libraries and the device: over RPC, this ends the session on the server."""
+        import gc
+
+        self.vms, self._last_args, self.remote, self.device = {}, {}, None, None
+        gc.collect()
 
     def time_programs(self, repeat: int) -> dict:
         """Each program timed where it runs (on the RPC server: no transfers) by TVM's time_evaluator,

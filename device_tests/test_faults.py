@@ -1,0 +1,183 @@
+"""Faults on the way to a device: each a clear one-line error within a bounded time, nothing left running
+on either side, no copy of the bundle left on the remote."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmc import api
+from vlmc.devices import DeviceConfig, resolve
+from vlmc.devices.ssh import SshDevice
+from vlmc.errors import VlmcError
+
+from device_tests.loopback import free_port, keygen
+
+
+def remote_leftovers() -> tuple[list[str], str]:
+    """Copies of bundles in the (loopback) remote's temporary folder, and vlmc.remote processes still running."""
+    folders = glob.glob(str(Path(tempfile.gettempdir()) / "vlmc-remote-*"))
+    procs = subprocess.run(["pgrep", "-af", "vlmc.remote"], capture_output=True, text=True).stdout
+    return folders, "\n".join(line for line in procs.splitlines() if "pgrep" not in line)
+
+
+def ssh_device(sshd, **settings) -> SshDevice:
+    return SshDevice(DeviceConfig("board", settings.pop("url", sshd.url()), {**sshd.settings(), **settings}))
+
+
+def expect_error(fn, pattern: str, within_s: float) -> str:
+    t0 = time.monotonic()
+    with pytest.raises(VlmcError, match=pattern) as e:
+        fn()
+    assert time.monotonic() - t0 < within_s
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_unreachable_host(sshd):
+    port = free_port()  # nothing listens there
+    device = ssh_device(sshd, url=f"ssh://root@127.0.0.1:{port}")
+    expect_error(device.check, "connection refused", 20)
+
+
+def test_refused_key(sshd, tmp_path):
+    device = ssh_device(sshd, identity_file=str(keygen(tmp_path / "stranger")))
+    expect_error(device.check, "key was refused", 20)
+
+
+def test_unknown_host_key(sshd, tmp_path):
+    (tmp_path / "empty_known_hosts").write_text("")
+    device = ssh_device(sshd, known_hosts=str(tmp_path / "empty_known_hosts"))
+    expect_error(device.check, "host key is unknown", 20)
+
+
+def test_changed_host_key(sshd, tmp_path):
+    other = keygen(tmp_path / "other_host")
+    kind, key = Path(str(other) + ".pub").read_text().split()[:2]
+    (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {kind} {key}\n")
+    device = ssh_device(sshd, known_hosts=str(tmp_path / "known_hosts"))
+    expect_error(device.check, "host key", 20)
+
+
+def test_no_python_there(sshd):
+    expect_error(ssh_device(sshd, python="/nonexistent/python3").check, "no Python at", 20)
+
+
+def test_no_vlmc_there(sshd, tmp_path):
+    bare = tmp_path / "bare"  # a Python without vlmc: a fresh venv
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    expect_error(ssh_device(sshd, python=str(bare / "bin" / "python")).check, "has no vlmc", 20)
+
+
+def test_wrong_architecture(sshd, bundle, tmp_path):
+    """A TVM bundle built for aarch64 only, sent to an x86-64 machine."""
+    from vlmc.runtimes.tvm_runner import host_architecture
+
+    arm_only = api.compile({"targets": ["tvm"], "tvm": {"architectures": ["aarch64"]}, "max_context": 220}, tmp_path / "arm")
+    assert arm_only.manifest["targets"]["tvm"]["programs"]["vision_encoder"]["libraries"] == {"aarch64": "vision_encoder.aarch64.so"}
+    message = expect_error(lambda: ssh_device(sshd).profile(arm_only, "tvm", 0, 1, False, 1, lambda m: None), "built for aarch64", 120)
+    assert host_architecture() in message
+    assert remote_leftovers() == ([], "")
+
+
+def test_hanging_run_is_stopped(sshd, bundle):
+    """A remote run past the device's timeout: stopped, its copy of the bundle removed."""
+    device = ssh_device(sshd, timeout_s=4)
+    expect_error(lambda: device.profile(bundle, "onnxruntime", 0, 100000, False, 1, lambda m: None), "did not answer within 4 s", 30)
+    time.sleep(2)  # the remote side notices the closed connection
+    assert remote_leftovers() == ([], "")
+
+
+def test_dropped_connection(sshd, bundle):
+    """The connection dies mid-run (the server side's sshd killed): a clear error, nothing left behind."""
+    device = ssh_device(sshd, timeout_s=120)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(
+        pytest.raises(VlmcError, device.profile, bundle, "onnxruntime", 0, 100000, False, 1, lambda m: None)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not remote_leftovers()[1]:
+        time.sleep(0.2)
+    sessions = subprocess.run(["pgrep", "-P", str(sshd.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert sessions, "no ssh session to drop"
+    subprocess.run(["kill", "-9", *sessions], check=True)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and errors
+    assert "\n" not in str(errors[0].value)
+    time.sleep(2)
+    assert remote_leftovers() == ([], "")
+
+
+def test_upload_cut_short_leaves_nothing(monkeypatch):
+    """The device side, fed an upload that ends early (a connection dropped mid-copy)."""
+    from vlmc import remote
+
+    header = json.dumps({"op": "profile", "args": {"runtime": "onnxruntime"}, "bytes": 10_000}).encode() + b"\n"
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    exits = []
+    monkeypatch.setattr(remote.os, "_exit", lambda code: (exits.append(code), (_ for _ in ()).throw(SystemExit(code))))
+    with pytest.raises(SystemExit):
+        remote.serve(io.BytesIO(header + b"x" * 100))
+    assert exits == [3]
+    assert json.loads(out.getvalue().splitlines()[-1]) == {"error": "the upload ended early (connection dropped mid-copy)"}
+    assert remote_leftovers()[0] == []
+
+
+def test_upload_escaping_the_bundle_is_refused(tmp_path):
+    import tarfile
+
+    from vlmc.remote import extract
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="not a file inside the bundle"):
+        extract(buf.getvalue(), tmp_path / "in")
+    assert not (tmp_path / "evil").exists()
+
+
+def test_adb_without_adb_or_device():
+    device = resolve("adb://emulator-5554")
+    expect_error(device.check, "adb://emulator-5554: (adb is not installed|not attached)", 30)
+
+
+def test_tvm_rpc_unknown_key(tvm_rpc):
+    device = resolve(f"tvm-rpc://127.0.0.1:{tvm_rpc.port}/no-such-board")
+    expect_error(device.check, "no server is registered under key 'no-such-board'", 20)
+
+
+def test_tvm_rpc_no_tracker():
+    expect_error(resolve(f"tvm-rpc://127.0.0.1:{free_port()}/k").check, "no tracker answers", 20)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ftp://x", "unknown kind"), ("ssh://", "names no host"), ("ssh://u@h:99999", "invalid port"),
+    ("tvm-rpc://h/k", "is not tvm-rpc://"), ("adb://", "names no serial")])
+def test_bad_device_urls(url, message):
+    with pytest.raises(VlmcError, match=message):
+        resolve(url)
+
+
+def test_devices_file_errors(tmp_path):
+    from vlmc.devices import load_config
+
+    bad = tmp_path / "devices.yaml"
+    for text, message in (("devices: [1]", "expected a mapping"), ("devices:\n  pi: {}", "needs a url"),
+                          ("devices:\n  pi: {url: 'ssh://a@b', pasword: x}", "unknown field 'pasword'"),
+                          ("devices: {pi: {url: 'bogus://x'}}", "unknown kind"), ("{[", "invalid YAML")):
+        bad.write_text(text)
+        with pytest.raises(VlmcError, match=message):
+            load_config(str(bad))
+    with pytest.raises(VlmcError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))

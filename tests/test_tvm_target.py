@@ -1,0 +1,84 @@
+"""The TVM target: Relax from torch.export, host and aarch64 libraries, verified; the TVM runner."""
+from __future__ import annotations
+
+import pytest
+
+from vlmc import api
+from vlmc.errors import VlmcError
+
+PROMPT = "what color is the circle ?"
+TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
+
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tmp_path_factory, tiny_ckpt):
+    return api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 64, "max_prompt": 40,
+                        "prompt_template": TEMPLATE, "tvm": {"architectures": ["host", "aarch64"]},
+                        "passes": [{"name": "divprune", "keep": 8}]}, tmp_path_factory.mktemp("tvm") / "tiny")
+
+
+def test_tvm_bundle_is_verified_on_the_host_and_cross_built(tvm_bundle):
+    from vlmc.runtimes.tvm_runner import host_architecture
+
+    entry = tvm_bundle.manifest["targets"]["tvm"]
+    host = host_architecture()
+    for program in ("vision_encoder", "token_embedding", "text_decoder"):
+        libs = entry["programs"][program]["libraries"]
+        assert set(libs) == {host, "aarch64"} and all(name in tvm_bundle.manifest["files"] for name in libs.values())
+    decoder = entry["programs"]["text_decoder"]
+    assert decoder["inputs"][0] == {"name": "inputs_embeds", "shape": [1, "seq_len", 64], "dtype": "float32"}
+    assert entry["programs"]["vision_encoder"]["outputs"][0]["shape"] == [1, 8, 64]  # DivPrune kept 8 in the graph
+    rows = tvm_bundle.manifest["verification"]["results"]
+    numeric = [r for r in rows if r["max_abs_err"] is not None]
+    assert {r["check"] for r in numeric} >= {"image embeddings", "prefill logits", "decode step KV cache"}
+    assert all(r["passed"] for r in rows)
+    cross = [r for r in rows if r["check"] == "aarch64 build (ELF shared object)"]
+    assert len(cross) == 3 and all("numerics need an aarch64 device" in r["detail"] for r in cross)
+
+
+def test_tvm_generates_the_eager_tokens(tvm_bundle, sample_image):
+    tokens = {rt: api.run(tvm_bundle.path, rt, sample_image, PROMPT, max_new_tokens=6)["tokens"] for rt in ("eager", "tvm")}
+    assert tokens["tvm"] == tokens["eager"]
+
+
+def test_tvm_profile_with_ops(tvm_bundle):
+    p = api.profile(tvm_bundle.path, "tvm", warmup=1, iterations=2, ops=True, new_tokens=2)
+    assert p["runtime"] == "tvm" and p["device"] == "local"
+    assert p["stages"]["vision_encode_ms"] > 0 and p["memory"]["peak_rss_mb"] > 0
+    assert {r["program"] for r in p["ops"]} == {"vision_encoder", "token_embedding", "text_decoder"}
+    assert all(r["calls"] > 0 and r["total_ms"] >= 0 for r in p["ops"])
+    assert any("matmul" in r["op"] for r in p["ops"])
+
+
+def test_tvm_refuses_quantization_before_export_work(tiny_ckpt, tmp_path):
+    with pytest.raises(VlmcError, match="target tvm takes float programs only: quantization"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "passes": [{"name": "w4", "at": "decoder"}]}, tmp_path / "q")
+    assert not list(tmp_path.iterdir())
+
+
+def test_tvm_tuning_records_must_exist(tiny_ckpt, tmp_path):
+    (tmp_path / "records").mkdir()
+    with pytest.raises(VlmcError, match="tvm.tuning_records.*holds no MetaSchedule records"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "tvm": {"tuning_records": str(tmp_path / "records")}}, tmp_path / "b")
+
+
+def test_tvm_recipe_fields_are_checked():
+    from vlmc.recipe import build
+
+    for fields, message in (({"architectures": ["riscv64"]}, "tvm.architectures"), ({"tune_trials": -1}, "tvm.tune_trials"),
+                            ({"mcpu": "native; rm -rf /"}, "tvm.mcpu")):
+        with pytest.raises(VlmcError, match=message):
+            build({"targets": ["tvm"], "tvm": fields})
+
+
+@pytest.mark.slow
+def test_tuning_records_are_saved_and_reused(tiny_ckpt, tmp_path):
+    """MetaSchedule records land in the bundle; a second export reuses them without new trials."""
+    recipe = {"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 64, "max_prompt": 40, "prompt_template": TEMPLATE}
+    tuned = api.compile({**recipe, "tvm": {"tune_trials": 16}}, tmp_path / "tuned")
+    records = tuned.path / "tvm_tuning"
+    assert (records / "database_tuning_record.json").stat().st_size > 0
+    assert tuned.manifest["targets"]["tvm"]["tuning"]["vision_encoder"]["trials"] == 16
+    reused = api.compile({**recipe, "tvm": {"tuning_records": str(records)}}, tmp_path / "reused")
+    assert reused.manifest["targets"]["tvm"]["tuning"]["vision_encoder"]["reused"] == str(records)
+    assert all(r["passed"] for r in reused.manifest["verification"]["results"])
