@@ -58,7 +58,8 @@ def call(argv: list[str], op: str, args: dict, payload: bytes, timeout_s: float,
     lines: queue.Queue = queue.Queue()
     errors: list[bytes] = []
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
-    threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True).start()
+    stderr_reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    stderr_reader.start()
     deadline = time.monotonic() + timeout_s
 
     def send():
@@ -77,7 +78,11 @@ def call(argv: list[str], op: str, args: dict, payload: bytes, timeout_s: float,
             except queue.Empty:
                 raise VlmcError(f"the device did not answer within {timeout_s:g} s (stopped it; raise timeout_s for longer runs)") from None
             if line is None:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                try:
+                    proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise VlmcError(f"the device did not answer within {timeout_s:g} s (stopped it)") from None
+                stderr_reader.join(timeout=5)
                 stderr = b"".join(errors).decode(errors="replace")
                 raise VlmcError(describe_failure(proc.returncode, stderr))
             try:
