@@ -68,13 +68,27 @@ def check(recipe) -> None:
         raise VlmcError(f"recipe field 'tvm.tuning_records': {records} holds no MetaSchedule records ({', '.join(TUNING_RECORDS)})")
 
 
+def _reduce_max(node, importer):
+    """aten.amax (token scorers take a max over a dimension), which TVM 0.27's importer lacks: Relax's max."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    dims = args[1] if len(args) > 1 and args[1] else None
+    keepdim = bool(args[2]) if len(args) > 2 else False
+    return importer.block_builder.emit(relax.op.max(args[0], dims, keepdims=keepdim))
+
+
+EXTRA_CONVERTERS = {"amax.default": _reduce_max}
+
+
 def _import(job) -> "tvm.IRModule":
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
         with torch.no_grad():
             ep = torch.export.export(job.module.eval(), job.args, dynamic_shapes=job.dynamic_shapes)
-        return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False)
+        return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False,
+                                     custom_convert_map=EXTRA_CONVERTERS)
     except Exception as e:  # the importer raises many types; the first line names the unsupported op
         raise VlmcError(f"TVM import of {job.name} failed: {first_line(e)}") from None
 
