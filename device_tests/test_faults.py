@@ -181,3 +181,14 @@ def test_devices_file_errors(tmp_path):
             load_config(str(bad))
     with pytest.raises(VlmcError, match="no such file"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_device_errors_are_one_line(bundle, tmp_path):
+    """Through the CLI: a bad device is exit code 2 and one `error:` line, never a traceback."""
+    for argv in (["profile", str(bundle.path), "--runtime", "onnxruntime", "--device", "ssh://"],
+                 ["run", str(bundle.path), "--runtime", "onnxruntime", "--device", "gopher://x", "--image", "x.png", "-p", "hi"],
+                 ["devices", "--devices", str(tmp_path / "none.yaml")]):
+        r = subprocess.run([sys.executable, "-m", "vlmc.cli", *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (argv, r.stderr)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -68,7 +68,7 @@ def test_bad_run_and_profile_input(tiny_bundle, tmp_path, sample_image):
     (tmp_path / "notimage.png").write_text("hello")
     assert_one_line_error(vlmc("run", tiny_bundle.path, "--image", tmp_path / "notimage.png", "--prompt", "what"), "cannot read it as an image")
     assert_one_line_error(vlmc("run", tiny_bundle.path, "--image", tmp_path / "none.png", "--prompt", "what"), "no such file")
-    assert_one_line_error(vlmc("run", tiny_bundle.path, "--runtime", "tvm", "--image", sample_image, "--prompt", "what"), "unknown runtime 'tvm'")
+    assert_one_line_error(vlmc("run", tiny_bundle.path, "--runtime", "tflite", "--image", sample_image, "--prompt", "what"), "unknown runtime 'tflite'")
     assert_one_line_error(vlmc("profile", tmp_path, "--runtime", "onnxruntime"), "no manifest.json")
     assert_one_line_error(vlmc("export", "-o", tiny_bundle.path, "--target", "onnx"), "exists (use --force")
     copy = tmp_path / "tampered"

@@ -1,0 +1,78 @@
+"""TVM against the other runtimes on the vision encoder, side by side in one run.
+
+Exports one bundle (onnx, executorch, tvm untuned) and one tuned TVM bundle (MetaSchedule, --trials),
+then times the vision encoder of each runtime in alternating rounds (the machine's drift hits all alike)
+and reports p50 latency and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
+
+    python tools/bench_tvm.py --trials 800 --out docs/tvm_bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-llava")
+    parser.add_argument("--trials", type=int, default=800, help="MetaSchedule trials on the vision encoder")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
+    parser.add_argument("--work", default="build/bench_tvm")
+    parser.add_argument("--out", default="docs/tvm_bench")
+    args = parser.parse_args()
+
+    import torch
+
+    from vlmc import api
+    from vlmc.bundle import Bundle
+    from vlmc.runtimes import open_session
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(args.work)
+    t0 = time.time()
+    base = api.compile({"model": args.model, "targets": ["onnx", "executorch", "tvm"]}, work / "base", force=True)
+    export_s = time.time() - t0
+    t0 = time.time()
+    tuned = api.compile({"model": args.model, "targets": ["tvm"], "tvm": {"tune_trials": args.trials}}, work / "tuned", force=True)
+    tune_s = time.time() - t0
+    sessions = {"onnxruntime": open_session(Bundle(base.path), "onnxruntime"),
+                "executorch": open_session(Bundle(base.path), "executorch"),
+                "tvm (untuned)": open_session(Bundle(base.path), "tvm"),
+                f"tvm (tuned, {args.trials} trials)": open_session(Bundle(tuned.path), "tvm")}
+    size = base.manifest["prompt"]["image_size"]
+    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for s in sessions.values():
+        s.vision(image)  # warm-up
+    for _ in range(args.rounds):
+        for name, s in sessions.items():
+            for _ in range(args.iterations):
+                t = time.perf_counter()
+                s.vision(image)
+                times[name].append((time.perf_counter() - t) * 1000.0)
+    p50 = {name: float(np.percentile(v, 50)) for name, v in times.items()}
+    fastest_other = min(v for k, v in p50.items() if not k.startswith("tvm"))
+    rows = [{"runtime": k, "vision_encode_p50_ms": round(v, 3), "x_fastest_other": round(v / fastest_other, 3)} for k, v in p50.items()]
+    result = {"model": args.model, "trials": args.trials, "rounds": args.rounds, "iterations": args.iterations,
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()},
+              "export_seconds": round(export_s, 1), "tune_and_export_seconds": round(tune_s, 1), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"{'runtime':<32} {'vision p50 ms':>14} {'x fastest other':>16}"]
+    lines += [f"{r['runtime']:<32} {r['vision_encode_p50_ms']:>14.3f} {r['x_fastest_other']:>16.3f}" for r in rows]
+    table = "\n".join(lines)
+    (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule {args.trials} trials "
+                                     f"({tune_s:.0f} s tune + export); {args.rounds} alternating rounds x {args.iterations} calls\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
