@@ -77,10 +77,10 @@ def devices_file(tmp_path_factory, request):
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory):
-    """The built-in model on onnx, executorch and tvm (host and aarch64 libraries)."""
+    """The built-in model on onnx, executorch and tvm."""
     from vlmc import api
 
-    return api.compile({"targets": ["onnx", "executorch", "tvm"], "tvm": {"architectures": ["host", "aarch64"]}},
+    return api.compile({"targets": ["onnx", "executorch", "tvm"]},
                        tmp_path_factory.mktemp("device_bundle") / "shapes")
 
 

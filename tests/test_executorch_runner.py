@@ -28,7 +28,7 @@ def divprune_bundle(tiny_ckpt, tmp_path_factory):
                        tmp_path_factory.mktemp("stock") / "div")
 
 
-@pytest.mark.parametrize("which", ["tiny_bundle", "divprune_bundle"])
+@pytest.mark.parametrize("which", ["tiny_bundle", pytest.param("divprune_bundle", marks=pytest.mark.slow)])
 def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_image):
     bundle = request.getfixturevalue(which)
     ours = api.run(bundle.path, "executorch", sample_image, AFTER.split("ASSISTANT")[0].strip(), max_new_tokens=8)

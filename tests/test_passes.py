@@ -26,8 +26,9 @@ TEMPLATE = SPACED_TEMPLATE
 
 
 # conformance of these runs only under -m slow, keeping the default run short; the default run keeps one
-# pruner (divprune), one merger before the LLM (pooling) and one inside the vision tower (tome)
-SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner", "random", "tfps", "visionzip"}
+# pruner (divprune) on every target; mergers (pooling, tome) and the rest run their three-target export
+# under -m slow (tome's merging is checked by default on ONNX in test_tome_merges_r_per_block_...)
+SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner", "random", "tfps", "visionzip", "pooling", "tome"}
 
 
 @pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(METHODS)])
@@ -82,6 +83,7 @@ def test_bad_parameters_are_refused_before_export(tiny_ckpt, tmp_path, spec, fra
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_calibrated_static_mode_folds_the_most_picked_tokens(tiny_ckpt, calibration_jsonl, tmp_path, sample_image):
     import onnx
 

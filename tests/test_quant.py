@@ -59,6 +59,7 @@ def test_w8a8_bundle_generates_on_both_runtimes(w8a8_bundle, sample_image):
         assert len(out["tokens"]) >= 1
 
 
+@pytest.mark.slow
 def test_parts_take_different_schemes(tiny_ckpt, calibration_jsonl, tmp_path):
     b = compile_tiny(tiny_ckpt, tmp_path / "mixed", [{"name": "w8a8", "at": "vision"}, {"name": "w4", "at": "decoder", "group_size": 32}],
                      calibration_jsonl)
