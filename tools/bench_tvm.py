@@ -22,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-llava")
     parser.add_argument("--trials", type=int, default=800, help="MetaSchedule trials on the vision encoder")
+    parser.add_argument("--records", default=None, help="apply these MetaSchedule records (a tvm_tuning/ folder) instead of tuning")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
     parser.add_argument("--work", default="build/bench_tvm")
@@ -40,12 +41,14 @@ def main() -> None:
     base = api.compile({"model": args.model, "targets": ["onnx", "executorch", "tvm"]}, work / "base", force=True)
     export_s = time.time() - t0
     t0 = time.time()
-    tuned = api.compile({"model": args.model, "targets": ["tvm"], "tvm": {"tune_trials": args.trials}}, work / "tuned", force=True)
+    tvm_options = {"tuning_records": args.records, "tune_trials": 0} if args.records else {"tune_trials": args.trials}
+    tuned = api.compile({"model": args.model, "targets": ["tvm"], "tvm": tvm_options}, work / "tuned", force=True)
     tune_s = time.time() - t0
+    trials = sum(1 for _ in open(tuned.path / "tvm_tuning" / "database_tuning_record.json"))
     sessions = {"onnxruntime": open_session(Bundle(base.path), "onnxruntime"),
                 "executorch": open_session(Bundle(base.path), "executorch"),
                 "tvm (untuned)": open_session(Bundle(base.path), "tvm"),
-                f"tvm (tuned, {args.trials} trials)": open_session(Bundle(tuned.path), "tvm")}
+                f"tvm (tuned, {trials} records)": open_session(Bundle(tuned.path), "tvm")}
     size = base.manifest["prompt"]["image_size"]
     image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -60,7 +63,7 @@ def main() -> None:
     p50 = {name: float(np.percentile(v, 50)) for name, v in times.items()}
     fastest_other = min(v for k, v in p50.items() if not k.startswith("tvm"))
     rows = [{"runtime": k, "vision_encode_p50_ms": round(v, 3), "x_fastest_other": round(v / fastest_other, 3)} for k, v in p50.items()]
-    result = {"model": args.model, "trials": args.trials, "rounds": args.rounds, "iterations": args.iterations,
+    result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "rounds": args.rounds, "iterations": args.iterations,
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()},
               "export_seconds": round(export_s, 1), "tune_and_export_seconds": round(tune_s, 1), "rows": rows}
     out = Path(args.out)
@@ -69,8 +72,9 @@ def main() -> None:
     lines = [f"{'runtime':<32} {'vision p50 ms':>14} {'x fastest other':>16}"]
     lines += [f"{r['runtime']:<32} {r['vision_encode_p50_ms']:>14.3f} {r['x_fastest_other']:>16.3f}" for r in rows]
     table = "\n".join(lines)
-    (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule {args.trials} trials "
-                                     f"({tune_s:.0f} s tune + export); {args.rounds} alternating rounds x {args.iterations} calls\n")
+    (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule: {trials} records "
+                                     f"({'reused from ' + args.records if args.records else f'{tune_s:.0f} s tune + export'}); "
+                                     f"{args.rounds} alternating rounds x {args.iterations} calls\n")
     print(table)
 
 
