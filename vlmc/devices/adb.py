@@ -11,14 +11,14 @@ import shutil
 import subprocess
 from urllib.parse import urlsplit
 
-from vlmc.devices import Device, DeviceConfig
-from vlmc.devices.stream import remote_generate, remote_probe, remote_profile
+from vlmc.devices import DeviceConfig
+from vlmc.devices.stream import RemoteProcessDevice
 from vlmc.errors import VlmcError
 
 TERMUX_PYTHON = "/data/data/com.termux/files/usr/bin/python"
 
 
-class AdbDevice(Device):
+class AdbDevice(RemoteProcessDevice):
     def __init__(self, config: DeviceConfig):
         super().__init__(config)
         self.serial = urlsplit(config.url).netloc
@@ -27,7 +27,7 @@ class AdbDevice(Device):
         self.python = config.get("python", TERMUX_PYTHON)
         self.timeout_s = float(config.get("timeout_s", 900))
 
-    def _attached(self) -> None:
+    def ensure_ready(self) -> None:
         """adb is installed and the device is attached and authorised, or a clear error."""
         if shutil.which("adb") is None:
             raise VlmcError(f"adb://{self.serial}: adb is not installed (Android platform tools: apt-get install adb)")
@@ -43,27 +43,13 @@ class AdbDevice(Device):
                             f"attached: {attached}")
 
     @property
-    def _remote(self) -> list[str]:
+    def remote_argv(self) -> list[str]:
         return ["adb", "-s", self.serial, "shell", "-T", shlex.join([self.python, "-m", "vlmc.remote"])]
 
-    def _failure(self, returncode: int, stderr: str) -> str:
+    def describe_failure(self, returncode: int, stderr: str) -> str:
         if "not found" in stderr or "No such file" in stderr:
             return f"adb://{self.serial}: no Python at {self.python} on the device (set the device's `python`)"
         if "No module named" in stderr:
             return f"adb://{self.serial}: the device's Python has no vlmc (pip install vlmc and a runtime there)"
         last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
         return f"adb://{self.serial}: the run on the device failed: {last}"
-
-    def check(self) -> dict:
-        self._attached()
-        return remote_probe(self._remote, 60, self._failure)
-
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
-        self._attached()
-        return remote_profile(self._remote, bundle, runtime, warmup, iterations, ops, new_tokens, self.timeout_s,
-                              progress, self._failure, self.name)
-
-    def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
-        self._attached()
-        return remote_generate(self._remote, bundle, runtime, prompt, pixels, max_new_tokens, self.timeout_s, self._failure,
-                               with_logits)

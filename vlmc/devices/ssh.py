@@ -10,8 +10,8 @@ import getpass
 import shlex
 from urllib.parse import urlsplit
 
-from vlmc.devices import Device, DeviceConfig
-from vlmc.devices.stream import expand, remote_generate, remote_probe, remote_profile
+from vlmc.devices import DeviceConfig
+from vlmc.devices.stream import RemoteProcessDevice, expand
 from vlmc.errors import VlmcError
 
 SSH_FAILURES = (  # OpenSSH's own words -> what the user should hear
@@ -28,7 +28,7 @@ SSH_FAILURES = (  # OpenSSH's own words -> what the user should hear
 )
 
 
-class SshDevice(Device):
+class SshDevice(RemoteProcessDevice):
     def __init__(self, config: DeviceConfig):
         super().__init__(config)
         url = urlsplit(config.url)
@@ -44,6 +44,7 @@ class SshDevice(Device):
         self.known_hosts = expand(config.get("known_hosts"))
         self.timeout_s = float(config.get("timeout_s", 900))
         self.connect_timeout_s = int(config.get("connect_timeout_s", 10))
+        self.probe_timeout_s = self.connect_timeout_s + 60
 
     def argv(self, remote: list[str]) -> list[str]:
         """ssh's own argument list; the remote command is quoted word by word (ssh hands it to a shell there)."""
@@ -57,10 +58,10 @@ class SshDevice(Device):
         return ["ssh", *options, f"{self.user}@{self.host}", "--", shlex.join(remote)]
 
     @property
-    def _remote(self) -> list[str]:
+    def remote_argv(self) -> list[str]:
         return self.argv([self.python, "-m", "vlmc.remote"])
 
-    def _failure(self, returncode: int, stderr: str) -> str:
+    def describe_failure(self, returncode: int, stderr: str) -> str:
         where = f"ssh {self.user}@{self.host}:{self.port}"
         if returncode == 255:  # ssh itself failed
             for needle, message in SSH_FAILURES:
@@ -74,14 +75,3 @@ class SshDevice(Device):
             return f"{where}: the remote Python {self.python} has no vlmc (pip install vlmc and a runtime there)"
         last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
         return f"{where}: the remote run failed: {last}"
-
-    def check(self) -> dict:
-        return remote_probe(self._remote, self.connect_timeout_s + 60, self._failure)
-
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
-        return remote_profile(self._remote, bundle, runtime, warmup, iterations, ops, new_tokens, self.timeout_s,
-                              progress, self._failure, self.name)
-
-    def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
-        return remote_generate(self._remote, bundle, runtime, prompt, pixels, max_new_tokens, self.timeout_s, self._failure,
-                               with_logits)

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from vlmc.bundle import Bundle
+from vlmc.devices import Device
 from vlmc.errors import VlmcError
 
 
@@ -112,23 +113,39 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def remote_profile(argv, bundle: Bundle, runtime, warmup, iterations, ops, new_tokens, timeout_s, progress, describe_failure,
-                   device_name: str) -> dict:
-    args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens}
-    progress(f"{device_name}: copying the bundle ({sum(e['bytes'] for e in bundle.manifest['files'].values()) / 2**20:.1f} MB)")
-    result = call(argv, "profile", args, bundle_tar(bundle), timeout_s, progress, describe_failure)
-    result["device"] = device_name
-    return result
+class RemoteProcessDevice(Device):
+    """A device reached by starting `python -m vlmc.remote` through a command (ssh, adb): subclasses say how
+    (`remote_argv`), how its failures read (`describe_failure`) and what to check first (`ensure_ready`)."""
 
+    timeout_s: float = 900.0
+    probe_timeout_s: float = 60.0
 
-def remote_generate(argv, bundle: Bundle, runtime, prompt: dict, pixels, max_new_tokens, timeout_s, describe_failure,
-                    with_logits: bool = False) -> dict:
-    args = {"runtime": runtime, "prompt_ids": prompt, "max_new_tokens": max_new_tokens, "with_logits": with_logits}
-    return call(argv, "run", args, bundle_tar(bundle, pixels), timeout_s, lambda m: None, describe_failure)
+    @property
+    def remote_argv(self) -> list[str]:
+        raise NotImplementedError
 
+    def describe_failure(self, returncode: int, stderr: str) -> str:
+        raise NotImplementedError
 
-def remote_probe(argv, timeout_s, describe_failure) -> dict:
-    return call(argv, "probe", {}, b"", timeout_s, lambda m: None, describe_failure)
+    def ensure_ready(self) -> None:
+        """Checks that need no remote process (adb: the device is attached)."""
+
+    def check(self) -> dict:
+        self.ensure_ready()
+        return call(self.remote_argv, "probe", {}, b"", self.probe_timeout_s, lambda m: None, self.describe_failure)
+
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+        self.ensure_ready()
+        args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens}
+        progress(f"{self.name}: copying the bundle ({sum(e['bytes'] for e in bundle.manifest['files'].values()) / 2**20:.1f} MB)")
+        result = call(self.remote_argv, "profile", args, bundle_tar(bundle), self.timeout_s, progress, self.describe_failure)
+        result["device"] = self.name
+        return result
+
+    def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
+        self.ensure_ready()
+        args = {"runtime": runtime, "prompt_ids": prompt, "max_new_tokens": max_new_tokens, "with_logits": with_logits}
+        return call(self.remote_argv, "run", args, bundle_tar(bundle, pixels), self.timeout_s, lambda m: None, self.describe_failure)
 
 
 def expand(path: Optional[str]) -> Optional[str]:
