@@ -1,9 +1,10 @@
 """The device suite: every program of a bundle runs on each (runtime, device), matches eager, and profiles.
 
-Devices come from $VLMC_DEVICE_TESTS (comma-separated; default `local,ssh-loopback,tvm-rpc-loopback`):
-each entry is `local`, a name from the devices file ($VLMC_DEVICES), a device URL, or one of the
-loopback devices this suite starts itself: `ssh-loopback` (a real sshd on 127.0.0.1 with throwaway
-keys) and `tvm-rpc-loopback` (TVM's RPC tracker and a server). Point it at a board:
+Devices come from $VLMC_DEVICE_TESTS (comma-separated; default
+`local,ssh-loopback,qemu-aarch64,tvm-rpc-loopback`): each entry is `local`, a name from the devices file
+($VLMC_DEVICES), a device URL, or one of the devices this suite starts itself: `ssh-loopback` (a real
+sshd on 127.0.0.1 with throwaway keys), `qemu-aarch64` (the emulated ARM64 user space, set up into the
+cache on first use) and `tvm-rpc-loopback` (TVM's RPC tracker and a server). Point it at a board:
 
     VLMC_DEVICES=~/devices.yaml VLMC_DEVICE_TESTS=pi5,phone python -m pytest device_tests
 """
@@ -22,7 +23,7 @@ RUNTIMES = {"local": ("onnxruntime", "executorch", "tvm"), "ssh": ("onnxruntime"
 
 
 def device_names() -> list[str]:
-    return [d.strip() for d in os.environ.get("VLMC_DEVICE_TESTS", "local,ssh-loopback,tvm-rpc-loopback").split(",") if d.strip()]
+    return [d.strip() for d in os.environ.get("VLMC_DEVICE_TESTS", "local,ssh-loopback,qemu-aarch64,tvm-rpc-loopback").split(",") if d.strip()]
 
 
 def kind_of(name: str) -> str:
@@ -37,6 +38,9 @@ def pytest_generate_tests(metafunc):
     if "device_runtime" in metafunc.fixturenames:
         pairs = [(d, r) for d in device_names() for r in RUNTIMES[kind_of(d)]]
         metafunc.parametrize("device_runtime", pairs, ids=[f"{d}-{r}" for d, r in pairs])
+    if "onnx_device" in metafunc.fixturenames:  # devices other than this host that run onnxruntime
+        names = [d for d in device_names() if kind_of(d) != "local" and "onnxruntime" in RUNTIMES[kind_of(d)]]
+        metafunc.parametrize("onnx_device", names)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +60,17 @@ def tvm_rpc(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qemu_sysroot():
+    """The emulated ARM64 user space, fetched into the cache once ($VLMC_CACHE or ~/.cache/vlmc)."""
+    from vlmc.devices.qemu import default_sysroot, qemu_binary, setup
+
+    if qemu_binary() is None:
+        pytest.fail("the qemu-aarch64 device tests need qemu's user-mode emulator: apt-get install qemu-user")
+    setup()
+    return default_sysroot()
+
+
+@pytest.fixture(scope="session")
 def devices_file(tmp_path_factory, request):
     """A devices file naming the loopback devices this session uses (started on first use)."""
     import yaml
@@ -65,6 +80,8 @@ def devices_file(tmp_path_factory, request):
     if "ssh-loopback" in names:
         server = request.getfixturevalue("sshd")
         entries["ssh-loopback"] = {"url": server.url(), **server.settings(timeout_s=600)}
+    if "qemu-aarch64" in names:
+        request.getfixturevalue("qemu_sysroot")
     if "tvm-rpc-loopback" in names:
         entries["tvm-rpc-loopback"] = {"url": request.getfixturevalue("tvm_rpc").url()}
     user_file = os.environ.get("VLMC_DEVICES")
@@ -82,6 +99,15 @@ def bundle(tmp_path_factory):
 
     return api.compile({"targets": ["onnx", "executorch", "tvm"]},
                        tmp_path_factory.mktemp("device_bundle") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tmp_path_factory):
+    """The built-in model quantized w8a8 on onnx: the int8 kernels of each device against the host's."""
+    from vlmc import api
+
+    return api.compile({"targets": ["onnx"], "passes": [{"name": "w8a8"}], "calibration": {"n": 8}},
+                       tmp_path_factory.mktemp("device_bundle") / "w8a8")
 
 
 @pytest.fixture(scope="session")

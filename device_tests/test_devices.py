@@ -50,11 +50,24 @@ def test_profile_schema(device_runtime, bundle, devices_file):
     assert stages["vision_encode_ms"] > 0 and stages["prefill_ms"] > 0 and stages["decode_tokens_per_s"] > 0
     assert stages["generation"]["new_tokens"] == 3
     assert result["artifact_bytes_total"] > 0
+    if resolve(device_name, devices_file).config.kind == "qemu-aarch64":
+        assert result["emulated"] and "not a cost signal" in result["note"]
     if device_name == "tvm-rpc-loopback":
         assert set(result["remote_programs"]) == {"vision_encoder", "token_embedding", "text_decoder"}
         assert "over RPC" in result["note"]
     else:
         assert result["memory"]["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_kernels_match_host(onnx_device, precision, bundle, int8_bundle, devices_file, sample_image):
+    """The device's onnxruntime kernels (ARM NEON and int8 dot products on qemu-aarch64) give the host's numbers:
+    fp32 within the verify tolerance, int8 within the quantized bound, the same greedy tokens."""
+    result = api.compare((bundle if precision == "fp32" else int8_bundle).path, "onnxruntime", sample_image, QUESTION,
+                         onnx_device, devices_file)
+    assert result["quantized"] == (precision == "int8")
+    assert result["logits"]["passed"], result["logits"]
+    assert result["tokens"]["agree"] and result["agrees"]
 
 
 def test_devices_listing(devices_file):

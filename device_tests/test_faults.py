@@ -16,6 +16,7 @@ import pytest
 
 from vlmc import api
 from vlmc.devices import DeviceConfig, resolve
+from vlmc.devices.qemu import QemuDevice
 from vlmc.devices.ssh import SshDevice
 from vlmc.errors import VlmcError
 
@@ -159,6 +160,32 @@ def test_tvm_rpc_unknown_key(tvm_rpc):
 
 def test_tvm_rpc_no_tracker():
     expect_error(resolve(f"tvm-rpc://127.0.0.1:{free_port()}/k").check, "no tracker answers", 20)
+
+
+def test_qemu_without_user_space_or_with_unknown_cpu(tmp_path, bundle):
+    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"sysroot": str(tmp_path / "none")}))
+    expect_error(device.check, r"no emulated user space at .* \(run `vlmc devices setup qemu-aarch64`\)", 5)
+    with pytest.raises(VlmcError, match="unknown cpu 'cortex-z9'"):
+        QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"cpu": "cortex-z9"}))
+    expect_error(lambda: resolve("qemu-aarch64").profile(bundle, "executorch", 1, 1, False, 1, lambda m: None),
+                 "runs onnxruntime only, not executorch", 5)
+
+
+def test_qemu_hanging_run_is_stopped(qemu_sysroot, bundle):
+    """An emulated run past its time limit: stopped, the emulator gone, the copy removed."""
+    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"timeout_s": 4}))
+    expect_error(lambda: device.profile(bundle, "onnxruntime", 1, 200, False, 1, lambda m: None), "did not answer within 4 s", 30)
+    time.sleep(1)
+    folders, procs = remote_leftovers()
+    assert not folders and not procs, (folders, procs)
+
+
+def test_unsigned_or_tampered_index_is_refused(monkeypatch):
+    from vlmc.devices import qemu
+
+    monkeypatch.setattr(qemu, "_download", lambda url, timeout_s=120: b"-----BEGIN PGP SIGNED MESSAGE-----\nforged\n")
+    with pytest.raises(VlmcError, match="failed its signature check"):
+        qemu._signed_index()
 
 
 @pytest.mark.parametrize("url, message", [

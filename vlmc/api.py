@@ -44,22 +44,11 @@ def session(bundle: Bundle, runtime: str, profile_ops: bool = False):
     return EagerSession(prepared.loaded.model, DecoderShape.from_manifest(bundle.manifest))
 
 
-def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16,
-        device: Optional[str] = None, devices_file: Optional[str] = None) -> dict:
-    """Image + prompt -> text with greedy decoding on one runtime, here or on a device (vlmc devices)."""
-    from dataclasses import asdict
-
-    from vlmc.devices import resolve
+def _prompt_inputs(b: Bundle, image: Union[str, Path], prompt: str):
+    """A bundle's tokenizer, prompt ids and preprocessed image for one question."""
     from vlmc.models_zoo.tokenizer import TextTokenizer
-    from vlmc.runtimes import check_runtime
-    from vlmc.runtimes.generate import generate, record
     from vlmc.runtimes.image import load_image
 
-    check_runtime(runtime)
-    target_device = resolve(device, devices_file)
-    if max_new_tokens < 1:
-        raise VlmcError("--max-new-tokens must be at least 1")
-    b = Bundle(bundle)
     b.file("tokenizer.json")
     p = b.manifest["prompt"]
     tok = TextTokenizer(b.path)
@@ -67,13 +56,65 @@ def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt:
     unknown = tok.unknown_words(prompt)
     if unknown:
         raise VlmcError(f"prompt words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
-    ids = tok.prompt(p["template"], prompt, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
+    return tok, tok.prompt(p["template"], prompt, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"]), pixels
+
+
+def run(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, max_new_tokens: int = 16,
+        device: Optional[str] = None, devices_file: Optional[str] = None) -> dict:
+    """Image + prompt -> text with greedy decoding on one runtime, here or on a device (vlmc devices)."""
+    from dataclasses import asdict
+
+    from vlmc.devices import resolve
+    from vlmc.runtimes import check_runtime
+    from vlmc.runtimes.generate import generate, record
+
+    check_runtime(runtime)
+    target_device = resolve(device, devices_file)
+    if max_new_tokens < 1:
+        raise VlmcError("--max-new-tokens must be at least 1")
+    b = Bundle(bundle)
+    tok, ids, pixels = _prompt_inputs(b, image, prompt)
     if target_device.is_local:
-        out = record(generate(session(b, runtime), ids, pixels, max_new_tokens, set(p["eos_token_ids"])))
+        out = record(generate(session(b, runtime), ids, pixels, max_new_tokens, set(b.manifest["prompt"]["eos_token_ids"])))
     else:
         out = target_device.generate(b, runtime, asdict(ids), pixels, max_new_tokens)
     return {"runtime": runtime, "device": target_device.name, "prompt": prompt, "text": tok.decode(out["tokens"]),
             "pieces": [tok.piece(t) for t in out["tokens"]], **out}
+
+
+def compare(bundle: Union[str, Path], runtime: str, image: Union[str, Path], prompt: str, device: str,
+            devices_file: Optional[str] = None, max_new_tokens: int = 4) -> dict:
+    """The same question on a device and on this host, same runtime: do the device's kernels give the host's
+    numbers? First-token logits within the bundle's verify tolerance (its relative-error bound when the
+    bundle is quantized: int8 kernels round differently per ISA) and the same greedy tokens."""
+    import numpy as np
+    from dataclasses import asdict
+
+    from vlmc.devices import LocalDevice, DeviceConfig, resolve
+    from vlmc.exporter.verify import check_row
+    from vlmc.recipe import VerifyOptions
+    from vlmc.runtimes import check_runtime
+
+    check_runtime(runtime)
+    target_device = resolve(device, devices_file)
+    if target_device.is_local:
+        raise VlmcError("--device names this host; compare needs another device to compare it with")
+    if max_new_tokens < 1:
+        raise VlmcError("--max-new-tokens must be at least 1")
+    b = Bundle(bundle)
+    _, ids, pixels = _prompt_inputs(b, image, prompt)
+    here = LocalDevice(DeviceConfig("local", "local")).generate(b, runtime, asdict(ids), pixels, max_new_tokens, with_logits=True)
+    there = target_device.generate(b, runtime, asdict(ids), pixels, max_new_tokens, with_logits=True)
+    tol = VerifyOptions.model_validate(b.manifest["recipe"].get("verify", {}))
+    quantized = bool(b.manifest.get("quantization"))
+    row = check_row(target_device.name, "first token", "logits", np.asarray(there["first_logits"]), np.asarray(here["first_logits"]),
+                    tol.atol, tol.rtol, tol.quantized_rel_err if quantized else None)
+    if quantized:
+        row["bound"] = tol.quantized_rel_err
+    tokens_agree = there["tokens"] == here["tokens"]
+    return {"bundle": str(b.path), "runtime": runtime, "device": target_device.name, "quantized": quantized,
+            "logits": row, "tokens": {"device": there["tokens"], "host": here["tokens"], "agree": tokens_agree},
+            "agrees": bool(row["passed"] and tokens_agree)}
 
 
 def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,

@@ -184,11 +184,14 @@ def _device_options(f):
                              "qemu-aarch64, tvm-rpc://tracker:port/key")(f)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--devices", "devices_file", default=None, help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def devices(devices_file, as_json):
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def devices(ctx, devices_file, as_json):
     """The configured devices, each reached and checked: machine, runtimes, or why it cannot be used."""
+    if ctx.invoked_subcommand:
+        return
     from vlmc.devices import check_all
 
     rows = check_all(devices_file)
@@ -197,6 +200,19 @@ def devices(devices_file, as_json):
     _console().print(_table("devices", ["name", "url", "status", "machine", "runtimes"], [
         [r["name"], r["url"], "ok" if r["ok"] else f"[red]{r['error']}[/red]", r.get("machine", ""), ", ".join(r.get("runtimes", []))]
         for r in rows]))
+
+
+@devices.command(name="setup")
+@click.argument("kind", type=click.Choice(["qemu-aarch64"]))
+@click.option("--sysroot", type=click.Path(path_type=Path), default=None,
+              help="where the emulated user space goes (default $VLMC_CACHE/qemu-aarch64, $VLMC_CACHE defaulting to ~/.cache/vlmc)")
+@click.option("--force", is_flag=True, help="rebuild it even if it is there")
+def devices_setup(kind, sysroot, force):
+    """Fetch what a device kind needs on this host: qemu-aarch64's Debian arm64 user space and aarch64 wheels."""
+    from vlmc.devices.qemu import setup
+
+    info = setup(sysroot, _progress(True), force=force)
+    click.echo(f"{kind}: Debian {info['debian']} arm64 ({len(info['packages'])} packages), onnxruntime {info['onnxruntime']}")
 
 
 @cli.command()
@@ -257,6 +273,33 @@ def run(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as
     if as_json:
         return _json_out(result)
     click.echo(result["text"])
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runtime", default="onnxruntime", show_default=True, help="onnxruntime | executorch | tvm")
+@click.option("--image", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True)
+@click.option("--max-new-tokens", default=4, show_default=True)
+@click.option("--device", "-d", required=True, help="a name from the devices file or a URL (ssh://, adb://, qemu-aarch64)")
+@click.option("--devices", "devices_file", default=None, help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")
+@click.option("--json", "as_json", is_flag=True)
+def compare(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as_json):
+    """The device's kernels against this host's: the same question, same runtime, logits and tokens compared."""
+    from vlmc import api
+
+    result = api.compare(bundle, runtime, image, prompt, device, devices_file, max_new_tokens)
+    if as_json:
+        _json_out(result)
+    else:
+        row = result["logits"]
+        measure = (f"rel err {row['rel_err']:.3g} (bound {row['bound']:.3g})" if result["quantized"]
+                   else f"max |diff| {row['max_abs_err']:.3g} ({row['tolerance_used']:.3g} x tolerance)")
+        click.echo(f"{result['device']} vs this host on {runtime}: first-token logits {measure}; "
+                   f"tokens {'agree' if result['tokens']['agree'] else 'differ'} ({result['tokens']['device']} vs {result['tokens']['host']})")
+        click.echo("agrees" if result["agrees"] else "DIFFERS")
+    if not result["agrees"]:
+        sys.exit(1)
 
 
 @cli.command(name="eval")

@@ -45,7 +45,7 @@ def make_sample(ctx: ExportContext) -> Sample:
     return Sample(image, prompt)
 
 
-def _row(target, program, check, got, ref, atol, rtol, rel_err=None) -> dict:
+def check_row(target, program, check, got, ref, atol, rtol, rel_err=None) -> dict:
     """One check; `rel_err` (a quantized program) switches to the relative-error criterion."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     if got.shape != ref.shape:
@@ -103,7 +103,7 @@ class Verifier:
 
     def _check(self, target, program, check, got, ref) -> dict:
         rel = self.quantized_rel_err if self.ctx.scheme(program) else None
-        return _row(target, program, check, got, ref, self.atol, self.rtol, rel)
+        return check_row(target, program, check, got, ref, self.atol, self.rtol, rel)
 
     def _common(self, target: str, session: Session, image) -> list[dict]:
         return [
