@@ -93,12 +93,9 @@ def devices_file(tmp_path_factory, request):
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    """The built-in model on onnx, executorch and tvm."""
-    from vlmc import api
-
-    return api.compile({"targets": ["onnx", "executorch", "tvm"]},
-                       tmp_path_factory.mktemp("device_bundle") / "shapes")
+def bundle(pruned_every_target):
+    """The tiny model with DivPrune on onnx, executorch, coreml and tvm (the session's shared bundle)."""
+    return pruned_every_target
 
 
 @pytest.fixture(scope="session")

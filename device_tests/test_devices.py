@@ -9,25 +9,20 @@ import pytest
 from vlmc import api
 from vlmc.devices import resolve
 
-QUESTION = "what color is the circle?"
+QUESTION = "what color is the circle ?"  # in the vocabularies of the tiny model and the built-in one
 
 
 @pytest.fixture(scope="session")
 def eager_reference(bundle, sample_image):
-    """The eager model's first-token logits and greedy tokens on the sample question."""
-    from vlmc.devices import LocalDevice, DeviceConfig  # noqa: F401
+    """The eager model's (with the bundle's passes) first-token logits and greedy tokens on the sample question."""
     from vlmc.models_zoo.tokenizer import TextTokenizer
-    from vlmc.runtimes.base import DecoderShape
-    from vlmc.runtimes.eager_runner import EagerSession
     from vlmc.runtimes.generate import generate, record
     from vlmc.runtimes.image import load_image
-    from vlmc.models_zoo import load
 
     p = bundle.manifest["prompt"]
     ids = TextTokenizer(bundle.path).prompt(p["template"], QUESTION, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
     pixels = load_image(sample_image, p["image_size"], p.get("image_resize"))
-    session = EagerSession(load(bundle.manifest["model"]["source"]).model, DecoderShape.from_manifest(bundle.manifest))
-    return ids, pixels, record(generate(session, ids, pixels, 6, set(p["eos_token_ids"])), with_logits=True)
+    return ids, pixels, record(generate(api.session(bundle, "eager"), ids, pixels, 6, set(p["eos_token_ids"])), with_logits=True)
 
 
 def test_programs_match_eager(device_runtime, bundle, devices_file, eager_reference):

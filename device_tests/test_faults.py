@@ -78,11 +78,12 @@ def test_no_vlmc_there(sshd, tmp_path):
     expect_error(ssh_device(sshd, python=str(bare / "bin" / "python")).check, "has no vlmc", 20)
 
 
-def test_wrong_architecture(sshd, bundle, tmp_path):
+def test_wrong_architecture(sshd, tiny_ckpt, tmp_path):
     """A TVM bundle built for aarch64 only, sent to an x86-64 machine."""
     from vlmc.runtimes.tvm_runner import host_architecture
 
-    arm_only = api.compile({"targets": ["tvm"], "tvm": {"architectures": ["aarch64"]}, "max_context": 220}, tmp_path / "arm")
+    arm_only = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "tvm": {"architectures": ["aarch64"]},
+                            "max_context": 48}, tmp_path / "arm")
     assert arm_only.manifest["targets"]["tvm"]["programs"]["vision_encoder"]["libraries"] == {"aarch64": "vision_encoder.aarch64.so"}
     message = expect_error(lambda: ssh_device(sshd).profile(arm_only, "tvm", 0, 1, False, 1, lambda m: None), "built for aarch64", 120)
     assert host_architecture() in message

@@ -1,27 +1,7 @@
-"""Shared fixtures: a tiny checkpoint built with transformers, and bundles exported from it once."""
+"""Fixtures of tests/ (the tiny checkpoint and its shared bundles are in the root conftest.py)."""
 from __future__ import annotations
 
 import pytest
-
-from tests.helpers import make_hf_llava
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llava")
-    make_hf_llava(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_ckpt):
-    """The tiny model on every target (16 image tokens, 64-slot cache, 40-token prefill)."""
-    from vlmc import api
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 64,
-                        "max_prompt": 40, "prompt_template": "USER : <image> {prompt} ASSISTANT :"}, out)
-
 
 @pytest.fixture(scope="session")
 def sample_image(tmp_path_factory):

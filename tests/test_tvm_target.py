@@ -11,10 +11,9 @@ TEMPLATE = "USER : <image> {prompt} ASSISTANT :"
 
 
 @pytest.fixture(scope="module")
-def tvm_bundle(tmp_path_factory, tiny_ckpt):
-    return api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 64, "max_prompt": 40,
-                        "prompt_template": TEMPLATE, "tvm": {"architectures": ["host", "aarch64"]},
-                        "passes": [{"name": "divprune", "keep": 8}]}, tmp_path_factory.mktemp("tvm") / "tiny")
+def tvm_bundle(pruned_every_target):
+    """DivPrune keeping 8 of 16 image tokens; TVM libraries for the host and aarch64 (built once per session)."""
+    return pruned_every_target
 
 
 def test_tvm_bundle_is_verified_on_the_host_and_cross_built(tvm_bundle):
