@@ -77,6 +77,58 @@ class BundleWriter:
         return self.out
 
 
+def check_file_name(bundle: Path, name) -> str:
+    """A bundle's files sit at its top level: a name is one plain path component, never absolute or `..`."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise VlmcError(f"bundle {bundle}: manifest.json names {name!r}, which is not a file inside the bundle (a bundle reads only itself)")
+    return name
+
+
+def check_confined(bundle: Path, name: str) -> None:
+    """A listed file is a regular file or a folder of regular files (an .mlpackage), with no symlinks: nothing
+    it names can lead outside the bundle, and nothing else (a device, a FIFO) is ever opened."""
+    p = bundle / name
+    entries = [p] + (sorted(p.rglob("*")) if p.is_dir() and not p.is_symlink() else [])
+    for entry in entries:
+        if entry.is_symlink():
+            raise VlmcError(f"bundle {bundle}: {entry.relative_to(bundle)} is a symlink (a bundle reads only itself)")
+        if not (entry.is_file() or entry.is_dir()):
+            raise VlmcError(f"bundle {bundle}: {entry.relative_to(bundle)} is not a regular file")
+
+
+MANIFEST_KINDS = {"name": str, "model": dict, "prompt": dict, "decoder": dict, "recipe": dict, "passes": list,
+                  "targets": dict, "files": dict}
+
+
+def check_manifest_shape(bundle: Path, manifest: dict) -> None:
+    """The manifest's structure, checked once on load so no reader meets a field of the wrong kind; every
+    file it names is checked to sit inside the bundle before anything is opened."""
+    def refuse(where: str, what: str):
+        raise VlmcError(f"bundle {bundle}: manifest.json '{where}' must be {what}")
+
+    for key, kind in MANIFEST_KINDS.items():
+        if not isinstance(manifest.get(key), kind):
+            refuse(key, f"a {'mapping' if kind is dict else kind.__name__}")
+    for name, entry in manifest["files"].items():
+        check_file_name(bundle, name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            refuse(f"files.{name}", "a mapping with its sha256")
+    for target, entry in manifest["targets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("programs"), dict):
+            refuse(f"targets.{target}", "a mapping with 'programs'")
+        for program, spec in entry["programs"].items():
+            where = f"targets.{target}.programs.{program}"
+            if not isinstance(spec, dict):
+                refuse(where, "a mapping")
+            names = ([spec["file"]] if "file" in spec else []) + list(spec.get("files") or [])
+            if not isinstance(spec.get("files", []), list) or any(not isinstance(n, str) for n in names):
+                refuse(where, "a mapping whose 'file' and 'files' name files")
+            for name in names:
+                check_file_name(bundle, name)
+                if name not in manifest["files"]:
+                    raise VlmcError(f"bundle {bundle}: {where} names {name}, which manifest.json's 'files' does not list")
+
+
 class Bundle:
     """A bundle on disk: its manifest, and its files once their hashes check out."""
 
@@ -91,8 +143,10 @@ class Bundle:
             self.manifest = json.loads(mf.read_text())
         except json.JSONDecodeError as e:
             raise VlmcError(f"bundle {path}: manifest.json is not valid JSON ({e.msg})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise VlmcError(f"bundle {path}: unsupported format {self.manifest.get('format')!r} (expected {FORMAT})")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise VlmcError(f"bundle {path}: unsupported format {found!r} (expected {FORMAT})")
+        check_manifest_shape(self.path, self.manifest)
         self._checked: set[str] = set()
 
     @property
@@ -111,11 +165,12 @@ class Bundle:
     def file(self, name: str) -> Path:
         """Path of a bundle file after checking its sha256 against the manifest."""
         entry = self.manifest["files"].get(name)
-        p = self.path / name
         if entry is None:
             raise VlmcError(f"bundle {self.path}: {name} is not listed in manifest.json")
+        p = self.path / check_file_name(self.path, name)
         if not p.exists():
             raise VlmcError(f"bundle {self.path}: {name} is missing")
+        check_confined(self.path, name)
         if name not in self._checked:
             if sha256_of(p) != entry["sha256"]:
                 raise VlmcError(f"bundle {self.path}: {name} does not match its sha256 in manifest.json (changed since export)")

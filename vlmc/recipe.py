@@ -86,8 +86,10 @@ class Recipe(Strict):
     @classmethod
     def _named(cls, v):
         for i, spec in enumerate(v):
-            if not isinstance(spec.get("name"), str):
+            if "name" not in spec:
                 raise ValueError(f"pass {i} has no name")
+            if not isinstance(spec["name"], str):
+                raise ValueError(f"pass {i}: 'name' must be a pass's name (vlmc passes lists them), not {spec['name']!r}")
         return v
 
     @field_validator("prompt_template")
@@ -154,8 +156,12 @@ def load(path: Optional[str], overrides: dict) -> Recipe:
             continue
         node = data
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                field = ".".join(parents[:depth])
+                raise VlmcError(f"{path or 'command line'}: recipe field '{field}': expected a mapping, got {node!r} "
+                                f"(the command line sets {key})")
         node[leaf] = value
     return build(data, path or "command line")
 

@@ -103,7 +103,11 @@ def lower(ctx: ExportContext) -> dict:
     if ctx.loaded.bos_token_id is not None:
         constants["get_bos_id"] = ctx.loaded.bos_token_id
     ctx.progress(f"executorch: lowering to {r.executorch.backend}")
-    partitioner = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()] if r.executorch.backend == "xnnpack" else []
+    # the dynamically-quantized partitioner only when a part is w8 or w4 (dynamic int8 activations): on a float
+    # or static-int8 program it finds nothing and costs a second partitioning pass over every method
+    dynamic = any(scheme.name in ("w8", "w4") for scheme in ctx.quant.schemes.values())
+    partitioner = ([XnnpackDynamicallyQuantizedPartitioner()] if dynamic else []) + [XnnpackPartitioner()] \
+        if r.executorch.backend == "xnnpack" else []
     try:
         edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

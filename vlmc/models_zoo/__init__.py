@@ -116,7 +116,9 @@ def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedMode
     import safetensors.torch
 
     from vlmc.models_zoo import presets
-    from vlmc.models_zoo.core import load_state, skip_init
+    import torch
+
+    from vlmc.models_zoo.core import assign_state, check_state, skip_init
 
     preset = spec[len("preset:"):] if spec.startswith("preset:") else None
     if preset is not None:
@@ -153,10 +155,15 @@ def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedMode
         model = family_module.build(cfg, directory, preprocessor, **options)
         presets.random_init(model)
     else:
+        with torch.device("meta"):  # the config's shapes, checked against the weights before anything is allocated
+            skeleton = family_module.build(cfg, directory, preprocessor, **options)
+        tied = skeleton.config.text.tie_word_embeddings
+        state = check_state(skeleton, tensors, str(directory), family_module.normalize_hf_key, tied)
+        del skeleton, tensors
         with skip_init():  # the checkpoint's tensors become the parameters: no second copy of the weights
             model = family_module.build(cfg, directory, preprocessor, **options)
-        load_state(model, tensors, str(directory), family_module.normalize_hf_key, model.config.text.tie_word_embeddings)
-        del tensors
+        assign_state(model, state, tied)
+        del state
     if tokenizer.vocab_size > model.config.text.vocab_size:
         raise VlmcError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.text.vocab_size}")
     return LoadedModel(name, family, source, directory, model.eval(), tokenizer, random_weights=preset is not None)

@@ -448,12 +448,12 @@ def skip_init():
             cls.reset_parameters = fn
 
 
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, normalize_key, tied: bool) -> None:
-    """Load a checkpoint's tensors strictly (names mapped by `normalize_key`): missing or unexpected names
-    and shape mismatches are errors, not silent skips. `tied`: the head shares the embedding table. The
-    tensors become the parameters (float32; assigned, not copied)."""
+def check_state(skeleton: nn.Module, tensors: dict[str, torch.Tensor], source: str, normalize_key, tied: bool) -> dict:
+    """A checkpoint's tensors (names mapped by `normalize_key`) against the parameters a model built from its
+    config would have — `skeleton`, built on the meta device so a config that implies terabytes allocates
+    nothing: missing or unexpected names and shape mismatches are errors, not silent skips."""
     state = {normalize_key(k): v for k, v in tensors.items()}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("insertions.")}
+    expected = {k: v for k, v in skeleton.state_dict().items() if not k.startswith("insertions.")}
     if tied:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
@@ -466,6 +466,11 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, 
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise VlmcError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+    return state
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], tied: bool) -> None:
+    """The checked tensors become the parameters (float32; assigned, not copied); a tied head shares the table."""
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight

@@ -93,7 +93,7 @@ def build(spec: dict) -> Pass:
     if not isinstance(spec, dict) or "name" not in spec:
         raise VlmcError("recipe field 'passes': each pass needs a 'name'")
     name = spec["name"]
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise VlmcError(f"unknown pass {name!r} (vlmc passes lists: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     params = {k: v for k, v in spec.items() if k != "name"}
@@ -118,7 +118,10 @@ def parse_cli(text: str) -> dict:
         key, eq, value = part.partition("=")
         if not eq:
             raise VlmcError(f"--pass {text!r}: expected key=value, got {part!r}")
-        spec[key.strip()] = yaml.safe_load(value)
+        try:
+            spec[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:  # not a YAML scalar (`at=@x`): the text itself, for the pass to accept or refuse
+            spec[key.strip()] = value
     return spec
 
 

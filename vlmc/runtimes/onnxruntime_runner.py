@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
-
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
@@ -18,6 +19,8 @@ class OnnxSession(StaticCacheSession):
         import onnxruntime as ort
 
         self.sessions = {}
+        # profiler traces go to a folder of their own, never into the bundle (which may be read-only)
+        self.trace_dir = tempfile.mkdtemp(prefix="vlmc-ortprofile-") if profile_ops else None
         for program, path in files.items():
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -25,7 +28,7 @@ class OnnxSession(StaticCacheSession):
                 opts.intra_op_num_threads = threads
             if profile_ops:
                 opts.enable_profiling = True
-                opts.profile_file_prefix = str(Path(path).with_suffix("")) + ".ortprofile"
+                opts.profile_file_prefix = str(Path(self.trace_dir) / program)
             try:
                 self.sessions[program] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -48,5 +51,6 @@ class OnnxSession(StaticCacheSession):
                     key = (program, ev.get("args", {}).get("op_name", "?"))
                     totals[key][0] += 1
                     totals[key][1] += ev.get("dur", 0) / 1000.0
+        shutil.rmtree(self.trace_dir, ignore_errors=True)
         return [{"program": p, "op": op, "calls": n, "total_ms": round(ms, 4), "mean_ms": round(ms / n, 5)}
                 for (p, op), (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])]

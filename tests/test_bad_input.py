@@ -1,0 +1,126 @@
+"""The bad-input catalogue: each case is exit status 2 and one `error:` line naming what is wrong, and
+nothing is read from outside the bundle or left behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmc.bundle import sha256_of, size_of
+
+
+def vlmc(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmc.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def onnx_copy(tiny_bundle, tmp_path) -> Path:
+    """A private copy of the tiny bundle's ONNX target, safe to tamper with."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    return copy
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def list_file(manifest: dict, name: str, real: Path) -> None:
+    """List `name` with the hash of `real`: what an attacker who edits the manifest would write."""
+    manifest["files"][name] = {"sha256": sha256_of(real), "bytes": size_of(real)}
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "..", "sub/../../x", ""])
+def test_a_manifest_naming_a_file_outside_the_bundle_is_refused(onnx_copy, name):
+    edit_manifest(onnx_copy, lambda m: list_file(m, name, Path("/etc/hostname")))
+    assert_clean_error(vlmc("inspect", onnx_copy), "which is not a file inside the bundle")
+
+
+def test_a_program_loaded_from_outside_the_bundle_is_refused(onnx_copy, tmp_path, sample_image):
+    """A program's file re-pointed at an absolute path holding a valid model with its hash: never loaded."""
+    outside = tmp_path / "elsewhere" / "vision_encoder.onnx"
+    outside.parent.mkdir()
+    shutil.copy(onnx_copy / "vision_encoder.onnx", outside)
+
+    def repoint(m):
+        m["targets"]["onnx"]["programs"]["vision_encoder"]["file"] = str(outside)
+        list_file(m, str(outside), outside)
+
+    edit_manifest(onnx_copy, repoint)
+    r = vlmc("run", onnx_copy, "--runtime", "onnxruntime", "--image", sample_image, "-p", "what color is the circle ?")
+    assert_clean_error(r, str(outside), "not a file inside the bundle")
+
+
+def test_a_symlink_leading_out_of_the_bundle_is_refused(onnx_copy, tmp_path):
+    outside = tmp_path / "tokenizer.json"
+    shutil.move(onnx_copy / "tokenizer.json", outside)
+    os.symlink(outside, onnx_copy / "tokenizer.json")  # same bytes, same hash: only the link gives it away
+    assert_clean_error(vlmc("inspect", onnx_copy), "tokenizer.json is a symlink")
+
+
+def test_a_symlink_inside_a_package_folder_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy, symlinks=True)
+    package = next(p for p in copy.iterdir() if p.suffix == ".mlpackage")
+    weights = next(p for p in package.rglob("*") if p.is_file())
+    os.symlink("/etc/hostname", weights.parent / "extra")
+    edit_manifest(copy, lambda m: list_file(m, package.name, package))
+    assert_clean_error(vlmc("inspect", copy), "is a symlink")
+
+
+def test_a_manifest_of_the_wrong_shape_is_a_clean_error(onnx_copy):
+    for manifest in ([1, 2], {"format": "vlmc-bundle/1", "files": ["a"]}, {"format": "vlmc-bundle/1", "files": {"a": 3}}):
+        (onnx_copy / "manifest.json").write_text(json.dumps(manifest))
+        assert_clean_error(vlmc("inspect", onnx_copy), str(onnx_copy))
+
+
+def test_profile_ops_writes_nothing_into_the_bundle(onnx_copy):
+    before = sorted(p.relative_to(onnx_copy) for p in onnx_copy.rglob("*"))
+    r = vlmc("profile", onnx_copy, "--runtime", "onnxruntime", "--ops", "-n", "1", "--warmup", "0", "--new-tokens", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert any(row["program"] == "vision_encoder" for row in json.loads(r.stdout)["ops"])
+    assert sorted(p.relative_to(onnx_copy) for p in onnx_copy.rglob("*")) == before
+
+
+def test_a_config_implying_terabytes_is_refused_before_allocating(tiny_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 100_000_000_000  # 25.6 TB of float32 embeddings if allocated
+    (ckpt / "config.json").write_text(json.dumps(config))
+    r = vlmc("export", "--model", ckpt, "--target", "onnx", "-o", tmp_path / "out")
+    assert_clean_error(r, "config implies (100000000000, 64)")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("recipe, flags, fragment", [
+    ("coreml: 5\n", ["--coreml-precision", "fp16"], "recipe field 'coreml': expected a mapping, got 5"),
+    ("passes: [{name: [1]}]\n", [], "recipe field 'passes': pass 0: 'name' must be a pass's name"),
+    ("passes: [{name: divprune, keep: '@'}]\n", [], "pass divprune: parameter 'keep'"),
+])
+def test_recipe_fields_of_the_wrong_kind(tmp_path, recipe, flags, fragment):
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    r = vlmc("export", "--recipe", tmp_path / "recipe.yaml", *flags, "--target", "onnx", "-o", tmp_path / "out")
+    assert_clean_error(r, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pass_value_that_is_not_yaml_is_taken_as_text(tmp_path):
+    r = vlmc("export", "--pass", "divprune:keep=@", "--target", "onnx", "-o", tmp_path / "out")
+    assert_clean_error(r, "pass divprune: parameter 'keep'")
