@@ -124,3 +124,99 @@ def test_recipe_fields_of_the_wrong_kind(tmp_path, recipe, flags, fragment):
 def test_a_pass_value_that_is_not_yaml_is_taken_as_text(tmp_path):
     r = vlmc("export", "--pass", "divprune:keep=@", "--target", "onnx", "-o", tmp_path / "out")
     assert_clean_error(r, "pass divprune: parameter 'keep'")
+
+
+def test_a_killed_export_leaves_nothing_once_the_next_one_starts(tmp_path):
+    """SIGKILL at several points of an export: the partial folder it leaves is swept by the next export."""
+    import signal
+    import time
+
+    from vlmc.bundle import BundleWriter
+
+    out = tmp_path / "m"
+    for delay in (0.0, 1.5, 4.0):
+        proc = subprocess.Popen([sys.executable, "-m", "vlmc.cli", "export", "--target", "onnx", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.*.partial")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert list(tmp_path.glob(".m.*.partial")), f"no partial bundle to sweep (killed after {delay} s)"
+        with BundleWriter(out):
+            assert [p.name for p in tmp_path.glob(".m.*.partial")] != [] and all(
+                (p / ".vlmc-owner").read_text().split()[0] == str(os.getpid()) for p in tmp_path.glob(".m.*.partial"))
+        assert not list(tmp_path.glob(".m.*")) and not out.exists()
+
+
+def test_exports_racing_to_force_one_output_both_finish(tmp_path):
+    import threading
+
+    from vlmc.bundle import Bundle, BundleWriter
+
+    out = tmp_path / "m"
+    errors = []
+
+    def export(tag: str):
+        try:
+            for _ in range(20):
+                with BundleWriter(out, force=True) as w:
+                    w.path("weights.bin").write_text(tag)
+                    w.commit({"format": "vlmc-bundle/1", "name": tag, "model": {}, "prompt": {}, "decoder": {},
+                              "recipe": {}, "passes": [], "targets": {}})
+        except Exception as e:  # noqa: BLE001 (any failure is the test's finding)
+            errors.append(e)
+
+    threads = [threading.Thread(target=export, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    b = Bundle(out)
+    assert b.file("weights.bin").read_text() == b.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_an_output_whose_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(vlmc("export", "--target", "onnx", "-o", tmp_path / "file" / "m"), "cannot create it")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (PIL refuses it on open, before decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+
+def test_images_too_large_to_decode_and_16_bit_greyscale(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vlmc.errors import VlmcError
+    from vlmc.runtimes.image import load_image
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(VlmcError, match="too large to decode safely"):
+        load_image(bomb, 32)
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    pixels = load_image(tmp_path / "grey16.png", 32, {"rule": "square", "filter": "nearest"})
+    assert pixels.min() <= 5 and pixels.max() >= 250 and 100 < pixels.mean() < 155  # a ramp, not a white square
+
+
+def test_eval_refuses_a_non_utf8_dataset_and_no_questions(tmp_path):
+    bad = tmp_path / "questions.jsonl"
+    bad.write_bytes(b'{"image": "a.png", "question": "caf\xe9", "answer": "x"}\n')
+    assert_clean_error(vlmc("eval", "shapes-llava", "--runtime", "eager", "--dataset", bad), "not UTF-8 text")
+    for n in ("0", "-1"):
+        assert_clean_error(vlmc("eval", "shapes-llava", "--runtime", "eager", "--dataset", bad, "--n", n), "--n must be at least 1")

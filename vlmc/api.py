@@ -139,6 +139,8 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
     from vlmc.runtimes.base import DecoderShape
     from vlmc.runtimes.eager_runner import EagerSession
 
+    if n is not None and n < 1:
+        raise VlmcError(f"--n must be at least 1 (got {n})")
     check_runtime(runtime)
     path = Path(target)
     if (path / "manifest.json").is_file():

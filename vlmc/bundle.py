@@ -6,11 +6,13 @@ manifest before a runtime loads it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,40 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+OWNER = ".vlmc-owner"  # inside a partial bundle: the exporting process, so a later export can tell it died
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), which tells a live PID from a reused one; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def sweep_stale_partials(out: Path, older_than_s: float = 3600.0) -> list[Path]:
+    """Remove the partial bundles of exports to `out` that died (killed, power loss): their owner process is
+    gone or is another process now; an ownerless one (older vlmc) only once it is `older_than_s` old."""
+    import time
+
+    removed = []
+    for partial in out.parent.glob(f".{out.name}.*.partial"):
+        owner = partial / OWNER
+        try:
+            pid, start = owner.read_text().split()
+            alive = _process_start(int(pid)) == start
+        except (OSError, ValueError):
+            try:
+                alive = time.time() - partial.stat().st_mtime < older_than_s
+            except OSError:
+                continue
+        if not alive:
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
 class BundleWriter:
     """Collects a bundle in a temporary folder beside `out`; `commit` renames it into place."""
 
@@ -45,8 +81,13 @@ class BundleWriter:
             raise VlmcError(f"output {out} exists (use --force to replace it)")
         if out.exists() and not (out / "manifest.json").is_file():
             raise VlmcError(f"output {out} exists and is not a vlmc bundle; refusing to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_partials(out)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+            (self.dir / OWNER).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+        except OSError as e:  # a parent that is a file, a read-only place, a full disk
+            raise VlmcError(f"output {out}: cannot create it ({e.strerror or e.__class__.__name__}: {e.filename or out.parent})") from None
 
     def __enter__(self) -> "BundleWriter":
         return self
@@ -59,6 +100,7 @@ class BundleWriter:
         return self.dir / name
 
     def commit(self, manifest: dict[str, Any]) -> Path:
+        (self.dir / OWNER).unlink()
         manifest["files"] = {
             p.name: {"sha256": sha256_of(p), "bytes": size_of(p)}
             for p in sorted(self.dir.iterdir()) if p.name not in ("manifest.json",)
@@ -67,13 +109,24 @@ class BundleWriter:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, self.dir / "manifest.json")
         self.dir.chmod(0o755)  # mkdtemp made it private
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.dir, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # Two exports may --force the same output at once: each moves whatever is there aside and renames its
+        # own into place, retrying if the other got in between; the last one wins, neither fails half-way.
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        for _ in range(10):
+            if self.out.exists():
+                try:
+                    os.replace(self.out, old)
+                except FileNotFoundError:
+                    pass  # the other export moved it first
+            try:
+                os.replace(self.dir, self.out)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise VlmcError(f"output {self.out}: cannot move the finished bundle into place ({e.strerror})") from None
+        else:
+            raise VlmcError(f"output {self.out}: another export kept replacing it; nothing of this one was kept")
+        shutil.rmtree(old, ignore_errors=True)
         return self.out
 
 

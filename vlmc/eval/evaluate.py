@@ -65,10 +65,14 @@ def jsonl_questions(path: Path, n: Optional[int], image_size: int, resize: Optio
 
     if not path.is_file():
         raise VlmcError(f"dataset {path}: no such file")
-    lines = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VlmcError(f"dataset {path}: not UTF-8 text (byte {e.start})") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not lines:
         raise VlmcError(f"dataset {path}: no questions")
-    for lineno, line in lines[:n] if n else lines:
+    for lineno, line in lines[:n] if n is not None else lines:
         where = f"{path.name} line {lineno}"
         try:
             row = json.loads(line)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, first_line
 
 CLIP_RESIZE = {"rule": "shortest_edge_center_crop", "filter": "bicubic"}
 RULES = ("shortest_edge_center_crop", "square", "longest_edge_then_square")
@@ -57,15 +57,29 @@ def resize(im, size: int, rule: Optional[dict] = None):
     raise VlmcError(f"image resize rule {kind!r} is not one of {', '.join(RULES)}")
 
 
+def to_rgb(im):
+    """8-bit RGB. 16- and 32-bit greyscale (PIL modes I;16*, I) are scaled by their range to 0-255 first:
+    PIL's own convert clips them, turning most 16-bit images all white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        full = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(a * 255.0 / full), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path, size: int, rule: Optional[dict] = None) -> np.ndarray:
     """An image file as uint8 [3, size, size], resized by the family's `rule` (default: CLIP's)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = resize(im.convert("RGB"), size, rule)
+            im = resize(to_rgb(im), size, rule)
             return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
     except FileNotFoundError:
         raise VlmcError(f"image {path}: no such file") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against images that decode to gigabytes
+        raise VlmcError(f"image {path}: too large to decode safely ({first_line(e)})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise VlmcError(f"image {path}: cannot read it as an image ({e.__class__.__name__})") from None
