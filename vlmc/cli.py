@@ -338,8 +338,9 @@ def evaluate(target, runtime, dataset, split, count, as_json):
 @click.option("--runtimes", default="onnxruntime,executorch", show_default=True, help="token methods: accuracy on the first; quantization: on each; latency on each")
 @click.option("--iterations", default=10, show_default=True)
 @click.option("--out", "-o", default=None, type=click.Path(path_type=Path), help="default docs/sweep, or docs/quant_sweep with --quant")
+@click.option("--force", is_flag=True, help="replace the results of an earlier sweep in --out")
 @click.option("--json", "as_json", is_flag=True)
-def sweep(model, methods, keep, quant, count, runtimes, iterations, out, as_json):
+def sweep(model, methods, keep, quant, count, runtimes, iterations, out, force, as_json):
     """Token methods x kept tokens, or quantization schemes (--quant): accuracy, retention, agreement,
     sizes, measured vs ideal speedup."""
     from vlmc import sweep as sweeping
@@ -358,14 +359,14 @@ def sweep(model, methods, keep, quant, count, runtimes, iterations, out, as_json
         if r not in ("onnxruntime", "executorch"):
             raise VlmcError(f"--runtimes: {r!r} cannot be swept here (onnxruntime, executorch)")
     progress = None if as_json else _progress(True)
+    out = out or Path("docs/quant_sweep" if quant else "docs/sweep")
+    sweeping.check_output(out, force)
     if quant:
         for config in quant:
             sweeping.parse_quant_config(config)
-        out = out or Path("docs/quant_sweep")
         result = sweeping.quant_sweep(model, list(quant), count, rts, out, iterations, progress=progress)
         table = sweeping.quant_markdown(result)
     else:
-        out = out or Path("docs/sweep")
         result = sweeping.sweep(model, method_list, keeps, count, rts, out, iterations, progress=progress)
         table = sweeping.to_markdown(result)
     if as_json:

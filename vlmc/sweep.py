@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,23 @@ def _row(label: str, spec: Optional[dict], bundle, evaluation: dict, profiles: d
     return row
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Like export: an earlier sweep's results are replaced only with --force (checked before the work)."""
+    if not force and ((out / "sweep.json").exists() or (out / "sweep.md").exists()):
+        raise VlmcError(f"output {out} holds a sweep's results (use --force to replace them)")
+    if out.exists() and not out.is_dir():
+        raise VlmcError(f"output {out} is a file, not a folder")
+
+
+def write_results(out: Path, result: dict, markdown: str) -> None:
+    """sweep.json and sweep.md, each written whole (a temporary file renamed into place)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("sweep.json", json.dumps(result, indent=2) + "\n"), ("sweep.md", markdown)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
 def sweep(model: str, methods: list[str], keeps: list[int], n: int, runtimes: list[str], out: Path,
           iterations: int = 10, progress: Optional[Callable[[str], None]] = None) -> dict:
     progress = progress or (lambda m: None)
@@ -105,9 +123,7 @@ def sweep(model: str, methods: list[str], keeps: list[int], n: int, runtimes: li
             rows.append(row)
     result = {"model": model, "dataset": "shapes-vqa test", "n": n, "runtimes": runtimes, "iterations": iterations,
               "seconds": round(time.time() - started, 1), "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "sweep.md").write_text(to_markdown(result))
+    write_results(out, result, to_markdown(result))
     return result
 
 
@@ -191,9 +207,7 @@ def quant_sweep(model: str, configs: list[str], n: int, runtimes: list[str], out
             rows.append(row)
     result = {"kind": "quantization", "model": model, "dataset": "shapes-vqa test", "n": n, "runtimes": runtimes,
               "targets": targets, "iterations": iterations, "seconds": round(time.time() - started, 1), "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "sweep.md").write_text(quant_markdown(result))
+    write_results(out, result, quant_markdown(result))
     return result
 
 
