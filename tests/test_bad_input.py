@@ -227,3 +227,14 @@ def test_sweep_keeps_earlier_results_without_force(tmp_path):
     r = vlmc("sweep", "--keep", "22", "--n", "8", "-o", tmp_path)
     assert_clean_error(r, f"output {tmp_path} holds a sweep's results (use --force to replace them)")
     assert (tmp_path / "sweep.json").read_text() == "{}"
+
+
+def test_the_python_api_works_from_an_unguarded_script(tiny_bundle, tmp_path):
+    """profile's measuring process is a fresh interpreter that never re-runs the caller's script."""
+    script = tmp_path / "snippet.py"
+    script.write_text("import vlmc.api as vlmc\n"
+                      "print('ran')\n"
+                      f"print(vlmc.profile({str(tiny_bundle.path)!r}, 'onnxruntime', warmup=0, iterations=1, new_tokens=1)['stages']['prefill_ms'] > 0)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ran", "True"]  # the script ran once

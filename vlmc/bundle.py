@@ -111,11 +111,13 @@ class BundleWriter:
         self.dir.chmod(0o755)  # mkdtemp made it private
         # Two exports may --force the same output at once: each moves whatever is there aside and renames its
         # own into place, retrying if the other got in between; the last one wins, neither fails half-way.
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        moved_aside = []
         for _ in range(10):
             if self.out.exists():
+                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 try:
                     os.replace(self.out, old)
+                    moved_aside.append(old)
                 except FileNotFoundError:
                     pass  # the other export moved it first
             try:
@@ -126,7 +128,8 @@ class BundleWriter:
                     raise VlmcError(f"output {self.out}: cannot move the finished bundle into place ({e.strerror})") from None
         else:
             raise VlmcError(f"output {self.out}: another export kept replacing it; nothing of this one was kept")
-        shutil.rmtree(old, ignore_errors=True)
+        for old in moved_aside:
+            shutil.rmtree(old, ignore_errors=True)
         return self.out
 
 

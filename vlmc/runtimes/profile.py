@@ -1,15 +1,19 @@
 """Profiling: latency per program, the per-stage VLM summary, memory, sizes and per-op rows.
 
-Each profile runs in a freshly spawned process (never forked: the ExecuTorch runtime hangs in a
-forked child), so its peak RSS is the runtime's own and not the caller's.
+Each profile runs in a fresh interpreter (never a forked child: the ExecuTorch runtime hangs in one),
+so its peak RSS is the runtime's own and not the caller's. It is a plain subprocess speaking JSON lines,
+not a multiprocessing spawn: a spawn re-imports the caller's main module, which would re-run a user's
+unguarded script.
 """
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import platform
-import queue as queue_mod
 import resource
+import subprocess
+import sys
+import threading
 import time
 import traceback
 
@@ -118,16 +122,21 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     return result
 
 
-def _child(args, q) -> None:
-    def progress(msg):
-        q.put(("progress", msg))
+def serve_child() -> None:
+    """The profiling process: arguments as one JSON line on stdin, JSON lines back on the stdout it was given
+    (the runtimes' own chatter on fd 1 is sent to stderr so it cannot corrupt them)."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def send(kind, payload):
+        out.write(json.dumps({kind: payload}) + "\n")
 
     try:
-        q.put(("result", profile_here(*args, progress)))
+        send("result", profile_here(*json.loads(sys.stdin.readline()), lambda m: send("progress", m)))
     except VlmcError as e:
-        q.put(("error", str(e)))
-    except Exception as e:  # forwarded to the parent, which reports it in one line
-        q.put(("error", f"profiling failed: {e.__class__.__name__}: {e}\n{traceback.format_exc() if os.environ.get('VLMC_DEBUG') else ''}".strip()))
+        send("error", str(e))
+    except Exception as e:  # reported by the parent in one line
+        send("error", f"profiling failed: {e.__class__.__name__}: {e}\n{traceback.format_exc() if os.environ.get('VLMC_DEBUG') else ''}".strip())
 
 
 def check_profile_args(runtime: str, warmup: int, iterations: int, new_tokens: int) -> None:
@@ -150,25 +159,35 @@ def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 2
         require_macos()
     Bundle(bundle_path).programs(RUNTIME_TARGETS[runtime])  # fail fast, in this process
     progress = progress or (lambda m: None)
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_child, args=((str(bundle_path), runtime, warmup, iterations, ops, new_tokens), q))
-    proc.start()
+    proc = subprocess.Popen([sys.executable, "-c", "from vlmc.runtimes.profile import serve_child; serve_child()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_tail: list[str] = []
+
+    def drain():  # keep the pipe flowing; the last lines explain a crash
+        for line in proc.stderr:
+            stderr_tail[:] = (stderr_tail + [line.rstrip()])[-5:]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        while True:
+        proc.stdin.write(json.dumps([str(bundle_path), runtime, warmup, iterations, ops, new_tokens]) + "\n")
+        proc.stdin.close()
+        for line in proc.stdout:
             try:
-                kind, payload = q.get(timeout=1.0)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    raise VlmcError(f"the {runtime} profiling process died (exit code {proc.exitcode})") from None
+                message = json.loads(line)
+            except json.JSONDecodeError:
                 continue
-            if kind == "progress":
-                progress(payload)
-            elif kind == "error":
-                raise VlmcError(payload)
-            else:
-                return payload
+            if "progress" in message:
+                progress(message["progress"])
+            elif "error" in message:
+                raise VlmcError(message["error"])
+            elif "result" in message:
+                return message["result"]
+        proc.wait(timeout=30)
+        reader.join(timeout=5)
+        last = next((line for line in reversed(stderr_tail) if line.strip()), "")
+        raise VlmcError(f"the {runtime} profiling process died (exit code {proc.returncode}){': ' + last if last else ''}")
     finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
+        proc.wait()
