@@ -202,13 +202,37 @@ def devices(ctx, devices_file, as_json):
         for r in rows]))
 
 
+def _print_estimate(console, result: dict) -> None:
+    npu, vision = result["npu"], result["programs"]["vision_encoder"]
+    console.print(f"[bold]{result['bundle']}[/bold] vision encoder on {npu['config']} ({npu['system_config']}, {npu['memory_mode']}, "
+                  f"{(npu['clock_hz'] or 0) / 1e6:g} MHz)")
+    console.print(_table("NPU partitions (Vela)", ["partition", "ms", "NPU cycles", "total cycles", "MACs", "SRAM KiB", "DRAM KiB",
+                                                   "flash KiB", "weights B"],
+                         [[i, p["time_ms"], p["npu_cycles"], p["total_cycles"], p["macs"], p["sram_kib"], p["dram_kib"],
+                           p["on_chip_flash_kib"] + p["off_chip_flash_kib"], p["weights_bytes_encoded"]]
+                          for i, p in enumerate(vision["partitions"])]))
+    console.print(f"NPU time {vision['npu_time_ms']} ms; on the CPU: {', '.join(vision['cpu_ops']) or 'nothing'}")
+    n = result["numerics"]
+    console.print("int8 numerics (TOSA reference model): " + (
+        f"rel err {n['rel_err_vs_pytorch_int8']} vs the int8 model in PyTorch, {n['rel_err_vs_float']} vs float" if n["checked"]
+        else f"not checked ({n['reason']})"))
+    console.print(f"note: {result['note']}")
+
+
 @devices.command(name="setup")
-@click.argument("kind", type=click.Choice(["qemu-aarch64"]))
+@click.argument("kind", type=click.Choice(["qemu-aarch64", "ethos-u85"]))
 @click.option("--sysroot", type=click.Path(path_type=Path), default=None,
               help="where the emulated user space goes (default $VLMC_CACHE/qemu-aarch64, $VLMC_CACHE defaulting to ~/.cache/vlmc)")
 @click.option("--force", is_flag=True, help="rebuild it even if it is there")
 def devices_setup(kind, sysroot, force):
-    """Fetch what a device kind needs on this host: qemu-aarch64's Debian arm64 user space and aarch64 wheels."""
+    """Fetch what a device kind needs on this host: qemu-aarch64's Debian arm64 user space and aarch64 wheels,
+    or ethos-u85's Vela and TOSA tools."""
+    if kind == "ethos-u85":
+        from vlmc.devices import ethos_u
+
+        info = ethos_u.setup(_progress(True), force=force)
+        click.echo(f"{kind}: {', '.join(info['packages'])} in {ethos_u.site_dir()}")
+        return
     from vlmc.devices.qemu import setup
 
     info = setup(sysroot, _progress(True), force=force)
@@ -233,6 +257,8 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, device, device
     if as_json:
         return _json_out(result)
     console = _console()
+    if result.get("estimate"):
+        return _print_estimate(console, result)
     s = result["stages"]
     console.print(f"[bold]{result['bundle']}[/bold] on {result['runtime']} ({result['device']}, {result['host']['machine']}, "
                   f"{result['host']['cpus']} cpus): warm-up {result['warmup']}, {result['iterations']} iterations")

@@ -8,6 +8,7 @@ A device is named by a URL or by a name in the devices file (`--devices FILE`, $
   adb://SERIAL                  an Android device through adb, with a Python that has vlmc (e.g. Termux)
   qemu-aarch64                  an emulated ARM64 Linux user space (numerics of the ARM kernels, not timings)
   tvm-rpc://host:port/key       TVM's RPC tracker: a server registered under `key` runs the TVM libraries
+  ethos-u85                     an estimate: the vision encoder lowered for Arm's Ethos-U85 NPU, Vela's cycles
 
 Every device answers the same `profile` schema as a local run, with `device` naming it.
 """
@@ -26,8 +27,9 @@ from vlmc.bundle import Bundle
 from vlmc.errors import VlmcError
 
 DEFAULT_CONFIG = Path("~/.config/vlmc/devices.yaml")
-KINDS = ("local", "ssh", "adb", "qemu-aarch64", "tvm-rpc")
-CONFIG_FIELDS = {"url", "identity_file", "known_hosts", "python", "timeout_s", "connect_timeout_s", "arch", "sysroot", "cpu"}
+KINDS = ("local", "ssh", "adb", "qemu-aarch64", "tvm-rpc", "ethos-u85")
+CONFIG_FIELDS = {"url", "identity_file", "known_hosts", "python", "timeout_s", "connect_timeout_s", "arch", "sysroot", "cpu",
+                 "npu", "system_config", "memory_mode"}
 
 
 @dataclass
@@ -40,12 +42,12 @@ class DeviceConfig:
 
     @property
     def kind(self) -> str:
-        if self.url in ("local", "qemu-aarch64"):
+        if self.url in ("local", "qemu-aarch64", "ethos-u85"):
             return self.url
         scheme = urlsplit(self.url).scheme
         if scheme not in KINDS:
             raise VlmcError(f"device {self.name}: unknown kind in {self.url!r} (local, ssh://user@host[:port], adb://SERIAL, "
-                            "qemu-aarch64, tvm-rpc://host:port/key)")
+                            "qemu-aarch64, tvm-rpc://host:port/key, ethos-u85)")
         return scheme
 
     def get(self, key: str, default=None):
@@ -152,6 +154,10 @@ def resolve(spec: Optional[str] = None, config_file: Optional[str] = None) -> De
         from vlmc.devices.tvm_rpc import TvmRpcDevice
 
         return TvmRpcDevice(config)
+    if kind == "ethos-u85":
+        from vlmc.devices.ethos_u import EthosUDevice
+
+        return EthosUDevice(config)
     return LocalDevice(config)
 
 
