@@ -1,7 +1,7 @@
 """Property-based fuzzing of what users hand vlmc: recipes (YAML text, fields, command-line overrides), pass
 specs, and bundle manifests. The only allowed outcomes are success or a VlmcError (a clean one-line error).
 
-The default run tries VLMC_FUZZ_EXAMPLES inputs per property (200); the issue's 10,000-input run is
+The default run tries VLMC_FUZZ_EXAMPLES inputs per property (100); the issue's 10,000-input run is
 `VLMC_FUZZ_EXAMPLES=2500 python -m pytest tests/test_fuzz.py` (four properties).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from vlmc.bundle import FORMAT, Bundle, sha256_of, size_of
 from vlmc.errors import VlmcError
 from vlmc.passes import registry
 
-FUZZ = settings(max_examples=int(os.environ.get("VLMC_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+FUZZ = settings(max_examples=int(os.environ.get("VLMC_FUZZ_EXAMPLES", "100")), deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16)
