@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from vlmc.devices import Device, DeviceConfig
+from vlmc.cache import cache_root, is_set_up, set_up
 from vlmc.errors import VlmcError, first_line
 
 PACKAGES = ("ethos-u-vela==5.1.0", "tosa-tools==2026.5.0")  # the versions executorch 1.5.1's [ethos-u] extra names
@@ -39,39 +38,26 @@ ESTIMATE_NOTE = "an estimate from Vela's performance model for the NPU (no NPU r
 
 
 def site_dir() -> Path:
-    from vlmc.devices.qemu import cache_root
-
     return cache_root() / "ethos-u85"
 
 
 def setup(progress: Callable[[str], None] = lambda m: None, force: bool = False) -> dict:
-    """Vela and tosa-tools into their own folder (atomically), without their numpy/ml-dtypes pins."""
-    site = site_dir()
-    marker = site / "vlmc-setup.json"
-    if marker.is_file() and not force:
-        return json.loads(marker.read_text())
-    site.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{site.name}-", dir=site.parent))
-    try:
+    """Vela and tosa-tools into their own folder, without their numpy/ml-dtypes pins."""
+    def install(staging: Path) -> dict:
         progress(f"PyPI: {', '.join(PACKAGES)}")
         done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
                                "--target", str(staging), *PACKAGES], capture_output=True, text=True)
         if done.returncode != 0:
             raise VlmcError(f"pip could not install {', '.join(PACKAGES)}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        info = {"packages": list(PACKAGES)}
-        (staging / "vlmc-setup.json").write_text(json.dumps(info))
-        if site.exists():
-            shutil.rmtree(site)
-        staging.rename(site)
-        return info
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return {"packages": list(PACKAGES)}
+
+    return set_up(site_dir(), install, force)
 
 
 def activate() -> None:
     """Make Vela and the TOSA tools importable here, or say how to get them."""
     site = site_dir()
-    if not (site / "vlmc-setup.json").is_file():
+    if not is_set_up(site):
         raise VlmcError("ethos-u85: Vela and the TOSA tools are not set up (run `vlmc devices setup ethos-u85`)")
     if str(site) not in sys.path:
         sys.path.insert(0, str(site))

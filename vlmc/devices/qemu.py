@@ -16,7 +16,6 @@ build that needs several GB of CUDA libraries to load.
 from __future__ import annotations
 
 import hashlib
-import json
 import lzma
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from vlmc.devices import DeviceConfig
+from vlmc.cache import cache_root, is_set_up, set_up
 from vlmc.devices.stream import RemoteProcessDevice, expand
 from vlmc.errors import VlmcError
 
@@ -52,10 +52,6 @@ CPUS = {
 # Mounting the emulated CPU's cpuinfo needs a shell between unshare and qemu; the paths arrive as
 # positional parameters, never inside the script.
 MOUNT_AND_EXEC = 'mount --bind "$1" /proc/cpuinfo && shift && exec "$@"'
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VLMC_CACHE") or "~/.cache/vlmc").expanduser()
 
 
 def default_sysroot() -> Path:
@@ -140,15 +136,10 @@ def _guest_wheels(site: Path, onnxruntime_version: str | None) -> None:
 
 def setup(sysroot: Path | None = None, progress: Callable[[str], None] = lambda m: None, force: bool = False) -> dict:
     """Build the emulated user space into `sysroot` (atomically: a half-built one never takes its place)."""
-    sysroot = Path(sysroot or default_sysroot())
-    marker = sysroot / "vlmc-setup.json"
-    if marker.is_file() and not force:
-        return json.loads(marker.read_text())
     if shutil.which("dpkg-deb") is None:
         raise VlmcError("unpacking Debian packages needs dpkg-deb (a Debian or Ubuntu host)")
-    sysroot.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{sysroot.name}-", dir=sysroot.parent))
-    try:
+
+    def build(staging: Path) -> dict:
         progress(f"Debian {DEBIAN_SUITE} arm64: checking the signed package index")
         index = _signed_index()
         packages = resolve_packages(index)
@@ -172,15 +163,10 @@ def setup(sysroot: Path | None = None, progress: Callable[[str], None] = lambda 
         except Exception:
             ort_version = None
         _guest_wheels(staging / "site", ort_version)
-        info = {"debian": DEBIAN_SUITE, "packages": {n: index[n]["Version"] for n in packages},
+        return {"debian": DEBIAN_SUITE, "packages": {n: index[n]["Version"] for n in packages},
                 "python": GUEST_PYTHON, "onnxruntime": ort_version or "latest"}
-        (staging / "vlmc-setup.json").write_text(json.dumps(info, indent=1))
-        if sysroot.exists():
-            shutil.rmtree(sysroot)
-        staging.rename(sysroot)
-        return info
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    return set_up(Path(sysroot or default_sysroot()), build, force)
 
 
 # --- the device ---------------------------------------------------------------------------------------------
@@ -200,7 +186,7 @@ class QemuDevice(RemoteProcessDevice):
     def ensure_ready(self) -> None:
         if qemu_binary() is None:
             raise VlmcError("qemu-aarch64: qemu's user-mode emulator is not installed (apt-get install qemu-user)")
-        if not (self.sysroot / "vlmc-setup.json").is_file():
+        if not is_set_up(self.sysroot):
             raise VlmcError(f"qemu-aarch64: no emulated user space at {self.sysroot} (run `vlmc devices setup qemu-aarch64`)")
         if shutil.which("unshare") is None:
             raise VlmcError("qemu-aarch64: showing the emulated CPU's /proc/cpuinfo needs unshare (util-linux)")

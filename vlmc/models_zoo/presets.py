@@ -9,9 +9,9 @@ read or written. Bundles built from a preset say so in their manifest, and `vlmc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from vlmc.cache import cache_root
 from vlmc.errors import VlmcError
 
 # The words vlmc's own prompts use (templates, the verification and profile question, ShapesVQA).
@@ -121,10 +121,6 @@ PRESETS: dict[str, dict] = {
 
 def names() -> list[str]:
     return list(PRESETS)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VLMC_CACHE", Path.home() / ".cache" / "vlmc"))
 
 
 def _tokenizer_json(vocab_size: int, specials: dict[str, int]) -> str:
