@@ -33,3 +33,22 @@ def pruned_every_target(tmp_path_factory, tiny_ckpt):
     return api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml", "tvm"], "max_context": 64,
                         "max_prompt": 40, "prompt_template": SPACED_TEMPLATE, "tvm": {"architectures": ["host", "aarch64"]},
                         "passes": [{"name": "divprune", "keep": 8}]}, tmp_path_factory.mktemp("bundles") / "divprune")
+
+
+@pytest.fixture(scope="session")
+def calibration_jsonl(tmp_path_factory):
+    """Eight questions about seeded images, in the tiny model's vocabulary (a user's questions.jsonl)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    questions = ["what color is the circle ?", "what color is the square ?", "is the circle red ?", "is the square blue ?"]
+    d = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": questions[i % 4], "answer": "red"}))
+    (d / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "questions.jsonl"

@@ -16,6 +16,7 @@ import shutil
 import pytest
 
 from device_tests.loopback import SSHD, Sshd, TvmRpc
+from tests.helpers import SPACED_TEMPLATE
 
 LOOPBACK = ("ssh-loopback", "tvm-rpc-loopback")
 RUNTIMES = {"local": ("onnxruntime", "executorch", "tvm"), "ssh": ("onnxruntime", "executorch", "tvm"),
@@ -99,11 +100,12 @@ def bundle(pruned_every_target):
 
 
 @pytest.fixture(scope="session")
-def int8_bundle(tmp_path_factory):
-    """The built-in model quantized w8a8 on onnx: the int8 kernels of each device against the host's."""
+def int8_bundle(tmp_path_factory, tiny_ckpt, calibration_jsonl):
+    """The tiny model quantized w8a8 on onnx: the int8 kernels of each device against the host's."""
     from vlmc import api
 
-    return api.compile({"targets": ["onnx"], "passes": [{"name": "w8a8"}], "calibration": {"n": 8}},
+    return api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                        "passes": [{"name": "w8a8"}], "calibration": {"dataset": str(calibration_jsonl), "n": 8}},
                        tmp_path_factory.mktemp("device_bundle") / "w8a8")
 
 

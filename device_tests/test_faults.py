@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from vlmc import api
 from vlmc.devices import DeviceConfig, resolve
 from vlmc.devices.qemu import QemuDevice
 from vlmc.devices.ssh import SshDevice
@@ -78,14 +77,21 @@ def test_no_vlmc_there(sshd, tmp_path):
     expect_error(ssh_device(sshd, python=str(bare / "bin" / "python")).check, "has no vlmc", 20)
 
 
-def test_wrong_architecture(sshd, tiny_ckpt, tmp_path):
-    """A TVM bundle built for aarch64 only, sent to an x86-64 machine."""
+def test_wrong_architecture(sshd, bundle, tmp_path):
+    """A TVM bundle with aarch64 libraries only (the shared bundle's manifest edited), sent to an x86-64 machine."""
+    import json
+    import shutil
+
+    from vlmc.bundle import Bundle
     from vlmc.runtimes.tvm_runner import host_architecture
 
-    arm_only = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "tvm": {"architectures": ["aarch64"]},
-                            "max_context": 48}, tmp_path / "arm")
-    assert arm_only.manifest["targets"]["tvm"]["programs"]["vision_encoder"]["libraries"] == {"aarch64": "vision_encoder.aarch64.so"}
-    message = expect_error(lambda: ssh_device(sshd).profile(arm_only, "tvm", 0, 1, False, 1, lambda m: None), "built for aarch64", 120)
+    shutil.copytree(bundle.path, tmp_path / "arm")
+    manifest = json.loads((tmp_path / "arm" / "manifest.json").read_text())
+    for program in manifest["targets"]["tvm"]["programs"].values():
+        program["libraries"] = {"aarch64": program["libraries"]["aarch64"]}
+    (tmp_path / "arm" / "manifest.json").write_text(json.dumps(manifest))
+    message = expect_error(lambda: ssh_device(sshd).profile(Bundle(tmp_path / "arm"), "tvm", 0, 1, False, 1, lambda m: None),
+                           "built for aarch64", 120)
     assert host_architecture() in message
     assert remote_leftovers() == ([], "")
 

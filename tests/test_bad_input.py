@@ -238,3 +238,20 @@ def test_the_python_api_works_from_an_unguarded_script(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ran", "True"]  # the script ran once
+
+
+def test_a_swapped_onnx_file_names_the_program_and_input(onnx_copy, sample_image):
+    """A valid ONNX file of another program put in vision_encoder's place, its hash updated to match."""
+    shutil.copy(onnx_copy / "token_embedding.onnx", onnx_copy / "vision_encoder.onnx")
+    edit_manifest(onnx_copy, lambda m: list_file(m, "vision_encoder.onnx", onnx_copy / "vision_encoder.onnx"))
+    r = vlmc("run", onnx_copy, "--runtime", "onnxruntime", "--image", sample_image, "-p", "what color is the circle ?")
+    assert_clean_error(r, "vision_encoder: the ONNX graph has no input 'image' (it takes input_ids)")
+
+
+def test_an_edited_manifest_input_is_named(onnx_copy):
+    def edit(m):  # the token ids said to be float
+        m["targets"]["onnx"]["programs"]["token_embedding"]["inputs"][0]["dtype"] = "float32"
+
+    edit_manifest(onnx_copy, edit)
+    r = vlmc("profile", onnx_copy, "--runtime", "onnxruntime", "-n", "1")
+    assert_clean_error(r, "input 'input_ids' is int64 in the ONNX graph, float32 in the manifest")

@@ -72,6 +72,21 @@ def sweep_stale_partials(out: Path, older_than_s: float = 3600.0) -> list[Path]:
     return removed
 
 
+def _listing(out: Path) -> list[str] | None:
+    """What `out` holds ([] for a file), or None when nothing is there. Another export may be moving a bundle
+    out of `out` and deleting it this instant: a folder that changed under the look counts as a bundle."""
+    try:
+        before = os.stat(out).st_ino
+        entries = os.listdir(out)
+        if os.stat(out).st_ino != before:
+            return None
+        return entries
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:  # `out` is a file (refused), or a parent is (refused when creating it)
+        return [] if out.exists() else None
+
+
 class BundleWriter:
     """Collects a bundle in a temporary folder beside `out`; `commit` renames it into place."""
 
@@ -79,7 +94,8 @@ class BundleWriter:
         self.out = out
         if out.exists() and not force:
             raise VlmcError(f"output {out} exists (use --force to replace it)")
-        if out.exists() and not (out / "manifest.json").is_file():
+        entries = _listing(out)
+        if entries is not None and "manifest.json" not in entries:
             raise VlmcError(f"output {out} exists and is not a vlmc bundle; refusing to replace it")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)

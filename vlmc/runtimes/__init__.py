@@ -37,7 +37,8 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False) -> Ses
             for f in e.get("files", [e["file"]]):
                 bundle.file(f)
             files[p] = bundle.file(e["file"])
-        return OnnxSession(files, shape, profile_ops=profile_ops)
+        return OnnxSession(files, shape, profile_ops=profile_ops,
+                           expected_inputs={p: e.get("inputs", []) for p, e in programs.items()})
     if runtime == "tvm":
         from vlmc.runtimes.tvm_runner import open_tvm
 

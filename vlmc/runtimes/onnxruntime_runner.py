@@ -11,10 +11,33 @@ from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 
 
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+             "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def check_inputs(program: str, session, expected: list[dict]) -> None:
+    """The loaded graph takes the inputs the manifest says (a swapped or edited file is named here, not by
+    onnxruntime's raw text at the first call): each listed name, its element type, its fixed dimensions."""
+    found = {i.name: i for i in session.get_inputs()}
+    for entry in expected:
+        got = found.get(entry["name"])
+        if got is None:
+            raise VlmcError(f"{program}: the ONNX graph has no input {entry['name']!r} (it takes {', '.join(found) or 'nothing'}); "
+                            "the file does not match the manifest")
+        dtype = ORT_TYPES.get(got.type, got.type)
+        if dtype != entry["dtype"]:
+            raise VlmcError(f"{program}: input {entry['name']!r} is {dtype} in the ONNX graph, {entry['dtype']} in the manifest")
+        fixed = [(a, b) for a, b in zip(got.shape, entry["shape"]) if isinstance(a, int) and isinstance(b, int)]
+        if len(got.shape) != len(entry["shape"]) or any(a != b for a, b in fixed):
+            raise VlmcError(f"{program}: input {entry['name']!r} has shape {list(got.shape)} in the ONNX graph, "
+                            f"{entry['shape']} in the manifest")
+
+
 class OnnxSession(StaticCacheSession):
     runtime = "onnxruntime"
 
-    def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0):
+    def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0,
+                 expected_inputs: dict[str, list[dict]] | None = None):
         super().__init__(shape)
         import onnxruntime as ort
 
@@ -33,6 +56,7 @@ class OnnxSession(StaticCacheSession):
                 self.sessions[program] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise VlmcError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
+            check_inputs(program, self.sessions[program], (expected_inputs or {}).get(program, []))
         self.input_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
 
     def call(self, program, inputs):
