@@ -33,6 +33,24 @@ def _emit(kind: str, payload) -> None:
     sys.stdout.flush()
 
 
+def read_answer(line, progress):
+    """One stdout line of such a process, on the client side: progress goes to `progress`, an error is raised
+    as a VlmcError, a result is returned; anything else (a runtime's own chatter) gives None."""
+    from vlmc.errors import VlmcError
+
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    if "progress" in message:
+        progress(message["progress"])
+    elif "error" in message:
+        raise VlmcError(message["error"])
+    return message.get("result")
+
+
 def probe() -> dict:
     """What this machine is and which runtimes it has (importable, not imported: that is slow)."""
     from vlmc import __version__

@@ -21,6 +21,7 @@ import numpy as np
 from vlmc.bundle import Bundle
 from vlmc.devices import Device
 from vlmc.errors import VlmcError
+from vlmc.remote import read_answer
 
 
 def bundle_tar(bundle: Bundle, pixels: Optional[np.ndarray] = None) -> bytes:
@@ -86,16 +87,9 @@ def call(argv: list[str], op: str, args: dict, payload: bytes, timeout_s: float,
                 stderr_reader.join(timeout=5)
                 stderr = b"".join(errors).decode(errors="replace")
                 raise VlmcError(describe_failure(proc.returncode, stderr))
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a runtime's own chatter on stdout
-            if "progress" in message:
-                progress(message["progress"])
-            elif "error" in message:
-                raise VlmcError(message["error"])
-            elif "result" in message:
-                return message["result"]
+            result = read_answer(line, progress)
+            if result is not None:
+                return result
     finally:
         _stop(proc)
 

@@ -22,6 +22,7 @@ import numpy as np
 from vlmc.bundle import Bundle
 from vlmc.errors import VlmcError
 from vlmc.models_zoo.tokenizer import TextTokenizer
+from vlmc.remote import read_answer
 from vlmc.runtimes import RUNTIME_TARGETS, check_runtime, open_session
 from vlmc.runtimes.generate import generate
 
@@ -173,16 +174,9 @@ def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 2
         proc.stdin.write(json.dumps([str(bundle_path), runtime, warmup, iterations, ops, new_tokens]) + "\n")
         proc.stdin.close()
         for line in proc.stdout:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "progress" in message:
-                progress(message["progress"])
-            elif "error" in message:
-                raise VlmcError(message["error"])
-            elif "result" in message:
-                return message["result"]
+            result = read_answer(line, progress)
+            if result is not None:
+                return result
         proc.wait(timeout=30)
         reader.join(timeout=5)
         last = next((line for line in reversed(stderr_tail) if line.strip()), "")
