@@ -224,7 +224,7 @@ def test_eval_refuses_a_non_utf8_dataset_and_no_questions(tmp_path):
 
 def test_sweep_keeps_earlier_results_without_force(tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
-    r = vlmc("sweep", "--keep", "22", "--n", "8", "-o", tmp_path)
+    r = vlmc("sweep", "--tokens", "divprune@22", "--n", "8", "-o", tmp_path)
     assert_clean_error(r, f"output {tmp_path} holds a sweep's results (use --force to replace them)")
     assert (tmp_path / "sweep.json").read_text() == "{}"
 

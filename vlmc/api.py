@@ -162,7 +162,8 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             ref = load(b.manifest["model"]["source"], b.manifest["recipe"].get("image_size"))
             ref.template(Recipe.model_validate(b.manifest["recipe"]))
             reference = Answerer(EagerSession(ref.model, ref_shape), tok,
-                                 {**prompt, "num_image_tokens": full})
+                                 {**prompt, "num_image_tokens": full, "image_size": ref.model.image_size,
+                                  "image_resize": ref.image_resize})
         name, source = b.name, b.manifest["model"]["source"]
     else:
         if runtime != "eager":
@@ -180,10 +181,12 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
         answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
         reference, name, source, quantized = answer, loaded.name, loaded.source, False
+    # questions come at the uncompressed model's size; a bundle with a lower resolution reads them at its own
+    size = prompt.get("native_image_size", prompt["image_size"])
     if dataset == "shapes-vqa":
-        questions = shapes_vqa_questions(split, n if n is not None else 2000, prompt["image_size"])
+        questions = shapes_vqa_questions(split, n if n is not None else 2000, size, prompt.get("image_resize"))
     else:
-        questions = jsonl_questions(Path(dataset), n, prompt["image_size"], prompt.get("image_resize"))
+        questions = jsonl_questions(Path(dataset), n, size, prompt.get("image_resize"))
     result = score(answer, reference, questions, progress)
     out = {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
            "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}

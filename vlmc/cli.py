@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -353,52 +354,140 @@ def evaluate(target, runtime, dataset, split, count, as_json):
         console.print(f"note: {r['note']}")
 
 
-@cli.command()
-@click.option("--model", "-m", default="shapes-llava", show_default=True)
-@click.option("--methods", default="random,pooling,divprune,tfps,score,coin,docprune,visionzip,tome,fastv,v2drop,transprune,duet", show_default=True,
-              help="token passes; NAME-static for a selecting method's calibrated static mode (divprune-static, fastv-static)")
-@click.option("--keep", default="98,49,22,11", show_default=True, help="visual tokens kept (comma-separated)")
-@click.option("--quant", "quant", multiple=True,
-              help="sweep quantization instead: one configuration per option, passes joined by + (w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder)")
-@click.option("--n", "count", default=500, show_default=True, help="ShapesVQA test questions per configuration")
-@click.option("--runtimes", default="onnxruntime,executorch", show_default=True, help="token methods: accuracy on the first; quantization: on each; latency on each")
-@click.option("--iterations", default=10, show_default=True)
-@click.option("--out", "-o", default=None, type=click.Path(path_type=Path), help="default docs/sweep, or docs/quant_sweep with --quant")
-@click.option("--force", is_flag=True, help="replace the results of an earlier sweep in --out")
-@click.option("--json", "as_json", is_flag=True)
-def sweep(model, methods, keep, quant, count, runtimes, iterations, out, force, as_json):
-    """Token methods x kept tokens, or quantization schemes (--quant): accuracy, retention, agreement,
-    sizes, measured vs ideal speedup."""
-    from vlmc import sweep as sweeping
-    from vlmc.passes import registry
+def _list(text: Optional[str], kind=str) -> Optional[list]:
+    """`a,b` -> [a, b] (None when the flag is not given); `none` stands for the axis' null value."""
+    if text is None:
+        return None
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part.lower() in ("none", "null", "native", "fp32"):
+            out.append(None)
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise VlmcError(f"expected comma-separated {kind.__name__}s, got {part!r} in {text!r}") from None
+    return out
 
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    for m in method_list:
-        if m.removesuffix("-static") not in registry.REGISTRY:
-            raise VlmcError(f"unknown pass {m!r} (vlmc passes lists: {', '.join(sorted(registry.REGISTRY))})")
-    try:
-        keeps = [int(k) for k in keep.split(",") if k.strip()]
-    except ValueError:
-        raise VlmcError(f"--keep {keep!r}: expected comma-separated integers") from None
-    rts = [r.strip() for r in runtimes.split(",") if r.strip()]
-    for r in rts:
-        if r not in ("onnxruntime", "executorch"):
-            raise VlmcError(f"--runtimes: {r!r} cannot be swept here (onnxruntime, executorch)")
-    progress = None if as_json else _progress(True)
-    out = out or Path("docs/quant_sweep" if quant else "docs/sweep")
+
+def _sweep_progress(enabled: bool):
+    """A progress bar with the point being measured and the time left (stderr)."""
+    if not enabled:
+        return None, None
+    console = _console(stderr=True)
+    if not console.is_terminal:  # a log file: one line per step, with the time left
+        import time
+
+        started = time.time()
+
+        def line(done, total, what):
+            eta = (time.time() - started) / done * (total - done) if done else None
+            left = f", about {eta / 60:.0f} min left" if eta is not None else ""
+            console.print(f"sweep {done}/{total}{left}: {what}")
+        return None, line
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
+    task = bar.add_task("", total=None)
+    return bar, lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
+
+
+@cli.command()
+@click.argument("grid_file", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "-m", default=None, help="model (default shapes-llava)")
+@click.option("--resolution", default=None, help="input sides, comma-separated (none = native): 96,80")
+@click.option("--tokens", default=None, help="token configurations METHOD@KEEP, comma-separated: divprune@49,tome@98")
+@click.option("--methods", default=None, help="token passes crossed with --keep (NAME-static: a selecting method's calibrated static mode)")
+@click.option("--keep", default=None, help="visual tokens kept, crossed with --methods: 98,49,22")
+@click.option("--quant", "quant", multiple=True, help="one quantization configuration per option, passes joined by + "
+              "(none, w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder)")
+@click.option("--runtimes", default=None, help="onnxruntime, executorch, tvm (default onnxruntime,executorch)")
+@click.option("--devices", default=None, help="devices to profile on (vlmc devices), default local")
+@click.option("--dataset", default=None, help="shapes-vqa (default) or a questions.jsonl")
+@click.option("--n", "count", default=None, type=int, help="questions per point (default 500)")
+@click.option("--iterations", default=None, type=int, help="timed runs per program (default 10)")
+@click.option("--executor", default=None, type=click.Choice(["local", "ray"]), help="ray: points as Ray tasks (RAY_ADDRESS for a cluster)")
+@click.option("--search", default=None, type=click.Choice(["optuna"]), help="TPE search over the axes instead of the full grid")
+@click.option("--trials", default=None, type=int, help="--search: points to measure (default 20)")
+@click.option("--retention-floor", default=None, type=float, help="--search: accuracy retention to keep, % (default 97)")
+@click.option("--budget", default=None, help="pick the fastest point meeting it: \"ttft<=40%,retention>=97%\"")
+@click.option("--out", "-o", default=Path("sweep"), show_default=True, type=click.Path(path_type=Path),
+              help="results and the per-point cache (a rerun resumes)")
+@click.option("--force", is_flag=True, help="replace results in --out that no grid wrote")
+@click.option("--json", "as_json", is_flag=True)
+def sweep(grid_file, model, resolution, tokens, methods, keep, quant, runtimes, devices, dataset, count, iterations,
+          executor, search, trials, retention_floor, budget, out, force, as_json):
+    """Resolutions x token methods x quantization, on each runtime and device: accuracy, retention, TTFT
+    (vision encode + prefill), decode speed, size and peak memory against the uncompressed model.
+    Resumable: every point is cached in --out by its recipe."""
+    from vlmc import sweep as sweeping
+
+    if (methods is None) != (keep is None):
+        raise VlmcError("--methods and --keep go together (or give --tokens METHOD@KEEP)")
+    token_list = _list(tokens)
+    if methods is not None:
+        token_list = (token_list or []) + [f"{m}@{k}" for m in _list(methods) if m for k in _list(keep, int) if k]
+    overrides = {"model": model, "resolution": _list(resolution, int), "tokens": token_list,
+                 "quant": [None if q.lower() in ("none", "fp32") else q for q in quant] or None,
+                 "runtimes": _list(runtimes), "devices": _list(devices), "dataset": dataset, "n": count,
+                 "iterations": iterations, "executor": executor}
+    if search:
+        overrides["search"] = {k: v for k, v in {"trials": trials, "retention_floor": retention_floor}.items() if v is not None}
+    elif trials is not None or retention_floor is not None:
+        raise VlmcError("--trials and --retention-floor belong to --search optuna")
+    grid = sweeping.load_grid(grid_file, overrides)
+    if budget:
+        sweeping.parse_budget(budget)  # a typo is refused before hours of measuring
     sweeping.check_output(out, force)
-    if quant:
-        for config in quant:
-            sweeping.parse_quant_config(config)
-        result = sweeping.quant_sweep(model, list(quant), count, rts, out, iterations, progress=progress)
-        table = sweeping.quant_markdown(result)
-    else:
-        result = sweeping.sweep(model, method_list, keeps, count, rts, out, iterations, progress=progress)
-        table = sweeping.to_markdown(result)
+    bar, progress = _sweep_progress(not as_json)
+    if bar:
+        bar.start()
+    try:
+        result = sweeping.run(grid, out, progress)
+    finally:
+        if bar:
+            bar.stop()
+    chosen = sweeping.choose(result, budget) if budget else None
     if as_json:
-        return _json_out(result)
-    click.echo(table)
-    click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
+        return _json_out({**result, **({"budget": budget, "chosen": chosen} if budget else {})})
+    click.echo(sweeping.to_markdown(result))
+    click.echo(f"wrote {out / 'sweep.json'}, sweep.csv and sweep.md (report: vlmc report {out} -o report.html)")
+    if budget:
+        _print_choice(budget, chosen)
+
+
+def _print_choice(budget: str, chosen: list) -> None:
+    import yaml
+
+    if not chosen:
+        raise VlmcError(f"no point meets the budget {budget!r}")
+    for r in chosen:
+        click.echo(f"\nbudget {budget}: {r['runtime']} / {r['device']}: {r['label']} "
+                   f"(TTFT {r['ttft_speedup']}x, retention {r['retention']}%); its recipe:")
+        click.echo(yaml.safe_dump(r["recipe"], sort_keys=False).rstrip())
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", default=Path("report.html"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--budget", default=None, help="mark the fastest point meeting it: \"ttft<=40%,retention>=97%\"")
+def report(results, out, budget):
+    """A sweep's Pareto fronts (accuracy vs TTFT, size, peak memory), headline, table and every point's recipe
+    as one HTML page (figures also as PNGs in <out>_files/). Several sweeps of the same model and settings
+    are merged into one page."""
+    from vlmc import report as reporting
+
+    result = reporting.load_results(results)
+    if budget:
+        chosen = reporting.choose(result, budget)
+    path = reporting.render(result, out, budget)
+    click.echo(f"wrote {path} (figures in {path.with_name(path.stem + '_files')})")
+    for h in reporting.headline(result):
+        click.echo(f"{h['runtime']} / {h['device']}: fastest at >= 97% retention: {h['label']}, TTFT {h['ttft_speedup']}x "
+                   f"({h['ttft_ms']:.2f} vs {h['baseline_ttft_ms']:.2f} ms), retention {h['retention']}%")
+    if budget:
+        _print_choice(budget, chosen)
 
 
 @cli.command()

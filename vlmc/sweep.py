@@ -1,24 +1,122 @@
-"""`vlmc sweep`: token methods x kept tokens, or quantization schemes, measured for accuracy and latency
-against the uncompressed model.
+"""`vlmc sweep`: which compressed model to ship, measured against the uncompressed one in the same run.
 
-Every configuration is exported (verified) and evaluated on the same questions; latency comes from
-`vlmc profile` on each runtime in the same run, so ratios to the uncompressed row are comparable.
-Token passes change the graph the same way on every runtime, so their accuracy is measured on one;
-quantization differs per target (each uses its own quantizer), so it is measured on every runtime.
+A grid (YAML, or the same fields as CLI flags) names the axes: input resolutions, token methods x kept
+tokens, quantization schemes, runtimes and devices. Every point of resolution x tokens x quantization is
+one recipe: exported (verified), evaluated and profiled on each runtime x device. The uncompressed fp32
+point is always the first, and every ratio (retention, TTFT, size, memory) is taken against it.
+
+Each point's result is cached under `out/points/` by a hash of everything that determines it (recipe,
+runtimes, devices, questions, iterations, vlmc version), so a killed sweep continues where it stopped and
+a rerun with a larger grid measures only the new points. `search` replaces the grid product with an
+optuna (TPE) search over the same axes; `executor: ray` runs points as Ray tasks.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import itertools
 import json
 import math
 import os
+import re
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from vlmc import api
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmc import __version__
 from vlmc.errors import VlmcError
 
+RUNTIME_TARGET = {"onnxruntime": "onnx", "executorch": "executorch", "tvm": "tvm"}
+# (done, total, what is being measured now)
+Progress = Callable[[int, int, str], None]
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trials: int = Field(20, ge=1, description="points optuna measures (the uncompressed one is extra)")
+    retention_floor: float = Field(97.0, gt=0, le=100, description="accuracy retention (%) a point must keep")
+    runtime: Optional[str] = Field(None, description="whose TTFT is minimised (default: the first runtime)")
+    seed: int = 0
+
+
+class Grid(BaseModel):
+    """The sweep's axes and measurement settings (a grid file holds these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = "shapes-llava"
+    dataset: str = Field("shapes-vqa", description="shapes-vqa or a questions.jsonl")
+    split: str = "test"
+    n: int = Field(500, ge=1, description="questions per point")
+    iterations: int = Field(10, ge=1, description="timed runs per program in each profile")
+    runtimes: list[str] = ["onnxruntime", "executorch"]
+    devices: list[str] = ["local"]
+    # each axis is crossed with the others, and its null value (native side, no token pass, fp32) is always in it
+    resolution: list[Optional[int]] = Field([], description="input sides below the model's own")
+    tokens: list[Optional[str]] = Field([], description="token configurations METHOD@KEEP")
+    quant: list[Optional[str]] = Field([], description="quantization configurations, passes joined by +")
+    executor: str = Field("local", description="local (in this process) or ray")
+    search: Optional[SearchConfig] = None
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v):
+        for r in v:
+            if r not in RUNTIME_TARGET:
+                raise ValueError(f"{r!r} cannot be swept here (runtimes: {', '.join(RUNTIME_TARGET)})")
+        if not v:
+            raise ValueError("at least one runtime")
+        return v
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v):
+        if v not in ("local", "ray"):
+            raise ValueError(f"{v!r} is not an executor (local, ray)")
+        return v
+
+
+def load_grid(path: Path, overrides: Optional[dict] = None) -> Grid:
+    """A grid file (YAML) with CLI overrides on top; errors name the file, the line where YAML says, and
+    the field."""
+    data: dict = {}
+    if path is not None:
+        if not path.is_file():
+            raise VlmcError(f"grid {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise VlmcError(f"grid {path}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(data, dict):
+            raise VlmcError(f"grid {path}: expected a mapping of grid fields")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        grid = Grid.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise VlmcError(f"grid {path or '(flags)'}: field '{where}': {msg}") from None
+    if not any(v is not None for v in grid.resolution + grid.tokens + grid.quant) and grid.search is None:
+        raise VlmcError(f"grid {path or '(flags)'}: no axis to sweep (resolution, tokens or quant; flags --resolution, "
+                        "--tokens or --methods with --keep, --quant)")
+    for spec in grid.tokens:
+        if spec is not None:
+            token_pass(spec)
+    for spec in grid.quant:
+        if spec is not None:
+            parse_quant_config(spec)
+    return grid
+
+
+# ----------------------------------------------------------------- the axes' values as passes
 
 def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> dict:
     """The pass entry that keeps about `keep` of `tokens` visual tokens with `method` (`blocks`: vision
@@ -38,6 +136,91 @@ def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> d
     return {"name": method, "keep": keep}
 
 
+def token_pass(text: str) -> tuple[str, int]:
+    """`divprune@49` -> ("divprune", 49), checked against the registry."""
+    from vlmc.passes.registry import REGISTRY
+
+    m = re.fullmatch(r"\s*([\w-]+)@(\d+)\s*", text)
+    if not m:
+        raise VlmcError(f"token configuration {text!r}: expected METHOD@KEEP (divprune@49)")
+    method, keep = m.group(1), int(m.group(2))
+    if getattr(REGISTRY.get(method.removesuffix("-static")), "kind", None) != "token":
+        raise VlmcError(f"token configuration {text!r}: {method!r} is not a token pass (vlmc passes lists them)")
+    if keep < 1:
+        raise VlmcError(f"token configuration {text!r}: keep at least 1 token")
+    return method, keep
+
+
+def parse_quant_config(text: str) -> list[dict]:
+    """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration."""
+    from vlmc.passes.registry import REGISTRY, parse_cli
+
+    specs = [parse_cli(part) for part in text.split("+") if part.strip()]
+    for spec in specs:
+        if getattr(REGISTRY.get(spec["name"]), "kind", None) != "quant":
+            raise VlmcError(f"quantization configuration {text!r}: {spec['name']!r} is not a quantization pass (w8a8, w8, w4)")
+    return specs
+
+
+@dataclass
+class Point:
+    """One configuration: its axis values and the recipe they make."""
+
+    resolution: Optional[int]
+    tokens: Optional[str]
+    quant: Optional[str]
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        parts = ([f"{self.resolution}px"] if self.resolution else []) + [p for p in (self.tokens, self.quant) if p]
+        return " + ".join(parts) or "uncompressed"
+
+
+def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, quant) -> Point:
+    """The recipe of one point. `geometry`: the model's (native side, image tokens, vision blocks)."""
+    native, n_tokens, blocks = geometry
+    passes: list[dict] = []
+    if resolution:
+        passes.append({"name": "resolution", "size": int(resolution)})
+        n_tokens = round(n_tokens * (resolution / native) ** 2)
+    if tokens:
+        method, keep = token_pass(tokens)
+        passes.append(method_spec(method, keep, n_tokens, blocks))
+    if quant:
+        passes += parse_quant_config(quant)
+    recipe = {"model": grid.model, "targets": sorted({RUNTIME_TARGET[r] for r in grid.runtimes}), "passes": passes}
+    if grid.dataset != "shapes-vqa" and quant:
+        recipe["calibration"] = {"dataset": grid.dataset}
+    return Point(resolution, tokens, quant, recipe)
+
+
+def axis(values: list) -> list:
+    """An axis' values with its null value first: every method is also measured alone, each against the
+    same uncompressed point."""
+    return [None] + [v for v in values if v is not None]
+
+
+def grid_points(grid: Grid, geometry: tuple[int, int, int]) -> list[Point]:
+    """The uncompressed point first, then resolution x tokens x quantization (duplicates dropped)."""
+    points, seen = [], set()
+    for r, t, q in itertools.product(axis(grid.resolution), axis(grid.tokens), axis(grid.quant)):
+        key = (r, t, q)
+        if key not in seen:
+            seen.add(key)
+            points.append(make_point(grid, geometry, r, t, q))
+    return points
+
+
+def point_key(grid: Grid, point: Point) -> str:
+    """What determines a point's measurements, hashed: its cache file's name."""
+    what = {"recipe": point.recipe, "runtimes": grid.runtimes, "devices": grid.devices, "dataset": grid.dataset,
+            "split": grid.split, "n": grid.n, "iterations": grid.iterations, "vlmc": __version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------- measuring one point
+
 def prefill_flops(manifest: dict, tokens: int) -> float:
     """Analytic decoder prefill FLOPs (linear layers + attention) for `tokens` prompt tokens; a layer after
     an in-LLM token stage sees that many fewer rows."""
@@ -52,181 +235,326 @@ def prefill_flops(manifest: dict, tokens: int) -> float:
     return total
 
 
-def _row(label: str, spec: Optional[dict], bundle, evaluation: dict, profiles: dict, base: Optional[dict]) -> dict:
-    m = bundle.manifest
-    prompt_tokens = profiles[next(iter(profiles))]["programs"]["text_decoder.prefill"]["tokens"]
-    row = {"config": label, "pass": spec, "image_tokens": m["prompt"]["num_image_tokens"], "prompt_tokens": prompt_tokens,
-           "accuracy": evaluation["accuracy"], "ci95": evaluation["ci95"], "agreement": evaluation["agreement"],
-           "mean_kl": evaluation["mean_kl"], "per_type": {t: v["accuracy"] for t, v in evaluation["per_type"].items()},
-           "flops_prefill": prefill_flops(m, prompt_tokens), "latency": {}}
-    if any(m["decoder"].get("cache_shifts", [])):
-        row["image_tokens_in_llm"] = m["prompt"]["num_image_tokens"] - max(m["decoder"]["cache_shifts"])
-    for rt, p in profiles.items():
-        row["latency"][rt] = {"vision_encode_ms": p["stages"]["vision_encode_ms"], "prefill_ms": p["stages"]["prefill_ms"],
-                              "decode_ms_per_token": p["stages"]["decode_ms_per_token"]}
-    if base is not None:
-        row["retention"] = round(100 * row["accuracy"] / base["accuracy"], 2) if base["accuracy"] else None
-        row["flop_ideal_prefill_speedup"] = round(base["flops_prefill"] / row["flops_prefill"], 3)
-        for rt, lat in row["latency"].items():
-            b = base["latency"][rt]
-            lat["prefill_speedup"] = round(b["prefill_ms"] / lat["prefill_ms"], 3)
-            lat["vision_encode_overhead_pct"] = round(100 * (lat["vision_encode_ms"] - b["vision_encode_ms"]) / b["vision_encode_ms"], 2)
-    return row
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Like export: an earlier sweep's results are replaced only with --force (checked before the work)."""
-    if not force and ((out / "sweep.json").exists() or (out / "sweep.md").exists()):
-        raise VlmcError(f"output {out} holds a sweep's results (use --force to replace them)")
-    if out.exists() and not out.is_dir():
-        raise VlmcError(f"output {out} is a file, not a folder")
-
-
-def write_results(out: Path, result: dict, markdown: str) -> None:
-    """sweep.json and sweep.md, each written whole (a temporary file renamed into place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("sweep.json", json.dumps(result, indent=2) + "\n"), ("sweep.md", markdown)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-
-
-def sweep(model: str, methods: list[str], keeps: list[int], n: int, runtimes: list[str], out: Path,
-          iterations: int = 10, progress: Optional[Callable[[str], None]] = None) -> dict:
-    progress = progress or (lambda m: None)
-    targets = sorted({{"onnxruntime": "onnx", "executorch": "executorch"}[r] for r in runtimes})
-    started = time.time()
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        from vlmc.models_zoo import load
-
-        c = load(model).model
-        configs = [("uncompressed", None)] + [(f"{m}@{k}", method_spec(m, k, c.num_image_tokens, c.num_vision_blocks))
-                                              for m in methods for k in keeps]
-        base = None
-        for label, spec in configs:
-            progress(f"{label}: export")
-            try:
-                bundle = api.compile({"model": model, "targets": targets, "passes": [spec] if spec else []}, Path(tmp) / label.replace("@", "_"))
-            except VlmcError as e:
-                rows.append({"config": label, "pass": spec, "error": str(e)})
-                continue
-            progress(f"{label}: eval on {runtimes[0]} ({n} questions)")
-            evaluation = api.evaluate(bundle.path, runtimes[0], "shapes-vqa", "test", n)
-            profiles = {}
-            for rt in runtimes:
-                progress(f"{label}: profile on {rt}")
-                profiles[rt] = api.profile(bundle.path, rt, warmup=2, iterations=iterations, new_tokens=2)
-            row = _row(label, spec, bundle, evaluation, profiles, base)
-            if base is None:
-                base = row
-            rows.append(row)
-    result = {"model": model, "dataset": "shapes-vqa test", "n": n, "runtimes": runtimes, "iterations": iterations,
-              "seconds": round(time.time() - started, 1), "rows": rows}
-    write_results(out, result, to_markdown(result))
-    return result
-
-
-def to_markdown(result: dict) -> str:
-    rts = result["runtimes"]
-    head = ["config", "image tokens", "accuracy % (95% CI)", "retention %", "agreement %", "FLOP-ideal prefill x"]
-    for rt in rts:
-        head += [f"{rt} prefill x", f"{rt} vision overhead %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} |")
-            continue
-        llm = f" ({r['image_tokens_in_llm']} in the LLM)" if "image_tokens_in_llm" in r else ""
-        cells = [r["config"], f"{r['image_tokens']}{llm}", f"{r['accuracy']} ({r['ci95'][0]}..{r['ci95'][1]})",
-                 str(r.get("retention", 100.0)), str(r["agreement"]), str(r.get("flop_ideal_prefill_speedup", 1.0))]
-        for rt in rts:
-            lat = r["latency"][rt]
-            cells += [str(lat.get("prefill_speedup", 1.0)), str(lat.get("vision_encode_overhead_pct", 0.0))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-RUNTIME_TARGET = {"onnxruntime": "onnx", "executorch": "executorch"}
-
-
-def parse_quant_config(text: str) -> list[dict]:
-    """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration."""
-    from vlmc.passes.registry import REGISTRY, parse_cli
-
-    specs = [parse_cli(part) for part in text.split("+") if part.strip()]
-    for spec in specs:
-        if getattr(REGISTRY.get(spec["name"]), "kind", None) != "quant":
-            raise VlmcError(f"--quant {text!r}: {spec['name']!r} is not a quantization pass (w8a8, w8, w4)")
-    return specs
-
-
 def _bundle_bytes(manifest: dict, target: str) -> int:
     files = {f for p in manifest["targets"][target]["programs"].values() for f in p.get("files", [p["file"]])}
     return sum(manifest["files"][f]["bytes"] for f in files)
 
 
-def quant_sweep(model: str, configs: list[str], n: int, runtimes: list[str], out: Path, iterations: int = 10,
-                coreml: bool = True, progress: Optional[Callable[[str], None]] = None) -> dict:
-    """fp32 and each quantization configuration: accuracy on every runtime, sizes per target, latency."""
-    progress = progress or (lambda m: None)
-    targets = sorted({RUNTIME_TARGET[r] for r in runtimes} | ({"coreml"} if coreml else set()))
-    started = time.time()
-    rows: list[dict] = []
-    base: Optional[dict] = None
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, specs in [("fp32", [])] + [(c, parse_quant_config(c)) for c in configs]:
-            progress(f"{label}: export")
-            recipe = {"model": model, "targets": targets, "passes": specs,
-                      "coreml": {"minimum_deployment_target": "iOS18"}}  # block-wise int4 needs iOS18
-            try:
-                bundle = api.compile(recipe, Path(tmp) / f"q{len(rows)}")
-            except VlmcError as e:
-                rows.append({"config": label, "passes": specs, "error": str(e)})
+def measure_point(grid_data: dict, recipe: dict) -> dict:
+    """Export one recipe into a temporary folder, evaluate and profile it; a refused recipe is a row with
+    its error. A plain function of plain data, so a Ray worker runs it as it is."""
+    from vlmc import api
+
+    grid = Grid.model_validate(grid_data)
+    quantized = any(p["name"] in ("w8a8", "w8", "w4") for p in recipe["passes"])
+    with tempfile.TemporaryDirectory(prefix="vlmc-sweep-") as tmp:
+        try:
+            bundle = api.compile(recipe, Path(tmp) / "b")
+        except VlmcError as e:
+            return {"error": str(e)}
+        m = bundle.manifest
+        out = {"image_tokens": m["prompt"]["num_image_tokens"], "image_size": m["prompt"]["image_size"],
+               "export_seconds": m["metrics"]["export_seconds"], "measurements": []}
+        accuracy: dict[str, dict] = {}
+        # token passes and resolution change every target's graph alike: their accuracy is read on one
+        # runtime; quantization differs per target (each its own quantizer), so it is read on each
+        for rt in grid.runtimes if quantized else grid.runtimes[:1]:
+            ev = api.evaluate(bundle.path, rt, grid.dataset, grid.split, grid.n)
+            accuracy[rt] = {"accuracy": ev["accuracy"], "ci95": list(ev["ci95"]), "agreement": ev["agreement"], "mean_kl": ev["mean_kl"]}
+            accuracy[rt]["per_type"] = {t: v["accuracy"] for t, v in ev["per_type"].items()}
+        for rt in grid.runtimes:
+            target = RUNTIME_TARGET[rt]
+            for device in grid.devices:
+                prof = api.profile(bundle.path, rt, warmup=2, iterations=grid.iterations, new_tokens=4, device=device)
+                st = prof["stages"]
+                tokens = prof["programs"]["text_decoder.prefill"]["tokens"]
+                acc = accuracy.get(rt) or accuracy[grid.runtimes[0]]
+                out["measurements"].append({
+                    "runtime": rt, "device": device, "accuracy_runtime": rt if rt in accuracy else grid.runtimes[0],
+                    **{k: v for k, v in acc.items()},
+                    "vision_encode_ms": st["vision_encode_ms"], "prefill_ms": st["prefill_ms"],
+                    "ttft_ms": round(st["vision_encode_ms"] + st["prefill_ms"], 4),
+                    "decode_ms_per_token": st["decode_ms_per_token"],
+                    "decode_tokens_per_s": round(1000.0 / st["decode_ms_per_token"], 2) if st["decode_ms_per_token"] else None,
+                    "size_bytes": _bundle_bytes(m, target),
+                    "peak_rss_mb": (prof.get("memory") or {}).get("peak_rss_mb"),
+                    "prefill_tokens": tokens, "flops_prefill": prefill_flops(m, tokens)})
+    return out
+
+
+def add_ratios(points: list[dict]) -> None:
+    """Retention and speed / size / memory ratios of every measured point against the uncompressed one."""
+    base = {(r["runtime"], r["device"]): r for r in points[0].get("measurements", [])}
+    for p in points:
+        for r in p.get("measurements", []):
+            b = base.get((r["runtime"], r["device"]))
+            if b is None:
                 continue
-            m = bundle.manifest
-            row = {"config": label, "passes": specs, "bytes": {t: _bundle_bytes(m, t) for t in targets}, "runtimes": {}}
-            for rt in runtimes:
-                progress(f"{label}: eval on {rt} ({n} questions)")
-                ev = api.evaluate(bundle.path, rt, "shapes-vqa", "test", n)
-                progress(f"{label}: profile on {rt}")
-                st = api.profile(bundle.path, rt, warmup=2, iterations=iterations, new_tokens=4)["stages"]
-                row["runtimes"][rt] = {"accuracy": ev["accuracy"], "ci95": ev["ci95"], "agreement": ev["agreement"],
-                                       "mean_kl": ev["mean_kl"], "per_type": {t: v["accuracy"] for t, v in ev["per_type"].items()},
-                                       "vision_encode_ms": st["vision_encode_ms"], "prefill_ms": st["prefill_ms"],
-                                       "decode_ms_per_token": st["decode_ms_per_token"]}
-            if base is None:
-                base = row
-            else:
-                row["size_ratio"] = {t: round(row["bytes"][t] / base["bytes"][t], 4) for t in targets}
-                for rt, r in row["runtimes"].items():
-                    b = base["runtimes"][rt]
-                    r["retention"] = round(100 * r["accuracy"] / b["accuracy"], 2) if b["accuracy"] else None
-                    for stage in ("vision_encode_ms", "prefill_ms", "decode_ms_per_token"):
-                        r[stage.replace("_ms", "").replace("_per_token", "") + "_speedup"] = round(b[stage] / r[stage], 3)
-            rows.append(row)
-    result = {"kind": "quantization", "model": model, "dataset": "shapes-vqa test", "n": n, "runtimes": runtimes,
-              "targets": targets, "iterations": iterations, "seconds": round(time.time() - started, 1), "rows": rows}
-    write_results(out, result, quant_markdown(result))
+            r["retention"] = round(100 * r["accuracy"] / b["accuracy"], 2) if b["accuracy"] else None
+            r["ttft_speedup"] = round(b["ttft_ms"] / r["ttft_ms"], 3)
+            r["vision_speedup"] = round(b["vision_encode_ms"] / r["vision_encode_ms"], 3)
+            r["prefill_speedup"] = round(b["prefill_ms"] / r["prefill_ms"], 3)
+            r["ttft_pct"] = round(100 * r["ttft_ms"] / b["ttft_ms"], 2)
+            r["size_pct"] = round(100 * r["size_bytes"] / b["size_bytes"], 2)
+            r["memory_pct"] = round(100 * r["peak_rss_mb"] / b["peak_rss_mb"], 2) if r["peak_rss_mb"] and b["peak_rss_mb"] else None
+            r["flop_ideal_prefill_speedup"] = round(b["flops_prefill"] / r["flops_prefill"], 3)
+
+
+# ----------------------------------------------------------------- the sweep
+
+class PointCache:
+    """`out/points/<key>.json`, each written whole: what makes a sweep resumable."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "points"
+
+    def get(self, key: str) -> Optional[dict]:
+        path = self.dir / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # a file from a crash mid-write elsewhere: measure again
+
+    def put(self, key: str, result: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / f"{key}.json", json.dumps(result, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_geometry(model: str) -> tuple[int, int, int]:
+    from vlmc.models_zoo import load
+
+    c = load(model).model
+    return c.image_size, c.num_image_tokens, c.num_vision_blocks
+
+
+def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Progress, done: int, total: int) -> list[dict]:
+    """Measure the points not in the cache (in this process or as Ray tasks); return every point's row."""
+    rows: dict[int, dict] = {}
+    todo = []
+    for i, p in enumerate(points):
+        key = point_key(grid, p)
+        cached = cache.get(key)
+        if cached is not None:
+            rows[i] = cached
+        else:
+            todo.append((i, key))
+    done += len(rows)
+    progress(done, total, f"{len(rows)} cached point(s)" if rows else "start")
+    grid_data = grid.model_dump(mode="json")
+
+    def record(i: int, key: str, measured: dict) -> None:
+        p = points[i]
+        rows[i] = {"id": key, "label": p.label, "resolution": p.resolution, "tokens": p.tokens, "quant": p.quant,
+                   "recipe": p.recipe, **measured}
+        cache.put(key, rows[i])
+
+    if grid.executor == "ray" and todo:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+        task = ray.remote(num_cpus=1)(measure_point)
+        pending = {task.remote(grid_data, points[i].recipe): (i, key) for i, key in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i, key = pending.pop(ready[0])
+            record(i, key, ray.get(ready[0]))
+            done += 1
+            progress(done, total, points[i].label)
+    else:
+        for i, key in todo:
+            progress(done, total, points[i].label)
+            record(i, key, measure_point(grid_data, points[i].recipe))
+            done += 1
+            progress(done, total, points[i].label)
+    return [rows[i] for i in range(len(points))]
+
+
+def run(grid: Grid, out: Path, progress: Optional[Progress] = None) -> dict:
+    """Measure every point (grid product, or an optuna search) and write sweep.json, sweep.csv and sweep.md."""
+    progress = progress or (lambda done, total, what: None)
+    started = time.time()
+    geometry = model_geometry(grid.model)
+    cache = PointCache(out)
+    if grid.search is None:
+        points = grid_points(grid, geometry)
+        rows = _run_points(grid, points, cache, progress, 0, len(points))
+    else:
+        rows = _search(grid, geometry, cache, progress)
+    add_ratios(rows)
+    result = {"kind": "sweep", "vlmc_version": __version__, "grid": grid.model_dump(mode="json"),
+              "seconds": round(time.time() - started, 1), "points": rows}
+    write_results(out, result)
     return result
 
 
-def quant_markdown(result: dict) -> str:
-    targets, rts = result["targets"], result["runtimes"]
-    head = ["config"] + [f"{t} MB (x fp32)" for t in targets]
-    for rt in rts:
-        head += [f"{rt} accuracy % (95% CI)", f"{rt} retention %", f"{rt} agreement %", f"{rt} mean KL",
-                 f"{rt} vision x", f"{rt} prefill x", f"{rt} decode x"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} |")
+def _search(grid: Grid, geometry, cache: PointCache, progress: Progress) -> list[dict]:
+    """Optuna's TPE over the grid's axes: minimise the TTFT of `search.runtime` on the first device, with
+    retention >= the floor as a constraint; every trial is a cached point like a grid's."""
+    import optuna
+
+    s = grid.search
+    runtime = s.runtime or grid.runtimes[0]
+    if runtime not in grid.runtimes:
+        raise VlmcError(f"grid field 'search.runtime': {runtime!r} is not one of the grid's runtimes")
+    total = s.trials + 1
+    base = _run_points(grid, [make_point(grid, geometry, None, None, None)], cache, progress, 0, total)
+    rows = list(base)
+    base_m = _measurement(base[0], runtime, grid.devices[0])
+    if base_m is None:
+        raise VlmcError(f"the uncompressed model failed: {base[0].get('error')}")
+
+    def objective(trial):
+        r = trial.suggest_categorical("resolution", axis(grid.resolution))
+        t = trial.suggest_categorical("tokens", axis(grid.tokens))
+        q = trial.suggest_categorical("quant", axis(grid.quant))
+        row = _run_points(grid, [make_point(grid, geometry, r, t, q)], cache, progress, len(rows), total)[0]
+        rows.append(row)
+        m = _measurement(row, runtime, grid.devices[0])
+        if m is None:
+            trial.set_user_attr("violation", 100.0)
+            return float("inf")
+        retention = 100 * m["accuracy"] / base_m["accuracy"] if base_m["accuracy"] else 0.0
+        trial.set_user_attr("violation", s.retention_floor - retention)
+        return m["ttft_ms"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=s.seed, constraints_func=lambda t: [t.user_attrs.get("violation", 0.0)])
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study.optimize(objective, n_trials=s.trials)
+    seen, unique = set(), []
+    for row in rows:  # a configuration optuna proposed twice is one point
+        if row["id"] not in seen:
+            seen.add(row["id"])
+            unique.append(row)
+    return unique
+
+
+def _measurement(row: dict, runtime: str, device: str) -> Optional[dict]:
+    return next((m for m in row.get("measurements", []) if m["runtime"] == runtime and m["device"] == device), None)
+
+
+# ----------------------------------------------------------------- outputs and budgets
+
+CSV_FIELDS = ["id", "label", "runtime", "device", "image_tokens", "accuracy", "ci95_low", "ci95_high", "retention",
+              "agreement", "mean_kl", "vision_encode_ms", "prefill_ms", "ttft_ms", "ttft_speedup", "decode_ms_per_token",
+              "decode_tokens_per_s", "size_bytes", "size_pct", "peak_rss_mb", "memory_pct", "error"]
+
+
+def flat_rows(result: dict) -> list[dict]:
+    """One row per point x runtime x device (a refused point: one row with its error)."""
+    out = []
+    for p in result["points"]:
+        if "error" in p:
+            out.append({"id": p["id"], "label": p["label"], "error": p["error"]})
             continue
-        ratio = r.get("size_ratio", {})
-        cells = [r["config"]] + [f"{r['bytes'][t] / 1e6:.2f} ({ratio.get(t, 1.0)})" for t in targets]
-        for rt in rts:
-            x = r["runtimes"][rt]
-            cells += [f"{x['accuracy']} ({x['ci95'][0]}..{x['ci95'][1]})", str(x.get("retention", 100.0)), str(x["agreement"]),
-                      f"{x['mean_kl']:.2g}", str(x.get("vision_encode_speedup", 1.0)), str(x.get("prefill_speedup", 1.0)), str(x.get("decode_speedup", 1.0))]
-        lines.append("| " + " | ".join(cells) + " |")
+        for m in p["measurements"]:
+            out.append({"id": p["id"], "label": p["label"], "image_tokens": p["image_tokens"], **m,
+                        "ci95_low": m["ci95"][0], "ci95_high": m["ci95"][1]})
+    return out
+
+
+def to_csv(result: dict) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(flat_rows(result))
+    return buf.getvalue()
+
+
+def to_markdown(result: dict) -> str:
+    head = ["point", "runtime", "device", "image tokens", "accuracy % (95% CI)", "retention %", "agreement %",
+            "TTFT ms (x)", "vision ms", "prefill ms", "decode tok/s", "MB (% fp32)", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in flat_rows(result):
+        if "error" in r:
+            lines.append(f"| {r['label']} | error: {r['error'].splitlines()[0]} |")
+            continue
+        lines.append("| " + " | ".join(str(c) for c in [
+            r["label"], r["runtime"], r["device"], r["image_tokens"], f"{r['accuracy']} ({r['ci95_low']}..{r['ci95_high']})",
+            r.get("retention"), r["agreement"], f"{r['ttft_ms']:.2f} ({r.get('ttft_speedup')}x)", f"{r['vision_encode_ms']:.2f}",
+            f"{r['prefill_ms']:.2f}", r["decode_tokens_per_s"], f"{r['size_bytes'] / 1e6:.2f} ({r.get('size_pct')})",
+            r["peak_rss_mb"]]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, result: dict) -> None:
+    """sweep.json, sweep.csv and sweep.md, each written whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "sweep.csv", to_csv(result))
+    write_atomic(out / "sweep.md", to_markdown(result))
+
+
+def check_output(out: Path, force: bool) -> None:
+    """A folder holding another grid's results is replaced only with --force (its cached points stay
+    reusable: the same point of a new grid is not measured again)."""
+    if out.exists() and not out.is_dir():
+        raise VlmcError(f"output {out} is a file, not a folder")
+    if not force and (out / "sweep.json").exists():
+        try:
+            old = json.loads((out / "sweep.json").read_text()).get("grid")
+        except (json.JSONDecodeError, AttributeError):
+            old = None
+        if old is None:
+            raise VlmcError(f"output {out} holds a sweep's results (use --force to replace them)")
+
+
+BUDGET_METRICS = {"ttft": ("ttft_pct", "ttft_ms"), "size": ("size_pct", "size_bytes"), "memory": ("memory_pct", "peak_rss_mb"),
+                  "retention": ("retention", None), "accuracy": ("accuracy", "accuracy"), "agreement": ("agreement", "agreement")}
+
+
+def parse_budget(text: str) -> list[tuple[str, str, float]]:
+    """`ttft<=40%,retention>=97%` -> [(field, op, value)]: ttft / size / memory in % of the uncompressed
+    point, or absolute (ttft in ms, size in MB, memory in MB); retention, accuracy, agreement in %."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\w+)\s*(<=|>=|<|>)\s*([\d.]+)\s*(%|ms|MB)?", part)
+        if not m or m.group(1) not in BUDGET_METRICS:
+            raise VlmcError(f"--budget {text!r}: cannot read {part!r} (e.g. ttft<=40%, retention>=97%, size<=5MB; "
+                            f"metrics: {', '.join(BUDGET_METRICS)})")
+        metric, op, value, unit = m.group(1), m.group(2), float(m.group(3)), m.group(4)
+        relative, absolute = BUDGET_METRICS[metric]
+        if metric in ("ttft", "size", "memory"):
+            expected = {"ttft": "ms", "size": "MB", "memory": "MB"}[metric]
+            if unit not in ("%", expected):
+                raise VlmcError(f"--budget {part!r}: {metric} takes % (of the uncompressed model) or {expected}")
+            if unit == "%":
+                out.append((relative, op, value))
+            else:
+                out.append((absolute, op, value * 1e6 if metric == "size" else value))
+        else:
+            if unit not in (None, "%"):
+                raise VlmcError(f"--budget {part!r}: {metric} is a percentage")
+            out.append((relative, op, value))
+    if not out:
+        raise VlmcError("--budget: no conditions")
+    return out
+
+
+def _holds(value, op: str, bound: float) -> bool:
+    if value is None:
+        return False
+    return {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound}[op]
+
+
+def choose(result: dict, budget: str) -> list[dict]:
+    """Per runtime x device: the fastest point (TTFT; more accurate on a tie) meeting every condition."""
+    conditions = parse_budget(budget)
+    best: dict[tuple, dict] = {}
+    for r in flat_rows(result):
+        if "error" in r or not all(_holds(r.get(f), op, v) for f, op, v in conditions):
+            continue
+        key = (r["runtime"], r["device"])
+        if key not in best or (r["ttft_ms"], -r["accuracy"]) < (best[key]["ttft_ms"], -best[key]["accuracy"]):
+            best[key] = r
+    recipes = {p["id"]: p["recipe"] for p in result["points"]}
+    return [{**r, "recipe": recipes[r["id"]]} for r in best.values()]

@@ -24,11 +24,22 @@ MAX_ANSWER_TOKENS = 4
 
 @dataclass
 class Question:
-    image: np.ndarray  # uint8 [3,H,W] at the model's size
+    image: np.ndarray  # uint8 [3,H,W] at the size asked for (the uncompressed model's, in eval)
     question: str
     answer: str
     qtype: str
     where: str  # "shapes-vqa test #12" or "questions.jsonl line 3", for error messages
+    path: Optional[Path] = None  # the image file, read again at another size
+    resize: Optional[dict] = None  # the family's resize rule the image was read with
+
+    def image_at(self, size: int, rule: Optional[dict] = None) -> np.ndarray:
+        """The image at size x size: a bundle whose resolution pass lowered its input reads the file itself
+        at its size (ShapesVQA's rendered image is resized), as `vlmc run` would."""
+        if self.image.shape[1] == size:
+            return self.image
+        from vlmc.runtimes.image import load_image, resize_array
+
+        return load_image(self.path, size, rule) if self.path else resize_array(self.image, size, rule)
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -46,16 +57,16 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"[^\w\s]", "", text.lower()).strip()
 
 
-def shapes_vqa_questions(split: str, n: int, image_size: int) -> Iterator[Question]:
+def shapes_vqa_questions(split: str, n: int, image_size: int, resize: Optional[dict] = None) -> Iterator[Question]:
+    """ShapesVQA items; rendered at 112px, resized by the family's rule to a model that takes another size."""
     from vlmc.eval import shapes_vqa
 
     if n < 1:
         raise VlmcError(f"shapes-vqa split {split!r}: --n must be at least 1")
     for i, item in enumerate(shapes_vqa.items(split, n)):
-        if item.image.shape[0] != image_size:
-            raise VlmcError(f"shapes-vqa images are {item.image.shape[0]}px but the model takes {image_size}px")
-        yield Question(np.ascontiguousarray(item.image.transpose(2, 0, 1)), item.question, item.answer, item.qtype,
-                       f"shapes-vqa {split} #{i}")
+        q = Question(np.ascontiguousarray(item.image.transpose(2, 0, 1)), item.question, item.answer, item.qtype,
+                     f"shapes-vqa {split} #{i}")
+        yield Question(q.image_at(image_size, resize), q.question, q.answer, q.qtype, q.where)
 
 
 def jsonl_questions(path: Path, n: Optional[int], image_size: int, resize: Optional[dict] = None) -> Iterator[Question]:
@@ -85,7 +96,7 @@ def jsonl_questions(path: Path, n: Optional[int], image_size: int, resize: Optio
             image = load_image(image_path, image_size, resize)
         except VlmcError as e:
             raise VlmcError(f"{where}: {e}") from None
-        yield Question(image, row["question"], row["answer"], str(row.get("type", "all")), where)
+        yield Question(image, row["question"], row["answer"], str(row.get("type", "all")), where, image_path, resize)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,7 +119,8 @@ class Answerer:
         if unknown:
             raise VlmcError(f"{q.where}: words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
         ids = self.tok.prompt(p["template"], q.question, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
-        gen = generate(self.session, ids, q.image, MAX_ANSWER_TOKENS, set(p["eos_token_ids"]))
+        image = q.image_at(p["image_size"], p.get("image_resize"))
+        gen = generate(self.session, ids, image, MAX_ANSWER_TOKENS, set(p["eos_token_ids"]))
         return normalize_answer(self.tok.decode(gen.tokens)), _softmax(gen.first_logits)
 
 

@@ -31,6 +31,7 @@ class Prepared:
     passes: list[dict]  # what each token pass did, for the manifest
     image_tokens: int
     quant: QuantPlan
+    native: tuple[int, int]  # the model's image side and image tokens before any pass (the eval reference's)
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -41,6 +42,7 @@ def prepare(recipe: Recipe) -> Prepared:
     passes.validate(recipe.passes)
     loaded = load(recipe.model, recipe.image_size)
     recipe = loaded.template(recipe)
+    native = (loaded.model.image_size, loaded.model.num_image_tokens)
     records, plan = passes.apply(loaded.model, recipe.passes, CalibrationSource(recipe, loaded.tokenizer, loaded.model))
     image_tokens = passes.tokens_at(loaded.model, "projector.out")
     # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
@@ -52,7 +54,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if len(sample) > recipe.max_prompt:
         raise VlmcError(f"recipe field 'max_prompt': {recipe.max_prompt} cannot hold the template with a short question "
                         f"({len(sample)} tokens: {image_tokens} image + {len(sample) - image_tokens} text)")
-    return Prepared(loaded, recipe, records, image_tokens, plan)
+    return Prepared(loaded, recipe, records, image_tokens, plan, native)
 
 
 def _check_quantization(prepared: Prepared) -> None:
@@ -155,8 +157,8 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "prompt": {"template": recipe.prompt_template, "add_bos": loaded.tokenizer.add_bos,
                        "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
                        "image_token_id": cfg.image_token_id, "num_image_tokens": prepared.image_tokens,
-                       "num_image_tokens_unpruned": loaded.model.num_image_tokens,
-                       "image_size": loaded.model.image_size, "image_resize": loaded.image_resize},
+                       "num_image_tokens_unpruned": prepared.native[1], "image_size": loaded.model.image_size,
+                       "native_image_size": prepared.native[0], "image_resize": loaded.image_resize},
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,

@@ -120,6 +120,8 @@ class VisionLanguageModel(nn.Module):
         # the prompt row where the image's tokens start: set from the prompt template (`set_image_start`)
         # for families whose positions or masks depend on it (M-RoPE, bidirectional image attention)
         self.image_start: Optional[int] = None
+        # the side images are encoded at when the resolution pass lowered it (None: the native side)
+        self.input_side: Optional[int] = None
         # Token stages inserted by passes at named points of the anatomy (see `insert`).
         self.insertions = nn.ModuleDict()
 
@@ -176,9 +178,35 @@ class VisionLanguageModel(nn.Module):
         return self.config.vision.num_layers
 
     @property
-    def image_size(self) -> int:
-        """Side of the square image the vision_encoder takes."""
+    def native_image_size(self) -> int:
+        """Side of the square image the checkpoint was built for."""
         return self.config.vision.image_size
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square image the vision_encoder takes (lower than native after `set_resolution`)."""
+        return self.input_side or self.native_image_size
+
+    def set_resolution(self, side: int) -> None:
+        """Encode images at side x side, below the native side (the resolution pass): the vision encoder
+        itself runs on fewer patches, and every later stage sees a smaller grid. The family resizes its
+        position scheme the way its own code does for another input size (`resize_positions`)."""
+        patch, native = self.config.vision.patch_size, self.native_image_size
+        unit = patch * self.connector_merge
+        if self.insertions:
+            raise VlmcError("pass resolution: the input size is fixed before any token stage is placed")
+        if side >= native:
+            raise VlmcError(f"pass resolution: parameter 'size': {side} is not below the model's {native}x{native} input")
+        if side % unit:
+            why = f"the {patch}px patch" if unit == patch else f"the {patch}px patch x the connector's {self.connector_merge}x merge"
+            raise VlmcError(f"pass resolution: parameter 'size': {side} is not a multiple of {unit} ({why}); "
+                            f"e.g. {max(unit, side // unit * unit)}")
+        self.resize_positions(side // patch)
+        self.input_side = side
+
+    def resize_positions(self, grid: int) -> None:
+        """Make the vision tower (and a connector that knows the grid) take a grid x grid patch grid."""
+        raise VlmcError(f"pass resolution: the {self.family} family has no rule for a smaller input")
 
     @property
     def patch_grid(self) -> int:

@@ -351,6 +351,12 @@ class Gemma3Model(core.VisionLanguageModel):
     def select_features(self, x):
         return self.vision_tower.post_layernorm(x)
 
+    def resize_positions(self, grid: int) -> None:
+        """SigLIP's interpolated table; the projector keeps its pooling kernel, so it emits fewer soft tokens."""
+        self.vision_tower.embeddings.interpolate(grid)
+        self.multi_modal_projector.grid = grid
+        self._image_rows = None
+
     def rope(self, position_ids):
         return self.language_model.rotary(position_ids)
 

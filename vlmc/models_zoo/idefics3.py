@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 from torch import nn
@@ -75,14 +76,17 @@ class Idefics3Config:
                    resize_longest_edge=int(longest), resize_filter=PIL_FILTERS[resample])
 
 
-def bucketed_position_ids(grid: int) -> torch.Tensor:
-    """The position ids Idefics3's embeddings give a full, unpadded image: fractional patch coordinates
-    bucketed in float32. Not always arange(grid^2) (float rounding differs at grid 19, 25, 29, ...), so
-    they are computed the way transformers computes them and kept as a constant."""
-    boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
+def bucketed_position_ids(grid: int, table: Optional[int] = None) -> torch.Tensor:
+    """The position ids Idefics3's embeddings give a full, unpadded grid x grid image read from a
+    table x table position table (default: the same grid): fractional patch coordinates bucketed in
+    float32. Not always arange(grid^2) (float rounding differs at grid 19, 25, 29, ...), so they are
+    computed the way transformers computes them and kept as a constant. A smaller image reads a spread
+    subset of the table: how Idefics3 encodes any image below its maximum size."""
+    table = table or grid
+    boundaries = torch.arange(1 / table, 1.0, 1 / table)
     frac = torch.clamp(torch.arange(grid, dtype=torch.float32) * (1.0 / grid), max=1 - 1e-6)
     buckets = torch.bucketize(frac, boundaries, right=True)
-    return (buckets[:, None] * grid + buckets[None, :]).reshape(-1)
+    return (buckets[:, None] * table + buckets[None, :]).reshape(-1)
 
 
 class ModalityProjection(nn.Module):
@@ -138,6 +142,11 @@ class Idefics3Model(core.VisionLanguageModel):
 
     def select_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vision_model.post_layernorm(x)
+
+    def resize_positions(self, grid: int) -> None:
+        table = self.config.vision.image_size // self.config.vision.patch_size
+        self.vision_model.embeddings.position_ids = bucketed_position_ids(grid, table)
+        self.connector.grid = grid
 
     def rope(self, position_ids: torch.Tensor):
         return self.text_model.rotary(position_ids)

@@ -23,7 +23,7 @@ from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
 from vlmc.models_zoo.idefics3 import pixel_shuffle
 from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaBody, RMSNorm, TextConfig, ViTMLP, config_float, config_int,
-                                    check_activation, parse_text_config)
+                                    check_activation, interpolate_grid_table, parse_text_config)
 
 DEFAULT_TEMPLATE = "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 # the processor writes `<img>` + `<IMG_CONTEXT>` * n + `</img>` where the chat template has the image
@@ -338,10 +338,6 @@ class InternVLModel(core.VisionLanguageModel):
     def num_vision_blocks(self) -> int:
         return self.config.num_vision_layers_run
 
-    @property
-    def patch_grid(self) -> int:
-        return self.config.vision.grid
-
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_tower.embeddings(pixel_values)
 
@@ -351,6 +347,14 @@ class InternVLModel(core.VisionLanguageModel):
         if self.config.vision_feature_layer == -1:
             x = self.vision_tower.layernorm(x)
         return x[:, 1:]
+
+    def resize_positions(self, grid: int) -> None:
+        emb = self.vision_tower.embeddings
+        if emb.position_embeddings is not None:
+            table = emb.position_embeddings[0]
+            resized = torch.cat([table[:1].detach(), interpolate_grid_table(table[1:], grid)])
+            emb.position_embeddings = nn.Parameter(resized[None])
+        self.multi_modal_projector.grid = grid
 
     def rope(self, position_ids: torch.Tensor):
         return self.language_model.rotary(position_ids)

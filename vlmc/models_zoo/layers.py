@@ -9,6 +9,7 @@ rule, and implements the protocol the core reads (see `core.py`):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -267,6 +268,12 @@ class SiglipEmbeddings(nn.Module):
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
         return patches + self.position_embedding(self.position_ids)[None]
 
+    def interpolate(self, grid: int) -> None:
+        """SigLIP's `interpolate_pos_encoding`: the table resampled to a grid x grid input."""
+        resized = interpolate_grid_table(self.position_embedding.weight, grid)
+        self.position_embedding = nn.Embedding.from_pretrained(resized, freeze=False)
+        self.position_ids = torch.arange(grid * grid)
+
 
 class SiglipTower(nn.Module):
     """SigLIP without its head: embeddings (no CLS), the encoder, the post-layernorm."""
@@ -357,3 +364,16 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if rope:
             self.rotary = Rope1D(c.head_dim, c.rope_theta)
+
+
+def interpolate_grid_table(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """A learned position table of a square patch grid [g*g, D] resampled to grid x grid [grid*grid, D]:
+    bicubic, align_corners=False, as CLIP's, SigLIP's and InternViT's `interpolate_pos_encoding` do."""
+    n, d = table.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise VlmcError(f"a position table of {n} rows is not a square patch grid")
+    square = table.detach().float().reshape(1, side, side, d).permute(0, 3, 1, 2)
+    out = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(grid * grid, d).to(table.dtype)
+

@@ -15,7 +15,7 @@ from torch import nn
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import core
 from vlmc.models_zoo.layers import (ACTIVATIONS, LlamaBody, TextConfig, ViTEncoder, VisionConfig, check_activation,
-                                    parse_text_config, parse_vision_config)
+                                    interpolate_grid_table, parse_text_config, parse_vision_config)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,6 +151,11 @@ class LlavaModel(core.VisionLanguageModel):
 
     def select_features(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.features_have_cls else x[:, 1:]
+
+    def resize_positions(self, grid: int) -> None:
+        table = self.vision_tower.embeddings.position_embedding.weight
+        resized = torch.cat([table[:1].detach(), interpolate_grid_table(table[1:], grid)])
+        self.vision_tower.embeddings.position_embedding = nn.Embedding.from_pretrained(resized, freeze=False)
 
     def rope(self, position_ids: torch.Tensor):
         return self.language_model.rotary(position_ids)

@@ -321,12 +321,17 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(c)
         self.blocks = nn.ModuleList(QwenVisionBlock(c, i in c.fullatt_block_indexes) for i in range(c.depth))
         self.merger = PatchMerger(c, geo["unwindow"])
-        self.register_buffer("patch_order", geo["order"], persistent=False)
-        self.register_buffer("rope_cos", geo["cos"], persistent=False)
-        self.register_buffer("rope_sin", geo["sin"], persistent=False)
-        self.register_buffer("window_mask", geo["window"][:, None] == geo["window"][None, :], persistent=False)
+        for name in ("patch_order", "rope_cos", "rope_sin", "window_mask"):
+            self.register_buffer(name, None, persistent=False)
+        self.set_geometry(geo)
         for block in self.blocks:
             block._tower.append(self)
+
+    def set_geometry(self, geo: dict[str, torch.Tensor]) -> None:
+        """The grid's constants (`vision_geometry`): patch order, rotary tables, window mask, merger order."""
+        self.patch_order, self.rope_cos, self.rope_sin = geo["order"], geo["cos"], geo["sin"]
+        self.window_mask = geo["window"][:, None] == geo["window"][None, :]
+        self.merger.unwindow = geo["unwindow"]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, D], raster
@@ -378,15 +383,16 @@ class QwenVLModel(core.VisionLanguageModel):
         return self.config.vision.depth
 
     @property
-    def image_size(self) -> int:
+    def native_image_size(self) -> int:
         return self.config.image_size
-
-    @property
-    def patch_grid(self) -> int:
-        return self.config.image_size // self.config.vision.patch_size
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual.embed(pixel_values)
+
+    def resize_positions(self, grid: int) -> None:
+        """Qwen's vision rotary positions, windows and merge order all follow the grid: recomputed for it."""
+        self.visual.set_geometry(vision_geometry(self.config.vision, grid * self.config.vision.patch_size))
+        self._rows = ((), (grid // self.connector_merge) ** 2)
 
     def select_features(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -1,4 +1,5 @@
-"""Passes: token methods (token/), quantization (quant/), KV-cache (kv/, to come), and the registry.
+"""Passes: the input resolution, token methods (token/), quantization (quant/), KV-cache (kv/, to come),
+and the registry.
 
 `apply(model, specs)` validates every pass against the model before inserting the token passes and
 planning the quantization, so bad parameters are refused before any export work.
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from vlmc.errors import VlmcError
-from vlmc.passes import quant, registry
+from vlmc.passes import quant, registry, resolution  # noqa: F401  (registers resolution)
 from vlmc.passes.token import methods  # noqa: F401  (registers the token methods)
 
 
@@ -134,6 +135,16 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
     built = [registry.build(spec) for spec in specs]
     plan = quant.plan(model, [p for p in built if p.kind == "quant"])
     records = []
+    inputs = [p for p in built if p.kind == "input"]
+    if len(inputs) > 1:
+        raise VlmcError("pass resolution: given more than once (the image has one size)")
+    for p in inputs:  # the input size first: every token pass is placed on the grid it leaves
+        n_in = tokens_at(model, "projector.out")
+        p.apply(model)
+        n_out = tokens_at(model, "projector.out")
+        records.append({"name": p.name, "at": p.config.at, "params": p.config.model_dump(exclude={"at"}),
+                        "tokens_in": n_in, "tokens_out": n_out, "image_tokens": n_out, "reads_text": False,
+                        "in_llm": False, "source": p.source, "departures": p.departures})
     for p in (p for p in built if p.kind == "token"):
         at = canonical_point(model, p.config.at)
         model.resolve(at)

@@ -69,6 +69,14 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def resize_array(image: np.ndarray, size: int, rule: Optional[dict] = None) -> np.ndarray:
+    """A uint8 [3,H,W] image resized by `rule` to [3, size, size]."""
+    from PIL import Image
+
+    im = resize(Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))), size, rule)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+
+
 def load_image(path: str | Path, size: int, rule: Optional[dict] = None) -> np.ndarray:
     """An image file as uint8 [3, size, size], resized by the family's `rule` (default: CLIP's)."""
     from PIL import Image, UnidentifiedImageError

@@ -48,7 +48,7 @@ def _questions(options, image_size: int, resize=None):
     from vlmc.eval.evaluate import jsonl_questions, shapes_vqa_questions
 
     if options.dataset == "shapes-vqa":
-        return shapes_vqa_questions(options.split, options.n, image_size)
+        return shapes_vqa_questions(options.split, options.n, image_size, resize)
     return jsonl_questions(Path(options.dataset), options.n, image_size, resize)
 
 
@@ -65,7 +65,15 @@ class CalibrationSource:
 
     def __init__(self, recipe, tokenizer, model):
         self.options, self.template, self.tokenizer = recipe.calibration, recipe.prompt_template, tokenizer
-        self.config, self.image_size, self.resize = model.config, model.image_size, model.image_resize
+        self.config, self.model = model.config, model
+
+    @property
+    def image_size(self) -> int:  # read when used: the resolution pass may have lowered it since
+        return self.model.image_size
+
+    @property
+    def resize(self) -> dict:
+        return self.model.image_resize
 
     def __call__(self) -> list[np.ndarray]:
         return calibration_images(self.options, self.image_size, self.resize)

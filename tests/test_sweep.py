@@ -1,0 +1,142 @@
+"""vlmc sweep and vlmc report: the grid, the per-point cache (resume), budgets, optuna search, Ray tasks,
+and the HTML report with its Pareto figures."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlmc import api, report, sweep
+from vlmc.errors import VlmcError
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_ckpt, calibration_jsonl):
+    """The tiny model at 24px (of 32) x DivPrune keeping 4 (of 16 / 9), on onnxruntime: four points."""
+    return sweep.load_grid(None, {"model": str(tiny_ckpt), "dataset": str(calibration_jsonl), "n": 4, "iterations": 2,
+                                  "runtimes": ["onnxruntime"], "resolution": [24], "tokens": ["divprune@4"]})
+
+
+@pytest.fixture(scope="module")
+def swept(grid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    seen = []
+    result = sweep.run(grid, out, lambda done, total, what: seen.append((done, total)))
+    return out, result, seen
+
+
+def test_points_are_the_product_with_every_axis_alone(swept):
+    out, result, seen = swept
+    labels = [p["label"] for p in result["points"]]
+    assert labels == ["uncompressed", "divprune@4", "24px", "24px + divprune@4"]
+    assert [p["image_tokens"] for p in result["points"]] == [16, 4, 9, 4]
+    assert [s["name"] for s in result["points"][3]["recipe"]["passes"]] == ["resolution", "divprune"]
+    assert seen[-1] == (4, 4)
+    base, res = result["points"][0]["measurements"][0], result["points"][2]["measurements"][0]
+    assert base["retention"] == (100.0 if base["accuracy"] else None) and base["ttft_speedup"] == 1.0
+    assert res["ttft_ms"] == pytest.approx(res["vision_encode_ms"] + res["prefill_ms"], abs=1e-3)
+    assert res["ttft_speedup"] == round(base["ttft_ms"] / res["ttft_ms"], 3)
+    assert res["size_bytes"] > 0 and res["peak_rss_mb"] > 0 and res["prefill_tokens"] < base["prefill_tokens"]
+    csv_lines = (out / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("id,label,runtime") and len(csv_lines) == 5
+    assert json.loads((out / "sweep.json").read_text())["points"] == result["points"]
+    assert len(list((out / "points").glob("*.json"))) == 4
+
+
+def test_a_rerun_measures_only_what_is_not_cached(swept, grid, monkeypatch):
+    out, result, _ = swept
+    calls = []
+    real = api.compile
+    monkeypatch.setattr(api, "compile", lambda recipe, path, *a, **k: calls.append(recipe) or real(recipe, path, *a, **k))
+    again = sweep.run(grid, out)
+    assert calls == [] and [p["id"] for p in again["points"]] == [p["id"] for p in result["points"]]
+    killed = out / "points" / f"{result['points'][1]['id']}.json"  # as if the sweep died before this point
+    killed.unlink()
+    sweep.run(grid, out)
+    assert [c["passes"][0]["name"] for c in calls] == ["divprune"] and killed.is_file()
+
+
+def test_budget_picks_the_fastest_point_meeting_it(swept):
+    _, result, _ = swept
+    rows = sweep.flat_rows(result)
+    everything = sweep.choose(result, "agreement>=0%")
+    assert everything[0]["ttft_ms"] == min(r["ttft_ms"] for r in rows)
+    assert everything[0]["recipe"] == next(p["recipe"] for p in result["points"] if p["id"] == everything[0]["id"])
+    only_base = sweep.choose(result, "ttft>=100%,size>=100%")
+    assert {r["label"] for r in only_base} <= {"uncompressed"}
+    assert sweep.choose(result, "ttft<=0.0001ms") == []
+
+
+@pytest.mark.parametrize("budget,match", [("speed<=2", "cannot read 'speed<=2'"), ("ttft<=40", "ttft takes %"),
+                                          ("retention>=97ms", "retention is a percentage"), ("", "no conditions")])
+def test_bad_budgets_are_refused(budget, match):
+    with pytest.raises(VlmcError, match=match):
+        sweep.parse_budget(budget)
+
+
+def test_report_draws_the_fronts_and_lists_every_recipe(swept, tmp_path):
+    out, result, _ = swept
+    page = report.render(report.load_results([out, out / "sweep.json"]), tmp_path / "r.html", budget="agreement>=0%")
+    text = page.read_text()
+    for axis in ("ttft", "size", "memory"):
+        png = tmp_path / "r_files" / f"pareto_{axis}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert text.count("data:image/png;base64,") == 3 and text.count("<details>") == 4
+    assert "name: resolution" in text and "Headline" in text and "class='chosen'" in text
+    front = report.pareto(sweep.flat_rows(result), "ttft_ms")
+    assert all(a["ttft_ms"] <= b["ttft_ms"] and a["accuracy"] < b["accuracy"] for a, b in zip(front, front[1:]))
+
+
+def test_optuna_search_reuses_the_cache(swept, grid, monkeypatch):
+    out, result, _ = swept
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("a cached point was measured again"))
+    searched = sweep.run(grid.model_copy(update={"search": sweep.SearchConfig(trials=4)}), out)
+    ids = {p["id"] for p in result["points"]}
+    assert searched["points"][0]["label"] == "uncompressed" and {p["id"] for p in searched["points"]} <= ids
+
+
+def test_ray_tasks_give_the_in_process_results(swept, grid, tmp_path):
+    ray = pytest.importorskip("ray")
+    out, result, _ = swept
+    base = result["points"][0]["id"]  # cached: only the DivPrune point runs as a Ray task
+    (tmp_path / "points").mkdir()
+    (tmp_path / "points" / f"{base}.json").write_text((out / "points" / f"{base}.json").read_text())
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = sweep.run(grid.model_copy(update={"executor": "ray", "resolution": []}), tmp_path)
+    finally:
+        ray.shutdown()
+    local = {p["id"]: p for p in result["points"]}
+    assert [p["label"] for p in remote["points"]] == ["uncompressed", "divprune@4"]
+    for p in remote["points"]:
+        mine, theirs = p["measurements"][0], local[p["id"]]["measurements"][0]
+        assert (p["image_tokens"], mine["accuracy"], mine["agreement"], mine["size_bytes"]) == \
+            (local[p["id"]]["image_tokens"], theirs["accuracy"], theirs["agreement"], theirs["size_bytes"])
+
+
+def _vlmc(*args):
+    return subprocess.run([sys.executable, "-m", "vlmc.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("resolution: [96\ntokens: x", "invalid YAML at line 2, column 7"),
+    ("resolutoin: [96]", "field 'resolutoin': unknown field"),
+    ("tokens: [divprune]", "expected METHOD@KEEP"),
+    ("tokens: [w8a8@4]", "'w8a8' is not a token pass"),
+    ("quant: [divprune]", "'divprune' is not a quantization pass"),
+    ("runtimes: [coreml]\nquant: [w8a8]", "field 'runtimes': 'coreml' cannot be swept here"),
+    ("model: shapes-llava", "no axis to sweep"),
+])
+def test_bad_grid_files_are_one_line_errors(tmp_path, text, match):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    r = _vlmc("sweep", path, "-o", tmp_path / "out")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_refuses_what_is_not_a_sweep(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"rows": []}')
+    r = _vlmc("report", tmp_path, "-o", tmp_path / "r.html")
+    assert r.returncode == 2 and "not the output of vlmc sweep" in r.stderr and not (tmp_path / "r.html").exists()
