@@ -255,3 +255,19 @@ def test_an_edited_manifest_input_is_named(onnx_copy):
     edit_manifest(onnx_copy, edit)
     r = vlmc("profile", onnx_copy, "--runtime", "onnxruntime", "-n", "1")
     assert_clean_error(r, "input 'input_ids' is int64 in the ONNX graph, float32 in the manifest")
+
+
+def test_yaml_errors_name_the_line_and_column(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: shapes-llava\npasses: [\n")
+    assert_clean_error(vlmc("export", "--recipe", recipe, "-o", tmp_path / "b"),
+                       f"recipe {recipe}: invalid YAML at line 3, column 1 (expected the node content")
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("devices:\n  pi: {url: ssh://me@pi\n")
+    assert_clean_error(vlmc("devices", "--devices", devices), f"devices file {devices}: invalid YAML at line 3, column 1")
+
+
+def test_dataset_json_lists_what_it_wrote(tmp_path):
+    r = vlmc("dataset", "shapes-vqa", "--n", "2", "-o", tmp_path, "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["n"] == 2 and all(Path(p).is_file() for p in out["images"] + [out["questions"]])

@@ -115,6 +115,7 @@ def test_export_with_token_pass_after_it_verifies_and_evaluates(tiny_ckpt, calib
     assert m["passes"][1]["tokens_in"] == 9 and m["prompt"]["num_image_tokens"] == 4
     assert (m["prompt"]["image_size"], m["prompt"]["native_image_size"], m["prompt"]["num_image_tokens_unpruned"]) == (24, 32, 16)
     assert [s["name"] for s in m["recipe"]["passes"]] == ["resolution", "divprune"]
+    assert set(m["metrics"]["steps_seconds"]) == {"load_and_passes", "lower_onnx", "verify"}
     vision = b.manifest["targets"]["onnx"]["programs"]["vision_encoder"]
     assert vision["inputs"][0]["shape"][-1] == 24
     result = api.evaluate(b.path, "onnxruntime", str(calibration_jsonl), "test", 4)

@@ -126,6 +126,8 @@ def _vlmc(*args):
     ("quant: [divprune]", "'divprune' is not a quantization pass"),
     ("runtimes: [coreml]\nquant: [w8a8]", "field 'runtimes': 'coreml' cannot be swept here"),
     ("model: shapes-llava", "no axis to sweep"),
+    ("devices: [ethos-u85]\ntokens: [divprune@4]", "ethos-u85 gives a compiler's estimate"),
+    ("snap: true\ntokens: [divprune@4]", "field 'snap' needs latency_curve"),
 ])
 def test_bad_grid_files_are_one_line_errors(tmp_path, text, match):
     path = tmp_path / "grid.yaml"
@@ -140,3 +142,23 @@ def test_report_refuses_what_is_not_a_sweep(tmp_path):
     (tmp_path / "sweep.json").write_text('{"rows": []}')
     r = _vlmc("report", tmp_path, "-o", tmp_path / "r.html")
     assert r.returncode == 2 and "not the output of vlmc sweep" in r.stderr and not (tmp_path / "r.html").exists()
+
+
+def test_latency_steps_group_equal_costs_and_snap_up():
+    curve = [{"image_tokens": k, "min_ms": ms} for k, ms in [(4, 1.0), (8, 1.01), (12, 2.0), (16, 2.02), (20, 2.05), (24, 3.0)]]
+    steps = sweep.latency_steps(curve)
+    assert [(s["from"], s["to"]) for s in steps["steps"]] == [(4, 8), (12, 20), (24, 24)]
+    assert [sweep.snap(k, steps) for k in (4, 8, 13, 24, 30)] == [8, 8, 20, 24, 30]
+    assert sweep.snap_token("divprune@12", steps) == "divprune@20"
+    assert sweep.parse_counts("4..16/4") == [4, 8, 12, 16] and sweep.parse_counts("9,3,3") == [3, 9]
+    with pytest.raises(VlmcError, match="FROM..TO/STEP"):
+        sweep.parse_counts("4-16")
+
+
+def test_profile_measures_the_prefill_curve(tiny_bundle):
+    result = api.profile(tiny_bundle.path, "onnxruntime", warmup=0, iterations=2, new_tokens=1, curve=[4, 8, 16])
+    rows = result["prefill_curve"]
+    assert [r["image_tokens"] for r in rows] == [4, 8, 16]
+    assert [r["tokens"] - r["image_tokens"] for r in rows] == [rows[0]["tokens"] - 4] * 3 and all(r["min_ms"] > 0 for r in rows)
+    with pytest.raises(VlmcError, match="must be 1..16"):
+        api.profile(tiny_bundle.path, "onnxruntime", warmup=0, iterations=1, new_tokens=1, curve=[17])

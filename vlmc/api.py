@@ -29,14 +29,14 @@ def inspect(bundle: Union[str, Path]) -> dict:
     return b.manifest
 
 
-def session(bundle: Bundle, runtime: str, profile_ops: bool = False):
+def session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares_cpu: bool = False):
     """A runtime session of a bundle; `eager` rebuilds the PyTorch programs with the bundle's passes."""
     from vlmc.runtimes import check_runtime, open_session
     from vlmc.runtimes.base import DecoderShape
 
     check_runtime(runtime)
     if runtime != "eager":
-        return open_session(bundle, runtime, profile_ops)
+        return open_session(bundle, runtime, profile_ops, shares_cpu)
     from vlmc.exporter.build import prepare
     from vlmc.runtimes.eager_runner import EagerSession
 
@@ -119,19 +119,21 @@ def compare(bundle: Union[str, Path], runtime: str, image: Union[str, Path], pro
 
 def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
             new_tokens: int = 8, progress: ProgressFn = None, device: Optional[str] = None,
-            devices_file: Optional[str] = None) -> dict:
+            devices_file: Optional[str] = None, curve: Optional[list[int]] = None) -> dict:
     """Latency, stages, memory, sizes (and per-op rows) of a bundle on a runtime: here in a spawned process,
     or on a device (vlmc devices) in a fresh process of its own."""
     from vlmc.devices import resolve
     from vlmc.runtimes.profile import check_profile_args
 
     check_profile_args(runtime, warmup, iterations, new_tokens)
-    return resolve(device, devices_file).profile(Bundle(bundle), runtime, warmup, iterations, ops, new_tokens, progress or (lambda m: None))
+    return resolve(device, devices_file).profile(Bundle(bundle), runtime, warmup, iterations, ops, new_tokens,
+                                                 progress or (lambda m: None), curve)
 
 
 def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "shapes-vqa", split: str = "test",
-             n: Optional[int] = 2000, progress: ProgressFn = None) -> dict:
-    """Accuracy of a bundle on a runtime (or of a model, eager) against the uncompressed eager model."""
+             n: Optional[int] = 2000, progress: ProgressFn = None, reference: bool = True) -> dict:
+    """Accuracy of a bundle on a runtime (or of a model, eager) against the uncompressed eager model
+    (`reference=False`: accuracy only, without running the uncompressed model: no agreement or KL)."""
     from vlmc.eval.evaluate import Answerer, evaluate as score, jsonl_questions, shapes_vqa_questions
     from vlmc.models_zoo import load
     from vlmc.models_zoo.tokenizer import TextTokenizer
@@ -150,9 +152,11 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
                             "nothing (profile it; evaluate a bundle of a real checkpoint)")
         b.file("tokenizer.json")
         prompt, tok, shape = b.manifest["prompt"], TextTokenizer(b.path), DecoderShape.from_manifest(b.manifest)
-        answer = Answerer(session(b, runtime), tok, prompt)
+        answer = Answerer(session(b, runtime, shares_cpu=reference), tok, prompt)
         quantized = bool(b.manifest.get("quantization"))
-        if runtime == "eager" and not b.manifest["passes"]:
+        if not reference:
+            reference = None
+        elif runtime == "eager" and not b.manifest["passes"]:
             reference = answer
         else:
             full = prompt["num_image_tokens_unpruned"]
@@ -180,7 +184,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         t = c.text
         shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
         answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
-        reference, name, source, quantized = answer, loaded.name, loaded.source, False
+        reference, name, source, quantized = answer if reference else None, loaded.name, loaded.source, False
     # questions come at the uncompressed model's size; a bundle with a lower resolution reads them at its own
     size = prompt.get("native_image_size", prompt["image_size"])
     if dataset == "shapes-vqa":
@@ -189,7 +193,8 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         questions = jsonl_questions(Path(dataset), n, size, prompt.get("image_resize"))
     result = score(answer, reference, questions, progress)
     out = {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
-           "split": split if dataset == "shapes-vqa" else None, "reference": "eager, uncompressed", **result}
+           "split": split if dataset == "shapes-vqa" else None,
+           "reference": "eager, uncompressed" if reference is not None else None, **result}
     if quantized and runtime == "eager":
         out["note"] = "eager runs the float model with the bundle's token passes; quantization is in the target artifacts"
     return out

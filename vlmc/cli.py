@@ -145,6 +145,9 @@ def _print_summary(m: dict, path) -> None:
                   "pass" if r["passed"] else "FAIL", r.get("detail", "")] for r in v["results"]]
         console.print(_table(f"verification vs eager (atol {v['atol']}, rtol {v['rtol']})",
                              ["target", "program", "check", "max |err|", "result", "note"], vrows))
+    steps = m.get("metrics", {}).get("steps_seconds")
+    if steps:
+        console.print(f"export took {m['metrics']['export_seconds']} s: " + ", ".join(f"{k.replace('_', ' ')} {v} s" for k, v in steps.items()))
 
 
 @cli.command()
@@ -247,14 +250,19 @@ def devices_setup(kind, sysroot, force):
 @click.option("--iterations", "-n", default=20, show_default=True)
 @click.option("--new-tokens", default=8, show_default=True, help="tokens generated for the decode-stage measurement")
 @click.option("--ops", is_flag=True, help="add per-op rows (onnxruntime profiler / ExecuTorch ETDump / TVM VM instrument)")
+@click.option("--prefill-curve", default=None, help="prefill latency at these image token counts, and its steps: 8..196/8 or 22,49,98")
 @_device_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def profile(bundle, runtime, warmup, iterations, new_tokens, ops, device, devices_file, as_json):
+def profile(bundle, runtime, warmup, iterations, new_tokens, ops, prefill_curve, device, devices_file, as_json):
     """Latency per program and per stage, memory, sizes (and per-op time) on a runtime, here or on a device."""
     from vlmc import api
+    from vlmc.sweep import latency_steps, parse_counts
 
+    curve = parse_counts(prefill_curve) if prefill_curve else None
     result = api.profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress=None if as_json else _progress(True),
-                         device=device, devices_file=devices_file)
+                         device=device, devices_file=devices_file, curve=curve)
+    if curve:
+        result["prefill_steps"] = latency_steps(result["prefill_curve"])
     if as_json:
         return _json_out(result)
     console = _console()
@@ -279,6 +287,9 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, device, device
     console.print(f"artifacts {_mb(result['artifact_bytes_total'])} ({', '.join(f'{k} {_mb(v)}' for k, v in result['artifacts'].items())})")
     if result.get("note"):
         console.print(f"note: {result['note']}")
+    if curve:
+        console.print(_table("prefill against image tokens (steps: equal cost within 3%)", ["image tokens", "prompt tokens", "p50 ms", "min ms", "step"],
+                             [[r["image_tokens"], r["tokens"], r["p50_ms"], r["min_ms"], r["step"]] for r in result["prefill_steps"]["rows"]]))
     if ops:
         console.print(_table("ops (top 20 by total time, one generation)", ["program", "op", "calls", "total ms", "mean ms"],
                              [[r["program"], r["op"], r["calls"], r["total_ms"], r["mean_ms"]] for r in result["ops"][:20]]))
@@ -331,16 +342,18 @@ def compare(bundle, runtime, image, prompt, max_new_tokens, device, devices_file
 
 @cli.command(name="eval")
 @click.argument("target")
-@click.option("--runtime", default="eager", show_default=True, help="eager | onnxruntime | executorch | coreml")
+@click.option("--runtime", default="eager", show_default=True, help="eager | onnxruntime | executorch | tvm | coreml (macOS only)")
 @click.option("--dataset", default="shapes-vqa", show_default=True, help="shapes-vqa, or a questions.jsonl path")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--n", "count", default=2000, show_default=True, help="number of questions")
+@click.option("--no-reference", is_flag=True, help="accuracy only: skip the uncompressed model (no agreement or KL; about twice as fast)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def evaluate(target, runtime, dataset, split, count, as_json):
+def evaluate(target, runtime, dataset, split, count, no_reference, as_json):
     """Accuracy of a bundle (or a model, eager) on ShapesVQA or your questions.jsonl."""
     from vlmc import api
 
-    r = api.evaluate(target, runtime, dataset, split, count, progress=None if as_json else _progress(True))
+    r = api.evaluate(target, runtime, dataset, split, count, progress=None if as_json else _progress(True),
+                     reference=not no_reference)
     if as_json:
         return _json_out(r)
     console = _console()
@@ -349,7 +362,8 @@ def evaluate(target, runtime, dataset, split, count, as_json):
     rows = [["all", r["n"], r["accuracy"], f"{r['ci95'][0]}..{r['ci95'][1]}"]]
     rows += [[t, v["n"], v["accuracy"], f"{v['ci95'][0]}..{v['ci95'][1]}"] for t, v in r["per_type"].items()]
     console.print(_table("accuracy (%)", ["type", "n", "accuracy", "95% CI"], rows))
-    console.print(f"agreement with the uncompressed model: {r['agreement']}%   mean KL of the answer distribution: {r['mean_kl']:.3g}")
+    if "agreement" in r:
+        console.print(f"agreement with the uncompressed model: {r['agreement']}%   mean KL of the answer distribution: {r['mean_kl']:.3g}")
     if "note" in r:
         console.print(f"note: {r['note']}")
 
@@ -495,11 +509,15 @@ def report(results, out, budget):
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--n", "count", default=8, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
-def dataset(name, split, count, out):
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def dataset(name, split, count, out, as_json):
     """Write sample images and a questions.jsonl of a built-in dataset."""
     from vlmc.eval import shapes_vqa
 
     path = shapes_vqa.write(split, count, out)
+    if as_json:
+        return _json_out({"dataset": name, "split": split, "n": count, "questions": str(path),
+                          "images": [str(path.parent / f"{split}_{i:05d}.png") for i in range(count)]})
     click.echo(f"wrote {count} {split} items to {path}")
 
 

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vlmc.errors import VlmcError, first_line
+from vlmc.errors import VlmcError, yaml_problem
 
 TARGETS = ("onnx", "executorch", "coreml", "tvm")
 FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage", "tvm": ".so"}
@@ -148,7 +148,7 @@ def load(path: Optional[str], overrides: dict) -> Recipe:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise VlmcError(f"recipe {path}: invalid YAML ({first_line(e)})") from None
+            raise VlmcError(f"recipe {path}: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise VlmcError(f"recipe {path}: expected a mapping of fields")
     for key, value in overrides.items():

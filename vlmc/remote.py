@@ -93,7 +93,7 @@ def _run_op(op: str, args: dict, work: Path) -> dict:
         from vlmc.runtimes.profile import profile_here
 
         return profile_here(str(bundle), runtime, args["warmup"], args["iterations"], args.get("ops", False),
-                            args["new_tokens"], lambda m: _emit("progress", m))
+                            args["new_tokens"], lambda m: _emit("progress", m), args.get("curve"))
     if op == "run":
         import numpy as np
 

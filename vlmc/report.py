@@ -142,6 +142,36 @@ def figure(result: dict, axis: str, path: Path, chosen: Optional[list[dict]] = N
     return path.read_bytes()
 
 
+def steps_figure(result: dict, path: Path) -> Optional[bytes]:
+    """Prefill latency against image tokens on the uncompressed point (a sweep's latency_curve), its steps
+    shaded; None when the sweep measured no curve."""
+    curves = [m for m in result["points"][0].get("measurements", []) if m.get("prefill_steps")]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
+    for m in curves:
+        rows = m["prefill_steps"]["rows"]
+        name = m["runtime"] if m["device"] == "local" else f"{m['runtime']} @ {m['device']}"
+        line, = ax.plot([r["image_tokens"] for r in rows], [r["min_ms"] for r in rows], marker=".", label=name)
+        for s in m["prefill_steps"]["steps"]:
+            ax.hlines(s["ms"], s["from"], s["to"], colors=line.get_color(), linewidth=4, alpha=0.35)
+    ax.set_xlabel("image tokens entering the LLM")
+    ax.set_ylabel("prefill, ms (fastest run)")
+    ax.set_title("prefill latency against kept tokens; bars: steps (equal cost within "
+                 f"{100 * curves[0]['prefill_steps']['tolerance']:g}%)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path.read_bytes()
+
+
 def render(result: dict, out: Path, budget: Optional[str] = None) -> Path:
     """Write the report page (and its PNGs in `<name>_files/`) atomically; return the page's path."""
     chosen = choose(result, budget) if budget else None
@@ -178,6 +208,13 @@ def render(result: dict, out: Path, budget: Optional[str] = None) -> Path:
     for axis, png in images.items():
         parts.append(f"<h2>Accuracy against {axis}</h2><img alt='accuracy against {axis}' "
                      f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    steps = steps_figure(result, files / "prefill_steps.png")
+    if steps:
+        parts.append("<h2>Latency-aware K: prefill against image tokens</h2><p>Fewer tokens inside one step are no faster; "
+                     "a token method's K is best at the top of its step.</p>")
+        if result.get("snapped"):
+            parts.append("<p>Snapped: " + ", ".join(f"{e(a)} &rarr; {e(b)}" for a, b in result["snapped"].items()) + "</p>")
+        parts.append(f"<img alt='prefill steps' src='data:image/png;base64,{base64.b64encode(steps).decode()}'>")
     fronts = {(r["runtime"], r["device"], r["id"]) for rows in series(result).values() for r in pareto(rows, "ttft_ms")}
     picked = {(r["runtime"], r["device"], r["id"]) for r in chosen or []}
     cols = ["point", "runtime", "device", "image tokens", "accuracy % (95% CI)", "retention %", "agreement %", "TTFT ms",

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlmc import __version__
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, yaml_problem
 
 RUNTIME_TARGET = {"onnxruntime": "onnx", "executorch": "executorch", "tvm": "tvm"}
 # (done, total, what is being measured now)
@@ -60,6 +60,9 @@ class Grid(BaseModel):
     resolution: list[Optional[int]] = Field([], description="input sides below the model's own")
     tokens: list[Optional[str]] = Field([], description="token configurations METHOD@KEEP")
     quant: list[Optional[str]] = Field([], description="quantization configurations, passes joined by +")
+    latency_curve: Optional[str] = Field(None, description="image token counts (8..196/8 or 22,49,98) whose prefill "
+                                         "latency is measured on the uncompressed point, per runtime x device")
+    snap: bool = Field(False, description="move each METHOD@K to the largest K in its latency step (needs latency_curve)")
     executor: str = Field("local", description="local (in this process) or ray")
     search: Optional[SearchConfig] = None
 
@@ -91,9 +94,7 @@ def load_grid(path: Path, overrides: Optional[dict] = None) -> Grid:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise VlmcError(f"grid {path}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+            raise VlmcError(f"grid {path}: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise VlmcError(f"grid {path}: expected a mapping of grid fields")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -110,6 +111,10 @@ def load_grid(path: Path, overrides: Optional[dict] = None) -> Grid:
     for spec in grid.tokens:
         if spec is not None:
             token_pass(spec)
+    if grid.latency_curve is not None:
+        parse_counts(grid.latency_curve)
+    elif grid.snap:
+        raise VlmcError(f"grid {path or '(flags)'}: field 'snap' needs latency_curve (the counts to find the steps on)")
     for spec in grid.quant:
         if spec is not None:
             parse_quant_config(spec)
@@ -216,6 +221,8 @@ def point_key(grid: Grid, point: Point) -> str:
     """What determines a point's measurements, hashed: its cache file's name."""
     what = {"recipe": point.recipe, "runtimes": grid.runtimes, "devices": grid.devices, "dataset": grid.dataset,
             "split": grid.split, "n": grid.n, "iterations": grid.iterations, "vlmc": __version__}
+    if not point.recipe["passes"] and grid.latency_curve:  # the uncompressed point carries the prefill curve
+        what["latency_curve"] = parse_counts(grid.latency_curve)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -245,8 +252,11 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
     its error. A plain function of plain data, so a Ray worker runs it as it is."""
     from vlmc import api
 
+    from vlmc.passes.registry import REGISTRY
+
     grid = Grid.model_validate(grid_data)
-    quantized = any(p["name"] in ("w8a8", "w8", "w4") for p in recipe["passes"])
+    quantized = any(getattr(REGISTRY.get(p["name"]), "kind", None) == "quant" for p in recipe["passes"])
+    curve = parse_counts(grid.latency_curve) if grid.latency_curve and not recipe["passes"] else None
     with tempfile.TemporaryDirectory(prefix="vlmc-sweep-") as tmp:
         try:
             bundle = api.compile(recipe, Path(tmp) / "b")
@@ -265,7 +275,7 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
         for rt in grid.runtimes:
             target = RUNTIME_TARGET[rt]
             for device in grid.devices:
-                prof = api.profile(bundle.path, rt, warmup=2, iterations=grid.iterations, new_tokens=4, device=device)
+                prof = api.profile(bundle.path, rt, warmup=2, iterations=grid.iterations, new_tokens=4, device=device, curve=curve)
                 st = prof["stages"]
                 tokens = prof["programs"]["text_decoder.prefill"]["tokens"]
                 acc = accuracy.get(rt) or accuracy[grid.runtimes[0]]
@@ -278,7 +288,8 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
                     "decode_tokens_per_s": round(1000.0 / st["decode_ms_per_token"], 2) if st["decode_ms_per_token"] else None,
                     "size_bytes": _bundle_bytes(m, target),
                     "peak_rss_mb": (prof.get("memory") or {}).get("peak_rss_mb"),
-                    "prefill_tokens": tokens, "flops_prefill": prefill_flops(m, tokens)})
+                    "prefill_tokens": tokens, "flops_prefill": prefill_flops(m, tokens),
+                    **({"prefill_steps": latency_steps(prof["prefill_curve"])} if curve else {})})
     return out
 
 
@@ -380,18 +391,34 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
 
 def run(grid: Grid, out: Path, progress: Optional[Progress] = None) -> dict:
     """Measure every point (grid product, or an optuna search) and write sweep.json, sweep.csv and sweep.md."""
+    from vlmc.devices import resolve
+
     progress = progress or (lambda done, total, what: None)
     started = time.time()
+    for name in grid.devices:  # refused before any measuring: a device that only estimates has no TTFT to compare
+        if resolve(name).config.kind == "ethos-u85":
+            raise VlmcError(f"grid field 'devices': {name} gives a compiler's estimate, not a measured profile "
+                            "(vlmc profile BUNDLE --runtime executorch --device ethos-u85 for one bundle)")
     geometry = model_geometry(grid.model)
     cache = PointCache(out)
+    asked = grid
+    snapped = {}
+    if grid.snap:  # the uncompressed point (with its prefill curve) first, then the grid on the steps
+        base = _run_points(grid, [make_point(grid, geometry, None, None, None)], cache, progress, 0, 1)[0]
+        m = _measurement(base, grid.runtimes[0], grid.devices[0])
+        if m is None:
+            raise VlmcError(f"the uncompressed model failed: {base.get('error')}")
+        snapped = {t: snap_token(t, m["prefill_steps"]) for t in grid.tokens if t is not None}
+        grid = grid.model_copy(update={"tokens": list(dict.fromkeys(snapped.values()))})
     if grid.search is None:
         points = grid_points(grid, geometry)
         rows = _run_points(grid, points, cache, progress, 0, len(points))
     else:
         rows = _search(grid, geometry, cache, progress)
     add_ratios(rows)
-    result = {"kind": "sweep", "vlmc_version": __version__, "grid": grid.model_dump(mode="json"),
-              "seconds": round(time.time() - started, 1), "points": rows}
+    result = {"kind": "sweep", "vlmc_version": __version__, "grid": asked.model_dump(mode="json"),
+              "seconds": round(time.time() - started, 1), "points": rows,
+              **({"snapped": snapped} if snapped else {})}
     write_results(out, result)
     return result
 
@@ -440,6 +467,58 @@ def _search(grid: Grid, geometry, cache: PointCache, progress: Progress) -> list
 
 def _measurement(row: dict, runtime: str, device: str) -> Optional[dict]:
     return next((m for m in row.get("measurements", []) if m["runtime"] == runtime and m["device"] == device), None)
+
+
+# ----------------------------------------------------------------- latency-aware K
+
+def parse_counts(text: str) -> list[int]:
+    """`8..196/8` (a range with a step) or `22,49,98` -> image token counts."""
+    m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*(?:/\s*(\d+))?\s*", text)
+    if m:
+        lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+        if lo < 1 or hi < lo or step < 1:
+            raise VlmcError(f"image token counts {text!r}: need 1 <= FROM <= TO and a step >= 1")
+        return sorted({*range(lo, hi + 1, step), hi})
+    try:
+        counts = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise VlmcError(f"image token counts {text!r}: expected FROM..TO/STEP or comma-separated integers") from None
+    if not counts or counts[0] < 1:
+        raise VlmcError(f"image token counts {text!r}: need positive counts")
+    return counts
+
+
+def latency_steps(curve: list[dict], tolerance: float = 0.03) -> dict:
+    """Group a prefill curve into steps: from the most tokens down, a count whose latency is within
+    `tolerance` of the step's slowest (largest) count costs the same. The step's largest count is then the
+    one to keep: fewer tokens in the same step are no faster. Timed by each count's fastest run (the
+    least noisy statistic on a shared machine)."""
+    rows = sorted(curve, key=lambda r: r["image_tokens"])
+    steps: list[dict] = []
+    for r in reversed(rows):
+        if steps and r["min_ms"] >= steps[-1]["ms"] * (1 - tolerance):
+            steps[-1]["from"] = r["image_tokens"]
+        else:
+            steps.append({"from": r["image_tokens"], "to": r["image_tokens"], "ms": r["min_ms"]})
+    steps.reverse()
+    for i, s in enumerate(steps):
+        for r in rows:
+            if s["from"] <= r["image_tokens"] <= s["to"]:
+                r["step"] = i
+    return {"tolerance": tolerance, "steps": steps, "rows": rows}
+
+
+def snap(keep: int, steps: dict) -> int:
+    """The largest measured count in `keep`'s step (its cost, more tokens); `keep` outside the curve stays."""
+    for s in steps["steps"]:
+        if s["from"] <= keep <= s["to"]:
+            return s["to"]
+    return keep
+
+
+def snap_token(text: str, steps: dict) -> str:
+    method, keep = token_pass(text)
+    return f"{method}@{snap(keep, steps)}"
 
 
 # ----------------------------------------------------------------- outputs and budgets

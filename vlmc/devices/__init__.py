@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from vlmc.bundle import Bundle
-from vlmc.errors import VlmcError
+from vlmc.errors import VlmcError, yaml_problem
 
 DEFAULT_CONFIG = Path("~/.config/vlmc/devices.yaml")
 KINDS = ("local", "ssh", "adb", "qemu-aarch64", "tvm-rpc", "ethos-u85")
@@ -72,8 +72,9 @@ class Device(ABC):
 
     @abstractmethod
     def profile(self, bundle: Bundle, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int,
-                progress: Callable[[str], None]) -> dict:
-        """The profile schema of `vlmc profile`, measured on the device."""
+                progress: Callable[[str], None], curve: Optional[list[int]] = None) -> dict:
+        """The profile schema of `vlmc profile`, measured on the device (with `curve`, the prefill latency at
+        those image token counts)."""
 
     def generate(self, bundle: Bundle, runtime: str, prompt: dict, pixels, max_new_tokens: int, with_logits: bool = False) -> dict:
         """Greedy generation on the device: tokens and stage timings (and the first token's logits)."""
@@ -88,10 +89,10 @@ class LocalDevice(Device):
 
         return probe()
 
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
         from vlmc.runtimes.profile import profile
 
-        return profile(str(bundle.path), runtime, warmup, iterations, ops, new_tokens, progress)
+        return profile(str(bundle.path), runtime, warmup, iterations, ops, new_tokens, progress, curve)
 
     def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
         from vlmc.runtimes.generate import generate_on
@@ -113,7 +114,7 @@ def load_config(path: Optional[str] = None) -> dict[str, DeviceConfig]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise VlmcError(f"devices file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise VlmcError(f"devices file {p}: {yaml_problem(e)}") from None
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, dict):
         raise VlmcError(f"devices file {p}: expected a mapping 'devices: {{name: {{url: ...}}}}'")

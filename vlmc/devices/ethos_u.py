@@ -83,7 +83,9 @@ class EthosUDevice(Device):
         activate()
         return {"machine": f"{self.npu} (Vela estimate)", "system": "Arm Ethos-U85 NPU", "runtimes": ["executorch"]}
 
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
+        if curve:
+            raise VlmcError("ethos-u85 estimates one compiled graph; a prefill curve needs a device that runs it")
         if runtime != "executorch":
             raise VlmcError(f"ethos-u85 estimates ExecuTorch's Arm backend (--runtime executorch), not {runtime}")
         activate()

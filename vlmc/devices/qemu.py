@@ -242,9 +242,9 @@ class QemuDevice(RemoteProcessDevice):
         result = super().check()
         return {**result, "machine": f"{result['machine']} ({self.cpu}, emulated by qemu-user)"}
 
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
         self._only_onnxruntime(runtime)
-        result = super().profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress)
+        result = super().profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve)
         result["emulated"] = True
         result["note"] = (f"qemu-aarch64 emulating a {self.cpu}: these are the ARM kernels' numerics; "
                           "the timings are an emulator's, not a cost signal")

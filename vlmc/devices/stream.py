@@ -128,9 +128,10 @@ class RemoteProcessDevice(Device):
         self.ensure_ready()
         return call(self.remote_argv, "probe", {}, b"", self.probe_timeout_s, lambda m: None, self.describe_failure)
 
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
         self.ensure_ready()
-        args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens}
+        args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens,
+                **({"curve": curve} if curve else {})}
         progress(f"{self.name}: copying the bundle ({sum(e['bytes'] for e in bundle.manifest['files'].values()) / 2**20:.1f} MB)")
         result = call(self.remote_argv, "profile", args, bundle_tar(bundle), self.timeout_s, progress, self.describe_failure)
         result["device"] = self.name

@@ -94,7 +94,7 @@ class TvmRpcDevice(Device):
             session.close()
         return record(gen, with_logits)
 
-    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress):
+    def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
         from vlmc.runtimes.profile import profile_session
 
         if ops:
@@ -104,7 +104,7 @@ class TvmRpcDevice(Device):
         session = self._open(bundle, runtime)
         load_ms = (time.perf_counter() - t0) * 1000.0
         try:
-            result = profile_session(bundle, session, "tvm", warmup, iterations, new_tokens, progress)
+            result = profile_session(bundle, session, "tvm", warmup, iterations, new_tokens, progress, curve)
             progress(f"{self.name}: timing each program on the server")
             remote_programs = session.time_programs(repeat=max(3, iterations // 4))
         finally:

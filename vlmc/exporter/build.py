@@ -128,6 +128,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     progress = progress or (lambda msg: None)
     started = time.time()
     prepared = prepare(recipe)
+    steps = {"load_and_passes": round(time.time() - started, 2)}
     _check_quantization(prepared)
     if "tvm" in prepared.recipe.targets:
         tvm_target.check(prepared.recipe)
@@ -142,7 +143,11 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             t0 = time.time()
             targets[target] = LOWERINGS[target](ctx)
             targets[target]["export_seconds"] = round(time.time() - t0, 2)
+        for target, entry in targets.items():
+            steps[f"lower_{target}"] = entry["export_seconds"]
+        t0 = time.time()
         verification = _verify(ctx, targets) if recipe.verify.enabled else []
+        steps["verify"] = round(time.time() - t0, 2)
         failed = [r for r in verification if not r["passed"]]
         if failed:
             raise VlmcError(f"verification failed for {len(failed)} check(s); no bundle written\n{format_failures(failed)}")
@@ -173,7 +178,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "targets": targets,
             "verification": {"enabled": recipe.verify.enabled, "atol": recipe.verify.atol, "rtol": recipe.verify.rtol,
                              "results": verification},
-            "metrics": {"export_seconds": round(time.time() - started, 2)},
+            "metrics": {"export_seconds": round(time.time() - started, 2), "steps_seconds": steps},
         }
         writer.path("recipe.yaml").write_text(recipe.to_yaml())
         return writer.commit(manifest)

@@ -9,6 +9,8 @@ passes say how a part (vision / decoder) is quantized, which each target does wi
 """
 from __future__ import annotations
 
+import types
+import typing
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -125,10 +127,22 @@ def parse_cli(text: str) -> dict:
     return spec
 
 
+def type_name(annotation) -> str:
+    """A parameter's type as a user reads it: `minmax | gptq` for a Literal, `int | None` for an Optional."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin is list:
+        return f"list[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def describe() -> list[dict]:
     rows = []
     for name, cls in sorted(REGISTRY.items()):
-        fields = {k: (getattr(f.annotation, "__name__", str(f.annotation)), "required" if f.is_required() else f.default)
+        fields = {k: (type_name(f.annotation), "required" if f.is_required() else f.default)
                   for k, f in cls.Config.model_fields.items()}
         rows.append({"name": name, "kind": cls.kind, "acts_at": cls.acts_at(), "parameters": fields, "source": cls.source,
                      "departures": cls.departures, "reads_text": getattr(cls, "reads_text", False)})

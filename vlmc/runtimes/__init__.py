@@ -17,8 +17,9 @@ def check_runtime(runtime: str) -> None:
         raise VlmcError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIME_TARGETS)})")
 
 
-def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False) -> Session:
-    """A session of `bundle` on `runtime`, every artifact hash-checked before it is loaded."""
+def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares_cpu: bool = False) -> Session:
+    """A session of `bundle` on `runtime`, every artifact hash-checked before it is loaded. `shares_cpu`: it
+    takes turns with PyTorch in one process (eval), so its thread pool must not spin between calls."""
     check_runtime(runtime)
     shape = DecoderShape.from_manifest(bundle.manifest)
     target = RUNTIME_TARGETS[runtime]
@@ -38,7 +39,7 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False) -> Ses
                 bundle.file(f)
             files[p] = bundle.file(e["file"])
         return OnnxSession(files, shape, profile_ops=profile_ops,
-                           expected_inputs={p: e.get("inputs", []) for p, e in programs.items()})
+                           expected_inputs={p: e.get("inputs", []) for p, e in programs.items()}, spin=not shares_cpu)
     if runtime == "tvm":
         from vlmc.runtimes.tvm_runner import open_tvm
 

@@ -37,7 +37,7 @@ class OnnxSession(StaticCacheSession):
     runtime = "onnxruntime"
 
     def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0,
-                 expected_inputs: dict[str, list[dict]] | None = None):
+                 expected_inputs: dict[str, list[dict]] | None = None, spin: bool = True):
         super().__init__(shape)
         import onnxruntime as ort
 
@@ -49,6 +49,8 @@ class OnnxSession(StaticCacheSession):
             opts.log_severity_level = 3
             if threads:
                 opts.intra_op_num_threads = threads
+            if not spin:  # its idle workers would busy-wait while torch (the eval's reference) runs on the same cores
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if profile_ops:
                 opts.enable_profiling = True
                 opts.profile_file_prefix = str(Path(self.trace_dir) / program)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Optional
 
 import numpy as np
 
@@ -62,8 +63,32 @@ def sample_inputs(bundle: Bundle):
     return image, prompt
 
 
-def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iterations: int, new_tokens: int, progress) -> dict:
-    """Programs, stages and artifact sizes of an open session: the part of a profile every device shares."""
+def prefill_curve(bundle: Bundle, session, image_embeds, prompt, counts: list[int], warmup: int, iterations: int, progress) -> list[dict]:
+    """Prefill latency with `count` image rows instead of the bundle's (evenly spaced rows of the real image's
+    embeddings, the same question): what a token pass keeping that many would cost in the LLM. Edge kernels
+    are step-shaped in the row count, so fewer rows can be no faster."""
+    n = image_embeds.shape[1]
+    if bundle.manifest["decoder"].get("cache_shifts"):
+        raise VlmcError("a prefill curve needs a bundle without in-LLM token stages (their prefill has fixed rows)")
+    bad = [k for k in counts if not 1 <= k <= n]
+    if bad:
+        raise VlmcError(f"prefill curve: image token counts must be 1..{n} (the bundle's), got {bad[0]}")
+    before = [session.embed(prompt.before)] if prompt.before else []
+    after = [session.embed(prompt.after)] if prompt.after else []
+    rows = []
+    for k in sorted(set(counts)):
+        picked = image_embeds[:, np.linspace(0, n - 1, k).round().astype(int)]
+        embeds = np.concatenate(before + [picked] + after, axis=1)
+        progress(f"prefill with {k} image rows x{iterations}")
+        stats = _bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations)
+        rows.append({"image_tokens": k, "tokens": embeds.shape[1], "p50_ms": stats["p50_ms"], "min_ms": stats["min_ms"]})
+    return rows
+
+
+def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iterations: int, new_tokens: int, progress,
+                    curve: Optional[list[int]] = None) -> dict:
+    """Programs, stages and artifact sizes of an open session: the part of a profile every device shares
+    (with `curve`, the prefill latency at those image token counts)."""
     image, prompt = sample_inputs(bundle)
     image_embeds = session.vision(image)
     parts = ([session.embed(prompt.before)] if prompt.before else []) + [image_embeds] + ([session.embed(prompt.after)] if prompt.after else [])
@@ -92,16 +117,19 @@ def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iteratio
         "generation": {"new_tokens": len(gen.tokens), "time_to_first_token_ms": round(gen.time_to_first_token_ms, 4),
                        "decode_ms_per_token_mean": round(float(np.mean(gen.decode_ms)), 4) if gen.decode_ms else None},
     }
+    curve_rows = prefill_curve(bundle, session, image_embeds, prompt, curve, warmup, iterations, progress) if curve else None
     target = RUNTIME_TARGETS[runtime]
     names = sorted({f for e in bundle.programs(target).values() for f in e.get("files", [e["file"]])}) if target else []
     artifacts = {n: bundle.manifest["files"][n]["bytes"] for n in names}
     return {"bundle": bundle.name, "runtime": runtime, "device": "local",
             "host": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
             "warmup": warmup, "iterations": iterations, "programs": programs, "stages": stages,
-            "artifacts": artifacts, "artifact_bytes_total": sum(artifacts.values())}
+            "artifacts": artifacts, "artifact_bytes_total": sum(artifacts.values()),
+            **({"prefill_curve": curve_rows} if curve_rows else {})}
 
 
-def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int, progress) -> dict:
+def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, ops: bool, new_tokens: int, progress,
+                 curve: Optional[list[int]] = None) -> dict:
     """Profile in this process (call `profile` to get a clean spawned one)."""
     rss_start = _rss_mb()
     bundle = Bundle(bundle_path)
@@ -110,7 +138,7 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     session = open_session(bundle, runtime)
     load_ms = (time.perf_counter() - t0) * 1000.0
     rss_loaded = _rss_mb()
-    result = profile_session(bundle, session, runtime, warmup, iterations, new_tokens, progress)
+    result = profile_session(bundle, session, runtime, warmup, iterations, new_tokens, progress, curve)
     result["load_ms"] = round(load_ms, 2)
     result["memory"] = {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -133,7 +161,8 @@ def serve_child() -> None:
         out.write(json.dumps({kind: payload}) + "\n")
 
     try:
-        send("result", profile_here(*json.loads(sys.stdin.readline()), lambda m: send("progress", m)))
+        args = json.loads(sys.stdin.readline())
+        send("result", profile_here(*args[:6], lambda m: send("progress", m), *args[6:]))
     except VlmcError as e:
         send("error", str(e))
     except Exception as e:  # reported by the parent in one line
@@ -151,7 +180,7 @@ def check_profile_args(runtime: str, warmup: int, iterations: int, new_tokens: i
 
 
 def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 20, ops: bool = False,
-            new_tokens: int = 8, progress=None) -> dict:
+            new_tokens: int = 8, progress=None, curve: Optional[list[int]] = None) -> dict:
     """Profile a bundle on a runtime in a spawned process; returns the profile schema as a dict."""
     check_profile_args(runtime, warmup, iterations, new_tokens)
     if runtime == "coreml":
@@ -171,7 +200,7 @@ def profile(bundle_path: str, runtime: str, warmup: int = 3, iterations: int = 2
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        proc.stdin.write(json.dumps([str(bundle_path), runtime, warmup, iterations, ops, new_tokens]) + "\n")
+        proc.stdin.write(json.dumps([str(bundle_path), runtime, warmup, iterations, ops, new_tokens, curve]) + "\n")
         proc.stdin.close()
         for line in proc.stdout:
             result = read_answer(line, progress)
