@@ -58,3 +58,11 @@ def test_bad_dataset_lines_are_named(tiny_bundle, own_dataset, tmp_path, content
 def test_a_model_directory_evaluates_eager_only(tiny_ckpt):
     with pytest.raises(VlmcError, match="not a bundle"):
         api.evaluate(str(tiny_ckpt), "onnxruntime", "shapes-vqa", n=2)
+
+
+def test_a_model_is_evaluated_on_the_questions_asked_for_with_or_without_reference():
+    ticks = []
+    full = api.evaluate("shapes-llava", "eager", "shapes-vqa", "test", 5, tick=lambda done, what: ticks.append(done))
+    assert full["n"] == 5 and ticks == [1, 2, 3, 4, 5] and full["agreement"] == 100.0
+    alone = api.evaluate("shapes-llava", "eager", "shapes-vqa", "test", 5, reference=False)
+    assert alone["accuracy"] == full["accuracy"] and "agreement" not in alone and alone["reference"] is None

@@ -196,7 +196,8 @@ def test_divprune_at_the_projector_exports_verifies_and_runs_alike(gemma3, tmp_p
     assert tokens["eager"] == tokens["onnxruntime"], tokens
 
 
-@pytest.mark.parametrize("method", ["minmax", pytest.param("smoothquant", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["minmax", "smoothquant"])
 def test_w8a8_verifies(gemma3, calibration_jsonl, tmp_path, method):
     """smoothquant divides the Gemma norms' gains (kept as 1 + w in vlmc) by its factors."""
     d, _, _ = gemma3

@@ -131,7 +131,8 @@ def profile(bundle: Union[str, Path], runtime: str, warmup: int = 3, iterations:
 
 
 def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "shapes-vqa", split: str = "test",
-             n: Optional[int] = 2000, progress: ProgressFn = None, reference: bool = True) -> dict:
+             n: Optional[int] = 2000, progress: ProgressFn = None, reference: bool = True,
+             tick: Optional[Callable[[int, str], None]] = None) -> dict:
     """Accuracy of a bundle on a runtime (or of a model, eager) against the uncompressed eager model
     (`reference=False`: accuracy only, without running the uncompressed model: no agreement or KL)."""
     from vlmc.eval.evaluate import Answerer, evaluate as score, jsonl_questions, shapes_vqa_questions
@@ -176,9 +177,9 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             raise VlmcError(f"{target} has random weights; its accuracy means nothing (evaluate a checkpoint directory)")
         loaded = load(str(target))
         c = loaded.config
-        n = loaded.model.num_image_tokens
-        recipe = loaded.template(build({})).resolve(n)
-        prompt = {"template": recipe.prompt_template, "num_image_tokens": n, "image_token_id": c.image_token_id,
+        tokens = loaded.model.num_image_tokens
+        recipe = loaded.template(build({})).resolve(tokens)
+        prompt = {"template": recipe.prompt_template, "num_image_tokens": tokens, "image_token_id": c.image_token_id,
                   "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(c.text.eos_token_ids), "image_size": loaded.model.image_size,
                   "image_resize": loaded.image_resize}
         t = c.text
@@ -191,7 +192,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         questions = shapes_vqa_questions(split, n if n is not None else 2000, size, prompt.get("image_resize"))
     else:
         questions = jsonl_questions(Path(dataset), n, size, prompt.get("image_resize"))
-    result = score(answer, reference, questions, progress)
+    result = score(answer, reference, questions, progress, tick)
     out = {"target": name, "model": source, "runtime": runtime, "dataset": dataset,
            "split": split if dataset == "shapes-vqa" else None,
            "reference": "eager, uncompressed" if reference is not None else None, **result}

@@ -352,8 +352,9 @@ def evaluate(target, runtime, dataset, split, count, no_reference, as_json):
     """Accuracy of a bundle (or a model, eager) on ShapesVQA or your questions.jsonl."""
     from vlmc import api
 
-    r = api.evaluate(target, runtime, dataset, split, count, progress=None if as_json else _progress(True),
-                     reference=not no_reference)
+    with _Bar("eval", not as_json, every=100) as update:
+        r = api.evaluate(target, runtime, dataset, split, count, progress=None if as_json else _progress(True),
+                         reference=not no_reference, tick=update and (lambda done, what: update(done, count, what)))
     if as_json:
         return _json_out(r)
     console = _console()
@@ -384,27 +385,41 @@ def _list(text: Optional[str], kind=str) -> Optional[list]:
     return out
 
 
-def _sweep_progress(enabled: bool):
-    """A progress bar with the point being measured and the time left (stderr)."""
-    if not enabled:
-        return None, None
-    console = _console(stderr=True)
-    if not console.is_terminal:  # a log file: one line per step, with the time left
+class _Bar:
+    """A progress bar on stderr with the time left, used as `with _Bar("sweep", enabled) as update:` and
+    `update(done, total, what)`. In a log (not a terminal) it prints a line every `every` steps instead."""
+
+    def __init__(self, title: str, enabled: bool, every: int = 1):
+        self.title, self.enabled, self.every = title, enabled, every
+        self.console = _console(stderr=True) if enabled else None
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
         import time
 
-        started = time.time()
+        if not self.console.is_terminal:
+            started = time.time()
 
-        def line(done, total, what):
-            eta = (time.time() - started) / done * (total - done) if done else None
-            left = f", about {eta / 60:.0f} min left" if eta is not None else ""
-            console.print(f"sweep {done}/{total}{left}: {what}")
-        return None, line
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            def line(done, total, what):
+                if done % self.every and done != total:
+                    return
+                eta = (time.time() - started) / done * (total - done) if done and total else None
+                left = f", about {eta / 60:.1f} min left" if eta is not None else ""
+                self.console.print(f"{self.title} {done}/{total or '?'}{left}: {what}")
+            return line
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                   TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
-    task = bar.add_task("", total=None)
-    return bar, lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
+        self.bar = Progress(TextColumn(f"[bold]{self.title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console)
+        task = self.bar.add_task("", total=None)
+        self.bar.start()
+        return lambda done, total, what: self.bar.update(task, completed=done, total=total, description=what)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @cli.command()
@@ -454,14 +469,8 @@ def sweep(grid_file, model, resolution, tokens, methods, keep, quant, runtimes, 
     if budget:
         sweeping.parse_budget(budget)  # a typo is refused before hours of measuring
     sweeping.check_output(out, force)
-    bar, progress = _sweep_progress(not as_json)
-    if bar:
-        bar.start()
-    try:
+    with _Bar("sweep", not as_json) as progress:
         result = sweeping.run(grid, out, progress)
-    finally:
-        if bar:
-            bar.stop()
     chosen = sweeping.choose(result, budget) if budget else None
     if as_json:
         return _json_out({**result, **({"budget": budget, "chosen": chosen} if budget else {})})

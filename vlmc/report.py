@@ -25,18 +25,24 @@ AXES = {"ttft": ("ttft_ms", "time to first token, ms (vision encode + prefill)",
 HEADLINE_RETENTION = 97.0
 
 
+SAME = ("model", "dataset", "split", "n", "iterations", "runtimes", "devices")
+
+
 def load_results(paths: list[Path]) -> dict:
-    """Sweeps (sweep.json files or the folders holding them) as one: points merged by id. They must share
-    the uncompressed point (same model and measurement settings), so every ratio has the same base."""
+    """Sweeps (sweep.json files or the folders holding them) as one: points merged by id, the first
+    sweep's uncompressed point first. They must share the model and measurement settings; each point keeps
+    the ratios its own sweep took against its own uncompressed point."""
     results = [_load_one(Path(p)) for p in paths]
     merged = results[0]
-    base = merged["points"][0]["id"]
     for path, other in zip(paths[1:], results[1:]):
-        if other["points"][0]["id"] != base:
-            raise VlmcError(f"results {path}: measured against another uncompressed point than {paths[0]} "
-                            "(another model, dataset, n, iterations, runtimes or devices)")
+        differ = [k for k in SAME if other["grid"].get(k) != merged["grid"].get(k)]
+        if differ:
+            raise VlmcError(f"results {path}: another {', '.join(differ)} than {paths[0]} (sweeps merge only when "
+                            "measured alike)")
         known = {p["id"] for p in merged["points"]}
-        merged = {**merged, "points": merged["points"] + [p for p in other["points"] if p["id"] not in known],
+        extra = [p for p in other["points"][1:] if p["id"] not in known]  # its own uncompressed point is the same recipe
+        merged = {**merged, "points": merged["points"] + extra,
+                  "snapped": {**merged.get("snapped", {}), **other.get("snapped", {})},
                   "seconds": round(merged["seconds"] + other["seconds"], 1),
                   "grid": {**merged["grid"], **{k: sorted({*map(str, merged["grid"][k])} | {*map(str, other["grid"][k])})
                                                 for k in ("resolution", "tokens", "quant")}}}
@@ -145,7 +151,7 @@ def figure(result: dict, axis: str, path: Path, chosen: Optional[list[dict]] = N
 def steps_figure(result: dict, path: Path) -> Optional[bytes]:
     """Prefill latency against image tokens on the uncompressed point (a sweep's latency_curve), its steps
     shaded; None when the sweep measured no curve."""
-    curves = [m for m in result["points"][0].get("measurements", []) if m.get("prefill_steps")]
+    curves = [m for p in result["points"] if not p["recipe"]["passes"] for m in p.get("measurements", []) if m.get("prefill_steps")]
     if not curves:
         return None
     import matplotlib

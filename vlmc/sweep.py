@@ -52,6 +52,8 @@ class Grid(BaseModel):
     model: str = "shapes-llava"
     dataset: str = Field("shapes-vqa", description="shapes-vqa or a questions.jsonl")
     split: str = "test"
+    calibration: Optional[str] = Field(None, description="quantization's calibration questions: shapes-vqa or a questions.jsonl "
+                                       "(default: the recipe's, ShapesVQA val); keep them apart from the evaluated ones")
     n: int = Field(500, ge=1, description="questions per point")
     iterations: int = Field(10, ge=1, description="timed runs per program in each profile")
     runtimes: list[str] = ["onnxruntime", "executorch"]
@@ -195,8 +197,8 @@ def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, q
     if quant:
         passes += parse_quant_config(quant)
     recipe = {"model": grid.model, "targets": sorted({RUNTIME_TARGET[r] for r in grid.runtimes}), "passes": passes}
-    if grid.dataset != "shapes-vqa" and quant:
-        recipe["calibration"] = {"dataset": grid.dataset}
+    if grid.calibration and quant:
+        recipe["calibration"] = {"dataset": grid.calibration}
     return Point(resolution, tokens, quant, recipe)
 
 

@@ -125,7 +125,7 @@ class Answerer:
 
 
 def evaluate(answer: Callable, reference: Optional[Callable], questions: Iterator[Question],
-             progress: Optional[Callable[[str], None]] = None) -> dict:
+             progress: Optional[Callable[[str], None]] = None, tick: Optional[Callable[[int, str], None]] = None) -> dict:
     """Score `answer` on `questions`; compare with `reference` (the uncompressed model) when given."""
     t0 = time.perf_counter()
     per_type: dict[str, list[int]] = {}
@@ -139,7 +139,9 @@ def evaluate(answer: Callable, reference: Optional[Callable], questions: Iterato
             agree += int(got == ref_answer)
             kls.append(float(np.sum(ref_probs * (np.log(ref_probs + 1e-12) - np.log(probs + 1e-12)))))
         n += 1
-        if progress and n % 200 == 0:
+        if tick:  # after every question: a progress bar's count and the running accuracy
+            tick(n, f"{100 * sum(map(sum, per_type.values())) / n:.1f}% correct")
+        elif progress and n % 200 == 0:
             progress(f"{n} questions, {100 * sum(map(sum, per_type.values())) / n:.1f}% correct")
     if n == 0:
         raise VlmcError("the dataset gave no questions")
