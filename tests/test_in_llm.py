@@ -24,6 +24,7 @@ IN_LLM = {
     "transprune": {"name": "transprune", "at": "decoder.layer[0]", "keep": 5},
     "duet": {"name": "duet", "at": "decoder.layer[0]", "dominant": 7, "contextual": 3, "keep": 5},
     "hawk": {"name": "hawk", "at": "decoder.layer[0]", "keep": 5, "head_weights": [0.4, 0.3, 0.2, 0.1]},
+    "horizon": {"name": "horizon", "at": "decoder.layer[0]", "keep": 5},
 }
 PROMPT_IMAGE_TOKENS = {"duet": 10}  # its vision stage shrinks the image before the LLM; the others keep 16
 

@@ -146,6 +146,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
                         "tokens_in": n_in, "tokens_out": n_out, "image_tokens": n_out, "reads_text": False,
                         "in_llm": False, "source": p.source, "departures": p.departures})
     for p in (p for p in built if p.kind == "token"):
+        p.locate(model, calibration)
         at = canonical_point(model, p.config.at)
         model.resolve(at)
         p.config = p.config.model_copy(update={"at": at})

@@ -71,6 +71,9 @@ class TokenPass(Pass):
     def check(self, tokens_in: int, grid: int, model) -> None:
         """Refuse parameters that cannot work on this model (named in the message)."""
 
+    def locate(self, model, calibration=None) -> None:
+        """Fix `config.at` where it is found from the model or data (a calibrated layer); before any check."""
+
     def stage(self, model, point_module, tokens_in: int) -> nn.Module:
         """The module inserted at `config.at`; `point_module` is what produces the tokens there."""
         raise NotImplementedError

@@ -817,3 +817,87 @@ class Hawk(LayerPass):
             w = head_importance(model, _layer(self.config.at), calibration.prompts(model))
             self.config = self.config.model_copy(update={"head_weights": [round(float(x), 6) for x in w]})
         return super().place(model, tokens_in, calibration)
+
+
+def visual_information(model, prompts, layers: list[int]) -> list[float]:
+    """The visual information left after each decoder layer in `layers`: the mean KL divergence of the
+    answer distribution when all image rows but one are dropped after that layer (with the model's own
+    in-LLM stages before it), over calibration prompts. Where it reaches ~0, the image rows carry nothing
+    the later layers use: the Information Horizon."""
+    from vlmc.models_zoo.core import PromptRows
+    from vlmc.passes import tokens_at
+
+    t, own = model.config.text, model.decoder_stages()
+    n = tokens_at(model, "projector.out")
+
+    def answer(embeds, start, last, stages):
+        rows = PromptRows(torch.tensor([start]), n, torch.tensor([last]))
+        h = model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], causal_attend(t), rows, stages)
+        return torch.log_softmax(model.lm_head(h[:, -1]), dim=-1)[0].double()
+
+    kl = [0.0] * len(layers)
+    with torch.no_grad():
+        for embeds, start, last in prompts:
+            ref = answer(embeds, start, last, own)
+            for j, layer in enumerate(layers):
+                left = tokens_at(model, f"decoder.layer[{layer}]")  # image rows after this layer's own stages
+                probe = ConstantRowsStage(torch.tensor([0]), left - 1)
+                probed = {**own, layer: own.get(layer, []) + [probe]}
+                kl[j] += float((ref.exp() * (ref - answer(embeds, start, last, probed))).sum())
+    return [round(v / max(1, len(prompts)), 6) for v in kl]
+
+
+class HorizonConfig(PassConfig):
+    at: str = Field("auto", description="decoder.layer[L] where random pruning starts, or auto: the information horizon "
+                                        "measured on the calibration questions")
+    keep: int = Field(..., ge=1, description="image rows the layers after the horizon keep (static)")
+    seed: int = Field(0, description="which rows survive: a seeded random set, the same for every prompt")
+    threshold: float = Field(0.1, gt=0, lt=1, description="auto: the horizon is the first layer whose visual information "
+                                                          "(mean KL of the answer when all image rows but one are dropped "
+                                                          "after it) is at most this fraction of the first layer's")
+    measured_kl: Optional[list[float]] = Field(None, description="auto: the visual information per layer it measured "
+                                                                 "(filled in, for the record)")
+
+
+@register
+class InformationHorizon(LayerPass):
+    """Information Horizon: random pruning after the layer where visual information vanishes."""
+
+    name = "horizon"
+    source = "Information Horizon: random pruning beyond the layer where visual information dissipates (CVPR 2026 seed notes)"
+    departures = ("the horizon is one layer found once per model on the calibration questions (the paper's depends on "
+                  "each task's complexity), where dropping all image rows but one changes the answer distribution (mean "
+                  "KL) by at most `threshold` of what it does after layer 0 (the paper's 'dissipates to zero', made "
+                  "relative for shallow models); the random rows are seeded, one constant set for every prompt")
+    Config = HorizonConfig
+    reads_text = False
+
+    @classmethod
+    def check_at(cls, at: str) -> None:
+        if at != "auto":
+            super().check_at(at)
+
+    def locate(self, model, calibration) -> None:
+        if self.config.at != "auto":
+            return
+        if calibration is None:
+            raise VlmcError("pass horizon: 'at: auto' needs calibration questions (recipe 'calibration') or an explicit "
+                            "decoder.layer[L]")
+        layers = list(range(model.config.text.num_layers - 1))
+        if not layers:
+            raise VlmcError("pass horizon: a one-layer decoder has no layer after which pruning saves anything")
+        kl = visual_information(model, calibration.prompts(model), layers)
+        below = [layer for layer, v in zip(layers, kl) if v <= self.config.threshold * kl[0]]
+        if not below:
+            raise VlmcError(f"pass horizon: no layer's visual information falls to {self.config.threshold} of layer 0's "
+                            f"(measured per layer: {', '.join(f'{v:.3g}' for v in kl)}): this model reads its image rows "
+                            "to the end; raise the threshold or give at: decoder.layer[L]")
+        self.config = self.config.model_copy(update={"at": f"decoder.layer[{below[0]}]", "measured_kl": kl})
+
+    def stage(self, model, point_module, tokens_in):
+        scores = T.random_scores(1, tokens_in, self.config.seed)[0]
+        rows = torch.sort(torch.topk(scores, self.config.keep).indices).values
+        return ConstantRowsStage(rows, tokens_in - self.config.keep)
+
+    def place(self, model, tokens_in, calibration=None):
+        return self.stages(model, tokens_in, calibration)
