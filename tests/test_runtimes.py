@@ -62,3 +62,16 @@ def test_executorch_kv_cache_has_its_own_arena(tiny_bundle):
             arenas.setdefault(alloc.memory_id, set()).add(getattr(info, "fully_qualified_name", None) or "activation")
     (cache_arena,) = [mem for mem, names in arenas.items() if "k_cache_0" in names]
     assert arenas[cache_arena] == {f"{kv}_cache_{i}" for kv in "kv" for i in range(2)}
+
+
+def test_peak_memory_is_the_measuring_process_own_not_its_parent_at_fork():
+    """getrusage's ru_maxrss survives exec: a child of a large process (a sweep) would report the parent's size."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(60_000_000)  # 480 MB in this (parent) process
+    code = "from vlmc.runtimes.profile import _peak_rss_mb; print(_peak_rss_mb())"
+    peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak < 300 and held.sum() == held.size

@@ -30,6 +30,20 @@ from vlmc.runtimes.generate import generate
 SAMPLE_QUESTION = "what color is the circle?"
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set. Linux: VmHWM, which a new program image starts afresh; getrusage's
+    ru_maxrss is not, and would report the parent's size at fork when it is larger (a sweep's process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -141,7 +155,7 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     result = profile_session(bundle, session, runtime, warmup, iterations, new_tokens, progress, curve)
     result["load_ms"] = round(load_ms, 2)
     result["memory"] = {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
-                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                        "peak_rss_mb": round(_peak_rss_mb(), 1)}
     if ops:
         progress(f"{runtime}: per-op profile of one generation")
         image, prompt = sample_inputs(bundle)
