@@ -41,6 +41,7 @@ def test_a_model_that_reads_its_image_to_the_end_is_refused_with_the_measurement
         passes.apply(load("shapes-llava").model, [{"name": "horizon", "keep": 49}])
 
 
+@pytest.mark.slow  # the default run chains a pre-LLM pass with an in-LLM one on ONNX in test_in_llm (FastV)
 def test_horizon_after_a_pre_llm_pass_exports_and_runs_alike(tiny_ckpt, tmp_path, sample_image):
     b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48,
                      "passes": [{"name": "divprune", "keep": 8}, {"name": "horizon", "at": "decoder.layer[0]", "keep": 3}]},

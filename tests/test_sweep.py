@@ -1,6 +1,7 @@
 """vlmc sweep and vlmc report: the grid, the per-point cache (resume), budgets, optuna search, Ray tasks,
 and the HTML report with its Pareto figures."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,9 +13,10 @@ from vlmc.errors import VlmcError
 
 @pytest.fixture(scope="module")
 def grid(tiny_ckpt, calibration_jsonl):
-    """The tiny model at 24px (of 32) x DivPrune keeping 4 (of 16 / 9), on onnxruntime: four points."""
+    """The tiny model with DivPrune keeping 4 (of 16), on onnxruntime: two points measured (the resolution
+    pass's export is tested in test_resolution; the product of axes below, without measuring)."""
     return sweep.load_grid(None, {"model": str(tiny_ckpt), "dataset": str(calibration_jsonl), "n": 4, "iterations": 2,
-                                  "runtimes": ["onnxruntime"], "resolution": [24], "tokens": ["divprune@4"]})
+                                  "runtimes": ["onnxruntime"], "tokens": ["divprune@4"]})
 
 
 @pytest.fixture(scope="module")
@@ -25,35 +27,45 @@ def swept(grid, tmp_path_factory):
     return out, result, seen
 
 
-def test_points_are_the_product_with_every_axis_alone(swept):
+def test_points_are_the_product_with_every_axis_alone(grid):
+    points = sweep.grid_points(grid.model_copy(update={"resolution": [24, None], "quant": ["w8a8"]}), (32, 16, 2))
+    assert [p.label for p in points] == ["uncompressed", "w8a8", "divprune@4", "divprune@4 + w8a8", "24px", "24px + w8a8",
+                                         "24px + divprune@4", "24px + divprune@4 + w8a8"]
+    assert [s["name"] for s in points[-1].recipe["passes"]] == ["resolution", "divprune", "w8a8"]
+    assert len({sweep.point_key(grid, p) for p in points}) == len(points)
+    tome = sweep.make_point(grid, (32, 16, 2), 24, "tome@5", None).recipe["passes"][1]
+    assert tome == {"name": "tome", "at": "vision.block[0]", "r": 2}  # 9 tokens at 24px: (9 - 5) / 2 blocks
+
+
+def test_every_point_is_measured_against_the_uncompressed_one(swept):
     out, result, seen = swept
-    labels = [p["label"] for p in result["points"]]
-    assert labels == ["uncompressed", "divprune@4", "24px", "24px + divprune@4"]
-    assert [p["image_tokens"] for p in result["points"]] == [16, 4, 9, 4]
-    assert [s["name"] for s in result["points"][3]["recipe"]["passes"]] == ["resolution", "divprune"]
-    assert seen[-1] == (4, 4)
-    base, res = result["points"][0]["measurements"][0], result["points"][2]["measurements"][0]
+    assert [p["label"] for p in result["points"]] == ["uncompressed", "divprune@4"]
+    assert [p["image_tokens"] for p in result["points"]] == [16, 4]
+    assert seen[-1] == (2, 2)
+    base, res = result["points"][0]["measurements"][0], result["points"][1]["measurements"][0]
     assert base["retention"] == (100.0 if base["accuracy"] else None) and base["ttft_speedup"] == 1.0
     assert res["ttft_ms"] == pytest.approx(res["vision_encode_ms"] + res["prefill_ms"], abs=1e-3)
     assert res["ttft_speedup"] == round(base["ttft_ms"] / res["ttft_ms"], 3)
     assert res["size_bytes"] > 0 and res["peak_rss_mb"] > 0 and res["prefill_tokens"] < base["prefill_tokens"]
     csv_lines = (out / "sweep.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("id,label,runtime") and len(csv_lines) == 5
+    assert csv_lines[0].startswith("id,label,runtime") and len(csv_lines) == 3
     assert json.loads((out / "sweep.json").read_text())["points"] == result["points"]
-    assert len(list((out / "points").glob("*.json"))) == 4
+    assert len(list((out / "points").glob("*.json"))) == 2
 
 
-def test_a_rerun_measures_only_what_is_not_cached(swept, grid, monkeypatch):
+def test_a_rerun_measures_only_what_is_not_cached(swept, grid, monkeypatch, tmp_path):
     out, result, _ = swept
     calls = []
-    real = api.compile
-    monkeypatch.setattr(api, "compile", lambda recipe, path, *a, **k: calls.append(recipe) or real(recipe, path, *a, **k))
+    monkeypatch.setattr(sweep, "measure_point", lambda grid_data, recipe: calls.append(recipe) or {"error": "not measured"})
     again = sweep.run(grid, out)
-    assert calls == [] and [p["id"] for p in again["points"]] == [p["id"] for p in result["points"]]
-    killed = out / "points" / f"{result['points'][1]['id']}.json"  # as if the sweep died before this point
+    assert calls == [] and again["points"] == result["points"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    killed = copy / "points" / f"{result['points'][1]['id']}.json"  # as if the sweep died before this point
     killed.unlink()
-    sweep.run(grid, out)
+    resumed = sweep.run(grid, copy)
     assert [c["passes"][0]["name"] for c in calls] == ["divprune"] and killed.is_file()
+    assert resumed["points"][0] == result["points"][0] and resumed["points"][1]["error"] == "not measured"
 
 
 def test_budget_picks_the_fastest_point_meeting_it(swept):
@@ -81,8 +93,8 @@ def test_report_draws_the_fronts_and_lists_every_recipe(swept, tmp_path):
     for axis in ("ttft", "size", "memory"):
         png = tmp_path / "r_files" / f"pareto_{axis}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert text.count("data:image/png;base64,") == 3 and text.count("<details>") == 4
-    assert "name: resolution" in text and "Headline" in text and "class='chosen'" in text
+    assert text.count("data:image/png;base64,") == 3 and text.count("<details>") == 2
+    assert "name: divprune" in text and "Headline" in text and "class='chosen'" in text
     front = report.pareto(sweep.flat_rows(result), "ttft_ms")
     assert all(a["ttft_ms"] <= b["ttft_ms"] and a["accuracy"] < b["accuracy"] for a, b in zip(front, front[1:]))
 
@@ -103,7 +115,7 @@ def test_ray_tasks_give_the_in_process_results(swept, grid, tmp_path):
     (tmp_path / "points" / f"{base}.json").write_text((out / "points" / f"{base}.json").read_text())
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        remote = sweep.run(grid.model_copy(update={"executor": "ray", "resolution": []}), tmp_path)
+        remote = sweep.run(grid.model_copy(update={"executor": "ray"}), tmp_path)
     finally:
         ray.shutdown()
     local = {p["id"]: p for p in result["points"]}
