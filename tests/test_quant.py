@@ -144,3 +144,36 @@ def test_passes_lists_quantization(tmp_path):
     rows = {r["name"]: r for r in json.loads(vlmc("passes", "--json").stdout)}
     assert rows["w4"]["kind"] == "quant" and "group_size" in rows["w4"]["parameters"]
     assert set(rows["w8a8"]["acts_at"]) == {"vision", "decoder", "all"}
+
+
+def test_observers_on_integer_tensors_are_dropped_before_calibration():
+    """XNNPACKQuantizer annotates shape ops whatever their dtype: the indices of an in-graph selection would
+    get a histogram observer (which cannot observe int64) and w8a8 after DivPrune failed to export."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from vlmc.passes.quant.executorch_quant import drop_integer_observers
+
+    from vlmc.passes.token.methods import FarthestStage
+
+    class Select(torch.nn.Module):  # DivPrune's selection, then a linear to quantize
+        def __init__(self):
+            super().__init__()
+            self.select, self.proj = FarthestStage(3), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.select(x))
+
+    x = torch.randn(1, 6, 8)
+    prepared = prepare_pt2e(torch.export.export(Select(), (x,)).module(),
+                            XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    observed = lambda: [n for n in prepared.graph.nodes if n.op == "call_module" and n.target.startswith("activation_post_process")]  # noqa: E731
+    integer = [n for n in observed() if not n.args[0].meta["val"].dtype.is_floating_point]
+    assert integer, "the quantizer no longer observes integer tensors: this workaround can go"
+    drop_integer_observers(prepared)
+    assert all(n.args[0].meta["val"].dtype.is_floating_point for n in observed())
+    with torch.no_grad():
+        prepared(x)
+        out = convert_pt2e(prepared)(x)
+    assert out.shape == (1, 3, 8)

@@ -38,12 +38,30 @@ def quantize_pt2e(ep, scheme, example_args: tuple, calibrate: Callable[[Callable
     dynamic = scheme.name == "w8"
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
     prepared = prepare_pt2e(ep.module(), quantizer)
+    drop_integer_observers(prepared)
     with torch.no_grad():
         if dynamic:
             prepared(*example_args)
         else:
             calibrate(prepared)
         return convert_pt2e(prepared)
+
+
+def drop_integer_observers(prepared) -> None:
+    """Remove the observers the quantizer put on integer tensors. XNNPACKQuantizer annotates shape ops
+    (unsqueeze, view, cat) whatever their dtype, so the index arithmetic of an in-graph token selection
+    (DivPrune's farthest-point indices) would get a histogram observer, which cannot observe int64; an
+    index is never quantized anyway."""
+    graph = prepared.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not node.target.startswith("activation_post_process"):
+            continue
+        source = node.args[0]
+        val = source.meta.get("val") if hasattr(source, "meta") else None
+        if isinstance(val, torch.Tensor) and not (val.dtype.is_floating_point or val.dtype.is_complex):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+    prepared.recompile()
 
 
 def describe(scheme) -> dict:
