@@ -162,6 +162,8 @@ def test_latency_steps_group_equal_costs_and_snap_up():
     assert [(s["from"], s["to"]) for s in steps["steps"]] == [(4, 8), (12, 20), (24, 24)]
     assert [sweep.snap(k, steps) for k in (4, 8, 13, 24, 30)] == [8, 8, 20, 24, 30]
     assert sweep.snap_token("divprune@12", steps) == "divprune@20"
+    spike = sweep.latency_steps([{"image_tokens": k, "min_ms": ms} for k, ms in [(4, 1.0), (8, 5.0), (12, 1.02)]])
+    assert [(s["from"], s["to"]) for s in spike["steps"]] == [(4, 4), (8, 8), (12, 12)]  # a slow outlier joins nothing
     assert sweep.parse_counts("4..16/4") == [4, 8, 12, 16] and sweep.parse_counts("9,3,3") == [3, 9]
     with pytest.raises(VlmcError, match="FROM..TO/STEP"):
         sweep.parse_counts("4-16")

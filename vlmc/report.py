@@ -16,7 +16,7 @@ from typing import Optional
 import yaml
 
 from vlmc.errors import VlmcError
-from vlmc.sweep import choose, flat_rows, write_atomic
+from vlmc.sweep import choose, flat_rows, latency_steps, write_atomic
 
 # (field on a measurement row, axis label, scale applied for the axis)
 AXES = {"ttft": ("ttft_ms", "time to first token, ms (vision encode + prefill)", 1.0),
@@ -161,10 +161,11 @@ def steps_figure(result: dict, path: Path) -> Optional[bytes]:
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     for m in curves:
-        rows = m["prefill_steps"]["rows"]
+        steps = latency_steps(m["prefill_steps"]["rows"])  # from the raw curve, by this version's rule
+        rows = steps["rows"]
         name = m["runtime"] if m["device"] == "local" else f"{m['runtime']} @ {m['device']}"
         line, = ax.plot([r["image_tokens"] for r in rows], [r["min_ms"] for r in rows], marker=".", label=name)
-        for s in m["prefill_steps"]["steps"]:
+        for s in steps["steps"]:
             ax.hlines(s["ms"], s["from"], s["to"], colors=line.get_color(), linewidth=4, alpha=0.35)
     ax.set_xlabel("image tokens entering the LLM")
     ax.set_ylabel("prefill, ms (fastest run)")

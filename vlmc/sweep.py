@@ -494,13 +494,14 @@ def parse_counts(text: str) -> list[int]:
 
 def latency_steps(curve: list[dict], tolerance: float = 0.03) -> dict:
     """Group a prefill curve into steps: from the most tokens down, a count whose latency is within
-    `tolerance` of the step's slowest (largest) count costs the same. The step's largest count is then the
-    one to keep: fewer tokens in the same step are no faster. Timed by each count's fastest run (the
-    least noisy statistic on a shared machine)."""
+    `tolerance` (either way) of the step's largest count costs the same. The step's largest count is then
+    the one to keep: fewer tokens in the same step are no faster. Timed by each count's fastest run (the
+    least noisy statistic on a shared machine); a count measured slower than its neighbours (noise, a
+    re-planned kernel) is a step of its own, so noise never widens a step."""
     rows = sorted(curve, key=lambda r: r["image_tokens"])
     steps: list[dict] = []
     for r in reversed(rows):
-        if steps and r["min_ms"] >= steps[-1]["ms"] * (1 - tolerance):
+        if steps and abs(r["min_ms"] - steps[-1]["ms"]) <= tolerance * steps[-1]["ms"]:
             steps[-1]["from"] = r["image_tokens"]
         else:
             steps.append({"from": r["image_tokens"], "to": r["image_tokens"], "ms": r["min_ms"]})
