@@ -138,19 +138,22 @@ def build(data: dict, source: str = "recipe") -> Recipe:
         raise VlmcError(_format_error(e, source)) from None
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file of fields (a recipe, a sweep's grid); errors name `what`, the file and where YAML stopped."""
+    if not path.is_file():
+        raise VlmcError(f"{what} {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VlmcError(f"{what} {path}: {yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise VlmcError(f"{what} {path}: expected a mapping of fields")
+    return data
+
+
 def load(path: Optional[str], overrides: dict) -> Recipe:
     """A recipe from a YAML file (optional) with CLI overrides applied on top."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise VlmcError(f"recipe {path}: no such file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise VlmcError(f"recipe {path}: {yaml_problem(e)}") from None
-        if not isinstance(data, dict):
-            raise VlmcError(f"recipe {path}: expected a mapping of fields")
+    data = read_yaml_mapping(Path(path), "recipe") if path else {}
     for key, value in overrides.items():
         if value is None:
             continue

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlmc import __version__
-from vlmc.errors import VlmcError, first_line, yaml_problem
+from vlmc.errors import VlmcError, first_line
 
 RUNTIME_TARGET = {"onnxruntime": "onnx", "executorch": "executorch", "tvm": "tvm"}
 # (done, total, what is being measured now)
@@ -89,16 +88,9 @@ class Grid(BaseModel):
 def load_grid(path: Path, overrides: Optional[dict] = None) -> Grid:
     """A grid file (YAML) with CLI overrides on top; errors name the file, the line where YAML says, and
     the field."""
-    data: dict = {}
-    if path is not None:
-        if not path.is_file():
-            raise VlmcError(f"grid {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise VlmcError(f"grid {path}: {yaml_problem(e)}") from None
-        if not isinstance(data, dict):
-            raise VlmcError(f"grid {path}: expected a mapping of grid fields")
+    from vlmc.recipe import read_yaml_mapping
+
+    data = read_yaml_mapping(path, "grid") if path is not None else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         grid = Grid.model_validate(data)
