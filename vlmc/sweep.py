@@ -277,7 +277,7 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
                 acc = accuracy.get(rt) or accuracy[grid.runtimes[0]]
                 out["measurements"].append({
                     "runtime": rt, "device": device, "accuracy_runtime": rt if rt in accuracy else grid.runtimes[0],
-                    **{k: v for k, v in acc.items()},
+                    **acc,
                     "vision_encode_ms": st["vision_encode_ms"], "prefill_ms": st["prefill_ms"],
                     "ttft_ms": round(st["vision_encode_ms"] + st["prefill_ms"], 4),
                     "decode_ms_per_token": st["decode_ms_per_token"],
