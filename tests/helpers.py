@@ -62,7 +62,7 @@ def three_target_bundle(ckpt, passes: list, out):
 
 
 IDEFICS3_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<fake_token_around_image>", "<global-img>",
-                     "<end_of_utterance>", "<|im_start|>"]
+                     "<end_of_utterance>", "<|im_start|>"] + [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)]
 IDEFICS3_WORDS = ["User", "Assistant", ":"] + WORDS[:12]
 
 
@@ -87,9 +87,11 @@ def write_hf5_tokenizer(directory: Path, specials: list[str], words: list[str], 
 
 
 def make_hf_idefics3(directory: Path, seed: int = 0, model_type: str = "smolvlm", tie: bool = False, kv_heads: int = 2,
-                     image_size: int = 32, patch_size: int = 4, scale_factor: int = 2, bos: bool = True, vocab_size: int = 64):
-    """Save a tiny random transformers Idefics3 / SmolVLM model, its image processor (one global tile,
-    longest edge 2x the tile) and a transformers-5 tokenizer; returns (model, processor)."""
+                     image_size: int = 32, patch_size: int = 4, scale_factor: int = 2, bos: bool = True, vocab_size: int = 64,
+                     splitting: bool = False):
+    """Save a tiny random transformers Idefics3 / SmolVLM model, its image processor (longest edge 2x the
+    tile; one global tile, or with `splitting` up to 2x2 tiles plus the global one) and a transformers-5
+    tokenizer (with the 2x2 grid's <row_R_col_C> pieces); returns (model, processor)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration
     from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
@@ -113,7 +115,7 @@ def make_hf_idefics3(directory: Path, seed: int = 0, model_type: str = "smolvlm"
     tokenizer = write_hf5_tokenizer(directory, IDEFICS3_SPECIALS, IDEFICS3_WORDS, vocab_size, bos)
     seq = (image_size // patch_size // scale_factor) ** 2
     images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
-                                       do_image_splitting=False)
+                                       do_image_splitting=splitting)
     images.save_pretrained(directory)
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=seq)
     return model, processor

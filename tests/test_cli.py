@@ -44,6 +44,8 @@ def test_profile_json(tiny_bundle):
     (["export", "-o", "{tmp}/o", "--model", "{tmp}/missing"], "neither a built-in"),
     (["export", "-o", "{tmp}/o", "--target", "tflite"], "unknown target 'tflite'"),
     (["export", "-o", "{tmp}/o", "--max-context", "4"], "recipe field 'max_context'"),
+    (["export", "-o", "{tmp}/o", "--tile-grid", "2by2"], "--tile-grid '2by2': expected ROWSxCOLS"),
+    (["export", "-o", "{tmp}/o", "--tile-grid", "2x2"], "llava family does not split images into tiles"),
     (["export", "-o", "{tmp}/o", "--recipe", "{tmp}/bad.yaml"], "recipe field 'bogus': unknown field"),
     (["export", "-o", "{tmp}/o", "--recipe", "{tmp}/range.yaml"], "recipe field 'coreml.precision'"),
     (["export", "-o", "{tmp}/o", "--model", "{tmp}/nocfg"], "no config.json"),

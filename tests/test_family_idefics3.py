@@ -137,3 +137,114 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(smolvlm_bundle, sample_im
                     GenerationConfig(max_new_tokens=6, temperature=0.0, echo=False), token_callback=pieces.append)
     ours = api.run(smolvlm_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
     assert [x for x in pieces if x and x != "</s>"] == ours["pieces"]
+
+
+# ----- a tile grid fixed at export (the processor's do_image_splitting=True)
+TILE_PROMPT = f"<|im_start|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def smolvlm_tiles(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smolvlm_tiles")
+    hf, processor = make_hf_idefics3(d, splitting=True)
+    return d, hf, processor
+
+
+@pytest.mark.parametrize("width,height,grid", [(50, 37, (2, 2)), (20, 90, (2, 1)), (128, 64, (1, 2))])
+def test_tiles_prompt_and_logits_equal_transformers(smolvlm_tiles, tmp_path, width, height, grid):
+    """An image whose natural grid is the export's: the same tiles, global image, prompt ids and logits as the
+    transformers processor and model (with the cache too)."""
+    d, hf, processor = smolvlm_tiles
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    loaded = load(str(d), tile_grid=grid)
+    recipe = loaded.template(build({"tile_grid": list(grid)}))
+    m = loaded.model
+    assert m.image_tiles == grid[0] * grid[1] + 1 and recipe.prompt_template.count("<image>") == m.image_tiles
+    prompt = loaded.tokenizer.prompt(recipe.prompt_template, QUESTION, m.num_image_tokens, loaded.config.image_token_id,
+                                     loaded.bos_token_id)
+    tiles = load_image(path, m.image_size, m.image_resize)
+    assert tiles.shape == (m.image_tiles, 3, m.image_size, m.image_size)
+    with Image.open(path) as im:
+        ref = processor(text=TILE_PROMPT, images=[im.convert("RGB")], return_tensors="pt")
+    pixels = m.normalize(torch.from_numpy(tiles))
+    assert (pixels - ref["pixel_values"][0]).abs().max().item() <= 1e-5
+    assert prompt.ids == ref["input_ids"][0].tolist() and prompt.runs == m.image_tiles
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=ref["pixel_values"], pixel_attention_mask=ref["pixel_attention_mask"], use_cache=True)
+        assert (m(ids, pixels) - out.logits).abs().max().item() <= 1e-4
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        n = embeds.shape[1]
+        _, past = m.decode(embeds, torch.arange(n)[None], None)
+        step, _ = m.decode(m.embed_text(nxt), torch.tensor([[n]]), past)
+    assert (step[:, -1] - hf_step).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiles_bundle(smolvlm_tiles, tmp_path_factory):
+    d, _, _ = smolvlm_tiles
+    return api.compile({"model": str(d), "targets": ["onnx", "executorch"], "max_context": 128, "tile_grid": [2, 2]},
+                       tmp_path_factory.mktemp("b") / "tiles")
+
+
+def test_tiles_export_verifies_and_runtimes_agree(tiles_bundle, sample_image):
+    p = tiles_bundle.manifest["prompt"]
+    assert p["image_tiles"] == 5 and p["template"].count("<image>") == 5 and p["num_image_tokens"] == 16
+    assert p["image_resize"] == {"rule": "longest_edge_tiles", "filter": "lanczos", "longest_edge": 64, "grid": [2, 2]}
+    assert tiles_bundle.manifest["recipe"]["tile_grid"] == [2, 2] and "5 tiles" in tiles_bundle.manifest["runner"]
+    assert all(r["passed"] for r in tiles_bundle.manifest["verification"]["results"])
+    runs = {rt: api.run(tiles_bundle.path, rt, sample_image, QUESTION, max_new_tokens=6) for rt in ("eager", "onnxruntime", "executorch")}
+    assert runs["eager"]["tokens"] == runs["onnxruntime"]["tokens"] == runs["executorch"]["tokens"], runs
+    assert runs["eager"]["prompt_tokens"] > 5 * 16  # five runs of 16 image rows, the separators and the question
+    prof = api.profile(tiles_bundle.path, "onnxruntime", warmup=0, iterations=1, new_tokens=2)
+    assert prof["programs"]["vision_encoder"]["calls"] == 5
+    assert prof["programs"]["text_decoder.prefill"]["tokens"] == runs["eager"]["prompt_tokens"]
+
+
+def test_stock_multimodal_runner_takes_the_tiles_between_text_pieces(tiles_bundle, sample_image):
+    """ExecuTorch's MultimodalRunner runs a tiled bundle when the app feeds text, tile, text, tile, ..."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the llama:: kernels)
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
+
+    p = tiles_bundle.manifest["prompt"]
+    pieces = p["template"].replace("{prompt}", QUESTION).split("<image>")
+    pieces[0] = ("<s>" if p["add_bos"] else "") + pieces[0]
+    tiles = load_image(sample_image, p["image_size"], p["image_resize"])
+    inputs = [make_text_input(pieces[0])]
+    for tile, text in zip(tiles, pieces[1:]):
+        inputs += [make_image_input(torch.from_numpy(tile)), make_text_input(text)]
+    runner = MultimodalRunner(str(tiles_bundle.path / "model.pte"), str(tiles_bundle.path / "tokenizer.json"))
+    out = []
+    runner.generate(inputs, GenerationConfig(max_new_tokens=6, temperature=0.0, echo=False), token_callback=out.append)
+    ours = api.run(tiles_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
+    assert [x for x in out if x and x != "</s>"] == ours["pieces"]
+
+
+def test_token_pass_keeps_its_count_in_every_tile(smolvlm_tiles, tmp_path, sample_image):
+    d, _, _ = smolvlm_tiles
+    b = api.compile({"model": str(d), "targets": ["onnx"], "max_context": 96, "tile_grid": [2, 1],
+                     "passes": [{"name": "divprune", "keep": 6}]}, tmp_path / "p")
+    p = b.manifest["prompt"]
+    assert p["num_image_tokens"] == 6 and p["num_image_tokens_unpruned"] == 16 and p["image_tiles"] == 3
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    eager = api.run(b.path, "eager", sample_image, QUESTION, max_new_tokens=4)
+    assert eager["tokens"] == api.run(b.path, "onnxruntime", sample_image, QUESTION, max_new_tokens=4)["tokens"]
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"tile_grid": [2, 2], "passes": [{"name": "fastv", "keep": 6, "at": "decoder.layer[0]"}]}, "tile runs"),
+    ({"tile_grid": [2, 2], "passes": [{"name": "w8a8", "method": "masquant"}],
+      "calibration": {"dataset": "shapes-vqa", "n": 8}}, "masquant tells the image's rows by one position range"),
+    ({"tile_grid": [1, 1]}, "1x1 grid"),
+    ({"tile_grid": [3, 1]}, r"no <row_3_col_1> token"),
+    ({"tile_grid": [2, 9]}, "recipe field 'tile_grid'"),
+    ({"prompt_template": "<image><image>{prompt}"}, "2 <image> placeholders"),
+])
+def test_tile_grid_refusals(smolvlm_tiles, tmp_path, fields, match):
+    d, _, _ = smolvlm_tiles
+    with pytest.raises(VlmcError, match=match):
+        api.compile({"model": str(d), "targets": ["onnx"], "max_context": 128, **fields}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -37,6 +37,17 @@ def test_points_are_the_product_with_every_axis_alone(grid):
     assert tome == {"name": "tome", "at": "vision.block[0]", "r": 2}  # 9 tokens at 24px: (9 - 5) / 2 blocks
 
 
+def test_fewer_tiles_is_an_axis_against_the_grid_the_model_runs_at(grid):
+    tiled = grid.model_copy(update={"tile_grid": "2x2", "tiles": ["1x2", "global"], "tokens": ["divprune@4"]})
+    points = sweep.grid_points(tiled, (32, 16, 2))
+    assert [p.label for p in points] == ["uncompressed", "divprune@4", "tiles 1x2", "tiles 1x2 + divprune@4",
+                                         "tiles global", "tiles global + divprune@4"]
+    assert [p.recipe.get("tile_grid") for p in points] == [[2, 2], [2, 2], [1, 2], [1, 2], None, None]
+    assert sweep.is_uncompressed(tiled, points[0].recipe) and not sweep.is_uncompressed(tiled, points[2].recipe)
+    with pytest.raises(VlmcError, match="tile grid '2by2'"):
+        sweep.load_grid(None, {"tiles": ["2by2"]})
+
+
 def test_every_point_is_measured_against_the_uncompressed_one(swept):
     out, result, seen = swept
     assert [p["label"] for p in result["points"]] == ["uncompressed", "divprune@4"]

@@ -161,10 +161,10 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             reference = answer
         else:
             full = prompt["num_image_tokens_unpruned"]
-            grow = full - prompt["num_image_tokens"]
+            grow = (full - prompt["num_image_tokens"]) * prompt.get("image_tiles", 1)
             ref_shape = DecoderShape(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
                                      shape.max_context + grow, shape.max_prompt + grow)
-            ref = load(b.manifest["model"]["source"], b.manifest["recipe"].get("image_size"))
+            ref = load(b.manifest["model"]["source"], b.manifest["recipe"].get("image_size"), b.manifest["recipe"].get("tile_grid"))
             ref.template(Recipe.model_validate(b.manifest["recipe"]))
             reference = Answerer(EagerSession(ref.model, ref_shape), tok,
                                  {**prompt, "num_image_tokens": full, "image_size": ref.model.image_size,

@@ -74,6 +74,7 @@ def models(as_json):
 @cli.command()
 @click.option("--model", "-m", default=None, help="built-in model, Hugging Face checkpoint dir or preset:NAME (default: shapes-llava)")
 @click.option("--image-size", type=int, default=None, help="input resolution, for families that choose it at export (qwen2_5_vl)")
+@click.option("--tile-grid", default=None, help="ROWSxCOLS tiles plus the global image, for families that split images (smolvlm), e.g. 2x2")
 @click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml,tvm")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
@@ -87,14 +88,15 @@ def models(as_json):
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
-def export(model, image_size, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
+def export(model, image_size, tile_grid, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
            no_verify, force, as_json, quiet):
     """Compile a model into a verified bundle for one or more targets."""
     from vlmc import api
     from vlmc.passes.registry import parse_cli
-    from vlmc.recipe import load, parse_targets
+    from vlmc.recipe import load, parse_targets, parse_tile_grid
 
-    overrides = {"model": model, "image_size": image_size, "targets": parse_targets(targets) if targets else None,
+    overrides = {"model": model, "image_size": image_size, "tile_grid": parse_tile_grid(tile_grid) if tile_grid else None,
+                 "targets": parse_targets(targets) if targets else None,
                  "max_context": max_context,
                  "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
                  "passes": [parse_cli(p) for p in pass_specs] or None, "calibration.dataset": calibration,
@@ -125,7 +127,9 @@ def _print_summary(m: dict, path) -> None:
         shifts = m["decoder"].get("cache_shifts", [])
         llm = "".join(f"; after decoder.layer[{i - 1}]: {m['prompt']['num_image_tokens'] - shifts[i]}"
                       for i in range(1, len(shifts)) if shifts[i] != shifts[i - 1])
-        console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}{llm}; "
+        tiles = m["prompt"].get("image_tiles", 1)
+        per = f" per tile x {tiles} tiles" if tiles > 1 else ""
+        console.print(f"image tokens: {m['prompt']['num_image_tokens']} of {m['prompt']['num_image_tokens_unpruned']}{per}{llm}; "
                       f"runner: {m['runner']}")
     else:
         console.print("passes: none")
@@ -426,6 +430,8 @@ class _Bar:
 @click.argument("grid_file", required=False, type=click.Path(path_type=Path))
 @click.option("--model", "-m", default=None, help="model (default shapes-llava)")
 @click.option("--resolution", default=None, help="input sides, comma-separated (none = native): 96,80")
+@click.option("--tile-grid", "tile_grid", default=None, help="tiled families: the uncompressed point's grid, e.g. 2x2")
+@click.option("--tiles", default=None, help="tiled families: other grids, comma-separated (global = no tiles): 1x2,global")
 @click.option("--tokens", default=None, help="token configurations METHOD@KEEP, comma-separated: divprune@49,tome@98")
 @click.option("--methods", default=None, help="token passes crossed with --keep (NAME-static: a selecting method's calibrated static mode)")
 @click.option("--keep", default=None, help="visual tokens kept, crossed with --methods: 98,49,22")
@@ -445,9 +451,9 @@ class _Bar:
               help="results and the per-point cache (a rerun resumes)")
 @click.option("--force", is_flag=True, help="replace results in --out that no grid wrote")
 @click.option("--json", "as_json", is_flag=True)
-def sweep(grid_file, model, resolution, tokens, methods, keep, quant, runtimes, devices, dataset, count, iterations,
+def sweep(grid_file, model, resolution, tile_grid, tiles, tokens, methods, keep, quant, runtimes, devices, dataset, count, iterations,
           executor, search, trials, retention_floor, budget, out, force, as_json):
-    """Resolutions x token methods x quantization, on each runtime and device: accuracy, retention, TTFT
+    """Resolutions x tiles x token methods x quantization, on each runtime and device: accuracy, retention, TTFT
     (vision encode + prefill), decode speed, size and peak memory against the uncompressed model.
     Resumable: every point is cached in --out by its recipe."""
     from vlmc import sweep as sweeping
@@ -457,7 +463,8 @@ def sweep(grid_file, model, resolution, tokens, methods, keep, quant, runtimes, 
     token_list = _list(tokens)
     if methods is not None:
         token_list = (token_list or []) + [f"{m}@{k}" for m in _list(methods) if m for k in _list(keep, int) if k]
-    overrides = {"model": model, "resolution": _list(resolution, int), "tokens": token_list,
+    overrides = {"model": model, "resolution": _list(resolution, int), "tile_grid": tile_grid, "tiles": _list(tiles),
+                 "tokens": token_list,
                  "quant": [None if q.lower() in ("none", "fp32") else q for q in quant] or None,
                  "runtimes": _list(runtimes), "devices": _list(devices), "dataset": dataset, "n": count,
                  "iterations": iterations, "executor": executor}

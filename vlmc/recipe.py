@@ -5,6 +5,7 @@ values that depend on the model (prompt length vs image tokens) are checked in `
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -64,6 +65,8 @@ class Recipe(Strict):
     targets: list[Literal["onnx", "executorch", "coreml", "tvm"]] = Field(default_factory=lambda: ["onnx", "executorch"], min_length=1)
     image_size: Optional[int] = Field(None, ge=14, le=4096, description="input resolution (square) for families whose resolution "
                                                                 "is chosen at export (it sets the image token count)")
+    tile_grid: Optional[tuple[int, int]] = Field(None, description="rows x cols of tiles an image is split into, plus the "
+                                                   "global image, for families that split images (smolvlm / idefics3)")
     max_context: int = Field(256, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens")
     max_prompt: Optional[int] = Field(None, ge=1, description="fixed prefill length of ONNX / Core ML (default: image tokens + 48, at most max_context)")
     prompt_template: Optional[str] = Field(None, description="where the image and the question go (default: the model family's chat turn)")
@@ -92,11 +95,18 @@ class Recipe(Strict):
                 raise ValueError(f"pass {i}: 'name' must be a pass's name (vlmc passes lists them), not {spec['name']!r}")
         return v
 
+    @field_validator("tile_grid")
+    @classmethod
+    def _grid(cls, v):
+        if v is not None and not all(1 <= n <= 8 for n in v):
+            raise ValueError("rows and columns must be 1..8")
+        return v
+
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v):
-        if v is not None and (v.count("<image>") != 1 or "{prompt}" not in v):
-            raise ValueError("must contain <image> exactly once and {prompt}")
+        if v is not None and ("<image>" not in v or "{prompt}" not in v):
+            raise ValueError("must contain <image> and {prompt}")
         return v
 
     def with_template(self, default: str, image_wrap: tuple[str, str] = ("", "")) -> "Recipe":
@@ -175,3 +185,11 @@ def parse_targets(text: str) -> list[str]:
         if t not in TARGETS:
             raise VlmcError(f"unknown target {t!r} (choose from {', '.join(TARGETS)})")
     return targets
+
+
+def parse_tile_grid(text: str) -> tuple[int, int]:
+    """`--tile-grid ROWSxCOLS` -> (rows, cols)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise VlmcError(f"--tile-grid {text!r}: expected ROWSxCOLS, e.g. 2x2")
+    return int(m.group(1)), int(m.group(2))

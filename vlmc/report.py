@@ -25,7 +25,7 @@ AXES = {"ttft": ("ttft_ms", "time to first token, ms (vision encode + prefill)",
 HEADLINE_RETENTION = 97.0
 
 
-SAME = ("model", "dataset", "split", "n", "iterations", "runtimes", "devices")
+SAME = ("model", "tile_grid", "dataset", "split", "n", "iterations", "runtimes", "devices")
 
 
 def load_results(paths: list[Path]) -> dict:
@@ -44,8 +44,8 @@ def load_results(paths: list[Path]) -> dict:
         merged = {**merged, "points": merged["points"] + extra,
                   "snapped": {**merged.get("snapped", {}), **other.get("snapped", {})},
                   "seconds": round(merged["seconds"] + other["seconds"], 1),
-                  "grid": {**merged["grid"], **{k: sorted({*map(str, merged["grid"][k])} | {*map(str, other["grid"][k])})
-                                                for k in ("resolution", "tokens", "quant")}}}
+                  "grid": {**merged["grid"], **{k: sorted({*map(str, merged["grid"].get(k, []))} | {*map(str, other["grid"].get(k, []))})
+                                                for k in ("resolution", "tiles", "tokens", "quant")}}}
     return merged
 
 
@@ -99,10 +99,11 @@ def headline(result: dict) -> list[dict]:
 def _marker(label: str) -> str:
     if label == "uncompressed":
         return "*"
-    kinds = ("px" in label) + ("@" in label) + any(q in label for q in ("w8", "w4"))
+    smaller_input = "px" in label or "tiles" in label
+    kinds = smaller_input + ("@" in label) + any(q in label for q in ("w8", "w4"))
     if kinds > 1:
         return "D"
-    return "s" if "px" in label else "o" if "@" in label else "^"
+    return "s" if smaller_input else "o" if "@" in label else "^"
 
 
 def figure(result: dict, axis: str, path: Path, chosen: Optional[list[dict]] = None) -> bytes:
@@ -138,7 +139,7 @@ def figure(result: dict, axis: str, path: Path, chosen: Optional[list[dict]] = N
         ax.text(ax.get_xlim()[1], floor, f" {HEADLINE_RETENTION:g}% retention", va="bottom", ha="right", fontsize=7, color="grey")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy, % (95% CI)")
-    ax.set_title(f"{result['grid']['model']}: accuracy against {axis}  (* uncompressed, s resolution, o tokens, ^ quantization, D combined)",
+    ax.set_title(f"{result['grid']['model']}: accuracy against {axis}  (* uncompressed, s resolution or tiles, o tokens, ^ quantization, D combined)",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

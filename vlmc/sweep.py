@@ -1,8 +1,8 @@
 """`vlmc sweep`: which compressed model to ship, measured against the uncompressed one in the same run.
 
-A grid (YAML, or the same fields as CLI flags) names the axes: input resolutions, token methods x kept
-tokens, quantization schemes, runtimes and devices. Every point of resolution x tokens x quantization is
-one recipe: exported (verified), evaluated and profiled on each runtime x device. The uncompressed fp32
+A grid (YAML, or the same fields as CLI flags) names the axes: input resolutions, fewer tiles (tiled
+families), token methods x kept tokens, quantization schemes, runtimes and devices. Every point of
+resolution x tiles x tokens x quantization is one recipe: exported (verified), evaluated and profiled on each runtime x device. The uncompressed fp32
 point is always the first, and every ratio (retention, TTFT, size, memory) is taken against it.
 
 Each point's result is cached under `out/points/` by a hash of everything that determines it (recipe,
@@ -59,6 +59,10 @@ class Grid(BaseModel):
     devices: list[str] = ["local"]
     # each axis is crossed with the others, and its null value (native side, no token pass, fp32) is always in it
     resolution: list[Optional[int]] = Field([], description="input sides below the model's own")
+    tile_grid: Optional[str] = Field(None, description="the uncompressed point's tile grid ROWSxCOLS (families that split "
+                                     "images: smolvlm)")
+    tiles: list[Optional[str]] = Field([], description="other tile grids than tile_grid: ROWSxCOLS, or global (the global "
+                                       "image alone)")
     tokens: list[Optional[str]] = Field([], description="token configurations METHOD@KEEP")
     quant: list[Optional[str]] = Field([], description="quantization configurations, passes joined by +")
     latency_curve: Optional[str] = Field(None, description="image token counts (8..196/8 or 22,49,98) whose prefill "
@@ -99,9 +103,12 @@ def load_grid(path: Path, overrides: Optional[dict] = None) -> Grid:
         where = ".".join(str(p) for p in err["loc"])
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise VlmcError(f"grid {path or '(flags)'}: field '{where}': {msg}") from None
-    if not any(v is not None for v in grid.resolution + grid.tokens + grid.quant) and grid.search is None:
-        raise VlmcError(f"grid {path or '(flags)'}: no axis to sweep (resolution, tokens or quant; flags --resolution, "
-                        "--tokens or --methods with --keep, --quant)")
+    if not any(v is not None for v in grid.resolution + grid.tiles + grid.tokens + grid.quant) and grid.search is None:
+        raise VlmcError(f"grid {path or '(flags)'}: no axis to sweep (resolution, tiles, tokens or quant; flags --resolution, "
+                        "--tiles, --tokens or --methods with --keep, --quant)")
+    for spec in [grid.tile_grid, *grid.tiles]:
+        if spec is not None:
+            tile_grid_of(spec)
     for spec in grid.tokens:
         if spec is not None:
             token_pass(spec)
@@ -169,14 +176,28 @@ class Point:
     tokens: Optional[str]
     quant: Optional[str]
     recipe: dict = field(default_factory=dict)
+    tiles: Optional[str] = None
 
     @property
     def label(self) -> str:
-        parts = ([f"{self.resolution}px"] if self.resolution else []) + [p for p in (self.tokens, self.quant) if p]
+        parts = ([f"{self.resolution}px"] if self.resolution else []) + ([f"tiles {self.tiles}"] if self.tiles else [])
+        parts += [p for p in (self.tokens, self.quant) if p]
         return " + ".join(parts) or "uncompressed"
 
 
-def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, quant) -> Point:
+def tile_grid_of(spec: Optional[str]) -> Optional[list[int]]:
+    """`2x2` -> [2, 2]; `global` (the global image alone) or None -> None."""
+    from vlmc.recipe import parse_tile_grid
+
+    if spec is None or spec.strip().lower() == "global":
+        return None
+    try:
+        return list(parse_tile_grid(spec))
+    except VlmcError:
+        raise VlmcError(f"tile grid {spec!r}: expected ROWSxCOLS (e.g. 2x2) or global") from None
+
+
+def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, quant, tiles: Optional[str] = None) -> Point:
     """The recipe of one point. `geometry`: the model's (native side, image tokens, vision blocks)."""
     native, n_tokens, blocks = geometry
     passes: list[dict] = []
@@ -189,9 +210,12 @@ def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, q
     if quant:
         passes += parse_quant_config(quant)
     recipe = {"model": grid.model, "targets": sorted({RUNTIME_TARGET[r] for r in grid.runtimes}), "passes": passes}
+    tile_grid = tile_grid_of(tiles or grid.tile_grid)
+    if tile_grid:
+        recipe["tile_grid"] = tile_grid
     if grid.calibration and quant:
         recipe["calibration"] = {"dataset": grid.calibration}
-    return Point(resolution, tokens, quant, recipe)
+    return Point(resolution, tokens, quant, recipe, tiles)
 
 
 def axis(values: list) -> list:
@@ -201,21 +225,25 @@ def axis(values: list) -> list:
 
 
 def grid_points(grid: Grid, geometry: tuple[int, int, int]) -> list[Point]:
-    """The uncompressed point first, then resolution x tokens x quantization (duplicates dropped)."""
+    """The uncompressed point first, then resolution x tiles x tokens x quantization (duplicates dropped)."""
     points, seen = [], set()
-    for r, t, q in itertools.product(axis(grid.resolution), axis(grid.tokens), axis(grid.quant)):
-        key = (r, t, q)
+    for r, g, t, q in itertools.product(axis(grid.resolution), axis(grid.tiles), axis(grid.tokens), axis(grid.quant)):
+        key = (r, g, t, q)
         if key not in seen:
             seen.add(key)
-            points.append(make_point(grid, geometry, r, t, q))
+            points.append(make_point(grid, geometry, r, t, q, g))
     return points
+
+
+def is_uncompressed(grid: Grid, recipe: dict) -> bool:
+    return not recipe["passes"] and recipe.get("tile_grid") == tile_grid_of(grid.tile_grid)
 
 
 def point_key(grid: Grid, point: Point) -> str:
     """What determines a point's measurements, hashed: its cache file's name."""
     what = {"recipe": point.recipe, "runtimes": grid.runtimes, "devices": grid.devices, "dataset": grid.dataset,
             "split": grid.split, "n": grid.n, "iterations": grid.iterations, "vlmc": __version__}
-    if not point.recipe["passes"] and grid.latency_curve:  # the uncompressed point carries the prefill curve
+    if is_uncompressed(grid, point.recipe) and grid.latency_curve:  # the uncompressed point carries the prefill curve
         what["latency_curve"] = parse_counts(grid.latency_curve)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -250,7 +278,7 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
 
     grid = Grid.model_validate(grid_data)
     quantized = any(getattr(REGISTRY.get(p["name"]), "kind", None) == "quant" for p in recipe["passes"])
-    curve = parse_counts(grid.latency_curve) if grid.latency_curve and not recipe["passes"] else None
+    curve = parse_counts(grid.latency_curve) if grid.latency_curve and is_uncompressed(grid, recipe) else None
     with tempfile.TemporaryDirectory(prefix="vlmc-sweep-") as tmp:
         try:
             bundle = api.compile(recipe, Path(tmp) / "b")
@@ -259,7 +287,8 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
         except Exception as e:  # a bug in one point's export is that point's row, named, not the end of a long sweep
             return {"error": f"internal: {e.__class__.__name__}: {first_line(e)}"}
         m = bundle.manifest
-        out = {"image_tokens": m["prompt"]["num_image_tokens"], "image_size": m["prompt"]["image_size"],
+        tiles = m["prompt"].get("image_tiles", 1)
+        out = {"image_tokens": m["prompt"]["num_image_tokens"] * tiles, "image_tiles": tiles, "image_size": m["prompt"]["image_size"],
                "export_seconds": m["metrics"]["export_seconds"], "measurements": []}
         accuracy: dict[str, dict] = {}
         # token passes and resolution change every target's graph alike: their accuracy is read on one
@@ -359,7 +388,7 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
 
     def record(i: int, key: str, measured: dict) -> None:
         p = points[i]
-        rows[i] = {"id": key, "label": p.label, "resolution": p.resolution, "tokens": p.tokens, "quant": p.quant,
+        rows[i] = {"id": key, "label": p.label, "resolution": p.resolution, "tiles": p.tiles, "tokens": p.tokens, "quant": p.quant,
                    "recipe": p.recipe, **measured}
         cache.put(key, rows[i])
 
@@ -429,7 +458,7 @@ def _search(grid: Grid, geometry, cache: PointCache, progress: Progress) -> list
     if runtime not in grid.runtimes:
         raise VlmcError(f"grid field 'search.runtime': {runtime!r} is not one of the grid's runtimes")
     total = s.trials + 1
-    base = _run_points(grid, [make_point(grid, geometry, None, None, None)], cache, progress, 0, total)
+    base = _run_points(grid, [make_point(grid, geometry, None, None, None, None)], cache, progress, 0, total)
     rows = list(base)
     base_m = _measurement(base[0], runtime, grid.devices[0])
     if base_m is None:
@@ -437,9 +466,10 @@ def _search(grid: Grid, geometry, cache: PointCache, progress: Progress) -> list
 
     def objective(trial):
         r = trial.suggest_categorical("resolution", axis(grid.resolution))
+        g = trial.suggest_categorical("tiles", axis(grid.tiles))
         t = trial.suggest_categorical("tokens", axis(grid.tokens))
         q = trial.suggest_categorical("quant", axis(grid.quant))
-        row = _run_points(grid, [make_point(grid, geometry, r, t, q)], cache, progress, len(rows), total)[0]
+        row = _run_points(grid, [make_point(grid, geometry, r, t, q, g)], cache, progress, len(rows), total)[0]
         rows.append(row)
         m = _measurement(row, runtime, grid.devices[0])
         if m is None:

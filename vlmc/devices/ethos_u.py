@@ -132,16 +132,14 @@ class _NpuVisionEncoder:
 def _calibration_pixels(model, prompt: dict) -> list:
     """A few ShapesVQA images, resized by the bundle's rule and normalised as the model does."""
     import torch
-    from PIL import Image
-
     from vlmc.eval import shapes_vqa
-    from vlmc.runtimes.image import resize
+    from vlmc.runtimes.image import resize_array, tiles
 
     size = prompt["image_size"]
     out = []
     for item in shapes_vqa.items("val", CALIBRATION_IMAGES):
-        im = resize(Image.fromarray(item.image), size, prompt.get("image_resize"))
-        out.append(model.normalize(torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())))
+        resized = resize_array(np.ascontiguousarray(item.image.transpose(2, 0, 1)), size, prompt.get("image_resize"))
+        out += [model.normalize(torch.from_numpy(tile)) for tile in tiles(resized)]
     return out
 
 

@@ -24,22 +24,26 @@ MAX_ANSWER_TOKENS = 4
 
 @dataclass
 class Question:
-    image: np.ndarray  # uint8 [3,H,W] at the size asked for (the uncompressed model's, in eval)
+    image: np.ndarray  # uint8 [3,H,W] (or [k,3,H,W] tiles) at the size asked for (the uncompressed model's, in eval)
     question: str
     answer: str
     qtype: str
     where: str  # "shapes-vqa test #12" or "questions.jsonl line 3", for error messages
     path: Optional[Path] = None  # the image file, read again at another size
     resize: Optional[dict] = None  # the family's resize rule the image was read with
+    original: Optional[np.ndarray] = None  # a rendered image [3,H,W] (ShapesVQA), resized again for another size
 
     def image_at(self, size: int, rule: Optional[dict] = None) -> np.ndarray:
-        """The image at size x size: a bundle whose resolution pass lowered its input reads the file itself
-        at its size (ShapesVQA's rendered image is resized), as `vlmc run` would."""
-        if self.image.shape[1] == size:
+        """The image at size x size by `rule`: a bundle whose resolution pass lowered its input, or whose
+        tile grid differs, reads the file itself at its size (ShapesVQA's rendered image is resized), as
+        `vlmc run` would."""
+        if self.image.shape[-1] == size and rule == self.resize:
             return self.image
         from vlmc.runtimes.image import load_image, resize_array
 
-        return load_image(self.path, size, rule) if self.path else resize_array(self.image, size, rule)
+        if self.path:
+            return load_image(self.path, size, rule)
+        return resize_array(self.original if self.original is not None else self.image, size, rule)
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -64,9 +68,9 @@ def shapes_vqa_questions(split: str, n: int, image_size: int, resize: Optional[d
     if n < 1:
         raise VlmcError(f"shapes-vqa split {split!r}: --n must be at least 1")
     for i, item in enumerate(shapes_vqa.items(split, n)):
-        q = Question(np.ascontiguousarray(item.image.transpose(2, 0, 1)), item.question, item.answer, item.qtype,
-                     f"shapes-vqa {split} #{i}")
-        yield Question(q.image_at(image_size, resize), q.question, q.answer, q.qtype, q.where)
+        rendered = np.ascontiguousarray(item.image.transpose(2, 0, 1))
+        q = Question(rendered, item.question, item.answer, item.qtype, f"shapes-vqa {split} #{i}", original=rendered)
+        yield Question(q.image_at(image_size, resize), q.question, q.answer, q.qtype, q.where, None, resize, rendered)
 
 
 def jsonl_questions(path: Path, n: Optional[int], image_size: int, resize: Optional[dict] = None) -> Iterator[Question]:

@@ -40,7 +40,7 @@ def prepare(recipe: Recipe) -> Prepared:
     Everything here is checked before any export work: pass names and parameters, lengths.
     """
     passes.validate(recipe.passes)
-    loaded = load(recipe.model, recipe.image_size)
+    loaded = load(recipe.model, recipe.image_size, recipe.tile_grid)
     recipe = loaded.template(recipe)
     native = (loaded.model.image_size, loaded.model.num_image_tokens)
     records, plan = passes.apply(loaded.model, recipe.passes, CalibrationSource(recipe, loaded.tokenizer, loaded.model))
@@ -48,12 +48,12 @@ def prepare(recipe: Recipe) -> Prepared:
     # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
     resolved = [{"name": r["name"], "at": r["at"], **r["params"]} for r in records]
     resolved += [spec for spec in recipe.passes if spec["name"] in plan.names]
-    recipe = recipe.model_copy(update={"passes": resolved}).resolve(image_tokens)
+    recipe = recipe.model_copy(update={"passes": resolved}).resolve(image_tokens * loaded.model.image_tiles)
     c = loaded.config
     sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, image_tokens, c.image_token_id, c.text.bos_token_id)
     if len(sample) > recipe.max_prompt:
         raise VlmcError(f"recipe field 'max_prompt': {recipe.max_prompt} cannot hold the template with a short question "
-                        f"({len(sample)} tokens: {image_tokens} image + {len(sample) - image_tokens} text)")
+                        f"({len(sample)} tokens: {sample.image_rows} image + {len(sample) - sample.image_rows} text)")
     return Prepared(loaded, recipe, records, image_tokens, plan, native)
 
 
@@ -66,6 +66,10 @@ def _check_quantization(prepared: Prepared) -> None:
     if "tvm" in recipe.targets and prepared.quant:
         raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
                         "is exported to onnx, executorch and coreml")
+    tiles = prepared.loaded.model.image_tiles
+    if tiles > 1 and any(s.config.method == "masquant" for s in prepared.quant.schemes.values()):
+        raise VlmcError(f"pass w8a8: method masquant tells the image's rows by one position range, but the tile grid "
+                        f"splits the image into {tiles} runs with text between them (export without tile_grid)")
     if prepared.quant.needs_calibration:
         check_source(recipe.calibration)
 
@@ -79,7 +83,7 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
         if target == "onnx":
             from vlmc.runtimes.onnxruntime_runner import OnnxSession
 
-            rows += verifier.static_cache("onnx", OnnxSession(files, ctx.decoder_shape), verifier.sample.image)
+            rows += verifier.static_cache("onnx", OnnxSession(files, ctx.decoder_shape), verifier.image)
         elif target == "executorch":
             from vlmc.runtimes.executorch_runner import ExecuTorchSession
 
@@ -90,7 +94,7 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
             libraries = {p: e["libraries"] for p, e in entry["programs"].items()}
             if all(host_architecture() in libs for libs in libraries.values()):
                 files = {p: ctx.out_dir / libs[host_architecture()] for p, libs in libraries.items()}
-                rows += verifier.static_cache("tvm", TvmSession(files, ctx.decoder_shape), verifier.sample.image)
+                rows += verifier.static_cache("tvm", TvmSession(files, ctx.decoder_shape), verifier.image)
             rows += verifier.tvm_cross_builds(entry)
         elif target == "coreml":
             rows += verifier.coreml_structure(entry)
@@ -98,7 +102,7 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
                 from vlmc.runtimes.coreml_runner import CoremlSession
 
                 session = CoremlSession(files, entry["programs"], ctx.decoder_shape)
-                rows += verifier.static_cache("coreml", session, verifier.sample.image.astype("float32")[None])
+                rows += verifier.static_cache("coreml", session, verifier.image.astype("float32")[None])
     return rows
 
 
@@ -108,6 +112,17 @@ def format_failures(rows: list[dict]) -> str:
         err = "-" if r.get("max_abs_err") is None else f"{r['max_abs_err']:.3g}"
         lines.append(f"{r['target']:<11} {r['program']:<16} {r['check']:<22} {err:>11} {r.get('tolerance_used', '-')!s:>8}  {r.get('detail', '')}")
     return "\n".join(lines)
+
+
+def _runner(prepared: Prepared, tiles: int) -> str:
+    """Which runners can run the bundle: ExecuTorch's stock MultimodalRunner takes text and image inputs in
+    turn, so it runs a tiled image too when the app feeds the tiles between the template's text pieces."""
+    if any(p["reads_text"] or p["in_llm"] for p in prepared.passes):
+        return "vlmc (reads the question with the image)"
+    if tiles > 1:
+        return (f"any: vlmc, or ExecuTorch's stock MultimodalRunner given the {tiles} tiles (prompt.image_resize) as image "
+                "inputs between the template's text pieces")
+    return "any: vlmc, or ExecuTorch's stock MultimodalRunner"
 
 
 def _in_llm_fields(ctx: ExportContext) -> dict:
@@ -163,7 +178,8 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
                        "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(cfg.text.eos_token_ids),
                        "image_token_id": cfg.image_token_id, "num_image_tokens": prepared.image_tokens,
                        "num_image_tokens_unpruned": prepared.native[1], "image_size": loaded.model.image_size,
-                       "native_image_size": prepared.native[0], "image_resize": loaded.image_resize},
+                       "native_image_size": prepared.native[0], "image_resize": loaded.image_resize,
+                       "image_tiles": loaded.model.image_tiles},
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
@@ -173,8 +189,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "quantization": ({"parts": prepared.quant.describe(), "token_embedding": "float (not quantized)",
                               **({"calibration": ctx.calibration_source} if ctx.calibration_source else {})}
                              if prepared.quant else None),
-            "runner": ("vlmc (reads the question with the image)" if any(p["reads_text"] or p["in_llm"] for p in prepared.passes)
-                       else "any: vlmc, or ExecuTorch's stock MultimodalRunner"),
+            "runner": _runner(prepared, loaded.model.image_tiles),
             "targets": targets,
             "verification": {"enabled": recipe.verify.enabled, "atol": recipe.verify.atol, "rtol": recipe.verify.rtol,
                              "results": verification},

@@ -31,8 +31,8 @@ def _calibrator(ctx: ExportContext, program: str):
         split = ctx.decoder_shape.full_prompt_prefill
         filler = ExecuTorchPrefill(ctx.target_model("executorch"), ctx.recipe.max_context) if split else None
         caches = dict(module.named_buffers())
-        for calls, (image_start, _) in zip(cal.decoder_calls, cal.visual_rows):
-            prompt, start = torch.from_numpy(calls[0][0]), torch.tensor([image_start])
+        for calls, runs in zip(cal.decoder_calls, cal.visual_rows):
+            prompt, start = torch.from_numpy(calls[0][0]), torch.tensor([runs[0][0]])
             if program == "text_prefill":
                 module(prompt, start)
                 continue

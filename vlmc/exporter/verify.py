@@ -22,6 +22,8 @@ from vlmc.models_zoo.programs import ExecuTorchDecoder
 from vlmc.models_zoo.tokenizer import PromptIds
 from vlmc.runtimes.base import Session
 from vlmc.runtimes.eager_runner import EagerSession
+from vlmc.runtimes.generate import encode_image, prompt_embeds
+from vlmc.runtimes.image import tiles
 
 SAMPLE_QUESTION = "what color is the circle?"
 ELF_SHARED_OBJECT = 3  # e_type ET_DYN
@@ -30,7 +32,7 @@ ELF_MACHINES = {"aarch64": 183, "x86_64": 62}  # e_machine
 
 @dataclass
 class Sample:
-    image: np.ndarray  # uint8 [3,H,W]
+    image: np.ndarray  # uint8 [3,H,W], or [k,3,H,W] tiles
     prompt: PromptIds
 
 
@@ -40,6 +42,8 @@ def make_sample(ctx: ExportContext) -> Sample:
     yy, xx = np.mgrid[0:size, 0:size]
     image = np.stack([(xx * 255 // size), (yy * 255 // size), ((xx + yy) * 127 // size)]).astype(np.int64)
     image = np.clip(image + rng.integers(-40, 40, image.shape), 0, 255).astype(np.uint8)
+    if ctx.model.image_tiles > 1:  # each tile another shift of the gradient
+        image = np.stack([np.roll(image, 7 * k, axis=2) for k in range(ctx.model.image_tiles)])
     prompt = ctx.loaded.tokenizer.prompt(ctx.recipe.prompt_template, SAMPLE_QUESTION, ctx.image_tokens,
                                          c.image_token_id, c.text.bos_token_id)
     return Sample(image, prompt)
@@ -77,13 +81,11 @@ class Verifier:
         self.quantized_rel_err = ctx.recipe.verify.quantized_rel_err
         self.eager = EagerSession(ctx.model, ctx.decoder_shape)
         p = self.sample.prompt
-        self.text_ids = p.before + p.after
-        self.image_embeds = self.eager.vision(self.sample.image)
-        parts = [self.eager.embed(p.before)] if p.before else []
-        parts.append(self.image_embeds)
-        if p.after:
-            parts.append(self.eager.embed(p.after))
-        self.embeds = np.concatenate(parts, axis=1)
+        self.text_ids = [t for text in p.texts for t in text]
+        self.image = tiles(self.sample.image)[0]  # the vision_encoder takes one image (tile) per call
+        image_embeds = encode_image(self.eager, self.sample.image)
+        self.image_embeds = image_embeds[0]
+        self.embeds = prompt_embeds(self.eager, p, image_embeds)
         n, mp = self.embeds.shape[1], ctx.recipe.max_prompt
         padded = np.zeros((1, mp, self.embeds.shape[2]), np.float32)
         padded[:, :n] = self.embeds
@@ -122,7 +124,7 @@ class Verifier:
         return rows
 
     def executorch(self, session: Session) -> list[dict]:
-        rows = self._common("executorch", session, self.sample.image)
+        rows = self._common("executorch", session, self.image)
         eager = ExecuTorchDecoder(self.ctx.model, self.ctx.recipe.max_context)
         n = self.embeds.shape[1]
         if self.prefill_program == "text_prefill":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,21 @@ class LoadedModel:
         """`recipe` with its prompt template filled in for this model's family; the model learns where the
         template puts the image (when that does not depend on the question)."""
         family = adapter(self.family)
-        recipe = recipe.with_template(family.DEFAULT_TEMPLATE, getattr(family, "IMAGE_WRAP", ("", "")))
-        template = recipe.prompt_template
+        wrap = getattr(family, "IMAGE_WRAP", ("", ""))
+        template = recipe.with_template(family.DEFAULT_TEMPLATE, wrap).prompt_template
+        tiles = self.model.image_tiles
+        if tiles > 1 and template.count("<image>") == 1:  # one run per tile, with the family's separators
+            wrapped = wrap[0] + "<image>" + wrap[1]
+            template = template.replace(wrapped, self.model.image_text(wrapped))
+            for piece in dict.fromkeys(re.findall(r"<[^<>\s]+>", self.model.image_text(wrapped))):
+                if piece != "<image>" and self.tokenizer.token_id(piece) is None:
+                    raise VlmcError(f"recipe field 'tile_grid': {self.directory}/tokenizer.json has no {piece} token "
+                                    f"(the {self.family} tile grid's separators)")
+        if template.count("<image>") != tiles:
+            what = f"{tiles} tiles (tile_grid plus the global image)" if tiles > 1 else "one image"
+            raise VlmcError(f"recipe field 'prompt_template': {template.count('<image>')} <image> placeholders, but the "
+                            f"model fills {what}")
+        recipe = recipe.model_copy(update={"prompt_template": template})
         if template.index("<image>") < template.index("{prompt}"):
             probe = self.tokenizer.prompt(template, "", 1, self.config.image_token_id, self.bos_token_id)
             self.model.set_image_start(len(probe.before))
@@ -109,10 +123,10 @@ def read_config(directory: Path) -> dict:
     return cfg
 
 
-def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedModel:
+def load(spec: str = DEFAULT_MODEL, image_size: int | None = None, tile_grid: tuple[int, int] | None = None) -> LoadedModel:
     """Load a built-in model by name, a checkpoint directory or an architecture preset (`preset:NAME`,
     random weights), checking every file it needs. `image_size`: the input resolution, for families whose
-    resolution is chosen at export."""
+    resolution is chosen at export; `tile_grid`: rows x cols of tiles, for families that split images."""
     import safetensors.torch
 
     from vlmc.models_zoo import presets
@@ -147,10 +161,14 @@ def load(spec: str = DEFAULT_MODEL, image_size: int | None = None) -> LoadedMode
             tensors.update(safetensors.torch.load_file(str(f)))
         except Exception as e:  # safetensors raises SafetensorError / OSError with its own text
             raise VlmcError(f"{f}: unreadable safetensors file ({first_line(e)})") from None
-    if image_size is not None and "image_size" not in inspect.signature(family_module.build).parameters:
+    takes = inspect.signature(family_module.build).parameters
+    if image_size is not None and "image_size" not in takes:
         raise VlmcError(f"recipe field 'image_size': the {family} family's resolution is fixed by its config "
                         "(only families with a variable resolution take it)")
-    options = {} if image_size is None else {"image_size": image_size}
+    if tile_grid is not None and "tile_grid" not in takes:
+        raise VlmcError(f"recipe field 'tile_grid': the {family} family does not split images into tiles "
+                        "(smolvlm and idefics3 do)")
+    options = {k: v for k, v in (("image_size", image_size), ("tile_grid", tile_grid)) if v is not None}
     if preset is not None:
         model = family_module.build(cfg, directory, preprocessor, **options)
         presets.random_init(model)

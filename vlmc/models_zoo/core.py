@@ -213,8 +213,19 @@ class VisionLanguageModel(nn.Module):
         return self.image_size // self.config.vision.patch_size
 
     @property
+    def image_tiles(self) -> int:
+        """Images the vision encoder runs on per prompt: 1, or a tile grid's tiles plus the global image
+        (each a run of `num_image_tokens` rows in the prompt, with the family's text between runs)."""
+        return 1
+
+    def image_text(self, wrapped: str) -> str:
+        """The template text that stands for the image: `wrapped` (one `<image>` run in the family's wrap);
+        a family that splits images into tiles returns one `<image>` run per tile, with its separators."""
+        return wrapped
+
+    @property
     def num_image_tokens(self) -> int:
-        """Image tokens the decoder receives without token passes."""
+        """Image tokens the decoder receives per image (per tile) without token passes."""
         n = (self.patch_grid // self.connector_merge) ** 2
         return n + 1 if self.features_have_cls else n
 
@@ -285,6 +296,9 @@ class VisionLanguageModel(nn.Module):
         """
         self.resolve(point)
         transparent = getattr(stage, "transparent", False)
+        if point.startswith("decoder.") and self.image_tiles > 1:
+            raise VlmcError(f"insertion at {point}: the image fills {self.image_tiles} tile runs with the tile grid's text "
+                            "between them; in-LLM token stages need the image as one run of rows (export without tile_grid)")
         if point.startswith("decoder.") != hasattr(stage, "dropped") and not transparent:
             kind = "an in-LLM stage" if hasattr(stage, "dropped") else "a visual-token stage"
             raise VlmcError(f"insertion at {point}: {kind} cannot run there")
@@ -373,7 +387,10 @@ class VisionLanguageModel(nn.Module):
         return (x / 255.0 - self.image_mean) / self.image_std
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [B,3,H,W] -> image embeddings in the decoder's space [B,N',D]."""
+        """Normalised pixels [B,3,H,W] -> image embeddings in the decoder's space [B,N',D]. With token stages
+        each image (tile) is encoded on its own, as the vision_encoder program runs it: stages see one image."""
+        if pixel_values.shape[0] > 1 and self.insertions:
+            return torch.cat([self.encode_image(p[None]) for p in pixel_values])
         x = self.embed_image(pixel_values)
         size = None  # patches each token stands for, once a merging stage ran
         blocks = self.vision_blocks

@@ -2,10 +2,17 @@
 a SigLIP tower (no CLS, post-layernorm, last layer), a pixel-shuffle connector (scale_factor^2 patches
 into one token, a linear without bias) and a Llama decoder, on the family-agnostic core.
 
-The image is one global tile at the tower's resolution (the processor with `do_image_splitting=False`):
-the host resizes the longer side to the processor's `size.longest_edge`, then to a square of
-`max_image_size` (LANCZOS, on uint8, as Idefics3's image processor does), so the token count is static:
-(image_size / patch_size / scale_factor)^2 (64 for SmolVLM2-256M / 500M).
+Without a tile grid the image is one global tile at the tower's resolution (the processor with
+`do_image_splitting=False`): the host resizes the longer side to the processor's `size.longest_edge`,
+then to a square of `max_image_size` (LANCZOS, on uint8, as Idefics3's image processor does), so the
+token count is static: (image_size / patch_size / scale_factor)^2 (64 for SmolVLM2-256M / 500M).
+
+With a tile grid (recipe `tile_grid: [rows, cols]`, fixed at export) the host splits the image as the
+processor does with `do_image_splitting=True` for an image of that grid: the longer side to
+`size.longest_edge`, the whole to rows x cols tiles of the tower's side, the tiles row by row and then the
+global image (the resized image squeezed to one tile). The vision encoder runs once per tile, and the
+prompt holds one run of image tokens per tile between the processor's separators
+(`<fake_token_around_image><row_R_col_C>`, a newline after each row, then the global image's wrap).
 """
 from __future__ import annotations
 
@@ -23,7 +30,9 @@ from vlmc.models_zoo.layers import LlamaBody, SiglipTower, TextConfig, VisionCon
 SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 32, "hidden_size": 1152, "intermediate_size": 3072,
                    "num_hidden_layers": 12, "num_attention_heads": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
 DEFAULT_TEMPLATE = "<|im_start|>User:<image>{prompt}<end_of_utterance>\nAssistant:"
-IMAGE_WRAP = ("<fake_token_around_image><global-img>", "<fake_token_around_image>")
+AROUND_IMAGE = "<fake_token_around_image>"
+IMAGE_WRAP = (AROUND_IMAGE + "<global-img>", AROUND_IMAGE)
+MAX_TILES = 8  # per side of the tile grid
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
@@ -126,16 +135,35 @@ class Idefics3Model(core.VisionLanguageModel):
     final_norm_path = "text_model.norm"
     parts = {"vision": ("vision_model", "connector"), "decoder": ("text_model.layers", "lm_head")}
 
-    def __init__(self, config: Idefics3Config):
+    def __init__(self, config: Idefics3Config, tile_grid: Optional[tuple[int, int]] = None):
         super().__init__(config)
         self.family = config.model_type
         self.connector_merge = config.scale_factor
-        self.image_resize = {"rule": "longest_edge_then_square", "filter": config.resize_filter,
-                             "longest_edge": config.resize_longest_edge}
+        self.tile_grid = tile_grid
+        rule = "longest_edge_tiles" if tile_grid else "longest_edge_then_square"
+        self.image_resize = {"rule": rule, "filter": config.resize_filter, "longest_edge": config.resize_longest_edge,
+                             **({"grid": list(tile_grid)} if tile_grid else {})}
         self.vision_model = SiglipTower(config.vision, bucketed_position_ids(self.patch_grid))
         self.connector = Connector(config)
         self.text_model = LlamaBody(config.text)
         self.add_head()
+
+    @property
+    def image_tiles(self) -> int:
+        if self.tile_grid is None:
+            return 1
+        rows, cols = self.tile_grid
+        return rows * cols + 1
+
+    def image_text(self, wrapped: str) -> str:
+        """The processor's prompt for a split image: each tile's run after its row/column marker, a newline
+        after each row of tiles, then a newline and the global image's run in its usual wrap."""
+        if self.tile_grid is None:
+            return wrapped
+        rows, cols = self.tile_grid
+        grid = "".join("".join(f"{AROUND_IMAGE}<row_{r + 1}_col_{c + 1}><image>" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return grid + "\n" + wrapped
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model.embeddings(pixel_values)
@@ -152,8 +180,13 @@ class Idefics3Model(core.VisionLanguageModel):
         return self.text_model.rotary(position_ids)
 
 
-def build(cfg: dict, directory, preprocessor: dict) -> Idefics3Model:
-    return Idefics3Model(Idefics3Config.from_hf(cfg, preprocessor))
+def build(cfg: dict, directory, preprocessor: dict, tile_grid: Optional[tuple[int, int]] = None) -> Idefics3Model:
+    if tile_grid is not None:
+        rows, cols = tile_grid
+        if rows * cols < 2:
+            raise VlmcError("recipe field 'tile_grid': a 1x1 grid is the global image alone (the processor never splits "
+                            "into one tile); omit tile_grid, or give at least 2 tiles")
+    return Idefics3Model(Idefics3Config.from_hf(cfg, preprocessor), tile_grid)
 
 
 def normalize_hf_key(key: str) -> str:

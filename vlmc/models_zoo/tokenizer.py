@@ -16,19 +16,40 @@ DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 @dataclass(frozen=True)
 class PromptIds:
-    """A prompt as token ids, split around the image so runners can prefill segment by segment."""
+    """A prompt as token ids, split around the image so runners can prefill segment by segment.
+
+    An image split into tiles (SmolVLM's tile grid) fills several runs of `num_image_tokens` image rows
+    each, with the template's text `between` consecutive runs (the tile separators)."""
 
     before: list[int]
     after: list[int]
     num_image_tokens: int
     image_token_id: int
+    between: tuple = ()
+
+    @property
+    def runs(self) -> int:
+        """Image runs (tiles) in the prompt."""
+        return len(self.between) + 1
+
+    @property
+    def texts(self) -> list[list[int]]:
+        """The text pieces around the image runs: before, between each pair, after."""
+        return [self.before, *self.between, self.after]
+
+    @property
+    def image_rows(self) -> int:
+        return self.runs * self.num_image_tokens
 
     @property
     def ids(self) -> list[int]:
-        return self.before + [self.image_token_id] * self.num_image_tokens + self.after
+        ids = list(self.before)
+        for text in (*self.between, self.after):
+            ids += [self.image_token_id] * self.num_image_tokens + list(text)
+        return ids
 
     def __len__(self) -> int:
-        return len(self.before) + self.num_image_tokens + len(self.after)
+        return sum(len(t) for t in self.texts) + self.image_rows
 
 
 def _template_bos(post_processor) -> Optional[str]:
@@ -98,10 +119,12 @@ class TextTokenizer:
         return [w for w, _ in pre if self._tok.token_to_id(w) is None]
 
     def prompt(self, template: str, prompt: str, num_image_tokens: int, image_token_id: int, bos_token_id) -> PromptIds:
+        """The prompt's ids; each `<image>` of the template is one image run (tile) of `num_image_tokens`."""
         text = template.replace("{prompt}", prompt)
-        if text.count(IMAGE_PLACEHOLDER) != 1:
-            raise VlmcError(f"prompt template must contain {IMAGE_PLACEHOLDER} exactly once: {template!r}")
-        before, after = text.split(IMAGE_PLACEHOLDER)
+        if IMAGE_PLACEHOLDER not in text:
+            raise VlmcError(f"prompt template must contain {IMAGE_PLACEHOLDER}: {template!r}")
+        before, *between, after = text.split(IMAGE_PLACEHOLDER)
         bos_token_id = self.bos_id if self.bos_id is not None else bos_token_id
         bos = [bos_token_id] if self.add_bos and bos_token_id is not None else []
-        return PromptIds(bos + self.encode(before), self.encode(after), num_image_tokens, image_token_id)
+        return PromptIds(bos + self.encode(before), self.encode(after), num_image_tokens, image_token_id,
+                         tuple(self.encode(t) for t in between))

@@ -5,29 +5,51 @@ import time
 
 import numpy as np
 
+from vlmc.errors import VlmcError
 from vlmc.models_zoo.tokenizer import PromptIds
 from vlmc.runtimes.base import Generation, Session
+from vlmc.runtimes.image import tiles
 
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
+def encode_image(session: Session, image_u8: np.ndarray) -> list[np.ndarray]:
+    """The vision_encoder's embeddings [1,N,D] of each image it runs on: one, or each tile of [k,3,H,W]."""
+    return [session.vision(tile) for tile in tiles(image_u8)]
+
+
+def prompt_embeds(session: Session, prompt: PromptIds, image_embeds: list[np.ndarray]) -> np.ndarray:
+    """The decoder's input rows [1,T,D]: the prompt's text pieces (embedded in one token_embedding call)
+    with the image runs between them, one run per tile."""
+    if len(image_embeds) != prompt.runs:
+        raise VlmcError(f"the prompt template has {prompt.runs} image runs but the image gives {len(image_embeds)} "
+                        "(the bundle's prompt.image_tiles)")
+    texts = prompt.texts
+    text_rows = session.embed([t for text in texts for t in text]) if any(texts) else None
+    parts, start = [], 0
+    for i, text in enumerate(texts):
+        if text:
+            parts.append(text_rows[:, start: start + len(text)])
+            start += len(text)
+        if i < len(image_embeds):
+            parts.append(image_embeds[i])
+    return np.concatenate(parts, axis=1)
+
+
 def generate(session: Session, prompt: PromptIds, image_u8: np.ndarray, max_new_tokens: int, eos_ids) -> Generation:
-    """Image + prompt ids -> greedy tokens (EOS excluded), with the time of each stage."""
+    """Image (or its tiles) + prompt ids -> greedy tokens (EOS excluded), with the time of each stage."""
     session.check_prompt_length(len(prompt))
     gen = Generation(tokens=[], prompt_tokens=len(prompt))
     t0 = time.perf_counter()
-    image_embeds = session.vision(image_u8)
+    image_embeds = encode_image(session, image_u8)
     gen.vision_ms = _ms(t0)
     t0 = time.perf_counter()
-    parts = [session.embed(prompt.before)] if prompt.before else []
-    parts.append(image_embeds)
-    if prompt.after:
-        parts.append(session.embed(prompt.after))
+    embeds = prompt_embeds(session, prompt, image_embeds)
     gen.embed_ms = _ms(t0)
     t0 = time.perf_counter()
-    logits = session.prefill(np.concatenate(parts, axis=1), image_start=len(prompt.before))
+    logits = session.prefill(embeds, image_start=len(prompt.before))
     gen.prefill_ms = _ms(t0)
     gen.first_logits = logits
     pos = len(prompt)

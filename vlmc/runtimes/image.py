@@ -6,7 +6,11 @@ inside the vision_encoder program). The rule travels in the bundle's manifest (`
 - `square` (Gemma 3, InternVL without tiles): straight to size x size with `filter`, ignoring the aspect;
 - `longest_edge_then_square` (Idefics3 / SmolVLM without image splitting): the longer side to
   `longest_edge` (the other in proportion, rounded up to even), then to size x size, each step with
-  `filter` on uint8.
+  `filter` on uint8;
+- `longest_edge_tiles` (Idefics3 / SmolVLM with a tile grid `grid` [rows, cols]): the longer side to
+  `longest_edge`, then to rows*size x cols*size, cut into rows x cols tiles (row by row), then that image
+  squeezed to size x size as the global image, last. The image becomes uint8 [rows*cols+1, 3, size, size]:
+  the vision_encoder runs once per tile.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from vlmc.errors import VlmcError, first_line
 
 CLIP_RESIZE = {"rule": "shortest_edge_center_crop", "filter": "bicubic"}
-RULES = ("shortest_edge_center_crop", "square", "longest_edge_then_square")
+RULES = ("shortest_edge_center_crop", "square", "longest_edge_then_square", "longest_edge_tiles")
 
 
 def _filter(name: str):
@@ -30,8 +34,22 @@ def _filter(name: str):
     return filters[name]
 
 
-def resize(im, size: int, rule: Optional[dict] = None):
-    """A PIL RGB image resized by `rule` (default: CLIP's) to size x size."""
+def _longest_edge(im, longest: int, resample):
+    """The longer side to `longest`, the other in proportion (truncated, rounded up to even), as Idefics3's
+    processor does."""
+    w, h = im.size
+    if w >= h:
+        nw, nh = longest, int(longest / (w / h))
+        nh += nh % 2
+    else:
+        nh, nw = longest, int(longest * (w / h))
+        nw += nw % 2
+    return im.resize((max(nw, 1), max(nh, 1)), resample)
+
+
+def resize(im, size: int, rule: Optional[dict] = None) -> list:
+    """A PIL RGB image resized by `rule` (default: CLIP's): the size x size images the vision encoder takes
+    (one, or a tile grid's tiles and the global image)."""
     rule = rule or CLIP_RESIZE
     kind, resample = rule.get("rule"), _filter(rule.get("filter", "bicubic"))
     w, h = im.size
@@ -41,20 +59,23 @@ def resize(im, size: int, rule: Optional[dict] = None):
         im = im.resize((size, new_long) if w <= h else (new_long, size), resample)
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
-        return im.crop((left, top, left + size, top + size))
+        return [im.crop((left, top, left + size, top + size))]
     if kind == "square":
-        return im.resize((size, size), resample)
+        return [im.resize((size, size), resample)]
     if kind == "longest_edge_then_square":
-        longest = int(rule["longest_edge"])
-        if w >= h:
-            nw, nh = longest, int(longest / (w / h))
-            nh += nh % 2
-        else:
-            nh, nw = longest, int(longest * (w / h))
-            nw += nw % 2
-        im = im.resize((max(nw, 1), max(nh, 1)), resample)
-        return im.resize((size, size), resample)
+        return [_longest_edge(im, int(rule["longest_edge"]), resample).resize((size, size), resample)]
+    if kind == "longest_edge_tiles":
+        rows, cols = rule["grid"]
+        im = _longest_edge(im, int(rule["longest_edge"]), resample).resize((cols * size, rows * size), resample)
+        tiles = [im.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+        return tiles + [im.resize((size, size), resample)]
     raise VlmcError(f"image resize rule {kind!r} is not one of {', '.join(RULES)}")
+
+
+def _array(images: list) -> np.ndarray:
+    """PIL images -> uint8 [3,H,W] for one image, [k,3,H,W] for k tiles."""
+    arrays = [np.asarray(im, dtype=np.uint8).transpose(2, 0, 1) for im in images]
+    return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.stack(arrays))
 
 
 def to_rgb(im):
@@ -70,21 +91,25 @@ def to_rgb(im):
 
 
 def resize_array(image: np.ndarray, size: int, rule: Optional[dict] = None) -> np.ndarray:
-    """A uint8 [3,H,W] image resized by `rule` to [3, size, size]."""
+    """A uint8 [3,H,W] image resized by `rule`: [3, size, size], or [k, 3, size, size] for k tiles."""
     from PIL import Image
 
-    im = resize(Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))), size, rule)
-    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+    return _array(resize(Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))), size, rule))
+
+
+def tiles(image: np.ndarray) -> list[np.ndarray]:
+    """The images the vision_encoder runs on, one call each: a uint8 [3,H,W] image or [k,3,H,W] tiles."""
+    return [image] if image.ndim == 3 else list(image)
 
 
 def load_image(path: str | Path, size: int, rule: Optional[dict] = None) -> np.ndarray:
-    """An image file as uint8 [3, size, size], resized by the family's `rule` (default: CLIP's)."""
+    """An image file as uint8 [3, size, size] (or [k, 3, size, size] tiles), resized by the family's `rule`
+    (default: CLIP's)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = resize(to_rgb(im), size, rule)
-            return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+            return _array(resize(to_rgb(im), size, rule))
     except FileNotFoundError:
         raise VlmcError(f"image {path}: no such file") from None
     except Image.DecompressionBombError as e:  # PIL's guard against images that decode to gigabytes

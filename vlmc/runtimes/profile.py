@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -25,7 +26,7 @@ from vlmc.errors import VlmcError
 from vlmc.models_zoo.tokenizer import TextTokenizer
 from vlmc.remote import read_answer
 from vlmc.runtimes import RUNTIME_TARGETS, check_runtime, open_session
-from vlmc.runtimes.generate import generate
+from vlmc.runtimes.generate import encode_image, generate, prompt_embeds
 
 SAMPLE_QUESTION = "what color is the circle?"
 
@@ -70,29 +71,28 @@ def _bench(fn, warmup: int, iterations: int) -> dict:
 def sample_inputs(bundle: Bundle):
     """A seeded image and the sample question through the bundle's own template and tokenizer."""
     p = bundle.manifest["prompt"]
-    size = p["image_size"]
-    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
+    size, tiles = p["image_size"], p.get("image_tiles", 1)
+    image = np.random.default_rng(0).integers(0, 256, (tiles, 3, size, size) if tiles > 1 else (3, size, size), dtype=np.uint8)
     tok = TextTokenizer(bundle.path)
     prompt = tok.prompt(p["template"], SAMPLE_QUESTION, p["num_image_tokens"], p["image_token_id"], p["bos_token_id"])
     return image, prompt
 
 
-def prefill_curve(bundle: Bundle, session, image_embeds, prompt, counts: list[int], warmup: int, iterations: int, progress) -> list[dict]:
-    """Prefill latency with `count` image rows instead of the bundle's (evenly spaced rows of the real image's
-    embeddings, the same question): what a token pass keeping that many would cost in the LLM. Edge kernels
-    are step-shaped in the row count, so fewer rows can be no faster."""
-    n = image_embeds.shape[1]
+def prefill_curve(bundle: Bundle, session, image_embeds: list, prompt, counts: list[int], warmup: int, iterations: int,
+                  progress) -> list[dict]:
+    """Prefill latency with `count` image rows per image run instead of the bundle's (evenly spaced rows of
+    the real image's embeddings, the same question): what a token pass keeping that many would cost in the
+    LLM. Edge kernels are step-shaped in the row count, so fewer rows can be no faster."""
+    n = image_embeds[0].shape[1]
     if bundle.manifest["decoder"].get("cache_shifts"):
         raise VlmcError("a prefill curve needs a bundle without in-LLM token stages (their prefill has fixed rows)")
     bad = [k for k in counts if not 1 <= k <= n]
     if bad:
         raise VlmcError(f"prefill curve: image token counts must be 1..{n} (the bundle's), got {bad[0]}")
-    before = [session.embed(prompt.before)] if prompt.before else []
-    after = [session.embed(prompt.after)] if prompt.after else []
     rows = []
     for k in sorted(set(counts)):
-        picked = image_embeds[:, np.linspace(0, n - 1, k).round().astype(int)]
-        embeds = np.concatenate(before + [picked] + after, axis=1)
+        picked = [e[:, np.linspace(0, n - 1, k).round().astype(int)] for e in image_embeds]
+        embeds = prompt_embeds(session, replace(prompt, num_image_tokens=k), picked)
         progress(f"prefill with {k} image rows x{iterations}")
         stats = _bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations)
         rows.append({"image_tokens": k, "tokens": embeds.shape[1], "p50_ms": stats["p50_ms"], "min_ms": stats["min_ms"]})
@@ -104,14 +104,15 @@ def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iteratio
     """Programs, stages and artifact sizes of an open session: the part of a profile every device shares
     (with `curve`, the prefill latency at those image token counts)."""
     image, prompt = sample_inputs(bundle)
-    image_embeds = session.vision(image)
-    parts = ([session.embed(prompt.before)] if prompt.before else []) + [image_embeds] + ([session.embed(prompt.after)] if prompt.after else [])
-    embeds = np.concatenate(parts, axis=1)
+    image_embeds = encode_image(session, image)
+    embeds = prompt_embeds(session, prompt, image_embeds)
+    text_ids = [t for text in prompt.texts for t in text]
     programs = {}
     progress(f"{runtime}: vision_encoder x{iterations}")
-    programs["vision_encoder"] = _bench(lambda: session.vision(image), warmup, iterations)
+    # one image's encode: every tile of a tiled bundle (`calls` runs of the program)
+    programs["vision_encoder"] = {**_bench(lambda: encode_image(session, image), warmup, iterations), "calls": prompt.runs}
     progress(f"{runtime}: token_embedding x{iterations}")
-    programs["token_embedding"] = _bench(lambda: [session.embed(ids) for ids in (prompt.before, prompt.after) if ids], warmup, iterations)
+    programs["token_embedding"] = _bench(lambda: session.embed(text_ids), warmup, iterations)
     progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
     programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations), "tokens": len(prompt)}
     token = int(np.argmax(session.prefill(embeds, len(prompt.before))))

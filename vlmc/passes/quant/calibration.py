@@ -21,11 +21,11 @@ DECODE_STEPS = 2  # greedy steps after each prefill: decode-time activations get
 
 @dataclass
 class Calibration:
-    images: list[np.ndarray] = field(default_factory=list)  # uint8 [3,H,W]
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 [3,H,W]: what the vision_encoder takes (each tile)
     decoder_calls: list[list[tuple[np.ndarray, int]]] = field(default_factory=list)  # per question: (embeds [1,T,D], start)
     static_decoder_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_decoder inputs, in call order
     static_prefill_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_prefill's (in-LLM token stages)
-    visual_rows: list[tuple[int, int]] = field(default_factory=list)  # per question: the image tokens' rows [a, b)
+    visual_rows: list[tuple[tuple[int, int], ...]] = field(default_factory=list)  # per question: each image run's rows [a, b)
     source: dict = field(default_factory=dict)
 
 
@@ -53,7 +53,8 @@ def _questions(options, image_size: int, resize=None):
 
 
 def calibration_images(options, image_size: int, resize=None) -> list[np.ndarray]:
-    """The calibration questions' images (uint8 [3,H,W]), for token passes that fix their choice from data."""
+    """The calibration questions' images (uint8 [3,H,W], or [k,3,H,W] tiles), for token passes that fix
+    their choice from data."""
     check_source(options)
     return [q.image for q in _questions(options, image_size, resize)]
 
@@ -95,6 +96,8 @@ class CalibrationSource:
 def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
     """Run the eager model over the calibration questions and record every program's inputs."""
     from vlmc.runtimes.eager_runner import EagerSession
+    from vlmc.runtimes.generate import encode_image, prompt_embeds
+    from vlmc.runtimes.image import tiles
 
     class RecordingSession(EagerSession):
         """Keeps the text_decoder (and text_prefill) inputs the static-cache generation loop produces."""
@@ -120,8 +123,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
         p = tokenizer.prompt(recipe.prompt_template, q.question, image_tokens, c.image_token_id, c.text.bos_token_id)
         if len(p) > recipe.max_prompt:
             raise VlmcError(f"calibration {q.where}: the prompt is {len(p)} tokens, over max_prompt {recipe.max_prompt}")
-        parts = ([session.embed(p.before)] if p.before else []) + [session.vision(q.image)] + ([session.embed(p.after)] if p.after else [])
-        embeds = np.concatenate(parts, axis=1)
+        embeds = prompt_embeds(session, p, encode_image(session, q.image))
         calls = [(embeds, 0)]
         logits = session.prefill(embeds, image_start=len(p.before))
         pos = embeds.shape[1]
@@ -130,10 +132,14 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
             calls.append((step, pos))
             logits = session.step(step, pos)
             pos += 1
-        cal.images.append(q.image)
+        cal.images += tiles(q.image)
         cal.decoder_calls.append(calls)
-        a = len(p.before)
-        cal.visual_rows.append((a, a + image_tokens))
+        runs, a = [], 0
+        for text in p.texts[:-1]:
+            a += len(text)
+            runs.append((a, a + image_tokens))
+            a += image_tokens
+        cal.visual_rows.append(tuple(runs))
     cal.static_decoder_inputs = session.recorded["text_decoder"]
     cal.static_prefill_inputs = session.recorded["text_prefill"]
     return cal
@@ -193,10 +199,11 @@ def layer_inputs(model, layers: list[tuple[str, "torch.nn.Linear"]], calibration
         with torch.no_grad():
             for image in calibration.images:
                 model.encode_image(model.normalize(torch.from_numpy(image)[None].float()))
-            for calls, (a, b) in zip(calibration.decoder_calls, calibration.visual_rows):
+            for calls, runs in zip(calibration.decoder_calls, calibration.visual_rows):
                 embeds = torch.from_numpy(np.concatenate([e for e, _ in calls], axis=1))
                 current["visual"] = torch.zeros(embeds.shape[1], dtype=torch.bool)
-                current["visual"][a:b] = True
+                for a, b in runs:
+                    current["visual"][a:b] = True
                 model.decode(embeds, torch.arange(embeds.shape[1])[None], None)
     finally:
         for h in handles:

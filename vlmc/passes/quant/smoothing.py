@@ -144,9 +144,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(path), attr
 
 
-def image_rows(visual_rows: list[tuple[int, int]]) -> tuple[int, int]:
+def image_rows(visual_rows: list[tuple[tuple[int, int], ...]]) -> tuple[int, int]:
     """The image's rows, the same for every calibration prompt (MASQuant tells modalities by position)."""
-    distinct = set(visual_rows)
+    distinct = {runs[0] for runs in visual_rows}  # one run: a tiled image is refused before export (build.py)
     if len(distinct) != 1:
         raise VlmcError("pass w8a8: method masquant needs the image at a fixed position in the prompt, but the "
                         f"template puts text of varying length before it (image rows {sorted(distinct)[:3]} ...)")
