@@ -70,3 +70,11 @@ def test_max_prompt_too_short_for_the_template_is_refused_before_export(tiny_ckp
     with pytest.raises(VlmcError, match="'max_prompt': 20 cannot hold"):
         api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_prompt": 20}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_same_recipe_gives_byte_identical_artifacts_on_every_target(tiny_bundle, tmp_path):
+    """ONNX, the .pte and the Core ML packages (item ids, metadata) are the same bytes when exported again."""
+    again = api.compile(tiny_bundle.manifest["recipe"], tmp_path / "again")
+    digests = lambda b: {name: f["sha256"] for name, f in b.manifest["files"].items()}  # noqa: E731
+    assert {n.rsplit(".", 1)[-1] for n in digests(again)} >= {"onnx", "pte", "mlpackage"}
+    assert digests(again) == digests(tiny_bundle)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.export import export
@@ -102,6 +105,29 @@ def _samples(ctx: ExportContext, job) -> list[dict] | None:
             for inputs in recorded]
 
 
+CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"
+
+
+def make_reproducible(package: Path) -> None:
+    """Same recipe, same bytes: coremltools writes random item ids into the package's Manifest.json, the
+    day of the conversion into the model's metadata and the metadata map in no fixed order. The ids become
+    name-based UUIDs of each item's path, the date goes (the bundle's manifest says when it was made), and
+    the spec is serialized deterministically."""
+    from coremltools.proto import Model_pb2
+
+    manifest = json.loads((package / "Manifest.json").read_text())
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, entry["path"])) for old, entry in manifest["itemInfoEntries"].items()}
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    spec_path = package / "Data" / root["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    spec.description.metadata.userDefined.pop(CONVERSION_DATE, None)
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest["itemInfoEntries"] = {ids[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+    (package / "Manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True))
+
+
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
@@ -124,6 +150,7 @@ def lower(ctx: ExportContext) -> dict:
             quantized = {**scheme.describe("coreml"), **record}
         path = ctx.out_dir / f"{name}.mlpackage"
         ml.save(str(path))
+        make_reproducible(path)
         spec = ml.get_spec()
         programs[name] = {"file": path.name, **read_io(spec), "ops": op_counts(spec)}
         if quantized:

@@ -119,7 +119,9 @@ def lower(ctx: ExportContext) -> dict:
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     except Exception as e:  # exir raises many error types; the first line names the failing op or pass
         raise VlmcError(f"ExecuTorch lowering failed: {first_line(e)}") from None
-    (ctx.out_dir / PTE).write_bytes(program.buffer)
+    with open(ctx.out_dir / PTE, "wb") as f:  # streamed: `program.buffer` would join a second copy in memory
+        program.write_to_file(f)
+    del program
     delegated = {name: sum(1 for n in edge.exported_program(name).graph.nodes
                            if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
                  for name in exported}

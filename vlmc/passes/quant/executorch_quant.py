@@ -14,6 +14,18 @@ import torch
 from torch import nn
 
 
+XNNPACK_W4_GROUP = 32  # XNNPACK's 4-bit group-wise kernels take groups of a multiple of 32
+
+
+def check(scheme, backend: str) -> None:
+    """What ExecuTorch's XNNPACK delegation refuses, before any export work."""
+    from vlmc.errors import VlmcError
+
+    if backend == "xnnpack" and scheme.name == "w4" and scheme.config.group_size % XNNPACK_W4_GROUP:
+        raise VlmcError(f"pass w4: parameter 'group_size': XNNPACK (target executorch) takes 4-bit groups of a multiple "
+                        f"of {XNNPACK_W4_GROUP}, got {scheme.config.group_size}")
+
+
 def quantize_w4(model, part: str, group_size: int) -> nn.Module:
     """A copy of `model` whose `part` linears hold torchao 4-bit group-wise weights."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
