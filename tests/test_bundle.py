@@ -78,3 +78,18 @@ def test_the_same_recipe_gives_byte_identical_artifacts_on_every_target(tiny_bun
     digests = lambda b: {name: f["sha256"] for name, f in b.manifest["files"].items()}  # noqa: E731
     assert {n.rsplit(".", 1)[-1] for n in digests(again)} >= {"onnx", "pte", "mlpackage"}
     assert digests(again) == digests(tiny_bundle)
+
+
+def test_each_executorch_method_has_its_own_size(tiny_bundle):
+    """`vlmc inspect` reports what each method of the one .pte owns (delegate payloads, the named weights
+    they reference, constants), not the whole file per row."""
+    from vlmc.runtimes.executorch_runner import method_bytes
+
+    sizes = method_bytes(tiny_bundle.path / "model.pte")
+    d = tiny_bundle.manifest["decoder"]
+    table = 4 * d["vocab_size"] * d["hidden_size"]
+    assert table <= sizes["token_embedding"]["bytes"] < table + 4096  # the embedding table, no other weights
+    programs = ("vision_encoder", "token_embedding", "text_decoder")
+    assert all(sizes[p]["bytes"] > 0 for p in programs)
+    assert sum(sizes[p]["bytes"] for p in programs) <= tiny_bundle.manifest["files"]["model.pte"]["bytes"]
+    assert sizes["text_decoder"]["bytes"] > sizes["vision_encoder"]["bytes"] // 10

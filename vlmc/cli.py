@@ -108,15 +108,20 @@ def export(model, image_size, tile_grid, targets, out, recipe_path, max_context,
     _print_summary(bundle.manifest, bundle.path)
 
 
-def _print_summary(m: dict, path) -> None:
+def _print_summary(m: dict, path, method_sizes: Optional[dict] = None) -> None:
+    """The bundle's programs table (`method_sizes`: each ExecuTorch method's own bytes, else the file's)."""
     console = _console()
     files = m["files"]
     rows = []
     for target, entry in m["targets"].items():
         for program, p in entry["programs"].items():
             shapes = lambda io: ", ".join(f"{i['name']}{i['shape']}:{i['dtype']}" for i in io)  # noqa: E731
+            size = _mb(files[p["file"]]["bytes"])
+            own = (method_sizes or {}).get(p.get("method")) if target == "executorch" else None
+            if own is not None:
+                size = _mb(own["bytes"]) + (f" ({_mb(own['shared_bytes'])} shared)" if own["shared_bytes"] > 2**20 else "")
             rows.append([target, program, p.get("method", p["file"]), shapes(p["inputs"][:4]) + (" ..." if len(p["inputs"]) > 4 else ""),
-                         shapes(p["outputs"][:1]) + (" ..." if len(p["outputs"]) > 1 else ""), _mb(files[p["file"]]["bytes"])])
+                         shapes(p["outputs"][:1]) + (" ..." if len(p["outputs"]) > 1 else ""), size])
     console.print(f"[bold]{m['name']}[/bold]  {path}  (vlmc {m['vlmc_version']}, model {m['model']['name']}, "
                   f"max_context {m['decoder']['max_context']}, max_prompt {m['decoder']['max_prompt']})")
     console.print(_table("programs", ["target", "program", "file / method", "inputs", "outputs", "size"], rows))
@@ -178,7 +183,13 @@ def inspect(bundle, as_json):
     manifest = api.inspect(bundle)
     if as_json:
         return _json_out(manifest)
-    _print_summary(manifest, bundle)
+    sizes = None
+    if "executorch" in manifest["targets"]:  # one .pte holds every method: read what each one owns
+        from vlmc.runtimes.executorch_runner import method_bytes
+
+        pte = next(iter(manifest["targets"]["executorch"]["programs"].values()))["file"]
+        sizes = method_bytes(Path(bundle) / pte)
+    _print_summary(manifest, bundle, sizes)
     for target, entry in manifest["targets"].items():
         notes = {k: v for k, v in entry.items() if k not in ("programs",) and not isinstance(v, dict)}
         _console().print(f"[bold]{target}[/bold]: " + "; ".join(f"{k}: {v}" for k, v in notes.items()))

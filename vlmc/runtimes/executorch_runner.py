@@ -68,3 +68,32 @@ class ExecuTorchSession(Session):
                     totals[key][1] += float(sum(times))
         return [{"program": p, "op": op, "calls": n, "total_ms": round(ms, 4), "mean_ms": round(ms / n, 5)}
                 for (p, op), (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+
+
+def method_bytes(pte: Path) -> dict[str, dict[str, int]]:
+    """Each method's own bytes in a .pte: {method: {"bytes", "shared_bytes"}}. A method owns its delegate
+    payloads, the named weights those payloads reference (XNNPACK keeps weights in the program's named
+    data, keyed by a hash the payload names) and its constant tensors; `shared_bytes` is the part of it
+    another method references too (text_prefill and text_decoder share the decoder's weights)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte_file = deserialize_pte_binary(Path(pte).read_bytes())
+    program, named = pte_file.program, pte_file.named_data
+    named_sizes = {key: len(named.buffers[entry.buffer_index]) for key, entry in (named.pte_data if named else {}).items()}
+    uses: dict[str, set] = {}
+    for plan in program.execution_plan:
+        owned = set()
+        for delegate in plan.delegates:
+            blob = program.backend_delegate_data[delegate.processed.index].data
+            owned.add(("delegate", delegate.processed.index, len(blob)))
+            owned |= {("named", key, size) for key, size in named_sizes.items() if key.encode() in blob}
+        for value in plan.values:
+            index = getattr(value.val, "data_buffer_idx", 0)
+            if index:  # 0 is the empty buffer: a tensor without constant data
+                owned.add(("constant", index, len(program.constant_buffer[index].storage)))
+        uses[plan.name] = owned
+    out = {}
+    for name, owned in uses.items():
+        others = set().union(*(o for n, o in uses.items() if n != name))
+        out[name] = {"bytes": sum(item[2] for item in owned), "shared_bytes": sum(item[2] for item in owned & others)}
+    return out
