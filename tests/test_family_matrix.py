@@ -30,6 +30,7 @@ IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet"}
 def specs(tokens: int) -> list[dict]:
     keep = tokens // 3
     return [{"name": "random", "keep": keep}, {"name": "pooling", "keep": 4}, {"name": "divprune", "keep": keep},
+            {"name": "core", "keep": keep},
             {"name": "tfps", "keep": keep}, {"name": "score", "keep": keep}, {"name": "coin", "keep": keep},
             {"name": "docprune", "keep": keep}, {"name": "apet", "keep": keep}, {"name": "vlmpruner", "keep": keep},
             {"name": "zooprune", "keep": keep, "at": "vision.out"}, {"name": "tome", "r": 2},

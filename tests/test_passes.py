@@ -21,6 +21,7 @@ METHODS = {
     "vlmpruner": {"name": "vlmpruner", "keep": 6},
     "visionzip": {"name": "visionzip", "dominant": 4, "contextual": 3},
     "tome": {"name": "tome", "at": "vision.block[0]", "r": 3},
+    "core": {"name": "core", "keep": 6},
 }
 TEMPLATE = SPACED_TEMPLATE
 
@@ -28,7 +29,7 @@ TEMPLATE = SPACED_TEMPLATE
 # conformance of these runs only under -m slow, keeping the default run short; the default run keeps one
 # pruner (divprune) on every target; mergers (pooling, tome) and the rest run their three-target export
 # under -m slow (tome's merging is checked by default on ONNX in test_tome_merges_r_per_block_...)
-SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner", "random", "tfps", "visionzip", "pooling", "tome"}
+SLOW = {"score", "coin", "docprune", "apet", "zooprune", "vlmpruner", "random", "tfps", "visionzip", "pooling", "tome", "core"}
 
 
 @pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(METHODS)])
@@ -140,3 +141,14 @@ def test_every_pass_names_its_source_and_departures():
     rows = registry.describe()
     assert {r["name"] for r in rows} >= set(METHODS)
     assert all(r["source"] and r["departures"] and r["acts_at"] for r in rows)
+
+
+def test_core_exports_verifies_and_runs_alike_on_onnx(tiny_ckpt, tmp_path, sample_image):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "passes": [{"name": "core", "keep": 6}]}, tmp_path / "c")
+    assert b.manifest["prompt"]["num_image_tokens"] == 6 and all(r["passed"] for r in b.manifest["verification"]["results"])
+    run = lambda rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=4)["tokens"]  # noqa: E731
+    assert run("eager") == run("onnxruntime")
+    with pytest.raises(VlmcError, match="full 4x4 token grid"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE,
+                     "passes": [{"name": "divprune", "keep": 9}, {"name": "core", "keep": 4}]}, tmp_path / "x")

@@ -216,3 +216,46 @@ def test_greedy_selections_cost_few_graph_nodes_a_step():
     for name, nodes in per_step.items():
         step = (nodes(12) - nodes(2)) / 10
         assert step <= (15 if name == "apet" else 3), (name, step)
+
+
+# ----- CORE: object-centric merging with a training-free grouping
+
+def _objects(grid: int, labels: torch.Tensor, dim: int = 16, noise: float = 0.01, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.randn(int(labels.max()) + 1, dim, generator=g)
+    x = colours[labels.flatten()][None] + noise * torch.randn(1, grid * grid, dim, generator=g)
+    return x
+
+
+def test_core_merges_each_object_into_the_mean_of_its_tokens_in_centroid_order():
+    g = 8
+    labels = torch.zeros(g, g, dtype=torch.long)
+    labels[:4, 4:], labels[4:, :4], labels[4:, 4:] = 1, 2, 3  # quadrants: TL, TR, BL, BR
+    x = _objects(g, labels)
+    merged, cells = T.object_merge(x, x, g, T.spread_seeds(g, 4), 0.5, 4)
+    flat = labels.flatten()
+    for i in range(4):  # raster order of the centroids is the quadrants' order
+        assert torch.allclose(merged[0, i], x[0, flat == i].mean(0), atol=1e-5)
+    assert cells.tolist() == [[2 * g + 2, 2 * g + 6, 6 * g + 2, 6 * g + 6]]  # centroids (1.5, 5.5) rounded half to even
+
+
+def test_core_groups_an_irregular_object_apart_from_its_background():
+    """A disc on a background: with no spatial term the two groups are exactly the disc and the rest."""
+    g = 10
+    ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    disc = (((ys - 4.5) ** 2 + (xs - 4.5) ** 2) <= 9).long()
+    x = _objects(g, disc, noise=0.05)
+    assign = T.group_assignment(x, g, T.spread_seeds(g, 2), 0.0, 3)[0]
+    groups = assign.argmax(-1)
+    assert len(set(groups[disc.flatten() == 1].tolist())) == 1 and len(set(groups[disc.flatten() == 0].tolist())) == 1
+    assert groups[disc.flatten() == 1][0] != groups[disc.flatten() == 0][0]
+
+
+def test_core_assigns_every_token_to_exactly_one_non_empty_group():
+    g, k = 12, 9
+    x = torch.randn(2, g * g, 24, generator=torch.Generator().manual_seed(3))
+    assign = T.group_assignment(x, g, T.spread_seeds(g, k), 0.5, 4)
+    assert assign.shape == (2, g * g, k)
+    assert torch.equal(assign.sum(-1), torch.ones(2, g * g)) and (assign.sum(1) >= 1).all()
+    seeds = T.spread_seeds(g, k)
+    assert len(set(seeds.tolist())) == k

@@ -257,6 +257,70 @@ def spatial_pool(tokens: torch.Tensor, matrix: torch.Tensor):
     return pooled, centres[None].expand(tokens.shape[0], -1)
 
 
+def spread_seeds(grid: int, k: int) -> torch.Tensor:
+    """k grid cells spread evenly over a grid x grid token grid (farthest-point sampling of the cell
+    positions, from the cell nearest the centre; ties to the lower index): the object groups' first
+    centres, a constant of the export [k]."""
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+    centre = (grid - 1) / 2.0
+    first = int(torch.argmin(((pos - centre) ** 2).sum(-1)))
+    chosen = [first]
+    dist = ((pos - pos[first]) ** 2).sum(-1)
+    while len(chosen) < k:
+        j = int(torch.argmax(dist))  # argmax returns the first maximum
+        chosen.append(j)
+        dist = torch.minimum(dist, ((pos - pos[j]) ** 2).sum(-1))
+    return torch.tensor(chosen)
+
+
+def group_assignment(features: torch.Tensor, grid: int, seeds: torch.Tensor, compactness: float, iterations: int) -> torch.Tensor:
+    """Training-free object groups of a grid x grid token grid: k-means over the tokens with a spatial term
+    (SLIC's superpixels on token features), from the `seeds` cells. A token joins the centre minimising
+    (1 - cosine similarity) + compactness * (grid distance / S)^2, S = grid / sqrt(k) the seeds' spacing;
+    centres move to their members' mean direction and position. Each seed token stays in its own group, so
+    no group is ever empty (static count). Returns the one-hot assignment [B, N, k]."""
+    b, n, _ = features.shape
+    k = seeds.shape[0]
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=features.dtype), torch.arange(grid, dtype=features.dtype), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1)  # [N, 2]
+    spacing2 = grid * grid / k
+    u = unit(features)
+    pinned = one_hot(seeds, n, features.dtype).transpose(0, 1)  # [N, k]: seed cell i stays in group i
+    is_seed = pinned.sum(-1, keepdim=True)  # [N, 1]
+    centre_f = u.index_select(1, seeds)  # [B, k, D]
+    centre_p = pos.index_select(0, seeds)[None].expand(b, -1, -1)  # [B, k, 2]
+    for step in range(iterations + 1):
+        spatial = ((pos[None, :, None, :] - centre_p[:, None, :, :]) ** 2).sum(-1)  # [B, N, k]
+        cost = (1.0 - u @ centre_f.transpose(1, 2)) + compactness * spatial / spacing2
+        assign = one_hot(torch.argmin(cost + tie_offsets(cost), dim=-1), k, features.dtype)  # ties: the lower group
+        assign = is_seed * pinned + (1.0 - is_seed) * assign
+        if step == iterations:
+            return assign
+        members = assign.transpose(1, 2)  # [B, k, N]
+        count = members.sum(-1, keepdim=True)  # >= 1: the seed
+        centre_f = unit(members @ u)
+        centre_p = (members @ pos) / count
+    raise AssertionError("unreachable")
+
+
+def object_merge(tokens: torch.Tensor, features: torch.Tensor, grid: int, seeds: torch.Tensor, compactness: float,
+                 iterations: int):
+    """CORE with a training-free grouping: each object group (`group_assignment` of `features`) becomes the
+    mean of its tokens, the groups in raster order of their centroids (row, then column). Returns the
+    merged tokens [B, k, D] and each group's centroid cell (rounded) [B, k]."""
+    assign = group_assignment(features, grid, seeds, compactness, iterations)
+    members = assign.transpose(1, 2)  # [B, k, N]
+    count = members.sum(-1, keepdim=True)
+    merged = (members @ tokens) / count
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=tokens.dtype), torch.arange(grid, dtype=tokens.dtype), indexing="ij")
+    centroid = (members @ torch.stack([ys.flatten(), xs.flatten()], dim=-1)) / count  # [B, k, 2]
+    key = centroid[..., 0] * grid + centroid[..., 1]  # raster position of the centroid
+    order = torch.topk(tie_break(-key), key.shape[-1], dim=-1).indices  # ascending key, ties by group
+    cells = torch.round(centroid[..., 0]) * grid + torch.round(centroid[..., 1])
+    return gather_tokens(merged, order), torch.gather(cells, 1, order).long()
+
+
 def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protect_first: bool = True):
     """ToMe: merge r tokens of set A (even positions) into their most similar token of set B (odd).
 

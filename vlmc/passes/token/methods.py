@@ -445,6 +445,43 @@ class VisionZip(TokenPass):
 
 # ---------------------------------------------------------------- merging inside the vision tower
 
+class CoreConfig(KeepConfig):
+    compactness: float = Field(0.5, ge=0.0, le=100.0, description="weight of the grid distance against feature "
+                               "dissimilarity in the grouping (larger: rounder, more local groups)")
+    iterations: int = Field(4, ge=1, le=20, description="k-means refinements of the groups (unrolled in the graph)")
+
+
+class ObjectMergeStage(nn.Module):
+    def __init__(self, grid: int, seeds: torch.Tensor, compactness: float, iterations: int):
+        super().__init__()
+        self.grid, self.compactness, self.iterations = grid, compactness, iterations
+        self.register_buffer("seeds", seeds)
+
+    def forward(self, x):
+        return T.object_merge(x, x, self.grid, self.seeds, self.compactness, self.iterations)[0]
+
+
+@register
+class Core(KeepPass):
+    """CORE: the visual tokens merged by object, one token per object (the mean of its tokens), in the
+    raster order of the objects' centroids."""
+
+    name = "core"
+    source = "CORE: Compact Object-centric REpresentations as a New Paradigm for Token Merging in LVLMs (CVPR 2026)"
+    departures = ("training-free grouping instead of the paper's segmentation head: SLIC-style k-means over the "
+                  "token features (cosine) with a spatial term, seeded on `keep` evenly spread grid cells, a fixed "
+                  "number of refinements unrolled in the graph; groups are local but not forced connected; each seed "
+                  "cell stays in its group, so exactly `keep` non-empty groups (static count); plain means, not the "
+                  "paper's mask-weighted ones")
+    Config = CoreConfig
+    needs_grid = True
+
+    def stage(self, model, point_module, tokens_in):
+        grid = math.isqrt(tokens_in)
+        c = self.config
+        return ObjectMergeStage(grid, T.spread_seeds(grid, c.keep), c.compactness, c.iterations)
+
+
 class ToMeConfig(PassConfig):
     at: str = "vision.block[0]"
     r: int = Field(..., ge=1, description="tokens merged away in each block, from `at` to the feature layer")
