@@ -119,3 +119,21 @@ def make_hf_idefics3(directory: Path, seed: int = 0, model_type: str = "smolvlm"
     images.save_pretrained(directory)
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=seq)
     return model, processor
+
+
+def parity_errors(hf, ours, ids, pixels, **hf_inputs) -> tuple[float, float, float]:
+    """Max |vlmc - transformers| of a prompt's logits three ways: the whole prompt without a cache, the
+    prefill through the growing cache, and one cached decode step. `pixels` are vlmc's, `hf_inputs` what
+    the transformers model takes for the image (pixel_values, masks)."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(input_ids=ids, use_cache=True, **hf_inputs)
+        whole = (ours(ids, pixels) - out.logits).abs().max().item()
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        embeds = ours.merge_embeddings(ids, ours.encode_image(pixels))
+        n = embeds.shape[1]
+        logits, past = ours.decode(embeds, torch.arange(n)[None], None)
+        step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
+    return whole, (logits - out.logits).abs().max().item(), (step[:, -1] - hf_step).abs().max().item()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import parity_errors
 from tests.helpers_internvl import make_hf_internvl
 from vlmc import api
 from vlmc.errors import VlmcError
@@ -42,18 +43,8 @@ def _prompt_ids(d, question=QUESTION):
 
 def _parity(hf, loaded, prompt):
     ours = loaded.model
-    ids = torch.tensor([prompt.ids])
     pixels = torch.randn(1, 3, ours.image_size, ours.image_size)
-    with torch.no_grad():
-        out = hf(input_ids=ids, pixel_values=pixels, use_cache=True)
-        whole = (ours(ids, pixels) - out.logits).abs().max().item()
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
-        embeds = ours.merge_embeddings(ids, ours.encode_image(pixels))
-        n = embeds.shape[1]
-        logits, past = ours.decode(embeds, torch.arange(n)[None], None)
-        step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
-    return whole, (logits - out.logits).abs().max().item(), (step[:, -1] - hf_step).abs().max().item()
+    return parity_errors(hf, ours, torch.tensor([prompt.ids]), pixels, pixel_values=pixels)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
