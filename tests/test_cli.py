@@ -46,6 +46,8 @@ def test_profile_json(tiny_bundle):
     (["export", "-o", "{tmp}/o", "--max-context", "4"], "recipe field 'max_context'"),
     (["export", "-o", "{tmp}/o", "--tile-grid", "2by2"], "--tile-grid '2by2': expected ROWSxCOLS"),
     (["export", "-o", "{tmp}/o", "--tile-grid", "2x2"], "llava family does not split images into tiles"),
+    (["export", "-o", "{tmp}/o", "--coreml-precision", "int3"], "Invalid value for '--coreml-precision': 'int3' is not one of"),
+    (["export", "-o", "{tmp}/o", "--bogus"], "No such option '--bogus'"),
     (["export", "-o", "{tmp}/o", "--recipe", "{tmp}/bad.yaml"], "recipe field 'bogus': unknown field"),
     (["export", "-o", "{tmp}/o", "--recipe", "{tmp}/range.yaml"], "recipe field 'coreml.precision'"),
     (["export", "-o", "{tmp}/o", "--model", "{tmp}/nocfg"], "no config.json"),
@@ -70,7 +72,8 @@ def test_bad_run_and_profile_input(tiny_bundle, tmp_path, sample_image):
     (tmp_path / "notimage.png").write_text("hello")
     assert_one_line_error(vlmc("run", tiny_bundle.path, "--image", tmp_path / "notimage.png", "--prompt", "what"), "cannot read it as an image")
     assert_one_line_error(vlmc("run", tiny_bundle.path, "--image", tmp_path / "none.png", "--prompt", "what"), "no such file")
-    assert_one_line_error(vlmc("run", tiny_bundle.path, "--runtime", "tflite", "--image", sample_image, "--prompt", "what"), "unknown runtime 'tflite'")
+    assert_one_line_error(vlmc("run", tiny_bundle.path, "--runtime", "tflite", "--image", sample_image, "--prompt", "what"),
+                          "Invalid value for '--runtime': 'tflite' is not one of 'eager', 'onnxruntime'")
     assert_one_line_error(vlmc("profile", tmp_path, "--runtime", "onnxruntime"), "no manifest.json")
     assert_one_line_error(vlmc("export", "-o", tiny_bundle.path, "--target", "onnx"), "exists (use --force")
     copy = tmp_path / "tampered"

@@ -260,7 +260,8 @@ def devices_setup(kind, sysroot, force):
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runtime", required=True, help="onnxruntime | executorch | tvm | coreml (macOS only)")
+@click.option("--runtime", required=True, type=click.Choice(["onnxruntime", "executorch", "tvm", "coreml"]),
+              help="the runtime to profile on (coreml: macOS only)")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--iterations", "-n", default=20, show_default=True)
 @click.option("--new-tokens", default=8, show_default=True, help="tokens generated for the decode-stage measurement")
@@ -312,7 +313,8 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, prefill_curve,
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runtime", default="onnxruntime", show_default=True, help="eager | onnxruntime | executorch | tvm | coreml")
+@click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["eager", "onnxruntime", "executorch", "tvm", "coreml"]),
+              help="eager rebuilds the PyTorch model with the bundle's passes; coreml: macOS only")
 @click.option("--image", required=True, type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
@@ -330,7 +332,8 @@ def run(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runtime", default="onnxruntime", show_default=True, help="onnxruntime | executorch | tvm")
+@click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "executorch", "tvm"]),
+              help="the runtime run here and on the device")
 @click.option("--image", required=True, type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True)
 @click.option("--max-new-tokens", default=4, show_default=True)
@@ -357,7 +360,8 @@ def compare(bundle, runtime, image, prompt, max_new_tokens, device, devices_file
 
 @cli.command(name="eval")
 @click.argument("target")
-@click.option("--runtime", default="eager", show_default=True, help="eager | onnxruntime | executorch | tvm | coreml (macOS only)")
+@click.option("--runtime", default="eager", show_default=True, type=click.Choice(["eager", "onnxruntime", "executorch", "tvm", "coreml"]),
+              help="coreml: macOS only")
 @click.option("--dataset", default="shapes-vqa", show_default=True, help="shapes-vqa, or a questions.jsonl path")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--n", "count", default=2000, show_default=True, help="number of questions")
@@ -574,6 +578,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", file=_ERR)
         sys.exit(130)
+    except click.UsageError as e:  # a bad flag or value: one line naming it, like every other bad input
+        click.echo(f"error: {e.format_message()}", file=_ERR)
+        sys.exit(2)
     except click.ClickException as e:
         e.show(file=_ERR)
         sys.exit(e.exit_code)
