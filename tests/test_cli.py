@@ -81,3 +81,17 @@ def test_bad_run_and_profile_input(tiny_bundle, tmp_path, sample_image):
     with open(copy / "model.pte", "ab") as f:
         f.write(b"x")
     assert_one_line_error(vlmc("run", copy, "--runtime", "executorch", "--image", sample_image, "--prompt", "what"), "model.pte does not match its sha256")
+
+
+def test_every_option_has_help_text():
+    import click
+
+    from vlmc.cli import cli
+
+    def missing(cmd, path):
+        found = [f"{path} {p.opts[0]}" for p in cmd.params if isinstance(p, click.Option) and not p.help]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            found += missing(sub, f"{path} {name}")
+        return found
+
+    assert missing(cli, "vlmc") == []

@@ -80,7 +80,7 @@ def models(as_json):
 @click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
 @click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
 @click.option("--max-prompt", type=int, default=None, help="fixed prefill length for ONNX / Core ML")
-@click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default=None)
+@click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default=None, help="Core ML compute precision (default fp16)")
 @click.option("--pass", "pass_specs", multiple=True, help="token or quantization pass, repeatable: NAME:key=value,... e.g. divprune:keep=64, w8a8:at=vision")
 @click.option("--calibration", "calibration", default=None, help="calibration data for quantization: shapes-vqa or a questions.jsonl")
 @click.option("--calibration-n", type=int, default=None, help="calibration questions (default 32)")
@@ -205,7 +205,7 @@ def _device_options(f):
 
 @cli.group(invoke_without_command=True)
 @click.option("--devices", "devices_file", default=None, help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def devices(ctx, devices_file, as_json):
     """The configured devices, each reached and checked: machine, runtimes, or why it cannot be used."""
@@ -262,8 +262,8 @@ def devices_setup(kind, sysroot, force):
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runtime", required=True, type=click.Choice(["onnxruntime", "executorch", "tvm", "coreml"]),
               help="the runtime to profile on (coreml: macOS only)")
-@click.option("--warmup", default=3, show_default=True)
-@click.option("--iterations", "-n", default=20, show_default=True)
+@click.option("--warmup", default=3, show_default=True, help="untimed runs before the timed ones")
+@click.option("--iterations", "-n", default=20, show_default=True, help="timed runs per program")
 @click.option("--new-tokens", default=8, show_default=True, help="tokens generated for the decode-stage measurement")
 @click.option("--ops", is_flag=True, help="add per-op rows (onnxruntime profiler / ExecuTorch ETDump / TVM VM instrument)")
 @click.option("--prefill-curve", default=None, help="prefill latency at these image token counts, and its steps: 8..196/8 or 22,49,98")
@@ -315,9 +315,9 @@ def profile(bundle, runtime, warmup, iterations, new_tokens, ops, prefill_curve,
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["eager", "onnxruntime", "executorch", "tvm", "coreml"]),
               help="eager rebuilds the PyTorch model with the bundle's passes; coreml: macOS only")
-@click.option("--image", required=True, type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True)
-@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="image file (PNG, JPEG, ...)")
+@click.option("--prompt", "-p", required=True, help="the question, put into the bundle's prompt template")
+@click.option("--max-new-tokens", default=16, show_default=True, help="greedy tokens generated at most (EOS stops earlier)")
 @_device_options
 @click.option("--json", "as_json", is_flag=True, help="tokens and stage timings as JSON")
 def run(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as_json):
@@ -334,12 +334,12 @@ def run(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runtime", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "executorch", "tvm"]),
               help="the runtime run here and on the device")
-@click.option("--image", required=True, type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True)
-@click.option("--max-new-tokens", default=4, show_default=True)
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="image file (PNG, JPEG, ...)")
+@click.option("--prompt", "-p", required=True, help="the question, put into the bundle's prompt template")
+@click.option("--max-new-tokens", default=4, show_default=True, help="greedy tokens generated at most (EOS stops earlier)")
 @click.option("--device", "-d", required=True, help="a name from the devices file or a URL (ssh://, adb://, qemu-aarch64)")
 @click.option("--devices", "devices_file", default=None, help="devices file (default $VLMC_DEVICES or ~/.config/vlmc/devices.yaml)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def compare(bundle, runtime, image, prompt, max_new_tokens, device, devices_file, as_json):
     """The device's kernels against this host's: the same question, same runtime, logits and tokens compared."""
     from vlmc import api
@@ -363,7 +363,7 @@ def compare(bundle, runtime, image, prompt, max_new_tokens, device, devices_file
 @click.option("--runtime", default="eager", show_default=True, type=click.Choice(["eager", "onnxruntime", "executorch", "tvm", "coreml"]),
               help="coreml: macOS only")
 @click.option("--dataset", default="shapes-vqa", show_default=True, help="shapes-vqa, or a questions.jsonl path")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]), help="ShapesVQA split")
 @click.option("--n", "count", default=2000, show_default=True, help="number of questions")
 @click.option("--no-reference", is_flag=True, help="accuracy only: skip the uncompressed model (no agreement or KL; about twice as fast)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -465,7 +465,7 @@ class _Bar:
 @click.option("--out", "-o", default=Path("sweep"), show_default=True, type=click.Path(path_type=Path),
               help="results and the per-point cache (a rerun resumes)")
 @click.option("--force", is_flag=True, help="replace results in --out that no grid wrote")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print the results (and the budget's choice) as JSON")
 def sweep(grid_file, model, resolution, tile_grid, tiles, tokens, methods, keep, quant, runtimes, devices, dataset, count, iterations,
           executor, search, trials, retention_floor, budget, out, force, as_json):
     """Resolutions x tiles x token methods x quantization, on each runtime and device: accuracy, retention, TTFT
@@ -515,7 +515,7 @@ def _print_choice(budget: str, chosen: list) -> None:
 
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "-o", default=Path("report.html"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", default=Path("report.html"), show_default=True, type=click.Path(path_type=Path), help="the HTML page (its figures go in <out>_files/)")
 @click.option("--budget", default=None, help="mark the fastest point meeting it: \"ttft<=40%,retention>=97%\"")
 def report(results, out, budget):
     """A sweep's Pareto fronts (accuracy vs TTFT, size, peak memory), headline, table and every point's recipe
@@ -537,9 +537,9 @@ def report(results, out, budget):
 
 @cli.command()
 @click.argument("name", type=click.Choice(["shapes-vqa"]))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--n", "count", default=8, show_default=True)
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]), help="ShapesVQA split")
+@click.option("--n", "count", default=8, show_default=True, help="questions (and their images) to write")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="folder for the images and questions.jsonl")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def dataset(name, split, count, out, as_json):
     """Write sample images and a questions.jsonl of a built-in dataset."""
