@@ -21,6 +21,8 @@ def test_manifest_describes_every_program(tiny_bundle):
     onnx_dec = m["targets"]["onnx"]["programs"]["text_decoder"]
     assert [i["name"] for i in onnx_dec["inputs"][:4]] == ["inputs_embeds", "position_ids", "cache_position", "logits_index"]
     assert onnx_dec["inputs"][4]["shape"] == [1, 2, 64, 16]  # [1, kv_heads, max_context, head_dim]
+    # the prompt length by its name, not the exporter's internal symbol
+    assert [i["shape"][1] for i in onnx_dec["inputs"][:2]] == ["seq_len", "seq_len"] and onnx_dec["inputs"][2]["shape"] == ["seq_len"]
     et = m["targets"]["executorch"]
     assert et["constant_methods"]["get_max_context_len"] == 64 and et["constant_methods"]["get_max_seq_len"] == 40
     assert m["targets"]["coreml"]["programs"]["text_decoder"]["ops"]  # the MIL op list is recorded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +35,35 @@ def read_io(path: Path) -> dict:
         return out
 
     return {"inputs": entries(graph.input), "outputs": entries(graph.output)}
+
+
+def _dims(spec) -> list:
+    """The Dim objects of a dynamic_shapes structure."""
+    if isinstance(spec, dict):
+        return list(spec.values())
+    if isinstance(spec, (list, tuple)):
+        return [d for item in spec for d in _dims(item)]
+    return []
+
+
+def name_dynamic_dims(path: Path, dynamic_shapes) -> None:
+    """torch.onnx names a length that several inputs share after its internal symbol (`s29`); a program
+    with one dynamic length gets its Dim's name (`seq_len`, `prompt_len`) instead, in the file itself."""
+    import onnx
+
+    names = {d.__name__ for d in _dims(dynamic_shapes)}
+    if len(names) != 1:
+        return
+    name = names.pop()
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    changed = False
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param and re.fullmatch(r"s\d+", d.dim_param):
+                d.dim_param, changed = name, True
+    if changed:
+        onnx.save(model, str(path))  # weights in an external .data file stay where they are
 
 
 def _export(module, args, path: Path, dynamic_shapes, input_names, output_names, opset: int) -> None:
@@ -72,6 +102,7 @@ def lower(ctx: ExportContext) -> dict:
         _export(job.module, job.args, path, job.dynamic_shapes, job.input_names, job.output_names, r.onnx.opset)
         scheme = ctx.scheme(name)
         quantized = _quantize(ctx, job, path, scheme) if scheme else None
+        name_dynamic_dims(path, job.dynamic_shapes)
         files = [path.name] + ([path.name + ".data"] if (ctx.out_dir / (path.name + ".data")).exists() else [])
         programs[name] = {"file": path.name, "files": files, **read_io(path)}
         if quantized:
