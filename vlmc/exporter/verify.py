@@ -81,7 +81,7 @@ class Verifier:
         self.quantized_rel_err = ctx.recipe.verify.quantized_rel_err
         self.eager = EagerSession(ctx.model, ctx.decoder_shape)
         p = self.sample.prompt
-        self.text_ids = [t for text in p.texts for t in text]
+        self.text_ids = p.text_ids
         self.image = tiles(self.sample.image)[0]  # the vision_encoder takes one image (tile) per call
         image_embeds = encode_image(self.eager, self.sample.image)
         self.image_embeds = image_embeds[0]

@@ -38,8 +38,22 @@ class PromptIds:
         return [self.before, *self.between, self.after]
 
     @property
+    def text_ids(self) -> list[int]:
+        """Every text piece's ids, in order (what one token_embedding call embeds)."""
+        return [t for text in self.texts for t in text]
+
+    @property
     def image_rows(self) -> int:
         return self.runs * self.num_image_tokens
+
+    def run_rows(self) -> tuple[tuple[int, int], ...]:
+        """Each image run's rows [a, b) in the whole prompt."""
+        runs, a = [], 0
+        for text in self.texts[:-1]:
+            a += len(text)
+            runs.append((a, a + self.num_image_tokens))
+            a += self.num_image_tokens
+        return tuple(runs)
 
     @property
     def ids(self) -> list[int]:

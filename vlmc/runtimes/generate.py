@@ -26,10 +26,9 @@ def prompt_embeds(session: Session, prompt: PromptIds, image_embeds: list[np.nda
     if len(image_embeds) != prompt.runs:
         raise VlmcError(f"the prompt template has {prompt.runs} image runs but the image gives {len(image_embeds)} "
                         "(the bundle's prompt.image_tiles)")
-    texts = prompt.texts
-    text_rows = session.embed([t for text in texts for t in text]) if any(texts) else None
+    text_rows = session.embed(prompt.text_ids) if prompt.text_ids else None
     parts, start = [], 0
-    for i, text in enumerate(texts):
+    for i, text in enumerate(prompt.texts):
         if text:
             parts.append(text_rows[:, start: start + len(text)])
             start += len(text)

@@ -106,13 +106,12 @@ def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iteratio
     image, prompt = sample_inputs(bundle)
     image_embeds = encode_image(session, image)
     embeds = prompt_embeds(session, prompt, image_embeds)
-    text_ids = [t for text in prompt.texts for t in text]
     programs = {}
     progress(f"{runtime}: vision_encoder x{iterations}")
     # one image's encode: every tile of a tiled bundle (`calls` runs of the program)
     programs["vision_encoder"] = {**_bench(lambda: encode_image(session, image), warmup, iterations), "calls": prompt.runs}
     progress(f"{runtime}: token_embedding x{iterations}")
-    programs["token_embedding"] = _bench(lambda: session.embed(text_ids), warmup, iterations)
+    programs["token_embedding"] = _bench(lambda: session.embed(prompt.text_ids), warmup, iterations)
     progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
     programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations), "tokens": len(prompt)}
     token = int(np.argmax(session.prefill(embeds, len(prompt.before))))

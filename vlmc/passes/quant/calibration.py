@@ -134,12 +134,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
             pos += 1
         cal.images += tiles(q.image)
         cal.decoder_calls.append(calls)
-        runs, a = [], 0
-        for text in p.texts[:-1]:
-            a += len(text)
-            runs.append((a, a + image_tokens))
-            a += image_tokens
-        cal.visual_rows.append(tuple(runs))
+        cal.visual_rows.append(p.run_rows())
     cal.static_decoder_inputs = session.recorded["text_decoder"]
     cal.static_prefill_inputs = session.recorded["text_prefill"]
     return cal

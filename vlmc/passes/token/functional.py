@@ -257,12 +257,17 @@ def spatial_pool(tokens: torch.Tensor, matrix: torch.Tensor):
     return pooled, centres[None].expand(tokens.shape[0], -1)
 
 
+def grid_positions(grid: int, dtype=torch.float32) -> torch.Tensor:
+    """(row, column) of each cell of a grid x grid token grid, raster order [N, 2]."""
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=dtype), torch.arange(grid, dtype=dtype), indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+
+
 def spread_seeds(grid: int, k: int) -> torch.Tensor:
     """k grid cells spread evenly over a grid x grid token grid (farthest-point sampling of the cell
     positions, from the cell nearest the centre; ties to the lower index): the object groups' first
     centres, a constant of the export [k]."""
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+    pos = grid_positions(grid, torch.float64)
     centre = (grid - 1) / 2.0
     first = int(torch.argmin(((pos - centre) ** 2).sum(-1)))
     chosen = [first]
@@ -282,8 +287,7 @@ def group_assignment(features: torch.Tensor, grid: int, seeds: torch.Tensor, com
     no group is ever empty (static count). Returns the one-hot assignment [B, N, k]."""
     b, n, _ = features.shape
     k = seeds.shape[0]
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=features.dtype), torch.arange(grid, dtype=features.dtype), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1)  # [N, 2]
+    pos = grid_positions(grid, features.dtype)  # [N, 2]
     spacing2 = grid * grid / k
     u = unit(features)
     pinned = one_hot(seeds, n, features.dtype).transpose(0, 1)  # [N, k]: seed cell i stays in group i
@@ -313,8 +317,7 @@ def object_merge(tokens: torch.Tensor, features: torch.Tensor, grid: int, seeds:
     members = assign.transpose(1, 2)  # [B, k, N]
     count = members.sum(-1, keepdim=True)
     merged = (members @ tokens) / count
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=tokens.dtype), torch.arange(grid, dtype=tokens.dtype), indexing="ij")
-    centroid = (members @ torch.stack([ys.flatten(), xs.flatten()], dim=-1)) / count  # [B, k, 2]
+    centroid = (members @ grid_positions(grid, tokens.dtype)) / count  # [B, k, 2]
     key = centroid[..., 0] * grid + centroid[..., 1]  # raster position of the centroid
     order = torch.topk(tie_break(-key), key.shape[-1], dim=-1).indices  # ascending key, ties by group
     cells = torch.round(centroid[..., 0]) * grid + torch.round(centroid[..., 1])
