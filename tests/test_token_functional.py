@@ -38,6 +38,32 @@ def test_divprune_picks_are_max_min_far_apart():
     assert sorted(i // 5 for i in idx[0].tolist()) == [0, 1, 2, 3]
 
 
+def divprune_reference(features: torch.Tensor, k: int) -> list[int]:
+    """DivPrune as its paper's public code runs it: cosine distances; the first pick is the token whose
+    nearest neighbour is farthest, then each step the token whose nearest kept token is farthest."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    dist = 1.0 - unit @ unit.T
+    picks = [int(torch.argmax(dist.topk(2, dim=0, largest=False).values[1]))]
+    while len(picks) < k:
+        picks.append(int(torch.argmax(dist[picks].min(dim=0).values)))
+    return picks
+
+
+def test_divprune_selects_what_the_papers_code_selects():
+    for seed in range(20):
+        torch.manual_seed(seed)
+        feats = torch.randn(1, 49, 16) + 0.5 * torch.randn(1, 1, 16)  # a shared direction, as in real tokens
+        assert T.farthest_point(feats, 12)[0].tolist() == divprune_reference(feats[0], 12), seed
+
+
+def test_divprune_starts_from_the_most_isolated_token():
+    angles = torch.tensor([0.0, 5.0, 10.0, 15.0, 180.0, 178.0, 90.0]) * torch.pi / 180
+    feats = torch.stack([angles.cos(), angles.sin()], -1)[None]
+    # the pair at 180 degrees lies farthest from the mean, but token 6 (90 degrees) has the farthest nearest
+    # neighbour (75 degrees away): it is picked first
+    assert T.farthest_point(feats, 1)[0].tolist() == [6]
+
+
 def test_pooling_matrix_averages_square_blocks():
     m = T.pooling_matrix(4, 2)
     grid = torch.arange(16.0).reshape(1, 16, 1)
@@ -64,6 +90,34 @@ def test_tome_protects_cls_even_when_it_is_the_best_match():
     x[0, :, 0] = 1.0  # every token identical: CLS would be the first candidate
     merged, size = T.bipartite_soft_matching(x, x + torch.randn(1, 5, 3) * 1e-3, torch.ones(1, 5, 1), r=2)
     assert size[0, 0, 0] == 1 and merged.shape[1] == 3
+
+
+def tome_reference(x: torch.Tensor, size: torch.Tensor, r: int):
+    """ToMe's bipartite soft matching as the paper states it (the CLS row's similarities set to -inf, edges
+    sorted by similarity, the r best A tokens averaged into their B partners by size), for one image:
+    returns the unmerged A tokens by index and the B tokens with their sizes."""
+    unit = x / x.norm(dim=-1, keepdim=True)
+    scores = unit[::2] @ unit[1::2].T
+    scores[0] = -float("inf")
+    best, partner = scores.max(dim=-1)
+    edges = best.argsort(descending=True)
+    merged, kept = edges[:r], edges[r:].sort().values
+    xb, sb = (x[1::2] * size[1::2]).clone(), size[1::2].clone()
+    for a in merged.tolist():
+        xb[partner[a]] += x[2 * a] * size[2 * a]
+        sb[partner[a]] += size[2 * a]
+    return x[::2][kept], xb / sb, sb
+
+
+def test_tome_merges_the_tokens_the_paper_merges():
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x = torch.randn(1, 25, 8) + torch.randn(1, 1, 8)
+        size = torch.randint(1, 4, (1, 25, 1)).float()
+        merged, new_size = T.bipartite_soft_matching(x, x, size, r=8)
+        kept, xb, sb = tome_reference(x[0], size[0], 8)
+        assert torch.allclose(merged[0, :len(kept)], kept), seed
+        assert torch.allclose(merged[0, len(kept):], xb, atol=1e-6) and torch.equal(new_size[0, len(kept):], sb), seed
 
 
 def test_visionzip_keeps_dominant_and_merges_the_rest():

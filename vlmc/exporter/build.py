@@ -119,9 +119,17 @@ def format_failures(rows: list[dict]) -> str:
 
 
 def release_memory() -> None:
-    """Collect the reference cycles of exported and lowered graphs, and hand the freed heap back to the OS
-    (glibc keeps freed small and mid-size blocks in its arenas, which would count against the next
-    target's or the verification's peak)."""
+    """Free what exporting a target leaves behind before the next target or the verification: the fake-tensor
+    dispatch caches (their keys hold the ops' arguments, lowered graphs among them: the process-wide one,
+    and each shape environment's, which ShapeEnv's per-method lru caches keep alive), the graphs'
+    reference cycles, and glibc's freed heap (kept in its arenas, it would count against the next peak)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    FakeTensorMode.cache_clear()
+    for method in vars(ShapeEnv).values():
+        if hasattr(method, "cache_clear"):
+            method.cache_clear()
     gc.collect()
     if platform.system() == "Linux":
         import ctypes

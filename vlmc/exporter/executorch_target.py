@@ -7,6 +7,8 @@ a vlmc bundle unchanged.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.export import Dim, export
 
@@ -49,6 +51,19 @@ def _calibrator(ctx: ExportContext, program: str):
 def _io(name: str, t: torch.Tensor, dynamic: dict | None = None) -> dict:
     shape = [dynamic.get(i, s) if dynamic else s for i, s in enumerate(t.shape)]
     return io_entry(name, shape, str(t.dtype).removeprefix("torch."))
+
+
+def forget_lowered_graphs() -> None:
+    """Drop the references exir and the XNNPACK partitioner keep at module level to the last graphs they
+    saw (an unbounded `is_same_node` cache keyed by graph nodes; each partitioner config's `why` reporter
+    holds its last rejected node). Through the graph they keep every lowered delegate module alive, and
+    with them a serialised copy of the weights: about 1x the model's weights after export."""
+    from executorch.exir.backend.utils import WhyNoPartition, is_same_node
+
+    is_same_node.cache_clear()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("executorch.backends.") and isinstance(getattr(module, "why", None), WhyNoPartition):
+            module.why.node = None
 
 
 def lower(ctx: ExportContext) -> dict:
@@ -140,6 +155,7 @@ def lower(ctx: ExportContext) -> dict:
                                     "inputs": [io_entry("inputs_embeds", [1, "prompt_len", hidden], "float32"),
                                                io_entry("image_start", [1], "int64")],
                                     "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]}
+    forget_lowered_graphs()
     for name, n in delegated.items():
         programs[name]["delegate_calls"] = n
         if name in quantized:

@@ -153,16 +153,14 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
     with `weights` [B, N], the weighted k-center of SCoRe: the largest weight x distance.
 
     Distance is 1 - cosine similarity (or Euclidean); `first` [B] is the starting token (default: the
-    heaviest token, or the one farthest from the mean); weights lie in [0, 1]. The weights and the tie-break
-    offsets are folded into the distance matrix's columns once (min over kept rows commutes with both), so
-    each step is an argmax, a row gather and a minimum. Returns the chosen indices in selection order [B, k].
+    heaviest token with weights, else DivPrune's: the most isolated token, whose nearest neighbour is
+    farthest); weights lie in [0, 1]. The weights and the tie-break offsets are folded into the distance
+    matrix's columns once (min over kept rows commutes with both), so each step is an argmax, a row gather
+    and a minimum. Returns the chosen indices in selection order [B, k].
     """
     b, n, _ = features.shape
     if first is None and weights is not None:
         first = torch.argmax(tie_break(weights), dim=-1)
-    elif first is None:
-        centre = features.mean(dim=1, keepdim=True)
-        first = torch.argmax(tie_break(((features - centre) ** 2).sum(-1)), dim=-1)
     if cosine:  # distance in [0, 2], weights in [0, 1]: the tie-break offsets are a constant [N]
         sim = cosine_similarity_matrix(features)
         offsets = torch.arange(n, dtype=features.dtype) * (3e-6 / n)
@@ -174,6 +172,9 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
             dist = dist * weights[:, None, :]
         span = 2.0 * sq.amax(dim=-1, keepdim=True).sqrt() + 1.0  # bounds every distance: no pass over [N, N]
         dist = dist - (torch.arange(n, dtype=features.dtype) * (span * 1e-6 / n))[:, None, :]
+    if first is None:  # every distance is below 3 (cosine) or span: the diagonal is out of the minimum
+        self_distance = torch.eye(n, dtype=features.dtype) * (3.0 if cosine else span[:, :, None])
+        first = torch.argmax((dist + self_distance).amin(dim=1), dim=-1)
     return greedy_max_min(None, dist, k, first)
 
 
@@ -334,10 +335,11 @@ def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.T
     metric = unit(metric)
     a, b_ = metric[:, ::2], metric[:, 1::2]
     scores = a @ b_.transpose(-1, -2)  # [B, Na, Nb]
-    if protect_first:
-        scores = torch.cat([torch.full_like(scores[:, :1], -1e4), scores[:, 1:]], dim=1)
     node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
-    order = torch.topk(tie_break(node_max), node_max.shape[-1], dim=-1).indices  # best edges first
+    ranked = tie_break(node_max)  # offsets scaled to the cosines alone, so ties only reorder equal edges
+    if protect_first:  # the CLS edge ranks last: below any cosine, finite for fp16
+        ranked = torch.cat([torch.full_like(ranked[:, :1], -4.0), ranked[:, 1:]], dim=1)
+    order = torch.topk(ranked, node_max.shape[-1], dim=-1).indices  # best edges first
     src_idx, unm_idx = order[:, :r], order[:, r:]  # A tokens merged away / kept
     unm_idx = ascending(unm_idx, node_max.shape[-1])
     dst_idx = torch.gather(node_idx, 1, src_idx)  # their B partners

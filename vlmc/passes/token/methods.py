@@ -182,7 +182,7 @@ class DivPrune(SelectPass):
 
     name = "divprune"
     source = "DivPrune (Alvar et al., CVPR 2025)"
-    departures = "starts from the token farthest from the mean (the paper's first pick is arbitrary); k fixed at export"
+    departures = "k fixed at export (the first pick is the paper's code's: the most isolated token)"
 
     def stage(self, model, point_module, tokens_in):
         return FarthestStage(self.config.keep)
@@ -198,7 +198,7 @@ class TokenFPS(SelectPass):
 
     name = "tfps"
     source = "Prune2Drive (T-FPS), CVPR 2026 seed notes"
-    departures = "one view (no per-view budgets); Euclidean FPS on [normalised feature, weighted (x, y)]"
+    departures = "one view (no per-view budgets); Euclidean FPS on [normalised feature, weighted (x, y)], from the most isolated token"
     Config = TFPSConfig
     needs_grid = True
 
