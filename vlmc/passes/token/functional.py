@@ -174,7 +174,8 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
         dist = dist - (torch.arange(n, dtype=features.dtype) * (span * 1e-6 / n))[:, None, :]
     if first is None:  # every distance is below 3 (cosine) or span: the diagonal is out of the minimum
         self_distance = torch.eye(n, dtype=features.dtype) * (3.0 if cosine else span[:, :, None])
-        first = torch.argmax((dist + self_distance).amin(dim=1), dim=-1)
+        nearest = -(-(dist + self_distance)).amax(dim=1)  # min as -max(-x): TVM's importer has no amin
+        first = torch.argmax(nearest, dim=-1)
     return greedy_max_min(None, dist, k, first)
 
 
