@@ -95,3 +95,21 @@ def test_each_executorch_method_has_its_own_size(tiny_bundle):
     assert all(sizes[p]["bytes"] > 0 for p in programs)
     assert sum(sizes[p]["bytes"] for p in programs) <= tiny_bundle.manifest["files"]["model.pte"]["bytes"]
     assert sizes["text_decoder"]["bytes"] > sizes["vision_encoder"]["bytes"] // 10
+
+
+
+def test_release_memory_drops_the_caches_that_held_lowered_graphs(tiny_bundle):
+    """exir's `is_same_node` cache, the XNNPACK partitioner configs' `why` reporters and torch's fake-tensor
+    dispatch cache held lowered delegate modules (and a serialised copy of the weights) after export."""
+    import sys
+
+    from executorch.exir.backend.utils import WhyNoPartition, is_same_node
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlmc.exporter.build import release_memory
+
+    release_memory()
+    reporters = [m.why for name, m in list(sys.modules.items())
+                 if name.startswith("executorch.backends.") and isinstance(getattr(m, "why", None), WhyNoPartition)]
+    assert reporters and all(r.node is None for r in reporters)
+    assert is_same_node.cache_info().currsize == 0 and len(FakeTensorMode.cache) == 0

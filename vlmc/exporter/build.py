@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -121,12 +122,15 @@ def format_failures(rows: list[dict]) -> str:
 def release_memory() -> None:
     """Free what exporting a target leaves behind before the next target or the verification: the fake-tensor
     dispatch caches (their keys hold the ops' arguments, lowered graphs among them: the process-wide one,
-    and each shape environment's, which ShapeEnv's per-method lru caches keep alive), the graphs'
-    reference cycles, and glibc's freed heap (kept in its arenas, it would count against the next peak)."""
+    and each shape environment's, which ShapeEnv's per-method lru caches keep alive), ExecuTorch's
+    module-level references to the last lowered graphs, the graphs' reference cycles, and glibc's freed
+    heap (kept in its arenas, it would count against the next peak)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     FakeTensorMode.cache_clear()
+    if "executorch.exir" in sys.modules:  # only once something was lowered: no import for other targets
+        executorch_target.forget_lowered_graphs()
     for method in vars(ShapeEnv).values():
         if hasattr(method, "cache_clear"):
             method.cache_clear()

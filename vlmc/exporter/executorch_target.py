@@ -155,7 +155,6 @@ def lower(ctx: ExportContext) -> dict:
                                     "inputs": [io_entry("inputs_embeds", [1, "prompt_len", hidden], "float32"),
                                                io_entry("image_start", [1], "int64")],
                                     "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]}
-    forget_lowered_graphs()
     for name, n in delegated.items():
         programs[name]["delegate_calls"] = n
         if name in quantized:
