@@ -97,7 +97,6 @@ def test_each_executorch_method_has_its_own_size(tiny_bundle):
     assert sizes["text_decoder"]["bytes"] > sizes["vision_encoder"]["bytes"] // 10
 
 
-
 def test_release_memory_drops_the_caches_that_held_lowered_graphs(tiny_bundle):
     """exir's `is_same_node` cache, the XNNPACK partitioner configs' `why` reporters and torch's fake-tensor
     dispatch cache held lowered delegate modules (and a serialised copy of the weights) after export."""

@@ -129,11 +129,11 @@ def release_memory() -> None:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     FakeTensorMode.cache_clear()
-    if "executorch.exir" in sys.modules:  # only once something was lowered: no import for other targets
-        executorch_target.forget_lowered_graphs()
     for method in vars(ShapeEnv).values():
         if hasattr(method, "cache_clear"):
             method.cache_clear()
+    if "executorch.exir" in sys.modules:  # only once something was lowered: no import for other targets
+        executorch_target.forget_lowered_graphs()
     gc.collect()
     if platform.system() == "Linux":
         import ctypes
