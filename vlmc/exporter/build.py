@@ -92,7 +92,8 @@ def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
         elif target == "executorch":
             from vlmc.runtimes.executorch_runner import ExecuTorchSession
 
-            rows += verifier.executorch(ExecuTorchSession(ctx.out_dir / executorch_target.PTE, ctx.decoder_shape))
+            rows += verifier.executorch(lambda methods: ExecuTorchSession(ctx.out_dir / executorch_target.PTE, ctx.decoder_shape,
+                                                                          methods=methods))
         elif target == "tvm":
             from vlmc.runtimes.tvm_runner import TvmSession, host_architecture
 

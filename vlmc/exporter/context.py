@@ -27,6 +27,7 @@ class ExportContext:
     _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded model
     _gptq_statistics: object = None
     _smoothed: object = None  # the model with smoothing folded in, shared by every target
+    _split: object = None  # the (smoothed) model with DASQ's dense kernels and sparse outliers, shared by every target
 
     @property
     def model(self):
@@ -34,13 +35,13 @@ class ExportContext:
 
     def target_model(self, target: str):
         """The model a target lowers: the float model with its smoothed parts' weights rewritten (SmoothQuant,
-        MASQuant), and its GPTQ parts rounded on that target's own 4-bit grid (its quantizer then
-        reproduces them exactly)."""
+        MASQuant), its DASQ parts' linears split into dense kernels and sparse outliers, and its GPTQ parts
+        rounded on that target's own 4-bit grid (its quantizer then reproduces them exactly)."""
         from vlmc.passes.quant import gptq, linear_layers
         from vlmc.passes.quant.calibration import layer_inputs
 
         schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method.startswith("gptq")}
-        base = self._smoothed_model()
+        base = self._rewritten_model()
         if not schemes:
             return base
         if target not in self._target_models:
@@ -50,6 +51,18 @@ class ExportContext:
             self.progress(f"{target}: GPTQ of {', '.join(schemes)} on the {gptq.GRIDS[target].name} grid")
             self._target_models[target] = gptq.apply(base, schemes, self._gptq_statistics, gptq.GRIDS[target])
         return self._target_models[target]
+
+    def _rewritten_model(self):
+        """The float model with the target-independent weight rewrites: smoothing, then DASQ's split."""
+        from vlmc.passes.quant import dasq
+
+        schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method == "dasq"}
+        if not schemes:
+            return self._smoothed_model()
+        if self._split is None:
+            self.progress(f"DASQ: dense kernels and sparse outliers of {', '.join(schemes)}")
+            self._split = dasq.apply(self._smoothed_model(), schemes)
+        return self._split
 
     def _smoothed_model(self):
         from vlmc.passes.quant import smoothing

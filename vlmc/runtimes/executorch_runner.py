@@ -20,7 +20,9 @@ METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 class ExecuTorchSession(Session):
     runtime = "executorch"
 
-    def __init__(self, pte: Path, shape: DecoderShape, profile_ops: bool = False):
+    def __init__(self, pte: Path, shape: DecoderShape, profile_ops: bool = False, methods: tuple[str, ...] | None = None):
+        """`methods`: the methods to load (default: all the bundle's). XNNPACK packs a method's weights when
+        it is loaded, and the program keeps every loaded method until it is freed itself."""
         super().__init__(shape)
         import torch
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
@@ -29,7 +31,8 @@ class ExecuTorchSession(Session):
         self._torch = torch
         try:
             self.program = Runtime.get().load_program(str(pte), enable_etdump=profile_ops, debug_buffer_size=0)
-            methods = METHODS + (("text_prefill",) if shape.full_prompt_prefill else ())
+            if methods is None:
+                methods = METHODS + (("text_prefill",) if shape.full_prompt_prefill else ())
             self.methods = {m: self.program.load_method(m) for m in methods}
         except Exception as e:  # the pybindings raise RuntimeError with the runtime's error code
             raise VlmcError(f"ExecuTorch cannot load {pte}: {first_line(e)}") from None

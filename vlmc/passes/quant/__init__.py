@@ -3,8 +3,9 @@
 A quantization pass is data about a part; each target applies it with its own ecosystem's stack
 (ExecuTorch: PT2E + XNNPACKQuantizer, torchao; ONNX: onnxruntime.quantization; Core ML:
 coremltools.optimize), calibrated on real questions (`calibration` in the recipe). Methods that change
-weights before export (SmoothQuant / MASQuant in `smoothing`, GPTQ in `gptq`) run when a target asks
-for its model (`ExportContext.target_model`): smoothing once, GPTQ once per target, on its own grid.
+weights before export (SmoothQuant / MASQuant in `smoothing`, DASQ in `dasq`, GPTQ in `gptq`) run when a
+target asks for its model (`ExportContext.target_model`): smoothing and DASQ once, GPTQ once per target,
+on its own grid.
 """
 from __future__ import annotations
 
@@ -18,16 +19,26 @@ from vlmc.errors import VlmcError
 from vlmc.passes.registry import Pass, PassConfig, register
 
 PARTS = ("vision", "decoder")
+DASQ_SOURCE = "DASQ (hidden symmetry in vision weights: dense symmetric kernel plus sparse outliers, CVPR 2026)"
+DASQ_DEPARTURES = ("dasq: a fixed number of outliers per row (the paper thresholds) so shapes stay static; the "
+                   "outliers' int8 values are stored dequantized, as a gather-multiply-sum beside the dense product, "
+                   "since no target has a sparse integer format")
 # the methods' own parameters: the methods that read each, and its default
-METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5), "rank": (("masquant",), 8)}
+METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5), "rank": (("masquant",), 8),
+                 "outliers": (("dasq",), 0.01)}
+# the methods that read calibration data (min-max weights and DASQ's split need none)
+CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant")
 
 
 class QuantConfig(PassConfig):
     at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
-    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant"] = Field(
+    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant", "dasq"] = Field(
         "minmax", description="minmax (round to nearest, ranges by min-max), gptq (error-compensating rounding, w4), "
                               "gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4), smoothquant (activation "
-                              "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8)")
+                              "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8), dasq "
+                              "(vision tower: dense symmetric kernel plus sparse int8 outliers, at: vision)")
+    outliers: Optional[float] = Field(None, gt=0.0, le=0.1, description="dasq: share of each weight row kept apart as "
+                                      "sparse outliers (default 0.01, at least one per row)")
 
 
 class W8A8Config(QuantConfig):
@@ -64,6 +75,10 @@ class QuantPass(Pass):
         if method.startswith("gptq") and self.weight_bits != 4:
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
                             "error is too small for error compensation to matter")
+        if method == "dasq" and self.config.at != "vision":
+            raise VlmcError(f"pass {self.name}: parameter 'method': dasq is for the vision tower (at: vision, not "
+                            f"{self.config.at}); its finding, weights symmetric once a few outliers are out, is about "
+                            "vision weights")
         if method in ("smoothquant", "masquant") and self.name != "w8a8":
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for w8a8; smoothing helps where "
                             "activations are quantized with ranges fixed from calibration")
@@ -102,11 +117,12 @@ class W8A8(QuantPass):
     weight_bits = 8
     needs_calibration = True
     source = ("W8A8 as deployed by XNNPACK / onnxruntime QDQ, ranges by min-max calibration; method smoothquant: "
-              "SmoothQuant (Xiao et al., 2023); method masquant: MASQuant (modality-aware smoothing, CVPR 2026)")
+              "SmoothQuant (Xiao et al., 2023); method masquant: MASQuant (modality-aware smoothing, CVPR 2026); "
+              f"method dasq: {DASQ_SOURCE}")
     departures = ("Core ML on Linux quantizes the weights only: calibrating its activations runs the model, which "
                   "needs macOS. masquant: a row's modality comes from its position in the prompt template; the text "
                   "rows' weights are the exact ones and the image rows get the low-rank correction; the correction's "
-                  "small linears are quantized like the others")
+                  f"small linears are quantized like the others. {DASQ_DEPARTURES}")
     Config = W8A8Config
 
 
@@ -116,8 +132,8 @@ class W8(QuantPass):
 
     name = "w8"
     weight_bits = 8
-    source = "dynamic quantization (XNNPACK qd8, onnxruntime MatMulInteger)"
-    departures = "Core ML has no dynamic activation quantization: its weights are int8, its activations fp16/fp32"
+    source = f"dynamic quantization (XNNPACK qd8, onnxruntime MatMulInteger); method dasq: {DASQ_SOURCE}"
+    departures = f"Core ML has no dynamic activation quantization: its weights are int8, its activations fp16/fp32. {DASQ_DEPARTURES}"
 
 
 @register
@@ -127,13 +143,14 @@ class W4(QuantPass):
     name = "w4"
     weight_bits = 4
     source = ("group-wise int4 weights; method gptq: GPTQ (Frantar et al., 2023); method gptq-modality: VLM-PTQ's "
-              "modality-aware Hessian (CVPR 2026)")
+              f"modality-aware Hessian (CVPR 2026); method dasq: {DASQ_SOURCE}")
     departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
                   "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
                   "minimum_deployment_target iOS18 / macOS15 for block-wise int4. gptq: the Hessians come from the "
                   "float model in one pass (not layer by layer on the quantized model's inputs) and the scales from the "
                   "original weights (static groups); gptq-modality mixes the two modalities' Hessians by a fixed share "
-                  "instead of VLM-PTQ's per-channel importance vector, without its closed-form target correction")
+                  "instead of VLM-PTQ's per-channel importance vector, without its closed-form target correction. "
+                  f"{DASQ_DEPARTURES}")
     Config = W4Config
 
     def check(self, model) -> None:
@@ -172,7 +189,7 @@ class QuantPlan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(p.needs_calibration or p.config.method != "minmax" for p in self.schemes.values())
+        return any(p.needs_calibration or p.config.method in CALIBRATED_METHODS for p in self.schemes.values())
 
     def describe(self) -> dict:
         return {part: p.describe() for part, p in self.schemes.items()}
