@@ -112,3 +112,20 @@ def test_release_memory_drops_the_caches_that_held_lowered_graphs(tiny_bundle):
                  if name.startswith("executorch.backends.") and isinstance(getattr(m, "why", None), WhyNoPartition)]
     assert reporters and all(r.node is None for r in reporters)
     assert is_same_node.cache_info().currsize == 0 and len(FakeTensorMode.cache) == 0
+
+
+def test_xnnpack_partitions_share_weights_only_while_vlmc_lowers():
+    """exir copies every partition before XNNPACK preprocesses any: while vlmc lowers, the copy has its own
+    graph but the original's weight tensors (no second copy of the weights); afterwards exir's deep copy is back."""
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    from vlmc.exporter.executorch_target import partitions_share_weights
+
+    program = torch.export.export(torch.nn.Linear(8, 4), (torch.zeros(1, 8),))
+    with partitions_share_weights():
+        copy = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+    assert copy.graph is not program.graph and copy.state_dict is not program.state_dict
+    assert all(copy.state_dict[k] is v for k, v in program.state_dict.items())
+    copy = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+    assert all(copy.state_dict[k] is not v for k, v in program.state_dict.items())

@@ -25,7 +25,7 @@ class ExportContext:
     quant: QuantPlan = field(default_factory=lambda: QuantPlan({}))
     _calibration: object = None
     _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded model
-    _gptq_statistics: object = None
+    _layer_statistics: object = None  # what each GPTQ / Quant Experts linear received over the calibration set
     _smoothed: object = None  # the model with smoothing folded in, shared by every target
     _split: object = None  # the (smoothed) model with DASQ's dense kernels and sparse outliers, shared by every target
 
@@ -35,21 +35,32 @@ class ExportContext:
 
     def target_model(self, target: str):
         """The model a target lowers: the float model with its smoothed parts' weights rewritten (SmoothQuant,
-        MASQuant), its DASQ parts' linears split into dense kernels and sparse outliers, and its GPTQ parts
-        rounded on that target's own 4-bit grid (its quantizer then reproduces them exactly)."""
-        from vlmc.passes.quant import gptq, linear_layers
+        MASQuant), its DASQ parts' linears split into dense kernels and sparse outliers, its GPTQ parts
+        rounded on that target's own 4-bit grid (its quantizer then reproduces them exactly), and its Quant
+        Experts parts given float experts fitted to that grid's rounding error."""
+        from vlmc.passes.quant import PER_TARGET_METHODS, experts, gptq, linear_layers
         from vlmc.passes.quant.calibration import layer_inputs
 
-        schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method.startswith("gptq")}
+        schemes = {part: s for part, s in self.quant.schemes.items() if s.config.method in PER_TARGET_METHODS}
         base = self._rewritten_model()
         if not schemes:
             return base
         if target not in self._target_models:
-            if self._gptq_statistics is None:
+            if self._layer_statistics is None:
                 layers = [layer for part in schemes for layer in linear_layers(base, part)]
-                self._gptq_statistics = layer_inputs(base, layers, self.calibration())
-            self.progress(f"{target}: GPTQ of {', '.join(schemes)} on the {gptq.GRIDS[target].name} grid")
-            self._target_models[target] = gptq.apply(base, schemes, self._gptq_statistics, gptq.GRIDS[target])
+                sample = experts.SAMPLE_ROWS if any(s.config.method == "quant-experts" for s in schemes.values()) else 0
+                self._layer_statistics = layer_inputs(base, layers, self.calibration(), keep_rows=sample)
+            grid = gptq.GRIDS[target]
+            model = base
+            rounded = {part: s for part, s in schemes.items() if s.config.method.startswith("gptq")}
+            if rounded:
+                self.progress(f"{target}: GPTQ of {', '.join(rounded)} on the {grid.name} grid")
+                model = gptq.apply(model, rounded, self._layer_statistics, grid)
+            compensated = {part: s for part, s in schemes.items() if s.config.method == "quant-experts"}
+            if compensated:
+                self.progress(f"{target}: Quant Experts of {', '.join(compensated)} fitted to the {grid.name} grid")
+                model = experts.apply(model, compensated, self._layer_statistics, grid)
+            self._target_models[target] = model
         return self._target_models[target]
 
     def _rewritten_model(self):

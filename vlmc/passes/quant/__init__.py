@@ -24,19 +24,23 @@ DASQ_DEPARTURES = ("dasq: a fixed number of outliers per row (the paper threshol
                    "outliers' int8 values are stored dequantized, as a gather-multiply-sum beside the dense product, "
                    "since no target has a sparse integer format")
 # the methods' own parameters: the methods that read each, and its default
-METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5), "rank": (("masquant",), 8),
-                 "outliers": (("dasq",), 0.01)}
+METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5),
+                 "rank": (("masquant", "quant-experts"), 8), "outliers": (("dasq",), 0.01), "experts": (("quant-experts",), 4)}
 # the methods that read calibration data (min-max weights and DASQ's split need none)
-CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant")
+CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant", "quant-experts")
+# the 4-bit methods fitted to each target's own grid (one model per target)
+PER_TARGET_METHODS = ("gptq", "gptq-modality", "quant-experts")
 
 
 class QuantConfig(PassConfig):
     at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
-    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant", "dasq"] = Field(
+    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant", "dasq", "quant-experts"] = Field(
         "minmax", description="minmax (round to nearest, ranges by min-max), gptq (error-compensating rounding, w4), "
                               "gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4), smoothquant (activation "
                               "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8), dasq "
-                              "(vision tower: dense symmetric kernel plus sparse int8 outliers, at: vision)")
+                              "(vision tower: dense symmetric kernel plus sparse int8 outliers, at: vision), "
+                              "quant-experts (float low-rank experts rebuilding the rounding error: one shared, "
+                              "`experts` routed per token, w4)")
     outliers: Optional[float] = Field(None, gt=0.0, le=0.1, description="dasq: share of each weight row kept apart as "
                                       "sparse outliers (default 0.01, at least one per row)")
 
@@ -51,6 +55,9 @@ class W4Config(QuantConfig):
     text_share: Optional[float] = Field(None, ge=0.0, le=1.0, description="gptq-modality: the text tokens' share of the "
                                         "decoder Hessian (default 0.5; plain gptq weights tokens by count)")
     group_size: int = Field(32, description="weights per quantization group along the input channels (16..256, a power of two)")
+    rank: Optional[int] = Field(None, ge=1, le=64, description="quant-experts: rank of each expert (default 8)")
+    experts: Optional[int] = Field(None, ge=0, le=16, description="quant-experts: routed experts per linear, the "
+                                   "router picking one per token (default 4; 0: the shared expert only)")
 
 
 class QuantPass(Pass):
@@ -72,7 +79,7 @@ class QuantPass(Pass):
     def check(self, model) -> None:
         """Refuse parameters this model cannot take (VlmcError naming the parameter)."""
         method = self.config.method
-        if method.startswith("gptq") and self.weight_bits != 4:
+        if method in PER_TARGET_METHODS and self.weight_bits != 4:
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
                             "error is too small for error compensation to matter")
         if method == "dasq" and self.config.at != "vision":
@@ -106,6 +113,11 @@ class QuantPass(Pass):
             from vlmc.passes.quant.gptq import GRIDS
 
             out["rounding"] = f"GPTQ over the calibration inputs, on the {GRIDS[target].name} grid (static groups)"
+        if target and self.config.method == "quant-experts":
+            from vlmc.passes.quant.gptq import GRIDS
+
+            out["rounding"] = (f"round to nearest on the {GRIDS[target].name} grid; float experts fitted to its error "
+                               "(kept out of the target's quantization)")
         return out
 
 
@@ -143,14 +155,18 @@ class W4(QuantPass):
     name = "w4"
     weight_bits = 4
     source = ("group-wise int4 weights; method gptq: GPTQ (Frantar et al., 2023); method gptq-modality: VLM-PTQ's "
-              f"modality-aware Hessian (CVPR 2026); method dasq: {DASQ_SOURCE}")
+              f"modality-aware Hessian (CVPR 2026); method dasq: {DASQ_SOURCE}; method quant-experts: Quant Experts "
+              "(token-aware error reconstruction with a mixture of low-rank experts, CVPR 2026)")
     departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
                   "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
                   "minimum_deployment_target iOS18 / macOS15 for block-wise int4. gptq: the Hessians come from the "
                   "float model in one pass (not layer by layer on the quantized model's inputs) and the scales from the "
                   "original weights (static groups); gptq-modality mixes the two modalities' Hessians by a fixed share "
                   "instead of VLM-PTQ's per-channel importance vector, without its closed-form target correction. "
-                  f"{DASQ_DEPARTURES}")
+                  f"{DASQ_DEPARTURES}. quant-experts: the experts are fitted in closed form (whitened SVD of the error, "
+                  "shared over all calibration inputs, routed per k-means cluster of them) instead of the paper's "
+                  "frequency split of channels and optimisation; the router is the nearest cluster centre; every routed "
+                  "expert runs for every token and is masked to the chosen one (static shapes); the experts stay float")
     Config = W4Config
 
     def check(self, model) -> None:
@@ -167,7 +183,7 @@ class W4(QuantPass):
 
 def linear_layers(model, part: str) -> list[tuple[str, nn.Linear]]:
     """The nn.Linear layers a part's quantization covers (from the model's anatomy)."""
-    return [(f"{prefix}.{name}", m) for prefix, root in model.part_modules(part)
+    return [(f"{prefix}.{name}" if name else prefix, m) for prefix, root in model.part_modules(part)
             for name, m in root.named_modules() if isinstance(m, nn.Linear)]
 
 

@@ -152,20 +152,42 @@ class LayerInputs:
     text_absmax: torch.Tensor
     n_visual: int = 0
     n_text: int = 0
+    keep_rows: int = 0  # a uniform sample of at most this many input rows is kept (Quant Experts clusters them)
+    rows: Optional[torch.Tensor] = None
 
     @classmethod
-    def empty(cls, dim: int) -> "LayerInputs":
+    def empty(cls, dim: int, keep_rows: int = 0) -> "LayerInputs":
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-        return cls(z(dim, dim), z(dim, dim), z(dim), z(dim))
+        return cls(z(dim, dim), z(dim, dim), z(dim), z(dim), keep_rows=keep_rows)
 
     def add(self, x: torch.Tensor, visual: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
+        if self.keep_rows:
+            self._keep(x.float())
         for rows, moments, peak in ((x[visual], self.visual, self.visual_absmax), (x[~visual], self.text, self.text_absmax)):
             moments += rows.T @ rows
             if len(rows):
                 torch.maximum(peak, rows.abs().amax(0), out=peak)
         self.n_visual += int(visual.sum())
         self.n_text += int((~visual).sum())
+
+    def _keep(self, x: torch.Tensor) -> None:
+        """Reservoir sampling: after n rows, each is in the sample with probability keep_rows / n."""
+        seen = self.n_visual + self.n_text
+        if self.rows is None:
+            self.rows = x.new_zeros(0, x.shape[1])
+        room = max(0, self.keep_rows - len(self.rows))
+        self.rows = torch.cat([self.rows, x[:room]])
+        rest = x[room:]
+        if len(rest):
+            g = torch.Generator().manual_seed(seen)
+            slot = (torch.rand(len(rest), generator=g) * (seen + room + torch.arange(1, len(rest) + 1))).long()
+            hit = slot < self.keep_rows
+            self.rows[slot[hit]] = rest[hit]
+
+    def sample(self) -> torch.Tensor:
+        """The kept input rows [n, in] (float32)."""
+        return self.rows if self.rows is not None else torch.zeros(0, len(self.visual_absmax))
 
     def hessian(self, text_share: Optional[float]) -> torch.Tensor:
         """E[x x^T] over all rows as they come (text_share None: plain GPTQ), or the two modalities'
@@ -175,10 +197,12 @@ class LayerInputs:
         return (1 - text_share) * self.visual / self.n_visual + text_share * self.text / self.n_text
 
 
-def layer_inputs(model, layers: list[tuple[str, "torch.nn.Linear"]], calibration: Calibration) -> dict[str, LayerInputs]:
+def layer_inputs(model, layers: list[tuple[str, "torch.nn.Linear"]], calibration: Calibration,
+                 keep_rows: int = 0) -> dict[str, LayerInputs]:
     """Run the float model over the calibration questions and keep what every listed layer received
-    (the vision tower and projector see only visual rows; the decoder both, told apart by position)."""
-    stats = {name: LayerInputs.empty(m.in_features) for name, m in layers}
+    (the vision tower and projector see only visual rows; the decoder both, told apart by position), with a
+    sample of up to `keep_rows` input rows per layer."""
+    stats = {name: LayerInputs.empty(m.in_features, keep_rows) for name, m in layers}
     current: dict[str, Optional[torch.Tensor]] = {"visual": None}  # the decoder call's visual rows [T]; None: all
 
     def hook(name):

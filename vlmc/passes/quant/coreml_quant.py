@@ -40,5 +40,19 @@ def quantize(ml, scheme, sample_data: list[dict] | None):
     else:
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
         record["how"] = "coremltools linear_quantize_weights: per-channel int8"
-    ml = cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op))
+    kept_float = float_constants(ml)
+    if kept_float:
+        record["kept_float"] = f"{len(kept_float)} Quant Experts weights (float by design)"
+    ml = cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op, op_name_configs={n: None for n in kept_float}))
     return ml, record
+
+
+def float_constants(ml) -> list[str]:
+    """The program's constants that stay float whatever the scheme: Quant Experts' weights (their names
+    carry the parameters' names)."""
+    from vlmc.passes.quant.experts import MARKER
+
+    spec = ml.get_spec()
+    return [op.outputs[0].name for function in spec.mlProgram.functions.values()
+            for block in function.block_specializations.values() for op in block.operations
+            if op.type == "const" and MARKER in op.outputs[0].name]

@@ -41,6 +41,18 @@ def _activation_products(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
+def _kept_float(path: Path) -> list[str]:
+    """Products that stay float whatever the scheme: Quant Experts' experts and router (the exporter records
+    each node's module classes in its metadata)."""
+    import onnx
+
+    from vlmc.passes.quant.experts import ErrorExperts
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in OPS and any(
+        p.key == "pkg.torch.onnx.class_hierarchy" and ErrorExperts.__name__ in p.value for p in n.metadata_props)]
+
+
 def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> dict:
     """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
     inputs (needed by w8a8)."""
@@ -48,21 +60,23 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> d
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    kept_float = _kept_float(path)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
         if scheme.name == "w8a8":
             quantize_static(str(path), tmp, _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, op_types_to_quantize=OPS,
-                            nodes_to_exclude=_activation_products(path))
+                            nodes_to_exclude=_activation_products(path) + kept_float)
             how = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, int8 inputs to the weight products "
                    "(min-max over the calibration set); attention products stay float")
         elif scheme.name == "w8":
             quantize_dynamic(str(path), tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
-                             nodes_to_exclude=_activation_products(path))
+                             nodes_to_exclude=_activation_products(path) + kept_float)
             how = "onnxruntime quantize_dynamic: per-channel int8 weights, activations quantized per call (MatMulInteger)"
         else:
-            q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=scheme.config.group_size, is_symmetric=True)
+            q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=scheme.config.group_size, is_symmetric=True,
+                                     nodes_to_exclude=kept_float)
             q.process()
             onnx.save(q.model.model, tmp)
             how = f"onnxruntime MatMulNBits: symmetric 4-bit weights in groups of {scheme.config.group_size}, float activations"
@@ -79,4 +93,7 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> d
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"):
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     activations = {"w8a8": "static int8", "w8": "dynamic int8"}.get(scheme.name, "float")
-    return {"how": how, "activations": activations, "quantized_ops": ops}
+    record = {"how": how, "activations": activations, "quantized_ops": ops}
+    if kept_float:
+        record["kept_float"] = f"{len(kept_float)} Quant Experts products (float by design)"
+    return record
