@@ -10,6 +10,13 @@ def test_defaults_resolve_against_the_model():
     assert r.max_prompt == 244 and r.max_context == 256 and r.targets == ["onnx", "executorch"]
 
 
+def test_default_context_grows_with_a_model_whose_image_fills_256_slots():
+    """InternVL3's 256 image tokens: the prompt gets its 48 text tokens and 64 are left to generate."""
+    r = build({}).resolve(num_image_tokens=256)
+    assert (r.max_prompt, r.max_context) == (304, 384)
+    assert build({"max_context": 1024}).resolve(256).max_context == 1024  # a given length is kept
+
+
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: shapes-llava\ntargets: [coreml]\ncoreml: {precision: fp32}\nmax_context: 512\n")

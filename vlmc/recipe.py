@@ -16,6 +16,8 @@ from vlmc.errors import VlmcError, yaml_problem
 
 TARGETS = ("onnx", "executorch", "coreml", "tvm")
 FILE_EXTENSIONS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage", "tvm": ".so"}
+# the default decoder lengths: 256 slots, or room for the image, 48 text tokens and 64 generated ones
+DEFAULT_CONTEXT, DEFAULT_TEXT_TOKENS, DEFAULT_NEW_TOKENS = 256, 48, 64
 
 
 class Strict(BaseModel):
@@ -67,7 +69,9 @@ class Recipe(Strict):
                                                                 "is chosen at export (it sets the image token count)")
     tile_grid: Optional[tuple[int, int]] = Field(None, description="rows x cols of tiles an image is split into, plus the "
                                                    "global image, for families that split images (smolvlm / idefics3)")
-    max_context: int = Field(256, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens")
+    max_context: Optional[int] = Field(None, ge=8, le=32768, description="KV-cache length: prompt plus generated tokens "
+                                       "(default 256, or the default prompt plus 64 generated tokens, rounded up to 64, "
+                                       "for a model whose image tokens leave less)")
     max_prompt: Optional[int] = Field(None, ge=1, description="fixed prefill length of ONNX / Core ML (default: image tokens + 48, at most max_context)")
     prompt_template: Optional[str] = Field(None, description="where the image and the question go (default: the model family's chat turn)")
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
@@ -121,12 +125,15 @@ class Recipe(Strict):
 
     def resolve(self, num_image_tokens: int) -> "Recipe":
         """Fill the defaults that depend on the model, and check the lengths fit together."""
-        max_prompt = self.max_prompt or min(self.max_context, num_image_tokens + 48)
-        if max_prompt > self.max_context:
-            raise VlmcError(f"recipe field 'max_prompt': {max_prompt} exceeds max_context {self.max_context}")
+        prompt = num_image_tokens + DEFAULT_TEXT_TOKENS
+        max_context = self.max_context or (DEFAULT_CONTEXT if prompt < DEFAULT_CONTEXT
+                                           else -(-(prompt + DEFAULT_NEW_TOKENS) // 64) * 64)
+        max_prompt = self.max_prompt or min(max_context, prompt)
+        if max_prompt > max_context:
+            raise VlmcError(f"recipe field 'max_prompt': {max_prompt} exceeds max_context {max_context}")
         if max_prompt <= num_image_tokens:
             raise VlmcError(f"recipe field 'max_prompt': {max_prompt} leaves no room for text beside the model's {num_image_tokens} image tokens")
-        return self.model_copy(update={"max_prompt": max_prompt})
+        return self.model_copy(update={"max_prompt": max_prompt, "max_context": max_context})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
