@@ -79,20 +79,27 @@ class QuantPass(Pass):
     def check(self, model) -> None:
         """Refuse parameters this model cannot take (VlmcError naming the parameter)."""
         method = self.config.method
-        if method in PER_TARGET_METHODS and self.weight_bits != 4:
+        if method in PER_TARGET_METHODS and not self.takes(method):
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
                             "error is too small for error compensation to matter")
         if method == "dasq" and self.config.at != "vision":
             raise VlmcError(f"pass {self.name}: parameter 'method': dasq is for the vision tower (at: vision, not "
                             f"{self.config.at}); its finding, weights symmetric once a few outliers are out, is about "
                             "vision weights")
-        if method in ("smoothquant", "masquant") and self.name != "w8a8":
+        if not self.takes(method):
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for w8a8; smoothing helps where "
                             "activations are quantized with ranges fixed from calibration")
         for param, (methods, _) in METHOD_PARAMS.items():
             if getattr(self.config, param, None) is not None and method not in methods:
-                raise VlmcError(f"pass {self.name}: parameter '{param}' applies to method {' / '.join(methods)} only "
+                mine = [m for m in methods if self.takes(m)]  # only the methods this scheme takes
+                raise VlmcError(f"pass {self.name}: parameter '{param}' applies to method {' / '.join(mine)} only "
                                 f"(method is {method})")
+
+    def takes(self, method: str) -> bool:
+        """Whether this scheme can use `method` (error compensation is for 4 bits, smoothing for w8a8)."""
+        if method in PER_TARGET_METHODS:
+            return self.weight_bits == 4
+        return method not in ("smoothquant", "masquant") or self.name == "w8a8"
 
     def param(self, name: str):
         """A method parameter's value (its default when not given), or None where the method does not read it."""
