@@ -20,6 +20,8 @@ import copy
 import torch
 from torch import nn
 
+from vlmc.passes.quant.smoothing import replace_module
+
 SPARSE_BITS = 8
 
 
@@ -69,6 +71,5 @@ def apply(model: nn.Module, schemes: dict) -> nn.Module:
             dense, index, values = split(layer.weight.detach(), outlier_count(layer.in_features, share))
             with torch.no_grad():
                 layer.weight.copy_(dense)
-            path, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(path), attr, OutlierSplitLinear(layer, index, values))
+            replace_module(model, name, OutlierSplitLinear(layer, index, values))
     return model

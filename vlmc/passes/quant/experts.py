@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from vlmc.passes.quant.calibration import LayerInputs
 from vlmc.passes.quant.gptq import Grid
-from vlmc.passes.quant.smoothing import low_rank
+from vlmc.passes.quant.smoothing import low_rank, replace_module
 
 KMEANS_ITERATIONS = 25
 SAMPLE_ROWS = 2048  # input rows kept per linear for the clustering (reservoir sample of the calibration set)
@@ -120,6 +120,5 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid) -> nn
         for name, layer in linear_layers(model, part):
             w = layer.weight.detach()
             fitted = fit(w, grid.round_to_nearest(w, scheme.config.group_size), stats[name], rank, experts)
-            path, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(path), attr, ExpertCompensatedLinear(layer, fitted))
+            replace_module(model, name, ExpertCompensatedLinear(layer, fitted))
     return model

@@ -128,20 +128,19 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], image_rows: Optio
             s_v, s_t = factors(inputs.visual_absmax, weights, alpha), factors(inputs.text_absmax, weights, alpha)
             rows = RowModality(model, *image_rows)
             smoothed_visual = inputs.visual / inputs.n_visual / s_v[:, None] / s_v[None, :]  # E[x~ x~^T], x~ = x / s_v
-            parent, attr = _parent(model, norm_name)
-            setattr(parent, attr, ModalityRMSNorm(norm, s_v, s_t, rows))
+            replace_module(model, norm_name, ModalityRMSNorm(norm, s_v, s_t, rows))
             for name, lin in consumers:
                 w = lin.weight.detach().double()
                 up, down = low_rank(w * (s_v - s_t)[None], smoothed_visual, rank)
                 _scale_columns([lin], s_t)
-                parent, attr = _parent(model, name)
-                setattr(parent, attr, CompensatedLinear(lin, up.float(), down.float(), rows))
+                replace_module(model, name, CompensatedLinear(lin, up.float(), down.float(), rows))
     return model
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` (a dotted path) is."""
     path, _, attr = name.rpartition(".")
-    return model.get_submodule(path), attr
+    setattr(model.get_submodule(path), attr, new)
 
 
 def image_rows(visual_rows: list[tuple[tuple[int, int], ...]]) -> tuple[int, int]:
