@@ -24,7 +24,7 @@ class ExportContext:
     image_tokens: int  # visual tokens the decoder sees, after token passes
     quant: QuantPlan = field(default_factory=lambda: QuantPlan({}))
     _calibration: object = None
-    _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded model
+    _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded / expert-compensated model
     _layer_statistics: object = None  # what each GPTQ / Quant Experts linear received over the calibration set
     _smoothed: object = None  # the model with smoothing folded in, shared by every target
     _split: object = None  # the (smoothed) model with DASQ's dense kernels and sparse outliers, shared by every target
