@@ -54,6 +54,21 @@ def test_routed_experts_beat_a_shared_expert_of_the_same_width_on_clustered_inpu
     assert shared_4_routed_4 < 0.8 * shared_8
 
 
+@pytest.mark.parametrize("target", sorted(GRIDS))
+def test_experts_on_gptq_rounding_leave_less_error_than_on_round_to_nearest(target):
+    """base_rounding gptq: GPTQ first, the experts rebuild what it left; the two compose."""
+    from tests.test_gptq import correlated_inputs
+    from vlmc.passes.quant.gptq import gptq
+
+    x = correlated_inputs(2400, 128, 4)
+    train, held_out = x[:1800], x[1800:]
+    w = 0.05 * torch.randn(96, 128, generator=torch.Generator().manual_seed(2))
+    stats, grid = observed(train), GRIDS[target]
+    err = lambda q: ((held_out @ q.T + fit(w, q, stats, 8, 4)(held_out) - held_out @ w.T) ** 2).sum().item()  # noqa: E731
+    with torch.no_grad():
+        assert err(gptq(w, stats.hessian(None).float(), grid, GROUP)) < 0.9 * err(grid.round_to_nearest(w, GROUP))
+
+
 def test_the_router_picks_each_tokens_nearest_centre():
     dim, out, rank = 6, 5, 2
     g = torch.Generator().manual_seed(3)
@@ -97,11 +112,12 @@ def test_experts_stay_float_on_onnx_and_the_bundle_verifies(tiny_ckpt, calibrati
 @pytest.mark.slow  # three targets with calibration (-m slow)
 def test_quant_experts_bundle_verifies_on_every_target(tiny_ckpt, calibration_jsonl, sample_image, tmp_path):
     b = compile_tiny(tiny_ckpt, tmp_path / "qe3", [{"name": "w4", "method": "quant-experts", "group_size": 32, "rank": 4,
-                                                    "experts": 2}],
+                                                    "experts": 2, "base_rounding": "gptq"}],
                      calibration_jsonl, targets=("onnx", "executorch", "coreml"), coreml={"minimum_deployment_target": "iOS18"})
     assert all(r["passed"] for r in b.manifest["verification"]["results"])
     for target in ("onnx", "executorch", "coreml"):
-        assert "float experts" in b.manifest["targets"][target]["programs"]["text_decoder"]["quantization"]["rounding"]
+        rounding = b.manifest["targets"][target]["programs"]["text_decoder"]["quantization"]["rounding"]
+        assert rounding.startswith("GPTQ on the") and "float experts" in rounding
     for target in ("onnx", "coreml"):  # torchao (ExecuTorch) quantizes nn.Linear modules only: the experts are not
         assert "Quant Experts" in b.manifest["targets"][target]["programs"]["text_decoder"]["quantization"]["kept_float"]
     tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=3)["tokens"]
@@ -114,6 +130,7 @@ def test_quant_experts_bundle_verifies_on_every_target(tiny_ckpt, calibration_js
     ([{"name": "w4", "method": "gptq", "experts": 2}], "parameter 'experts' applies to method quant-experts only"),
     ([{"name": "w4", "method": "quant-experts", "rank": 0}], "rank"),
     ([{"name": "w4", "method": "quant-experts", "experts": 40}], "experts"),
+    ([{"name": "w4", "method": "gptq", "base_rounding": "gptq"}], "parameter 'base_rounding' applies to method quant-experts"),
 ])
 def test_bad_quant_experts_parameters_are_refused(tiny_ckpt, tmp_path, passes, fragment):
     with pytest.raises(VlmcError, match=fragment):

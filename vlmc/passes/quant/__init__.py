@@ -25,7 +25,8 @@ DASQ_DEPARTURES = ("dasq: a fixed number of outliers per row (the paper threshol
                    "since no target has a sparse integer format")
 # the methods' own parameters: the methods that read each, and its default
 METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5),
-                 "rank": (("masquant", "quant-experts"), 8), "outliers": (("dasq",), 0.01), "experts": (("quant-experts",), 4)}
+                 "rank": (("masquant", "quant-experts"), 8), "outliers": (("dasq",), 0.01), "experts": (("quant-experts",), 4),
+                 "base_rounding": (("quant-experts",), "nearest")}
 # the methods that read calibration data (min-max weights and DASQ's split need none)
 CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant", "quant-experts")
 # the 4-bit methods fitted to each target's own grid (one model per target)
@@ -58,6 +59,8 @@ class W4Config(QuantConfig):
     rank: Optional[int] = Field(None, ge=1, le=64, description="quant-experts: rank of each expert (default 8)")
     experts: Optional[int] = Field(None, ge=0, le=16, description="quant-experts: routed experts per linear, the "
                                    "router picking one per token (default 4; 0: the shared expert only)")
+    base_rounding: Optional[Literal["nearest", "gptq"]] = Field(None, description="quant-experts: the rounding whose error "
+                                                                "the experts rebuild (default nearest; gptq: GPTQ first)")
 
 
 class QuantPass(Pass):
@@ -123,7 +126,8 @@ class QuantPass(Pass):
         if target and self.config.method == "quant-experts":
             from vlmc.passes.quant.gptq import GRIDS
 
-            out["rounding"] = (f"round to nearest on the {GRIDS[target].name} grid; float experts fitted to its error "
+            how = "GPTQ" if self.param("base_rounding") == "gptq" else "round to nearest"
+            out["rounding"] = (f"{how} on the {GRIDS[target].name} grid; float experts fitted to its error "
                                "(kept out of the target's quantization)")
         return out
 

@@ -14,6 +14,7 @@ moments); the calibration inputs are clustered (k-means) and each routed expert 
 what the shared expert left, whitened by its cluster's inputs. A token's router picks the expert of its
 nearest cluster centre. Static shapes: every routed expert is computed for every token (two products
 of width experts x rank) and masked to the chosen one, so no gather of a data-dependent size.
+`base_rounding: gptq` runs GPTQ first and fits the experts to what its rounding left (the two compose).
 Departures: the paper splits important channels by frequency into token-independent and token-dependent
 groups and fits its experts by optimisation; here the split is shared versus per-cluster, each fitted in
 closed form, and the router is the nearest calibration cluster (training-free).
@@ -110,15 +111,17 @@ def fit(weight: torch.Tensor, quantized: torch.Tensor, inputs: LayerInputs, rank
     return ErrorExperts(shared, routed, centres)
 
 
-def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid) -> nn.Module:
-    """A copy of `model` whose Quant Experts parts' linears carry float experts fitted to `grid`'s rounding."""
+def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid, original: nn.Module) -> nn.Module:
+    """A copy of `model` whose Quant Experts parts' linears carry float experts fitted to the error of what the
+    target will store, `grid`'s rounding of their weights (on the grid already where GPTQ ran first), against
+    `original`'s weights."""
     from vlmc.passes.quant import linear_layers
 
     model = copy.deepcopy(model)
     for part, scheme in schemes.items():
         rank, experts = scheme.param("rank"), scheme.param("experts")
         for name, layer in linear_layers(model, part):
-            w = layer.weight.detach()
-            fitted = fit(w, grid.round_to_nearest(w, scheme.config.group_size), stats[name], rank, experts)
+            stored = grid.round_to_nearest(layer.weight.detach(), scheme.config.group_size)
+            fitted = fit(original.get_submodule(name).weight.detach(), stored, stats[name], rank, experts)
             replace_module(model, name, ExpertCompensatedLinear(layer, fitted))
     return model
