@@ -98,7 +98,8 @@ def test_experts_stay_float_on_onnx_and_the_bundle_verifies(tiny_ckpt, calibrati
     b = compile_tiny(tiny_ckpt, tmp_path / "qe", [{"name": "w4", "at": "decoder", "method": "quant-experts", "group_size": 32}],
                      calibration_jsonl, targets=("onnx",))
     assert b.manifest["quantization"]["parts"]["decoder"] == {"scheme": "w4", "weight_bits": 4, "method": "quant-experts",
-                                                             "group_size": 32, "rank": 8, "experts": 4}
+                                                             "group_size": 32, "rank": 8, "experts": 4,
+                                                             "base_rounding": "nearest"}
     q = b.manifest["targets"]["onnx"]["programs"]["text_decoder"]["quantization"]
     assert "float experts fitted" in q["rounding"] and "MatMulNBits" in q["rounding"]
     ops = onnx_ops(b, "text_decoder")
