@@ -52,16 +52,14 @@ class ExportContext:
                 self._layer_statistics = layer_inputs(base, layers, self.calibration(), keep_rows=sample)
             grid = gptq.GRIDS[target]
             model = base
-            rounded = {part: s for part, s in schemes.items() if s.config.method.startswith("gptq")}
+            # GPTQ's parts, and the Quant Experts parts whose experts rebuild what GPTQ's rounding left
+            rounded = {part: s for part, s in schemes.items()
+                       if s.config.method.startswith("gptq") or s.param("base_rounding") == "gptq"}
             if rounded:
                 self.progress(f"{target}: GPTQ of {', '.join(rounded)} on the {grid.name} grid")
                 model = gptq.apply(model, rounded, self._layer_statistics, grid)
             compensated = {part: s for part, s in schemes.items() if s.config.method == "quant-experts"}
             if compensated:
-                first = {part: s for part, s in compensated.items() if s.param("base_rounding") == "gptq"}
-                if first:  # the experts then rebuild what GPTQ's rounding left
-                    self.progress(f"{target}: GPTQ of {', '.join(first)} on the {grid.name} grid")
-                    model = gptq.apply(model, first, self._layer_statistics, grid)
                 self.progress(f"{target}: Quant Experts of {', '.join(compensated)} fitted to the {grid.name} grid")
                 model = experts.apply(model, compensated, self._layer_statistics, grid, original=base)
             self._target_models[target] = model

@@ -97,7 +97,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 def fit(weight: torch.Tensor, quantized: torch.Tensor, inputs: LayerInputs, rank: int, experts: int) -> ErrorExperts:
     """The shared and routed experts of one linear from what it received over the calibration set."""
-    error = (weight.double() - quantized.double())
+    error = weight.double() - quantized.double()
     shared = low_rank(error, inputs.hessian(None), rank)
     routed, centres = [], torch.zeros(0, weight.shape[1])
     rows = inputs.sample()

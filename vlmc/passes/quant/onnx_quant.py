@@ -31,24 +31,18 @@ def _reader(feeds: list[dict[str, np.ndarray]]):
     return Reader()
 
 
-def _activation_products(path: Path) -> list[str]:
+def _activation_products(graph) -> list[str]:
     """MatMul nodes with no constant operand (attention's q.k and p.v): left float, as XNNPACK does,
     so w8a8 means int8 weights and int8 inputs to the weight products on every target."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
-def _kept_float(path: Path) -> list[str]:
+def _kept_float(graph) -> list[str]:
     """Products that stay float whatever the scheme: Quant Experts' experts and router (the exporter records
     each node's module classes in its metadata)."""
-    import onnx
-
     from vlmc.passes.quant.experts import ErrorExperts
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     return [n.name for n in graph.node if n.op_type in OPS and any(
         p.key == "pkg.torch.onnx.class_hierarchy" and ErrorExperts.__name__ in p.value for p in n.metadata_props)]
 
@@ -60,19 +54,20 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> d
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    kept_float = _kept_float(path)
+    graph = onnx.load(str(path), load_external_data=False).graph  # the nodes only, to choose what stays float
+    kept_float = _kept_float(graph)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
         if scheme.name == "w8a8":
             quantize_static(str(path), tmp, _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, op_types_to_quantize=OPS,
-                            nodes_to_exclude=_activation_products(path) + kept_float)
+                            nodes_to_exclude=_activation_products(graph) + kept_float)
             how = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, int8 inputs to the weight products "
                    "(min-max over the calibration set); attention products stay float")
         elif scheme.name == "w8":
             quantize_dynamic(str(path), tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
-                             nodes_to_exclude=_activation_products(path) + kept_float)
+                             nodes_to_exclude=_activation_products(graph) + kept_float)
             how = "onnxruntime quantize_dynamic: per-channel int8 weights, activations quantized per call (MatMulInteger)"
         else:
             q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=scheme.config.group_size, is_symmetric=True,
