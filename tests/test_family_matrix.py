@@ -9,6 +9,7 @@ from tests.helpers import make_hf_idefics3
 from tests.helpers_gemma3 import make_hf_gemma3
 from tests.helpers_internvl import make_hf_internvl
 from tests.helpers_qwen2_5_vl import make_hf_qwen
+from tests.helpers_qwen3_vl import make_hf_qwen3
 from vlmc import api
 from vlmc.errors import VlmcError
 
@@ -22,6 +23,7 @@ FAMILIES = {
     "gemma3": (lambda d: make_hf_gemma3(d, layer_types=["sliding_attention", "full_attention"], num_layers=2, image_size=32,
                                         patch_size=4, mm_tokens=16), {}, 16),
     "qwen2_5_vl": (lambda d: make_hf_qwen(d), {"image_size": 112}, 16),
+    "qwen3_vl": (lambda d: make_hf_qwen3(d), {"image_size": 128}, 16),
 }
 VISION_SIDE = {"tome", "visionzip", "zooprune", "duet"}  # need the patch grid before a merging connector
 IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet"}

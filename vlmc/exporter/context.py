@@ -143,7 +143,7 @@ class ExportContext:
         if m.decoder_stages():
             prompt_len = Dim("prompt_len", min=self.image_tokens + 1, max=r.max_prompt)
             prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context),
-                                  (torch.zeros(1, r.max_prompt, m.config.text.hidden_size), torch.tensor([1]),
+                                  (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1]),
                                    torch.tensor([r.max_prompt - 1])),
                                   ({1: prompt_len}, None, None), ["inputs_embeds", "image_start", "logits_index"], out_names)]
         return prefill + [
@@ -151,7 +151,7 @@ class ExportContext:
             ProgramJob("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
                        ["input_ids"], ["inputs_embeds"]),
             ProgramJob("text_decoder", StaticCacheDecoder(m, r.max_context),
-                       (torch.zeros(1, r.max_prompt, m.config.text.hidden_size), pos[None].clone(), pos,
+                       (torch.zeros(1, r.max_prompt, m.embed_width), pos[None].clone(), pos,
                         torch.tensor([r.max_prompt - 1]), caches),
                        ({1: seq}, {1: seq}, {0: seq}, None, [None] * len(caches)), in_names, out_names),
         ]

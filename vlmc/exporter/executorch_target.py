@@ -106,7 +106,7 @@ def lower(ctx: ExportContext) -> dict:
     seq = Dim("seq_len", min=1, max=r.max_prompt)
     image = VisionEncoderProgram(m, "chw_uint8").example_input()
     ids = torch.ones(1, 4, dtype=torch.long)
-    embeds = torch.zeros(1, 4, c.text.hidden_size)
+    embeds = torch.zeros(1, 4, m.embed_width)
     pos = torch.tensor([0])
     builders = {  # program -> (its module for a model, example args, dynamic shapes)
         "vision_encoder": (lambda model: VisionEncoderProgram(model, "chw_uint8"), (image,), None),
@@ -120,7 +120,7 @@ def lower(ctx: ExportContext) -> dict:
     if m.decoder_stages():  # in-LLM token stages: a full-prompt prefill method sharing the decoder's caches
         prompt_len = Dim("prompt_len", min=ctx.image_tokens + 1, max=r.max_prompt)
         builders["text_prefill"] = (lambda model: ExecuTorchPrefill(model, r.max_context),
-                                    (torch.zeros(1, r.max_prompt, c.text.hidden_size), torch.tensor([1])), ({1: prompt_len}, None))
+                                    (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1])), ({1: prompt_len}, None))
     ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")
     exported, quantized = {}, {}
     with torch.no_grad():
@@ -171,7 +171,7 @@ def lower(ctx: ExportContext) -> dict:
     delegated = {name: sum(1 for n in edge.exported_program(name).graph.nodes
                            if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
                  for name in exported}
-    hidden = c.text.hidden_size
+    hidden = m.embed_width
     programs = {
         "vision_encoder": {"file": PTE, "method": "vision_encoder", "inputs": [_io("image", image)],
                            "outputs": [io_entry("image_embeds", [1, image_tokens, hidden], "float32")]},

@@ -108,6 +108,12 @@ class VisionLanguageModel(nn.Module):
     causal_attention = True
     # positions or masks depend on where the image starts: the template must fix it (image before the question)
     needs_image_start = False
+    # vision blocks whose outputs the connector reads beside the final features (`connect`), and the first
+    # decoder layers that each add one more slice of the image rows to their output (DeepStack, Qwen3-VL):
+    # the image embeddings carry those slices as extra columns ([main | layer 0's | layer 1's ...]), text
+    # rows carry zeros there, so every program keeps its inputs and only the rows get wider (`embed_width`)
+    tapped_blocks: tuple[int, ...] = ()
+    deepstack_layers = 0
 
     def __init__(self, config):
         super().__init__()
@@ -228,6 +234,12 @@ class VisionLanguageModel(nn.Module):
         """Image tokens the decoder receives per image (per tile) without token passes."""
         n = (self.patch_grid // self.connector_merge) ** 2
         return n + 1 if self.features_have_cls else n
+
+    @property
+    def embed_width(self) -> int:
+        """The width of the decoder's input rows (image and token embeddings): the hidden size, plus one
+        hidden size per DeepStack layer."""
+        return self.config.text.hidden_size * (1 + self.deepstack_layers)
 
     @property
     def vision_width(self) -> int:
@@ -393,17 +405,28 @@ class VisionLanguageModel(nn.Module):
             return torch.cat([self.encode_image(p[None]) for p in pixel_values])
         x = self.embed_image(pixel_values)
         size = None  # patches each token stands for, once a merging stage ran
-        blocks = self.vision_blocks
+        blocks, taps = self.vision_blocks, []
         for i in range(self.num_vision_blocks):
             x, size = self._block_stages(i, blocks[i](x, size), x, size)
+            if i in self.tapped_blocks:
+                taps.append(x)
         x = self._stage("vision.out", self.select_features(x))
-        return self._stage("projector.out", self.connector(x))
+        return self._stage("projector.out", self.connect(x, taps))
+
+    def connect(self, features: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The connector on the features at vision.out; `taps`: the outputs of `tapped_blocks`, for a family
+        whose connector reads intermediate blocks too."""
+        return self.connector(features)
 
     # ----- text
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> the decoder's input rows (the token_embedding program)."""
         embeds = self.embed_tokens(input_ids)
-        return embeds if self.embed_scale is None else embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype)
+        if self.embed_scale is not None:
+            embeds = embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype)
+        if self.deepstack_layers:  # text rows add nothing in the DeepStack layers
+            embeds = F.pad(embeds, (0, self.embed_width - embeds.shape[-1]))
+        return embeds
 
     def merge_embeddings(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
         """Token embeddings with the image-token placeholders replaced by the image embeddings, in order."""
@@ -423,7 +446,8 @@ class VisionLanguageModel(nn.Module):
         (a decode step, later text) they only shift the later layers' cache slots by what they dropped."""
         stages = self.decoder_stages() if stages is None else stages
         rope = self.rope(position_ids)
-        h, positions, shift = inputs_embeds, position_ids, 0
+        d, deep = self.config.text.hidden_size, self.deepstack_layers
+        h, positions, shift = (inputs_embeds[..., :d] if deep else inputs_embeds), position_ids, 0
         if prompt is not None:
             n, last = prompt.num_image, prompt.last
         try:
@@ -431,6 +455,8 @@ class VisionLanguageModel(nn.Module):
                 self.row_positions = positions
                 h_in = h
                 h, q, k = layer(h, rope, i, attend, shift)
+                if i < deep:
+                    h = h + inputs_embeds[..., (i + 1) * d:(i + 2) * d]
                 for stage in stages.get(i, ()):
                     if prompt is None:
                         shift += stage.dropped
@@ -439,6 +465,8 @@ class VisionLanguageModel(nn.Module):
                     kept = stage.select(LayerView(h_in, h, q, k, rows, last))
                     idx = keep_rows(h.shape[1], prompt.image_start, kept, n)
                     h, rope = h.index_select(1, idx), tuple(r.index_select(1, idx) for r in rope)
+                    if i + 1 < deep:
+                        inputs_embeds = inputs_embeds.index_select(1, idx)
                     positions = positions.index_select(1, idx)
                     n, last = kept.shape[0], add_int(last, -stage.dropped)
         finally:

@@ -357,10 +357,11 @@ class LlamaBody(nn.Module):
     """A Llama / Qwen2 body under Hugging Face's names: the embedding table, the layers, the final norm
     (the head sits beside it, on the model) and 1-D RoPE."""
 
-    def __init__(self, c: TextConfig, qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None, rope: bool = True):
+    def __init__(self, c: TextConfig, qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None, rope: bool = True,
+                 layer: type = LlamaLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c, qkv_bias, o_bias) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(layer(c, qkv_bias, o_bias) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if rope:
             self.rotary = Rope1D(c.head_dim, c.rope_theta)

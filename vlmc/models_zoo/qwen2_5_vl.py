@@ -95,50 +95,58 @@ class QwenVLConfig:
     @classmethod
     def from_hf(cls, cfg: dict, preprocessor: dict, image_size: Optional[int] = None) -> "QwenVLConfig":
         model_type = cfg.get("model_type", "qwen2_5_vl")
-        qwen2 = model_type == "qwen2_vl"
-        # transformers 5 nests the text keys in text_config; the original configs keep them at the top level
-        top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
-        t = {**top, **{k: v for k, v in (cfg.get("text_config") or {}).items() if v is not None}}
-        if t.get("use_sliding_window"):
-            raise VlmcError("config.json: text_config.use_sliding_window is true; vlmc supports Qwen2.5-VL's full attention only")
-        rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "mrope"):
-            raise VlmcError(f"config.json: text_config.rope_parameters.rope_type {kind!r} is not supported (default / mrope only)")
-        section = rope.get("mrope_section")
-        if not isinstance(section, (list, tuple)) or len(section) != 3:
-            raise VlmcError("config.json: text_config.rope_parameters.mrope_section is missing or not three numbers")
-        theta = rope.get("rope_theta", t.get("rope_theta", 1000000.0))
-        t = {k: v for k, v in t.items() if k not in ("rope_scaling", "rope_theta")}
-        t["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-        t.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
-        text = parse_text_config(t, cfg, {"bos_token_id": 151643, "eos_token_id": 151645, "rms_norm_eps": 1e-5})
-        if 2 * sum(section) != text.head_dim:
-            raise VlmcError(f"config.json: text_config.rope_parameters.mrope_section {list(section)} does not sum to head_dim/2 = {text.head_dim // 2}")
-        vision = _vision_config(cfg.get("vision_config") or {}, qwen2)
+        text, section = parse_mrope_text(cfg)
+        vision = _vision_config(cfg.get("vision_config") or {}, model_type == "qwen2_vl")
         if vision.out_hidden_size != text.hidden_size:
             raise VlmcError(f"config.json: vision_config's output width {vision.out_hidden_size} is not the decoder's hidden_size {text.hidden_size}")
-        size = preprocessor.get("size") or {}
-        min_pixels = int(preprocessor.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
-        max_pixels = int(preprocessor.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
-        factor = vision.patch_size * vision.spatial_merge_size
-        if image_size is None:
-            image_size = max(factor, min(DEFAULT_SIDE, math.isqrt(max_pixels)) // factor * factor)
-        elif image_size % factor:
-            raise VlmcError(f"recipe field 'image_size': {image_size} is not a multiple of {factor} "
-                            f"(patch_size {vision.patch_size} x spatial_merge_size {vision.spatial_merge_size}), "
-                            f"e.g. {max(factor, image_size // factor * factor)}")
-        for key in ("do_resize", "do_rescale", "do_normalize"):
-            if preprocessor.get(key) is False:
-                raise VlmcError(f"preprocessor_config.json: {key} false is not supported")
-        return cls(vision=vision, text=text, image_token_id=config_int("config.json", cfg, "image_token_id", 151655),
-                   mrope_section=tuple(int(s) for s in section), image_size=int(image_size), model_type=model_type,
-                   video_token_id=int(cfg.get("video_token_id", 151656)),
-                   vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
-                   vision_end_token_id=int(cfg.get("vision_end_token_id", 151653)),
-                   image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
-                   image_std=tuple(preprocessor.get("image_std", CLIP_STD)),
-                   min_pixels=min_pixels, max_pixels=max_pixels)
+        return cls(vision=vision, text=text, mrope_section=section, model_type=model_type,
+                   **image_fields(cfg, preprocessor, vision.patch_size * vision.spatial_merge_size, image_size))
+
+
+def parse_mrope_text(cfg: dict, rms_norm_eps: float = 1e-5) -> tuple[TextConfig, tuple]:
+    """The decoder config of a Qwen-VL checkpoint and its M-RoPE section (t, h, w frequency counts)."""
+    # transformers 5 nests the text keys in text_config; the original configs keep them at the top level
+    top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    t = {**top, **{k: v for k, v in (cfg.get("text_config") or {}).items() if v is not None}}
+    if t.get("use_sliding_window"):
+        raise VlmcError("config.json: text_config.use_sliding_window is true; vlmc supports Qwen-VL's full attention only")
+    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope"):
+        raise VlmcError(f"config.json: text_config.rope_parameters.rope_type {kind!r} is not supported (default / mrope only)")
+    section = rope.get("mrope_section")
+    if not isinstance(section, (list, tuple)) or len(section) != 3:
+        raise VlmcError("config.json: text_config.rope_parameters.mrope_section is missing or not three numbers")
+    theta = rope.get("rope_theta", t.get("rope_theta", 1000000.0))
+    t = {k: v for k, v in t.items() if k not in ("rope_scaling", "rope_theta")}
+    t["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    t.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    text = parse_text_config(t, cfg, {"bos_token_id": 151643, "eos_token_id": 151645, "rms_norm_eps": rms_norm_eps})
+    if 2 * sum(section) != text.head_dim:
+        raise VlmcError(f"config.json: text_config.rope_parameters.mrope_section {list(section)} does not sum to head_dim/2 = {text.head_dim // 2}")
+    return text, tuple(int(s) for s in section)
+
+
+def image_fields(cfg: dict, preprocessor: dict, factor: int, image_size: Optional[int]) -> dict:
+    """The config fields a Qwen-VL family shares: special tokens, normalisation, pixel bounds and the export
+    side (a multiple of `factor` = patch x merge; default the largest one not above 448 that max_pixels allows)."""
+    size = preprocessor.get("size") or {}
+    min_pixels = int(preprocessor.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+    max_pixels = int(preprocessor.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+    if image_size is None:
+        image_size = max(factor, min(DEFAULT_SIDE, math.isqrt(max_pixels)) // factor * factor)
+    elif image_size % factor:
+        raise VlmcError(f"recipe field 'image_size': {image_size} is not a multiple of {factor} "
+                        f"(patch_size x spatial_merge_size), e.g. {max(factor, image_size // factor * factor)}")
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        if preprocessor.get(key) is False:
+            raise VlmcError(f"preprocessor_config.json: {key} false is not supported")
+    return dict(image_token_id=config_int("config.json", cfg, "image_token_id", 151655), image_size=int(image_size),
+                video_token_id=int(cfg.get("video_token_id", 151656)),
+                vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
+                vision_end_token_id=int(cfg.get("vision_end_token_id", 151653)),
+                image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
+                image_std=tuple(preprocessor.get("image_std", CLIP_STD)), min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def _vision_config(v: dict, qwen2: bool) -> QwenVisionConfig:
@@ -217,16 +225,16 @@ def vision_geometry(c: QwenVisionConfig, image_size: int) -> dict[str, torch.Ten
 # ---------------------------------------------------------------- vision
 
 class PatchEmbed(nn.Module):
-    def __init__(self, c: QwenVisionConfig):
+    def __init__(self, c, bias: bool = False):
         super().__init__()
         k = (c.temporal_patch_size, c.patch_size, c.patch_size)
-        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, k, stride=k, bias=False)
+        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, k, stride=k, bias=bias)
         self.patch_size = c.patch_size
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] -> [B,D,H/p,W/p]: a still image is its frame repeated over time, so the Conv3d is a
         Conv2d with the kernel summed over the temporal axis."""
-        return F.conv2d(pixels, self.proj.weight.sum(2), stride=self.patch_size)
+        return F.conv2d(pixels, self.proj.weight.sum(2), self.proj.bias, stride=self.patch_size)
 
 
 class VisionAttention(nn.Module):
@@ -251,18 +259,19 @@ class QwenVisionBlock(nn.Module):
     window attention unless `full`. The grid's rotary tables and window mask live on the tower (shared by
     every block), reached through a reference that is not a submodule."""
 
-    def __init__(self, c: QwenVisionConfig, full: bool):
+    def __init__(self, c, full: bool):
         super().__init__()
-        d = c.hidden_size
-        if c.qwen2_vl:
-            self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
-            self.mlp = ViTMLP(d, c.intermediate_size, c.hidden_act)
-        else:
-            self.norm1, self.norm2 = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
-            self.mlp = GatedMLP(d, c.intermediate_size, c.hidden_act, bias=True)
-        self.attn = VisionAttention(d, c.num_heads)
+        self.norm1, self.norm2, self.mlp = self.norms_and_mlp(c)
+        self.attn = VisionAttention(c.hidden_size, c.num_heads)
         self.full = full
         self._tower: list = []  # [the tower], set by it
+
+    @staticmethod
+    def norms_and_mlp(c: QwenVisionConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+        d = c.hidden_size
+        if c.qwen2_vl:
+            return nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6), ViTMLP(d, c.intermediate_size, c.hidden_act)
+        return RMSNorm(d, 1e-6), RMSNorm(d, 1e-6), GatedMLP(d, c.intermediate_size, c.hidden_act, bias=True)
 
     def _rope(self):
         t = self._tower[0]
@@ -341,12 +350,20 @@ class VisionTower(nn.Module):
 # ---------------------------------------------------------------- text
 
 class MRope(nn.Module):
-    """Multimodal rotary embedding: frequency j rotates by the t, h or w position (mrope_section)."""
+    """Multimodal rotary embedding: frequency j rotates by the t, h or w position (mrope_section). Qwen2-VL
+    and 2.5 give each axis a contiguous run of frequencies; Qwen3-VL (`interleaved`) cycles t, h, w over
+    the first 3 x section[1|2] frequencies and gives the rest to t."""
 
-    def __init__(self, head_dim: int, theta: float, section: tuple):
+    def __init__(self, head_dim: int, theta: float, section: tuple, interleaved: bool = False):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        owner = torch.repeat_interleave(torch.arange(3), torch.tensor(section), output_size=sum(section))
+        if interleaved:
+            j = torch.arange(head_dim // 2)
+            owner = torch.zeros_like(j)
+            for axis in (1, 2):
+                owner[(j % 3 == axis) & (j < 3 * section[axis])] = axis
+        else:
+            owner = torch.repeat_interleave(torch.arange(3), torch.tensor(section), output_size=sum(section))
         for axis, name in enumerate(("inv_t", "inv_h", "inv_w")):
             self.register_buffer(name, torch.where(owner == axis, inv, torch.zeros_like(inv)), persistent=False)
 
@@ -356,7 +373,49 @@ class MRope(nn.Module):
         return emb.cos(), emb.sin()
 
 
-class QwenVLModel(core.VisionLanguageModel):
+class MRopeRows:
+    """M-RoPE positions from the prompt's row numbers, for the Qwen-VL families (mixed into their model)."""
+
+    def insert(self, point, stage) -> None:
+        super().insert(point, stage)
+        self.image_rows()
+
+    def pop(self, point):
+        stage = super().pop(point)
+        self.image_rows()
+        return stage
+
+    def image_rows(self) -> int:
+        """The image rows a prompt holds: what the stages at projector.out leave of the merged grid (found
+        by running them on zeros, once per set of stages; shapes are static)."""
+        stages = tuple(self.insertions["projector_out"]) if "projector_out" in self.insertions else ()
+        cached, rows = self._rows
+        if len(cached) != len(stages) or any(a is not b for a, b in zip(cached, stages)):
+            with torch.no_grad():
+                x = torch.zeros(1, self.num_image_tokens, self.embed_width)
+                rows = self._stage("projector.out", x).shape[1] if stages else self.num_image_tokens
+            self._rows = (stages, rows)
+        return rows
+
+    def mrope_positions(self, position_ids: torch.Tensor):
+        """Row numbers [B,T] (int64) -> the (t, h, w) positions transformers' get_rope_index gives them."""
+        if self.image_start is None:
+            raise VlmcError(f"the {self.family} family needs the prompt template to put <image> before {{prompt}}: "
+                            "its M-RoPE positions depend on the row where the image starts")
+        s, n, side = self.image_start, self.image_rows(), self.patch_grid // self.connector_merge
+        i = position_ids
+        before, image = i < s, i < s + n  # (no `&`: Core ML's converter lacks it)
+        after = core.add_int(i, side - n)
+        k = core.add_int(i, -s).clamp(0, n - 1).reshape(-1)
+        rows = torch.tensor([s + j // side for j in range(n)]).index_select(0, k).view_as(i)
+        cols = torch.tensor([s + j % side for j in range(n)]).index_select(0, k).view_as(i)
+        return tuple(torch.where(before, i, torch.where(image, inner, after)) for inner in (torch.full_like(i, s), rows, cols))
+
+    def rope(self, position_ids: torch.Tensor):
+        return self.rotary(*self.mrope_positions(position_ids))
+
+
+class QwenVLModel(MRopeRows, core.VisionLanguageModel):
     """Qwen2.5-VL / Qwen2-VL: window-attention ViT -> patch merger -> Qwen2 decoder with M-RoPE."""
 
     needs_image_start = True
@@ -397,59 +456,26 @@ class QwenVLModel(core.VisionLanguageModel):
     def select_features(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    # ----- M-RoPE from row numbers
-    def insert(self, point, stage) -> None:
-        super().insert(point, stage)
-        self.image_rows()
 
-    def pop(self, point):
-        stage = super().pop(point)
-        self.image_rows()
-        return stage
+def read_preprocessor(directory, preprocessor: dict) -> dict:
+    """preprocessor_config.json's fields, or the image processor's in processor_config.json, where
+    transformers 5's processor.save_pretrained writes them."""
+    if preprocessor or directory is None:
+        return preprocessor
+    import json
+    from pathlib import Path
 
-    def image_rows(self) -> int:
-        """The image rows a prompt holds: what the stages at projector.out leave of the merged grid (found
-        by running them on zeros, once per set of stages; shapes are static)."""
-        stages = tuple(self.insertions["projector_out"]) if "projector_out" in self.insertions else ()
-        cached, rows = self._rows
-        if len(cached) != len(stages) or any(a is not b for a, b in zip(cached, stages)):
-            with torch.no_grad():
-                x = torch.zeros(1, self.num_image_tokens, self.config.text.hidden_size)
-                rows = self._stage("projector.out", x).shape[1] if stages else self.num_image_tokens
-            self._rows = (stages, rows)
-        return rows
-
-    def mrope_positions(self, position_ids: torch.Tensor):
-        """Row numbers [B,T] (int64) -> the (t, h, w) positions transformers' get_rope_index gives them."""
-        if self.image_start is None:
-            raise VlmcError(f"the {self.family} family needs the prompt template to put <image> before {{prompt}}: "
-                            "its M-RoPE positions depend on the row where the image starts")
-        s, n, side = self.image_start, self.image_rows(), self.patch_grid // self.connector_merge
-        i = position_ids
-        before, image = i < s, i < s + n  # (no `&`: Core ML's converter lacks it)
-        after = core.add_int(i, side - n)
-        k = core.add_int(i, -s).clamp(0, n - 1).reshape(-1)
-        rows = torch.tensor([s + j // side for j in range(n)]).index_select(0, k).view_as(i)
-        cols = torch.tensor([s + j % side for j in range(n)]).index_select(0, k).view_as(i)
-        return tuple(torch.where(before, i, torch.where(image, inner, after)) for inner in (torch.full_like(i, s), rows, cols))
-
-    def rope(self, position_ids: torch.Tensor):
-        return self.rotary(*self.mrope_positions(position_ids))
+    path = Path(directory) / "processor_config.json"
+    if not path.is_file():
+        return preprocessor
+    try:
+        return json.loads(path.read_text()).get("image_processor") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise VlmcError(f"{path}: invalid JSON object") from None
 
 
 def build(cfg: dict, directory, preprocessor: dict, image_size: Optional[int] = None) -> QwenVLModel:
-    if not preprocessor and directory is not None:
-        # transformers 5's processor.save_pretrained writes the image processor into processor_config.json
-        import json
-        from pathlib import Path
-
-        path = Path(directory) / "processor_config.json"
-        if path.is_file():
-            try:
-                preprocessor = json.loads(path.read_text()).get("image_processor") or {}
-            except (json.JSONDecodeError, AttributeError):
-                raise VlmcError(f"{path}: invalid JSON object") from None
-    return QwenVLModel(QwenVLConfig.from_hf(cfg, preprocessor, image_size))
+    return QwenVLModel(QwenVLConfig.from_hf(cfg, read_preprocessor(directory, preprocessor), image_size))
 
 
 def normalize_hf_key(key: str) -> str:
