@@ -59,7 +59,7 @@ def test_an_unknown_preset_is_named(tmp_path):
 
 # (parameters in millions, image tokens, image size) of each release, checked without allocating weights
 RELEASES = {"smolvlm2-256m": (256.5, 64, 512), "smolvlm2-500m": (507.5, 64, 512), "internvl3-1b": (802.3, 256, 448),
-            "qwen2.5-vl-3b": (3754.6, 256, 448), "qwen3-vl-2b": (2127.5, 196, 448), "gemma3-4b": (4300.1, 256, 896), "llava-1.5-7b": (7063.4, 576, 336)}
+            "qwen2.5-vl-3b": (3754.6, 256, 448), "qwen3-vl-2b": (2127.5, 196, 448), "lfm2-vl-450m": (450.8, 256, 512), "gemma3-4b": (4300.1, 256, 896), "llava-1.5-7b": (7063.4, 576, 336)}
 
 
 @pytest.mark.parametrize("name", list(RELEASES))

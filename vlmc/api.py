@@ -163,7 +163,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
             full = prompt["num_image_tokens_unpruned"]
             grow = (full - prompt["num_image_tokens"]) * prompt.get("image_tiles", 1)
             ref_shape = DecoderShape(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
-                                     shape.max_context + grow, shape.max_prompt + grow)
+                                     shape.max_context + grow, shape.max_prompt + grow, state_layers=shape.state_layers)
             ref = load(b.manifest["model"]["source"], b.manifest["recipe"].get("image_size"), b.manifest["recipe"].get("tile_grid"))
             ref.template(Recipe.model_validate(b.manifest["recipe"]))
             reference = Answerer(EagerSession(ref.model, ref_shape), tok,
@@ -182,8 +182,7 @@ def evaluate(target: Union[str, Path], runtime: str = "eager", dataset: str = "s
         prompt = {"template": recipe.prompt_template, "num_image_tokens": tokens, "image_token_id": c.image_token_id,
                   "bos_token_id": loaded.bos_token_id, "eos_token_ids": list(c.text.eos_token_ids), "image_size": loaded.model.image_size,
                   "image_resize": loaded.image_resize}
-        t = c.text
-        shape = DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, recipe.max_context, recipe.max_prompt)
+        shape = DecoderShape.of_model(loaded.model, recipe.max_context, recipe.max_prompt)
         answer = Answerer(EagerSession(loaded.model, shape), loaded.tokenizer, prompt)
         reference, name, source, quantized = answer if reference else None, loaded.name, loaded.source, False
     # questions come at the uncompressed model's size; a bundle with a lower resolution reads them at its own

@@ -215,6 +215,8 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "decoder": {"num_layers": cfg.text.num_layers, "num_kv_heads": cfg.text.num_kv_heads,
                         "head_dim": cfg.text.head_dim, "hidden_size": cfg.text.hidden_size,
                         "embed_width": loaded.model.embed_width,
+                        **({"state_layers": [list(s) for s in ctx.decoder_shape.state_layers]}
+                           if ctx.decoder_shape.state_layers else {}),
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
                         "max_prompt": recipe.max_prompt, **_in_llm_fields(ctx)},
             "recipe": recipe.model_dump(mode="json"),

@@ -99,9 +99,7 @@ class ExportContext:
 
     @property
     def decoder_shape(self) -> DecoderShape:
-        t = self.model.config.text
-        return DecoderShape(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, self.recipe.max_context, self.recipe.max_prompt,
-                            tuple(self.model.cache_shifts()))
+        return DecoderShape.of_model(self.model, self.recipe.max_context, self.recipe.max_prompt)
 
     def scheme(self, program: str):
         """The quantization pass of the part a program belongs to, or None (float)."""

@@ -33,11 +33,12 @@ FAMILIES = {
     "qwen2_5_vl": "Qwen2.5-VL: window-attention ViT + patch merger + Qwen2 with M-RoPE, one square image (recipe image_size), model_type 'qwen2_5_vl'",
     "qwen2_vl": "Qwen2-VL (the Qwen2.5-VL design with full attention and LayerNorms), model_type 'qwen2_vl'",
     "qwen3_vl": "Qwen3-VL: ViT with DeepStack mergers + patch merger + Qwen3 with interleaved M-RoPE, one square image (recipe image_size), model_type 'qwen3_vl'",
+    "lfm2_vl": "LFM2-VL: SigLIP2 NaFlex + pixel-unshuffle projector + LFM2 (attention and gated short-convolution layers), one square image (recipe image_size), model_type 'lfm2_vl'",
     "gemma3": "Gemma 3: SigLIP + average-pool projector + Gemma 3 (sliding-window layers, bidirectional image rows), one square image, model_type 'gemma3'",
 }
 # config.json model_type -> the adapter module under vlmc.models_zoo
 ADAPTERS = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl", "qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl",
-            "qwen3_vl": "qwen3_vl", "gemma3": "gemma3"}
+            "qwen3_vl": "qwen3_vl", "lfm2_vl": "lfm2_vl", "gemma3": "gemma3"}
 DEFAULT_MODEL = "shapes-llava"
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmc.errors import VlmcError
-from vlmc.models_zoo.layers import Attend, repeat_kv
+from vlmc.models_zoo.layers import Attend, StatefulAttend, repeat_kv
 
 POINTS = re.compile(r"^(vision\.block\[(\d+)\]|vision\.out|projector\.out|decoder\.layer\[(\d+)\])$")
 
@@ -134,6 +134,24 @@ class VisionLanguageModel(nn.Module):
     def set_image_start(self, row: int) -> None:
         """Where the prompt template puts the image (constant for a template with the image before the question)."""
         self.image_start = row
+
+    def state_shape(self, layer: int) -> Optional[tuple[int, int]]:
+        """(rows, width) of the recurrent state a decoder layer keeps instead of a KV cache (LFM2's short
+        convolutions keep their last kernel - 1 input rows); None for an attention layer."""
+        return None
+
+    def state_layers(self) -> dict[int, tuple[int, int]]:
+        return {i: s for i in range(self.config.text.num_layers) if (s := self.state_shape(i)) is not None}
+
+    def cache_dims(self, layer: int, max_context: int) -> tuple[int, int, int]:
+        """(heads, slots, dim) of a decoder layer's two cache tensors: an attention layer's keys and values
+        (slots shorter by the image rows in-LLM stages dropped before it), or a recurrent layer's state
+        split by width across the two, so every program keeps one (k, v) pair per layer."""
+        state = self.state_shape(layer)
+        if state is not None:
+            return (1, state[0], state[1] // 2)
+        t = self.config.text
+        return (t.num_kv_heads, max_context - self.cache_shifts()[layer], t.head_dim)
 
     def attention_mask(self, layer: int, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
         """Which cache slots [C] each query slot [T] of decoder `layer` sees: [T, C] bool. Causal here;
@@ -308,6 +326,10 @@ class VisionLanguageModel(nn.Module):
         """
         self.resolve(point)
         transparent = getattr(stage, "transparent", False)
+        if point.startswith("decoder.") and self.state_layers():
+            raise VlmcError(f"insertion at {point}: the {self.family} decoder's convolution layers mix neighbouring rows "
+                            "and carry a state over them; in-LLM token stages (which drop rows between layers) are not "
+                            "supported there (reduce tokens at projector.out)")
         if point.startswith("decoder.") and self.image_tiles > 1:
             raise VlmcError(f"insertion at {point}: the image fills {self.image_tiles} tile runs with the tile grid's text "
                             "between them; in-LLM token stages need the image as one run of rows (export without tile_grid)")
@@ -502,8 +524,25 @@ class VisionLanguageModel(nn.Module):
             out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        h = self.run_decoder(embeds, position_ids, attend, prompt)
+        def carry(i, x):
+            rows = self.state_shape(i)[0]
+            state = join_state(*past[i]) if past is not None else x.new_zeros(x.shape[0], rows, x.shape[2])
+            full = torch.cat([state, x], 1)
+            new_past.append(split_state(full[:, full.shape[1] - rows:]))
+            return full
+
+        h = self.run_decoder(embeds, position_ids, StatefulAttend(attend, carry) if self.state_layers() else attend, prompt)
         return self.lm_head(h), new_past
+
+
+def split_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recurrent layer's state [B,S,W] as its (k, v) cache pair [B,1,S,W/2] each."""
+    half = state.shape[2] // 2
+    return state[:, None, :, :half], state[:, None, :, half:]
+
+
+def join_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([k, v], -1)[:, 0]
 
 
 @contextmanager

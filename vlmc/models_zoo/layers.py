@@ -292,6 +292,26 @@ class SiglipTower(nn.Module):
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+class StatefulAttend:
+    """An `Attend` that also keeps the state of recurrent decoder layers (LFM2's short convolutions): a
+    program that has a cache wraps its `attend` with `carry(layer, rows [B,T,W]) -> [B,S+T,W]`, the layer's
+    S state rows before its new ones, keeping the new state. Without it (whole-prompt calibration runs)
+    a recurrent layer starts from zeros."""
+
+    def __init__(self, attend: Attend, carry: Callable[[int, torch.Tensor], torch.Tensor]):
+        self.attend, self.carry = attend, carry
+
+    def __call__(self, index, q, k, v, shift):
+        return self.attend(index, q, k, v, shift)
+
+
+def carried_rows(attend, index: int, rows: torch.Tensor, state_rows: int) -> torch.Tensor:
+    """A recurrent layer's input `rows` [B,T,W] behind its state (zeros without a cache): [B,S+T,W]."""
+    if isinstance(attend, StatefulAttend):
+        return attend.carry(index, rows)
+    return F.pad(rows, (0, 0, state_rows, 0))
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool):
         super().__init__()

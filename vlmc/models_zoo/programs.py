@@ -16,8 +16,8 @@ from torch import nn
 
 from typing import Optional
 
-from vlmc.models_zoo.core import PromptRows, VisionLanguageModel
-from vlmc.models_zoo.layers import repeat_kv
+from vlmc.models_zoo.core import PromptRows, VisionLanguageModel, add_int, join_state, split_state
+from vlmc.models_zoo.layers import StatefulAttend, repeat_kv
 
 
 class VisionEncoderProgram(nn.Module):
@@ -54,9 +54,8 @@ class TokenEmbeddingProgram(nn.Module):
 
 def cache_shape(model: VisionLanguageModel, max_context: int, layer: int = 0) -> tuple[int, int, int, int]:
     """The static-cache form's cache [1, Hkv, C, d] of one layer: C is shorter by the image rows in-LLM
-    stages dropped before that layer."""
-    t = model.config.text
-    return (1, t.num_kv_heads, max_context - model.cache_shifts()[layer], t.head_dim)
+    stages dropped before that layer; a recurrent layer's state half [1, 1, S, W/2] (`cache_dims`)."""
+    return (1, *model.cache_dims(layer, max_context))
 
 
 class StaticCacheDecoder(nn.Module):
@@ -98,7 +97,17 @@ class StaticCacheDecoder(nn.Module):
                 q, repeat_kv(k_all, self.n_rep), repeat_kv(v_all, self.n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        h = self.model.run_decoder(inputs_embeds, position_ids, attend, prompt)
+        def carry(i, x):
+            # the state after this call: the S rows that end at the last real one (a padded prefill's
+            # `logits_index`; a decode step's only row)
+            state = join_state(caches[2 * i], caches[2 * i + 1])
+            full = torch.cat([state, x], 1)
+            rows = state.shape[1]
+            new_caches.extend(split_state(full.index_select(1, add_int(torch.arange(rows) + logits_index, 1))))
+            return full
+
+        stateful = StatefulAttend(attend, carry) if self.model.state_layers() else attend
+        h = self.model.run_decoder(inputs_embeds, position_ids, stateful, prompt)
         dropped = 0 if prompt is None else self.model.dropped_in_llm()
         last = h.index_select(1, logits_index - dropped)  # [1, 1, D]
         return (self.model.lm_head(last)[:, 0], *new_caches)
@@ -138,11 +147,10 @@ class ExecuTorchDecoder(nn.Module):
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
         self.model, self.max_context = model, max_context
-        t = model.config.text
-        for i, shift in enumerate(model.cache_shifts()):
-            shape = (1, max_context - shift, t.num_kv_heads, t.head_dim)
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        for i in range(model.config.text.num_layers):
+            heads, slots, dim = model.cache_dims(i, max_context)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, slots, heads, dim), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, slots, heads, dim), persistent=False)
 
     def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows]):
 
@@ -163,7 +171,18 @@ class ExecuTorchDecoder(nn.Module):
                                                  repeat_kv(v_cache.transpose(1, 2), n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        h = self.model.run_decoder(inputs_embeds, position_ids, attend, prompt)
+        def carry(i, x):
+            k_state, v_state = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            rows, half = k_state.shape[1], k_state.shape[3]
+            fresh = (position_ids[:, :1] > 0).to(x.dtype)[..., None]  # a sequence starting at slot 0 has no past
+            full = torch.cat([torch.cat([k_state, v_state], -1)[:, :, 0] * fresh, x], 1)
+            new = full[:, full.shape[1] - rows:]
+            k_state.copy_(new[:, :, None, :half])
+            v_state.copy_(new[:, :, None, half:])
+            return full
+
+        stateful = StatefulAttend(attend, carry) if self.model.state_layers() else attend
+        h = self.model.run_decoder(inputs_embeds, position_ids, stateful, prompt)
         return self.model.lm_head(h[:, -1])
 
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

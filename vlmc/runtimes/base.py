@@ -26,12 +26,27 @@ class DecoderShape:
     max_context: int
     max_prompt: int
     cache_shifts: tuple = ()  # per layer, image rows in-LLM stages dropped before it (its cache is shorter)
+    state_layers: tuple = ()  # (layer, rows, width) of each recurrent layer: its state split across its (k, v) pair
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "DecoderShape":
         d = manifest["decoder"]
         return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"],
-                   tuple(d.get("cache_shifts", ())))
+                   tuple(d.get("cache_shifts", ())), tuple(tuple(s) for s in d.get("state_layers", ())))
+
+    @classmethod
+    def of_model(cls, model, max_context: int, max_prompt: int) -> "DecoderShape":
+        """The shape of a VisionLanguageModel's decoder with its token stages, at these lengths."""
+        t = model.config.text
+        return cls(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, max_context, max_prompt,
+                   tuple(model.cache_shifts()), tuple((i, *s) for i, s in model.state_layers().items()))
+
+    def cache_dims(self, layer: int) -> tuple[int, int, int]:
+        """(heads, slots, dim) of the layer's k and v cache tensors (see VisionLanguageModel.cache_dims)."""
+        for index, rows, width in self.state_layers:
+            if index == layer:
+                return (1, rows, width // 2)
+        return (self.num_kv_heads, self.cache_length(layer), self.head_dim)
 
     @property
     def full_prompt_prefill(self) -> bool:
@@ -95,7 +110,7 @@ class StaticCacheSession(Session):
 
     def _empty_caches(self) -> list[np.ndarray]:
         s = self.shape
-        return [np.zeros((1, s.num_kv_heads, s.cache_length(i), s.head_dim), np.float32) for i in range(s.num_layers) for _ in "kv"]
+        return [np.zeros((1, *s.cache_dims(i)), np.float32) for i in range(s.num_layers) for _ in "kv"]
 
     def _decode(self, embeds, positions, logits_index) -> np.ndarray:
         pos = np.asarray(positions, np.int64)
