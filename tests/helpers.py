@@ -137,3 +137,25 @@ def parity_errors(hf, ours, ids, pixels, **hf_inputs) -> tuple[float, float, flo
         logits, past = ours.decode(embeds, torch.arange(n)[None], None)
         step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
     return whole, (logits - out.logits).abs().max().item(), (step[:, -1] - hf_step).abs().max().item()
+
+
+def stock_runner_pieces(bundle, image_path, question: str, bos_piece: str = "", max_new_tokens: int = 6) -> list[str]:
+    """The pieces ExecuTorch's stock MultimodalRunner generates for a bundle: the template's text before the
+    image, the image, the text after it, as an app feeds them (the app writes the BOS piece, as a chat
+    template does; the stock runner encodes text as given)."""
+    import torch
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the llama:: kernels)
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
+
+    from vlmc.runtimes.image import load_image
+
+    p = bundle.manifest["prompt"]
+    before, after = p["template"].replace("{prompt}", question).split("<image>")
+    if p["add_bos"]:
+        before = bos_piece + before
+    runner = MultimodalRunner(str(bundle.path / "model.pte"), str(bundle.path / "tokenizer.json"))
+    image = torch.from_numpy(load_image(image_path, p["image_size"], p["image_resize"]))
+    pieces = []
+    runner.generate([make_text_input(before), make_image_input(image), make_text_input(after)],
+                    GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, echo=False), token_callback=pieces.append)
+    return [x for x in pieces if x and x not in ("</s>",)]

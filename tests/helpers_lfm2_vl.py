@@ -28,9 +28,8 @@ def write_lfm2_tokenizer(directory: Path, vocab_size: int):
     pieces += [f"tok{i}" for i in range(len(pieces), vocab_size)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<|endoftext|>"))
     tok.add_special_tokens(LFM2_SPECIALS)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(" "), behavior="removed"),
-        pre_tokenizers.Split(Regex(r"\n+|\w+|[^\w\s]"), behavior="isolated")])
+    # the pieces kept, the spaces between them removed: a pre-tokenizer ExecuTorch's C++ loader reads too
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+|\w+|[^\w\s]"), behavior="removed", invert=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", unk_token="<|endoftext|>", add_bos_token=True)
     fast.save_pretrained(directory)
@@ -65,7 +64,7 @@ def make_hf_lfm2vl(directory: Path, seed: int = 0, heads: int = 4, kv_heads: int
                      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "layer_types": list(layer_types),
                      "conv_L_cache": conv_kernel, "conv_bias": conv_bias, "norm_eps": 1e-5, "tie_word_embeddings": tie,
                      "bos_token_id": 1, "eos_token_id": 4, "pad_token_id": 0},
-        image_token_id=IMAGE_TOKEN, projector_hidden_size=48, downsample_factor=2, tie_word_embeddings=tie,
+        image_token_id=IMAGE_TOKEN, projector_hidden_size=64, downsample_factor=2, tie_word_embeddings=tie,
         projector_use_layernorm=projector_layernorm)
     model = Lfm2VlForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # off the init values (norms at 1, biases at 0), so mistakes show in the logits

@@ -21,9 +21,8 @@ def write_qwen_tokenizer(directory: Path, vocab_size: int):
     pieces += [f"tok{i}" for i in range(len(pieces), vocab_size)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<|endoftext|>"))
     tok.add_special_tokens(QWEN_SPECIALS)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(" "), behavior="removed"),
-        pre_tokenizers.Split(Regex(r"\n+|\w+|[^\w\s]"), behavior="isolated")])
+    # the pieces kept, the spaces between them removed: a pre-tokenizer ExecuTorch's C++ loader reads too
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+|\w+|[^\w\s]"), behavior="removed", invert=True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_hf_idefics3, parity_errors
+from tests.helpers import make_hf_idefics3, parity_errors, stock_runner_pieces
 from vlmc import api
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
@@ -112,20 +112,8 @@ def test_vision_side_passes_are_refused_with_the_reason(smolvlm, tmp_path, spec,
 
 def test_stock_multimodal_runner_generates_vlmc_tokens(smolvlm_bundle, sample_image):
     """ExecuTorch's own MultimodalRunner runs the SmolVLM bundle: text, image, text, as an app would feed it."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the llama:: kernels)
-    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
-
-    p = smolvlm_bundle.manifest["prompt"]
-    before, after = p["template"].replace("{prompt}", QUESTION).split("<image>")
-    if p["add_bos"]:  # the stock runner encodes text as given: the app writes the BOS piece, as a chat template does
-        before = "<s>" + before
-    runner = MultimodalRunner(str(smolvlm_bundle.path / "model.pte"), str(smolvlm_bundle.path / "tokenizer.json"))
-    image = torch.from_numpy(load_image(sample_image, p["image_size"], p["image_resize"]))
-    pieces = []
-    runner.generate([make_text_input(before), make_image_input(image), make_text_input(after)],
-                    GenerationConfig(max_new_tokens=6, temperature=0.0, echo=False), token_callback=pieces.append)
     ours = api.run(smolvlm_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
-    assert [x for x in pieces if x and x != "</s>"] == ours["pieces"]
+    assert stock_runner_pieces(smolvlm_bundle, sample_image, QUESTION, "<s>") == ours["pieces"]
 
 
 # ----- a tile grid fixed at export (the processor's do_image_splitting=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers_lfm2_vl import IMAGE_TOKEN, make_hf_lfm2vl, patchify
+from tests.helpers import stock_runner_pieces
+from tests.helpers_lfm2_vl import make_hf_lfm2vl, patchify
 from vlmc import api
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
@@ -150,6 +151,13 @@ def test_export_verifies_on_every_target_and_names_the_family(lfm2_bundle):
     results = m["verification"]["results"]
     assert {r["target"] for r in results} == {"onnx", "executorch", "coreml"} and all(r["passed"] for r in results)
     assert m["targets"]["executorch"]["runner"].startswith("executorch MultimodalRunner")
+
+
+@pytest.mark.slow
+def test_stock_multimodal_runner_generates_vlmc_tokens(lfm2_bundle, sample_image):
+    """ExecuTorch's own MultimodalRunner runs the bundle: text, image, text, as an app would feed it."""
+    ours = api.run(lfm2_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
+    assert stock_runner_pieces(lfm2_bundle, sample_image, QUESTION, "<|startoftext|>") == ours["pieces"]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import stock_runner_pieces
 from tests.helpers_qwen2_5_vl import IMAGE_TOKEN, make_hf_qwen
 from vlmc import api
 from vlmc.errors import VlmcError
@@ -179,6 +180,13 @@ def test_export_verifies_on_every_target_and_names_the_family(qwen_bundle):
     assert m["model"]["family"] == "qwen2_5_vl" and m["recipe"]["image_size"] == 56
     results = m["verification"]["results"]
     assert {r["target"] for r in results} == {"onnx", "executorch", "coreml"} and all(r["passed"] for r in results)
+
+
+@pytest.mark.slow
+def test_stock_multimodal_runner_generates_vlmc_tokens(qwen_bundle, sample_image):
+    """ExecuTorch's own MultimodalRunner runs the bundle (M-RoPE from the rows the template fixes)."""
+    ours = api.run(qwen_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
+    assert stock_runner_pieces(qwen_bundle, sample_image, QUESTION) == ours["pieces"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import stock_runner_pieces
 from tests.helpers_qwen3_vl import IMAGE_TOKEN, make_hf_qwen3
 from vlmc import api
 from vlmc.errors import VlmcError
@@ -192,6 +193,13 @@ def test_export_verifies_on_every_target_and_names_the_family(qwen3_bundle):
     results = m["verification"]["results"]
     assert {r["target"] for r in results} == {"onnx", "executorch", "coreml"} and all(r["passed"] for r in results)
     assert m["targets"]["executorch"]["runner"].startswith("executorch MultimodalRunner")
+
+
+@pytest.mark.slow
+def test_stock_multimodal_runner_generates_vlmc_tokens(qwen3_bundle, sample_image):
+    """ExecuTorch's own MultimodalRunner runs the bundle: text, image, text, as an app would feed it."""
+    ours = api.run(qwen3_bundle.path, "executorch", sample_image, QUESTION, max_new_tokens=6)
+    assert stock_runner_pieces(qwen3_bundle, sample_image, QUESTION, "") == ours["pieces"]
 
 
 @pytest.mark.slow

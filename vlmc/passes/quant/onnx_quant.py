@@ -32,10 +32,13 @@ def _reader(feeds: list[dict[str, np.ndarray]]):
 
 
 def _activation_products(graph) -> list[str]:
-    """MatMul nodes with no constant operand (attention's q.k and p.v): left float, as XNNPACK does,
-    so w8a8 means int8 weights and int8 inputs to the weight products on every target."""
+    """Products without a constant weight, left float: MatMuls with no constant operand (attention's q.k
+    and p.v, as XNNPACK leaves them, so w8a8 means int8 weights and int8 inputs to the weight products on
+    every target), and Conv / Gemm whose weight the graph computes (Qwen's Conv3d kernel summed over time
+    for a still image), which onnxruntime's quantizers cannot quantize."""
     constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+    return [n.name for n in graph.node if (n.op_type == "MatMul" and not any(i in constants for i in n.input))
+            or (n.op_type in ("Conv", "Gemm") and n.input[1] not in constants)]
 
 
 def _kept_float(graph) -> list[str]:
