@@ -159,3 +159,25 @@ def stock_runner_pieces(bundle, image_path, question: str, bos_piece: str = "", 
     runner.generate([make_text_input(before), make_image_input(image), make_text_input(after)],
                     GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, echo=False), token_callback=pieces.append)
     return [x for x in pieces if x and x not in ("</s>",)]
+
+
+def assert_cache_decode_matches(hf, ours, ids, pixels, out, tol: float = 1e-4) -> None:
+    """Our eager decode with a growing cache against transformers' logits `out` of the whole prompt: prefill
+    to the middle of the question, the rest of the prompt row by row, then one new token against
+    transformers' own cache (the last logits compared)."""
+    import torch
+
+    with torch.no_grad():
+        embeds = ours.merge_embeddings(ids, ours.encode_image(pixels))
+        assert embeds.shape[-1] == ours.embed_width
+        n, cut = embeds.shape[1], embeds.shape[1] - 4
+        logits, past = ours.decode(embeds[:, :cut], torch.arange(cut)[None], None)
+        rows = [logits]
+        for r in range(cut, n):
+            step, past = ours.decode(embeds[:, r:r + 1], torch.tensor([[r]]), past)
+            rows.append(step)
+        assert (torch.cat(rows, 1) - out.logits).abs().max().item() <= tol
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
+    assert (step[:, -1] - hf_step).abs().max().item() <= tol

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import stock_runner_pieces
+from tests.helpers import assert_cache_decode_matches, stock_runner_pieces
 from tests.helpers_qwen2_5_vl import IMAGE_TOKEN, make_hf_qwen
 from vlmc import api
 from vlmc.errors import VlmcError
@@ -53,19 +53,7 @@ def test_logits_match_transformers_with_and_without_the_cache(tmp_path, kwargs, 
             out = hf(**_hf_inputs(processor, image, ids), use_cache=True)
             full = ours(ids, ours.normalize(image))
             assert (full - out.logits).abs().max().item() <= 1e-4, (size, (full - out.logits).abs().max().item())
-            # prefill to the middle of the question, then the rest of the prompt row by row, then one new token
-            embeds = ours.merge_embeddings(ids, ours.encode_image(ours.normalize(image)))
-            n, cut = embeds.shape[1], embeds.shape[1] - 4
-            logits, past = ours.decode(embeds[:, :cut], torch.arange(cut)[None], None)
-            rows = [logits]
-            for r in range(cut, n):
-                step, past = ours.decode(embeds[:, r:r + 1], torch.tensor([[r]]), past)
-                rows.append(step)
-            assert (torch.cat(rows, 1) - out.logits).abs().max().item() <= 1e-4
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
-            step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
-        assert (step[:, -1] - hf_step).abs().max().item() <= 1e-4
+        assert_cache_decode_matches(hf, ours, ids, ours.normalize(image), out)
 
 
 def test_mrope_positions_are_transformers_rope_index(tmp_path):

@@ -373,8 +373,33 @@ class MRope(nn.Module):
         return emb.cos(), emb.sin()
 
 
-class MRopeRows:
-    """M-RoPE positions from the prompt's row numbers, for the Qwen-VL families (mixed into their model)."""
+class QwenFixedGrid:
+    """What the Qwen-VL families share (mixed into their model before the core): the `visual` / `model`
+    anatomy under transformers' names, one square grid fixed at export, M-RoPE positions from the prompt's
+    row numbers."""
+
+    needs_image_start = True
+    vision_blocks_path = "visual.blocks"
+    connector_path = "visual.merger"
+    embed_tokens_path = "model.embed_tokens"
+    decoder_layers_path = "model.layers"
+    final_norm_path = "model.norm"
+    parts = {"vision": ("visual",), "decoder": ("model.layers", "lm_head")}
+    image_resize = {"rule": "square", "filter": "bicubic"}
+
+    @property
+    def num_vision_blocks(self) -> int:
+        return self.config.vision.depth
+
+    @property
+    def native_image_size(self) -> int:
+        return self.config.image_size
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual.embed(pixel_values)
+
+    def select_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def insert(self, point, stage) -> None:
         super().insert(point, stage)
@@ -415,17 +440,8 @@ class MRopeRows:
         return self.rotary(*self.mrope_positions(position_ids))
 
 
-class QwenVLModel(MRopeRows, core.VisionLanguageModel):
+class QwenVLModel(QwenFixedGrid, core.VisionLanguageModel):
     """Qwen2.5-VL / Qwen2-VL: window-attention ViT -> patch merger -> Qwen2 decoder with M-RoPE."""
-
-    needs_image_start = True
-    vision_blocks_path = "visual.blocks"
-    connector_path = "visual.merger"
-    embed_tokens_path = "model.embed_tokens"
-    decoder_layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    parts = {"vision": ("visual",), "decoder": ("model.layers", "lm_head")}
-    image_resize = {"rule": "square", "filter": "bicubic"}
 
     def __init__(self, config: QwenVLConfig):
         super().__init__(config)
@@ -437,24 +453,10 @@ class QwenVLModel(MRopeRows, core.VisionLanguageModel):
         self.add_head()
         self._rows: tuple = ((), self.num_image_tokens)  # (projector.out stages, image rows they leave)
 
-    @property
-    def num_vision_blocks(self) -> int:
-        return self.config.vision.depth
-
-    @property
-    def native_image_size(self) -> int:
-        return self.config.image_size
-
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual.embed(pixel_values)
-
     def resize_positions(self, grid: int) -> None:
         """Qwen's vision rotary positions, windows and merge order all follow the grid: recomputed for it."""
         self.visual.set_geometry(vision_geometry(self.config.vision, grid * self.config.vision.patch_size))
         self._rows = ((), (grid // self.connector_merge) ** 2)
-
-    def select_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def read_preprocessor(directory, preprocessor: dict) -> dict:

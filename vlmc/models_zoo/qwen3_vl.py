@@ -37,7 +37,7 @@ from vlmc.models_zoo.layers import (
 )
 from vlmc.models_zoo import qwen2_5_vl
 from vlmc.models_zoo.qwen2_5_vl import (
-    MRope, MRopeRows, PatchEmbed, QwenVisionBlock, _common_vision, image_fields, parse_mrope_text, read_preprocessor,
+    MRope, PatchEmbed, QwenFixedGrid, QwenVisionBlock, _common_vision, image_fields, parse_mrope_text, read_preprocessor,
     vision_geometry,
 )
 
@@ -246,18 +246,10 @@ class Qwen3Layer(LlamaLayer):
         return h + self.mlp(self.post_attention_layernorm(h)), q, k
 
 
-class Qwen3VLModel(MRopeRows, core.VisionLanguageModel):
+class Qwen3VLModel(QwenFixedGrid, core.VisionLanguageModel):
     """Qwen3-VL: ViT -> patch merger (+ DeepStack mergers) -> Qwen3 decoder with interleaved M-RoPE."""
 
     family = "qwen3_vl"
-    needs_image_start = True
-    vision_blocks_path = "visual.blocks"
-    connector_path = "visual.merger"
-    embed_tokens_path = "model.embed_tokens"
-    decoder_layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    parts = {"vision": ("visual",), "decoder": ("model.layers", "lm_head")}
-    image_resize = {"rule": "square", "filter": "bicubic"}
 
     def __init__(self, config: Qwen3VLConfig):
         super().__init__(config)
@@ -270,20 +262,6 @@ class Qwen3VLModel(MRopeRows, core.VisionLanguageModel):
         self.rotary = MRope(config.text.head_dim, config.text.rope_theta, config.mrope_section, interleaved=True)
         self.add_head()
         self._rows: tuple = ((), self.num_image_tokens)  # (projector.out stages, image rows they leave)
-
-    @property
-    def num_vision_blocks(self) -> int:
-        return self.config.vision.depth
-
-    @property
-    def native_image_size(self) -> int:
-        return self.config.image_size
-
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual.embed(pixel_values)
-
-    def select_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     def connect(self, features: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
         """[main merger | DeepStack merger of each tapped block, in the order decoder layers add them]."""
