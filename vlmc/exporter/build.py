@@ -49,7 +49,8 @@ def prepare(recipe: Recipe) -> Prepared:
     image_tokens = passes.tokens_at(loaded.model, "projector.out")
     # the resolved passes (a calibrated static pass with its indices), so the bundle rebuilds without data
     resolved = [{"name": r["name"], "at": r["at"], **r["params"]} for r in records]
-    resolved += [spec for spec in recipe.passes if spec["name"] in plan.names]
+    quant_specs = [spec for spec in recipe.passes if spec["name"] in plan.names]  # the plan's passes, in order
+    resolved += [{**spec, **p.filled} for spec, p in zip(quant_specs, plan.passes)]
     recipe = recipe.model_copy(update={"passes": resolved}).resolve(image_tokens * loaded.model.image_tiles)
     c = loaded.config
     sample = loaded.tokenizer.prompt(recipe.prompt_template, SAMPLE_QUESTION, image_tokens, c.image_token_id, c.text.bos_token_id)

@@ -22,7 +22,7 @@ class ExportContext:
     out_dir: Path
     progress: Callable[[str], None]
     image_tokens: int  # visual tokens the decoder sees, after token passes
-    quant: QuantPlan = field(default_factory=lambda: QuantPlan({}))
+    quant: QuantPlan = field(default_factory=lambda: QuantPlan({}, []))
     _calibration: object = None
     _target_models: dict = field(default_factory=dict)  # target -> its GPTQ-rounded / expert-compensated model
     _layer_statistics: object = None  # what each GPTQ / Quant Experts linear received over the calibration set
@@ -105,6 +105,13 @@ class ExportContext:
         """The quantization pass of the part a program belongs to, or None (float)."""
         part = PROGRAM_PARTS.get(program)
         return self.quant.get(part) if part else None
+
+    def promoted(self, program: str) -> list[str]:
+        """The linears of a program's part that its w4 scheme gives 8 bits (QIG's plan), by module name."""
+        from vlmc.passes.quant import promoted_layers
+
+        scheme = self.scheme(program)
+        return promoted_layers(self.model, scheme, PROGRAM_PARTS[program]) if scheme else []
 
     @property
     def calibration_source(self) -> Optional[dict]:

@@ -146,7 +146,8 @@ def lower(ctx: ExportContext) -> dict:
         quantized = None
         if scheme:
             ctx.progress(f"coreml: {scheme.name} quantization of {name} (coremltools.optimize)")
-            ml, record = coreml_quant.quantize(ml, scheme, _samples(ctx, job) if scheme.needs_calibration else None)
+            ml, record = coreml_quant.quantize(ml, scheme, _samples(ctx, job) if scheme.needs_calibration else None,
+                                               ctx.promoted(name))
             quantized = {**scheme.describe("coreml"), **record}
         path = ctx.out_dir / f"{name}.mlpackage"
         ml.save(str(path))

@@ -127,14 +127,16 @@ def lower(ctx: ExportContext) -> dict:
         image_tokens = VisionEncoderProgram(m, "chw_uint8")(image).shape[1]
         for name, (make, args, dyn) in builders.items():
             scheme = ctx.scheme(name)
-            model = executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size) if scheme and scheme.name == "w4" else m
+            model = (executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size, ctx.promoted(name))
+                     if scheme and scheme.name == "w4" else m)
             ep = export(make(model).eval(), args, dynamic_shapes=dyn, strict=False)
             if scheme and scheme.name != "w4":
                 ctx.progress(f"executorch: {scheme.name} quantization of {name} (PT2E, XNNPACKQuantizer)")
                 module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
             if scheme:
-                quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme)}
+                quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme),
+                                   **({"eight_bit_linears": ctx.promoted(name)} if ctx.promoted(name) else {})}
             exported[name] = ep
     constants = {
         "get_max_seq_len": r.max_prompt,

@@ -161,6 +161,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
                         "image_tokens": tokens_at(model, "projector.out"), "reads_text": p.reads_text,
                         "in_llm": at.startswith("decoder."),
                         "source": p.source, "departures": p.departures})
+    plan.calibrate(model, calibration)
     return records, plan
 
 

@@ -26,22 +26,25 @@ DASQ_DEPARTURES = ("dasq: a fixed number of outliers per row (the paper threshol
 # the methods' own parameters: the methods that read each, and its default
 METHOD_PARAMS = {"text_share": (("gptq-modality",), 0.5), "alpha": (("smoothquant", "masquant"), 0.5),
                  "rank": (("masquant", "quant-experts"), 8), "outliers": (("dasq",), 0.01), "experts": (("quant-experts",), 4),
-                 "base_rounding": (("quant-experts",), "nearest")}
+                 "base_rounding": (("quant-experts",), "nearest"), "bits": (("qig",), 5.0), "steps": (("qig",), 8)}
 # the methods that read calibration data (min-max weights and DASQ's split need none)
-CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant", "quant-experts")
+CALIBRATED_METHODS = ("gptq", "gptq-modality", "smoothquant", "masquant", "quant-experts", "qig")
 # the 4-bit methods fitted to each target's own grid (one model per target)
 PER_TARGET_METHODS = ("gptq", "gptq-modality", "quant-experts")
+FOUR_BIT_METHODS = (*PER_TARGET_METHODS, "qig")
 
 
 class QuantConfig(PassConfig):
     at: Literal["vision", "decoder", "all"] = Field("all", description="the part quantized: vision (ViT + projector), decoder, or all")
-    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant", "dasq", "quant-experts"] = Field(
+    method: Literal["minmax", "gptq", "gptq-modality", "smoothquant", "masquant", "dasq", "quant-experts", "qig"] = Field(
         "minmax", description="minmax (round to nearest, ranges by min-max), gptq (error-compensating rounding, w4), "
                               "gptq-modality (gptq with VLM-PTQ's modality-aware Hessian, w4), smoothquant (activation "
                               "outliers moved into the weights, w8a8), masquant (smoothing per modality, w8a8), dasq "
                               "(vision tower: dense symmetric kernel plus sparse int8 outliers, at: vision), "
                               "quant-experts (float low-rank experts rebuilding the rounding error: one shared, "
-                              "`experts` routed per token, w4)")
+                              "`experts` routed per token, w4), qig (mixed 4 / 8-bit weights: the linears whose "
+                              "rounding error the answer is most sensitive to, by integrated gradients, get 8 bits "
+                              "within an average of `bits`, w4)")
     outliers: Optional[float] = Field(None, gt=0.0, le=0.1, description="dasq: share of each weight row kept apart as "
                                       "sparse outliers (default 0.01, at least one per row)")
 
@@ -61,6 +64,15 @@ class W4Config(QuantConfig):
                                    "router picking one per token (default 4; 0: the shared expert only)")
     base_rounding: Optional[Literal["nearest", "gptq"]] = Field(None, description="quant-experts: the rounding whose error "
                                                                 "the experts rebuild (default nearest; gptq: GPTQ first)")
+    bits: Optional[float] = Field(None, gt=4.0, le=8.0, description="qig: the part's average weight bits (4 plus 4 for "
+                                  "each promoted weight; scales not counted), the budget the 8-bit linears fit in (default 5)")
+    steps: Optional[int] = Field(None, ge=1, le=64, description="qig: integration points along the float -> 4-bit path "
+                                 "(default 8)")
+    promote: Optional[list[str]] = Field(None, description="qig: the linears given 8 bits (measured on the calibration "
+                                         "questions when not given, and written here so the bundle rebuilds without data)")
+    sensitivity: Optional[dict[str, list[float]]] = Field(None, description="qig: what it measured per linear, "
+                                                           "[token-level sensitivity, share of the 4-bit model's KL, image "
+                                                           "rows' share of the sensitivity] (filled in, for the record)")
 
 
 class QuantPass(Pass):
@@ -82,6 +94,9 @@ class QuantPass(Pass):
     def check(self, model) -> None:
         """Refuse parameters this model cannot take (VlmcError naming the parameter)."""
         method = self.config.method
+        if method == "qig" and not self.takes(method):
+            raise VlmcError(f"pass {self.name}: parameter 'method': qig chooses 4 or 8 bits per linear; it is a method "
+                            "of w4 (--pass w4:method=qig,bits=5)")
         if method in PER_TARGET_METHODS and not self.takes(method):
             raise VlmcError(f"pass {self.name}: parameter 'method': {method} is for 4-bit weights (w4); 8-bit rounding "
                             "error is too small for error compensation to matter")
@@ -100,9 +115,18 @@ class QuantPass(Pass):
 
     def takes(self, method: str) -> bool:
         """Whether this scheme can use `method` (error compensation is for 4 bits, smoothing for w8a8)."""
-        if method in PER_TARGET_METHODS:
+        if method in FOUR_BIT_METHODS:
             return self.weight_bits == 4
         return method not in ("smoothquant", "masquant") or self.name == "w8a8"
+
+    def calibrate(self, model, calibration) -> None:
+        """Fix from calibration data what the scheme chooses per model (written into its config, so the bundle
+        rebuilds without the data); most schemes choose nothing."""
+
+    @property
+    def filled(self) -> dict:
+        """The config fields `calibrate` filled in, for the resolved recipe."""
+        return {}
 
     def param(self, name: str):
         """A method parameter's value (its default when not given), or None where the method does not read it."""
@@ -129,6 +153,8 @@ class QuantPass(Pass):
             how = "GPTQ" if self.param("base_rounding") == "gptq" else "round to nearest"
             out["rounding"] = (f"{how} on the {GRIDS[target].name} grid; float experts fitted to its error "
                                "(kept out of the target's quantization)")
+        if self.config.method == "qig":
+            out["promoted_to_8_bits"] = list(self.config.promote or [])
         return out
 
 
@@ -190,6 +216,35 @@ class W4(QuantPass):
                 if layer.in_features % g:
                     raise VlmcError(f"pass w4: parameter 'group_size': {g} does not divide the {layer.in_features} "
                                     f"input channels of {name}")
+        for field in ("promote", "sensitivity"):
+            if getattr(self.config, field) is not None and self.config.method != "qig":
+                raise VlmcError(f"pass w4: parameter '{field}' applies to method qig only (method is {self.config.method})")
+        if self.config.promote is not None:
+            names = {name for part in self.parts for name, _ in linear_layers(model, part)}
+            unknown = [n for n in self.config.promote if n not in names]
+            if unknown:
+                raise VlmcError(f"pass w4: parameter 'promote': {', '.join(unknown[:3])} is not a linear of the "
+                                f"{' and '.join(self.parts)} part (e.g. {min(names)})")
+
+    def calibrate(self, model, calibration) -> None:
+        if self.config.method != "qig" or self.config.promote is not None:
+            return
+        from vlmc.passes.quant import qig
+
+        if calibration is None:
+            raise VlmcError("pass w4: method qig needs calibration questions (recipe 'calibration') or 'promote'")
+        layers = [layer for part in self.parts for layer in linear_layers(model, part)]
+        found = qig.attribute(model, layers, calibration.questions(model), self.config.group_size, self.param("steps"))
+        self.config = self.config.model_copy(update={
+            "promote": qig.promote(found, self.param("bits")),
+            "sensitivity": {n: [float(f"{a.sensitivity:.4g}"), float(f"{a.kl_share:.4g}"), round(a.image_share, 4)]
+                            for n, a in found.items()}})
+
+    @property
+    def filled(self) -> dict:
+        if self.config.method != "qig":
+            return {}
+        return {"promote": self.config.promote, "sensitivity": self.config.sensitivity}
 
 
 def linear_layers(model, part: str) -> list[tuple[str, nn.Linear]]:
@@ -198,11 +253,18 @@ def linear_layers(model, part: str) -> list[tuple[str, nn.Linear]]:
             for name, m in root.named_modules() if isinstance(m, nn.Linear)]
 
 
+def promoted_layers(model, scheme, part: str) -> list[str]:
+    """The linears of `part` a w4 scheme gives 8 bits (QIG's plan; none for the other methods)."""
+    chosen = set(scheme.config.promote or []) if scheme.name == "w4" else set()
+    return [name for name, _ in linear_layers(model, part) if name in chosen]
+
+
 @dataclass
 class QuantPlan:
     """Which scheme each part gets; parts absent stay float."""
 
     schemes: dict[str, QuantPass]
+    passes: list[QuantPass]  # in the recipe's order
 
     def __bool__(self) -> bool:
         return bool(self.schemes)
@@ -221,6 +283,11 @@ class QuantPlan:
     def describe(self) -> dict:
         return {part: p.describe() for part, p in self.schemes.items()}
 
+    def calibrate(self, model, calibration) -> None:
+        """Let each scheme fix what it chooses from data, on the model as exported (token stages in)."""
+        for p in self.passes:
+            p.calibrate(model, calibration)
+
 
 def plan(model, passes: list[Pass]) -> QuantPlan:
     """The parts' schemes from the recipe's quantization passes; a part named twice is refused."""
@@ -231,4 +298,4 @@ def plan(model, passes: list[Pass]) -> QuantPlan:
             if part in schemes:
                 raise VlmcError(f"pass {p.name}: parameter 'at': the {part} part is already quantized by {schemes[part].name}")
             schemes[part] = p
-    return QuantPlan(schemes)
+    return QuantPlan(schemes, list(passes))

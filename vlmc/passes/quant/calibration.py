@@ -79,18 +79,28 @@ class CalibrationSource:
     def __call__(self) -> list[np.ndarray]:
         return calibration_images(self.options, self.image_size, self.resize)
 
-    def prompts(self, model) -> list[tuple[torch.Tensor, int, int]]:
+    def _encoded(self, model):
+        """Per question: (normalised pixels, its Prompt, the image embeddings), under no_grad."""
         check_source(self.options)
-        c, out = self.config, []
+        c = self.config
         with torch.no_grad():
             for q in _questions(self.options, self.image_size, self.resize):
                 unknown = self.tokenizer.unknown_words(q.question)
                 if unknown:
                     raise VlmcError(f"calibration {q.where}: words outside the model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
-                image = model.encode_image(model.normalize(torch.from_numpy(q.image)))
-                p = self.tokenizer.prompt(self.template, q.question, image.shape[1], c.image_token_id, c.text.bos_token_id)
-                out.append((model.merge_embeddings(torch.tensor([p.ids]), image), len(p.before), len(p) - 1))
-        return out
+                pixels = model.normalize(torch.from_numpy(q.image))
+                image = model.encode_image(pixels)
+                yield pixels, self.tokenizer.prompt(self.template, q.question, image.shape[1], c.image_token_id,
+                                                    c.text.bos_token_id), image
+
+    def prompts(self, model) -> list[tuple[torch.Tensor, int, int]]:
+        with torch.no_grad():
+            return [(model.merge_embeddings(torch.tensor([p.ids]), image), len(p.before), len(p) - 1)
+                    for _, p, image in self._encoded(model)]
+
+    def questions(self, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised pixels [k,3,H,W], prompt ids [1,T]) per question: what the whole model takes."""
+        return [(pixels, torch.tensor([p.ids])) for pixels, p, _ in self._encoded(model)]
 
 
 def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:

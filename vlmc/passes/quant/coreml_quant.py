@@ -20,8 +20,9 @@ def check(scheme, minimum_deployment_target: str) -> None:
                         f"iOS18 or macOS15 (the recipe has {minimum_deployment_target})")
 
 
-def quantize(ml, scheme, sample_data: list[dict] | None):
-    """(quantized MLModel, what the manifest records)."""
+def quantize(ml, scheme, sample_data: list[dict] | None, eight_bit: list[str] = ()):
+    """(quantized MLModel, what the manifest records). `eight_bit`: the linears a w4 scheme gives 8 bits
+    (QIG): per-channel int8 weights, every other weight int4 per block."""
     import coremltools.optimize.coreml as cto
 
     record = {"activations": "float (Core ML quantizes activations only from calibration, w8a8)"}
@@ -43,8 +44,36 @@ def quantize(ml, scheme, sample_data: list[dict] | None):
     kept_float = float_constants(ml)
     if kept_float:
         record["kept_float"] = f"{len(kept_float)} Quant Experts weights (float by design)"
-    ml = cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op, op_name_configs={n: None for n in kept_float}))
+    per_op = {n: None for n in kept_float}
+    if eight_bit:
+        int8 = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+        per_op.update({n: int8 for n in weight_constants(ml, list(eight_bit))})
+        record["how"] += f"; the {len(eight_bit)} linears QIG gives 8 bits: per-channel int8"
+        record["eight_bit_linears"] = list(eight_bit)
+    ml = cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op, op_name_configs=per_op))
     return ml, record
+
+
+def _constants(ml) -> list[str]:
+    spec = ml.get_spec()
+    return [op.outputs[0].name for function in spec.mlProgram.functions.values()
+            for block in function.block_specializations.values() for op in block.operations if op.type == "const"]
+
+
+def weight_constants(ml, linears: list[str]) -> list[str]:
+    """The constants holding the named linears' weights: the converter names a parameter after its module
+    path, dots as underscores (`p_model_layers_0_mlp_up_proj_weight`, `_to_fp16` when cast); each linear
+    must be found."""
+    names = _constants(ml)
+    found = {}
+    for linear in linears:
+        key = "_" + linear.replace(".", "_") + "_weight"
+        hits = [n for n in names if n.removesuffix("_to_fp16").endswith(key)]
+        if not hits:
+            raise VlmcError(f"Core ML w4 quantization: no weight constant of {linear} found in the converted program "
+                            "(its 8 bits cannot be placed)")
+        found[linear] = hits
+    return [n for hits in found.values() for n in hits]
 
 
 def float_constants(ml) -> list[str]:
@@ -52,7 +81,4 @@ def float_constants(ml) -> list[str]:
     carry the parameters' names)."""
     from vlmc.passes.quant.experts import MARKER
 
-    spec = ml.get_spec()
-    return [op.outputs[0].name for function in spec.mlProgram.functions.values()
-            for block in function.block_specializations.values() for op in block.operations
-            if op.type == "const" and MARKER in op.outputs[0].name]
+    return [n for n in _constants(ml) if MARKER in n]

@@ -26,19 +26,31 @@ def check(scheme, backend: str) -> None:
                         f"of {XNNPACK_W4_GROUP}, got {scheme.config.group_size}")
 
 
-def quantize_w4(model, part: str, group_size: int) -> nn.Module:
-    """A copy of `model` whose `part` linears hold torchao 4-bit group-wise weights."""
+def quantize_w4(model, part: str, group_size: int, eight_bit: list[str] = ()) -> nn.Module:
+    """A copy of `model` whose `part` linears hold torchao 4-bit group-wise weights, except `eight_bit` (QIG's
+    promoted linears): per-channel int8 weights. Both with dynamic int8 activations (XNNPACK qd8-qb4w /
+    qd8-qc8w)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
+
+    from vlmc.passes.quant import linear_layers
 
     model = copy.deepcopy(model)
     # no clipping: a group's scale is max(min / -8, max / 7), so its extreme weight is exact (and GPTQ's
     # rounding on that grid is reproduced exactly, see gptq.GRIDS)
-    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
-                                                   weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
-    for _, module in model.part_modules(part):
-        quantize_(module, config)
+    four = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                 weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+    eight = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0),
+                                                  weight_mapping_type=MappingType.SYMMETRIC)
+    if not eight_bit:
+        for _, module in model.part_modules(part):
+            quantize_(module, four)
+        return model
+    promoted = set(eight_bit)
+    names = {name for name, _ in linear_layers(model, part)}
+    quantize_(model, eight, filter_fn=lambda m, fqn: fqn in promoted)
+    quantize_(model, four, filter_fn=lambda m, fqn: fqn in names and fqn not in promoted)
     return model
 
 
@@ -78,8 +90,10 @@ def drop_integer_observers(prepared) -> None:
 
 def describe(scheme) -> dict:
     if scheme.name == "w4":
+        promoted = scheme.config.promote or []
+        eight = ("; the linears QIG gives 8 bits: per-channel int8 weights (XNNPACK qd8-qc8w)" if promoted else "")
         return {"how": f"torchao Int8DynamicActivationIntxWeightConfig: symmetric 4-bit weights "
-                       f"(no clipping error) in groups of {scheme.config.group_size} (XNNPACK qd8-qb4w)",
+                       f"(no clipping error) in groups of {scheme.config.group_size} (XNNPACK qd8-qb4w){eight}",
                 "activations": "dynamic int8 (XNNPACK has no weight-only 4-bit linear)"}
     if scheme.name == "w8":
         return {"how": "PT2E XNNPACKQuantizer, dynamic: per-channel int8 weights", "activations": "dynamic int8"}

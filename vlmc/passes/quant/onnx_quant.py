@@ -50,9 +50,31 @@ def _kept_float(graph) -> list[str]:
         p.key == "pkg.torch.onnx.class_hierarchy" and ErrorExperts.__name__ in p.value for p in n.metadata_props)]
 
 
-def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> dict:
+def _nodes_of(graph, linears: list[str]) -> list[str]:
+    """The weight products of the named linear modules (the exporter records each node's module path in
+    its metadata); every linear must be found."""
+    import ast
+
+    found: dict[str, list[str]] = {name: [] for name in linears}
+    for n in graph.node:
+        if n.op_type not in OPS:
+            continue
+        scopes = next((ast.literal_eval(p.value) for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), [])
+        module = scopes[-2] if len(scopes) >= 2 else ""
+        for name in linears:
+            if module == name or module.endswith("." + name):
+                found[name].append(n.name)
+    missing = [name for name, nodes in found.items() if not nodes]
+    if missing:
+        raise VlmcError(f"ONNX w4 quantization: no product of {', '.join(missing[:3])} found in the exported graph "
+                        "(its 8-bit linears cannot be placed)")
+    return [node for nodes in found.values() for node in nodes]
+
+
+def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eight_bit: list[str] = ()) -> dict:
     """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
-    inputs (needed by w8a8)."""
+    inputs (needed by w8a8); `eight_bit` the linears a w4 scheme gives 8 bits (QIG): their products are
+    quantized as w8 (dynamic int8), every other weight product as w4."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -73,11 +95,18 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> d
                              nodes_to_exclude=_activation_products(graph) + kept_float)
             how = "onnxruntime quantize_dynamic: per-channel int8 weights, activations quantized per call (MatMulInteger)"
         else:
+            promoted = _nodes_of(graph, list(eight_bit))
             q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=scheme.config.group_size, is_symmetric=True,
-                                     nodes_to_exclude=kept_float)
+                                     nodes_to_exclude=kept_float + promoted)
             q.process()
             onnx.save(q.model.model, tmp)
             how = f"onnxruntime MatMulNBits: symmetric 4-bit weights in groups of {scheme.config.group_size}, float activations"
+            if promoted:
+                os.replace(tmp, path)
+                quantize_dynamic(str(path), tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
+                                 nodes_to_quantize=promoted)
+                how += (f"; the {len(eight_bit)} linears QIG gives 8 bits: quantize_dynamic, per-channel int8 weights, "
+                        "activations quantized per call (MatMulInteger)")
         os.replace(tmp, path)
     except VlmcError:
         raise
@@ -91,7 +120,11 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None) -> d
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"):
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     activations = {"w8a8": "static int8", "w8": "dynamic int8"}.get(scheme.name, "float")
+    if eight_bit:
+        activations = "float (4-bit linears), dynamic int8 (8-bit linears)"
     record = {"how": how, "activations": activations, "quantized_ops": ops}
+    if eight_bit:
+        record["eight_bit_linears"] = list(eight_bit)
     if kept_float:
         record["kept_float"] = f"{len(kept_float)} Quant Experts products (float by design)"
     return record
