@@ -8,7 +8,8 @@ Everything passes and the exporter read lives here, once:
 - named insertion points (`vision.block[i]`, `vision.out`, `projector.out`, `decoder.layer[L]`),
   `insert` / `pop`, the order rules of stages inside the vision tower and merged sizes threaded through it;
 - the in-LLM drop loop: image rows dropped after a layer keep their original positions, and every later
-  layer's cache is shorter by what was dropped (`cache_shifts`);
+  layer's cache is shorter by what was dropped (`cache_shifts`); bypass stages let image rows skip one
+  layer (their hidden state passes it unchanged and rejoins after it; that layer's cache is shorter);
 - the part lists quantization reads (`part_modules`, `norm_consumers`);
 - the eager reference: image encoding, embedding merge, whole-prompt logits and a growing-cache decode.
 
@@ -55,6 +56,24 @@ class LayerView:
     k: torch.Tensor  # [1,Hkv,T,d]
     image_rows: torch.Tensor  # [N]
     last: torch.Tensor  # [1]
+
+
+def is_bypass(stage) -> bool:
+    """A stage that picks the image rows one layer computes (the others skip it), dropping none for good."""
+    return getattr(stage, "bypass", False)
+
+
+def rejoin(h: torch.Tensor, computed: torch.Tensor, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """`h` [1,T,D] with the rows that ran a layer replaced by their outputs `computed` [1,T-(n-R),D] (the
+    rows before the image, the kept image rows `kept` [R] ascending, the rows after): a gather, so the
+    skipped rows come back exactly as they were."""
+    t, r = h.shape[1], kept.shape[0]
+    j = torch.arange(t)
+    inside = torch.logical_and(j >= start, j < add_int(start, n))  # (Core ML converts no `&` / `|` on bools)
+    chosen = (torch.arange(n)[:, None] == kept[None, :]).to(torch.int32).amax(1)  # [n]: 1 where the row ran the layer
+    ran = torch.logical_or(torch.logical_not(inside), chosen.index_select(0, (j - start).clamp(0, n - 1)) > 0)
+    source = (torch.cumsum(ran.to(torch.int64), 0) - 1).clamp(0, t - (n - r) - 1)
+    return torch.where(ran[None, :, None], computed.index_select(1, source), h)
 
 
 def add_int(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -152,6 +171,17 @@ class VisionLanguageModel(nn.Module):
             return (1, state[0], state[1] // 2)
         t = self.config.text
         return (t.num_kv_heads, max_context - self.cache_shifts()[layer], t.head_dim)
+
+    def attention_projections(self, layer: int) -> tuple[nn.Module, nn.Linear, nn.Linear]:
+        """(input norm, query projection, key projection) of a decoder attention layer: what a scorer that
+        estimates the layer's attention from its input reads. Families name them as Hugging Face does
+        (`input_layernorm`, `self_attn.q_proj` / `k_proj`); one that does not overrides this."""
+        block = self.decoder_layers[layer]
+        attn = getattr(block, "self_attn", None)
+        if not hasattr(block, "input_layernorm") or not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj"):
+            raise VlmcError(f"decoder layer {layer} of the {self.family} decoder is not an attention layer with "
+                            "input_layernorm and self_attn.q_proj / k_proj")
+        return block.input_layernorm, attn.q_proj, attn.k_proj
 
     def attention_mask(self, layer: int, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
         """Which cache slots [C] each query slot [T] of decoder `layer` sees: [T, C] bool. Causal here;
@@ -343,6 +373,10 @@ class VisionLanguageModel(nn.Module):
         if block is not None:
             self._check_size_order(point, int(block), stage)
         key = _key(point)
+        here = list(self.insertions[key]) if key in self.insertions else []
+        if point.startswith("decoder.") and here and any(is_bypass(s) != is_bypass(stage) for s in here):
+            raise VlmcError(f"insertion at {point}: a stage that lets image rows skip this layer and one that drops rows "
+                            "after it cannot share a layer")
         if key not in self.insertions:
             self.insertions[key] = nn.ModuleList()
         self.insertions[key].append(stage)
@@ -394,17 +428,23 @@ class VisionLanguageModel(nn.Module):
         return out
 
     def cache_shifts(self) -> list[int]:
-        """Per decoder layer, the image rows dropped before it: that layer's KV cache is that much shorter
-        and a token at slot s of layer 0 sits at slot s - shift there."""
+        """Per decoder layer, the image rows dropped before it or skipping it: that layer's KV cache is that
+        much shorter and a token at slot s of layer 0 sits at slot s - shift there."""
         stages, shift, out = self.decoder_stages(), 0, []
         for i in range(self.config.text.num_layers):
-            out.append(shift)
-            shift += sum(s.dropped for s in stages.get(i, ()))
+            here = stages.get(i, ())
+            out.append(shift + sum(s.dropped for s in here if is_bypass(s)))
+            shift += sum(s.dropped for s in here if not is_bypass(s))
         return out
+
+    def dropped_through(self, layer: int) -> int:
+        """Image rows dropped for good by the in-LLM stages up to and including `layer`'s."""
+        return sum(s.dropped for i, stages in self.decoder_stages().items() if i <= layer for s in stages
+                   if not is_bypass(s))
 
     def dropped_in_llm(self) -> int:
         """Image rows the in-LLM stages drop in all."""
-        return sum(s.dropped for stages in self.decoder_stages().values() for s in stages)
+        return self.dropped_through(self.config.text.num_layers)
 
     def image_rows_in_llm(self) -> int:
         """The image rows a prompt holds when in-LLM stages exist: what the first of them receives."""
@@ -465,7 +505,9 @@ class VisionLanguageModel(nn.Module):
         """Hidden states after the final norm. `stages` {layer: [stage]} (default: this model's in-LLM
         stages): with `prompt` (a full-prompt prefill) each one drops image rows after its layer, the kept
         rows keep their original positions and the later layers' caches get the compacted rows; without it
-        (a decode step, later text) they only shift the later layers' cache slots by what they dropped."""
+        (a decode step, later text) they only shift the later layers' cache slots by what they dropped. A
+        bypass stage acts before its layer: only the image rows it picks (`select` on a view of the layer's
+        input, no q / k yet) run the layer and enter its cache; the others pass it unchanged."""
         stages = self.decoder_stages() if stages is None else stages
         rope = self.rope(position_ids)
         d, deep = self.config.text.hidden_size, self.deepstack_layers
@@ -476,10 +518,21 @@ class VisionLanguageModel(nn.Module):
             for i, layer in enumerate(self.decoder_layers):
                 self.row_positions = positions
                 h_in = h
-                h, q, k = layer(h, rope, i, attend, shift)
+                here = stages.get(i, ())
+                bypass = [stage for stage in here if is_bypass(stage)]
+                if bypass and prompt is not None:  # only the chosen image rows (and the text) run this layer
+                    rows = prompt.image_start + torch.arange(n)
+                    kept = bypass[0].select(LayerView(h, h, None, None, rows, last))
+                    idx = keep_rows(h.shape[1], prompt.image_start, kept, n)
+                    self.row_positions = positions.index_select(1, idx)
+                    computed, q, k = layer(h.index_select(1, idx), tuple(r.index_select(1, idx) for r in rope), i, attend,
+                                           shift)
+                    h = rejoin(h, computed, prompt.image_start, kept, n)
+                else:  # a decode step or later text: the layer's cache holds only the rows that ran it
+                    h, q, k = layer(h, rope, i, attend, shift + sum(stage.dropped for stage in bypass))
                 if i < deep:
                     h = h + inputs_embeds[..., (i + 1) * d:(i + 2) * d]
-                for stage in stages.get(i, ()):
+                for stage in (stage for stage in here if not is_bypass(stage)):
                     if prompt is None:
                         shift += stage.dropped
                         continue

@@ -49,7 +49,7 @@ class _RecordRows(nn.Module):
 
     def __init__(self, stage):
         super().__init__()
-        self.stage, self.keep, self.dropped = stage, stage.keep, stage.dropped
+        self.stage, self.keep, self.dropped, self.bypass = stage, stage.keep, stage.dropped, getattr(stage, "bypass", False)
         self.seen: list[torch.Tensor] = []
 
     def select(self, view):
@@ -96,7 +96,7 @@ def kept_rows_most_often(model, placed, calibration) -> list[torch.Tensor]:
                 model.pop(point)
             kept = T.most_selected(torch.stack(probe.seen), stage.keep + stage.dropped, stage.keep)
             out.append(kept)
-            model.insert(point, ConstantRowsStage(kept, stage.dropped))
+            model.insert(point, ConstantRowsStage(kept, stage.dropped, getattr(stage, "bypass", False)))
             inserted.append(point)
     finally:
         for point in reversed(inserted):
@@ -109,8 +109,7 @@ def tokens_at(model, point: str) -> int:
     passes); inside the LLM, the image rows left after that layer's stages."""
     if point.startswith("decoder."):
         layer = int(point.split("[")[1].rstrip("]"))
-        dropped = model.cache_shifts()[layer] + sum(s.dropped for s in model.decoder_stages().get(layer, ()))
-        return tokens_at(model, "projector.out") - dropped
+        return tokens_at(model, "projector.out") - model.dropped_through(layer)
     s = model.image_size
     return tokens_entering(model, point, [np.zeros((3, s, s), np.uint8)])[0].shape[1]
 

@@ -193,7 +193,8 @@ class W4(QuantPass):
     weight_bits = 4
     source = ("group-wise int4 weights; method gptq: GPTQ (Frantar et al., 2023); method gptq-modality: VLM-PTQ's "
               f"modality-aware Hessian (CVPR 2026); method dasq: {DASQ_SOURCE}; method quant-experts: Quant Experts "
-              "(token-aware error reconstruction with a mixture of low-rank experts, CVPR 2026)")
+              "(token-aware error reconstruction with a mixture of low-rank experts, CVPR 2026); method qig: QIG "
+              "(quantization-aware integrated gradients, token-level sensitivity, CVPR 2026)")
     departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
                   "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
                   "minimum_deployment_target iOS18 / macOS15 for block-wise int4. gptq: the Hessians come from the "
@@ -203,7 +204,11 @@ class W4(QuantPass):
                   f"{DASQ_DEPARTURES}. quant-experts: the experts are fitted in closed form (whitened SVD of the error, "
                   "shared over all calibration inputs, routed per k-means cluster of them) instead of the paper's "
                   "frequency split of channels and optimisation; the router is the nearest cluster centre; every routed "
-                  "expert runs for every token and is masked to the chosen one (static shapes); the experts stay float")
+                  "expert runs for every token and is masked to the chosen one (static shapes); the experts stay float. "
+                  "qig: the paper weights a uniform W4A8 / W3A16 calibration by its token attributions; here they "
+                  "choose 4 or 8 bits per linear under an average-bits budget (a greedy knapsack on the tokens' summed "
+                  "absolute attributions per weight); the path's rounding is round to nearest on a symmetric absmax "
+                  "grid, one plan for every target; the 8-bit linears are stored as each target's w8")
     Config = W4Config
 
     def check(self, model) -> None:

@@ -387,6 +387,29 @@ def attention_row(q_row: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).squeeze(-2)
 
 
+def attention_factors(wq: torch.Tensor, wk: torch.Tensor, bq: torch.Tensor | None, heads: int, kv_heads: int,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A low-rank form of a layer's attention logits before RoPE, summed over heads: for queries q_h =
+    Wq_h x + bq_h and keys k_g = Wk_g y (+ a bias that shifts every key's score equally), sum_h q_h . k_g(h)
+    = x^T M y + c . y + const, M = sum_h Wq_h^T Wk_g(h) [D, D], c = sum_h Wk_g(h)^T bq_h. Returns (A, B) [D, r]
+    with A B^T the best rank-r M (truncated SVD, singular values split evenly) and c [D]."""
+    d = wq.shape[0] // heads
+    group = heads // kv_heads
+    wq_h = wq.double().reshape(heads, d, -1)
+    wk_h = wk.double().reshape(kv_heads, d, -1).repeat_interleave(group, 0)
+    m = torch.einsum("hdi,hdj->ij", wq_h, wk_h)
+    c = torch.zeros(m.shape[1], dtype=torch.float64) if bq is None else torch.einsum("hd,hdj->j", bq.double().reshape(heads, d), wk_h)
+    u, sigma, vh = torch.linalg.svd(m)
+    root = sigma[:rank].sqrt()
+    return (u[:, :rank] * root).float(), (vh[:rank].T * root).float(), c.float()
+
+
+def low_rank_scores(x_query: torch.Tensor, x_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    c: torch.Tensor) -> torch.Tensor:
+    """Each row's estimated attention logit from the query [D]: (x_query A) . (x_row B) + c . x_row, [N]."""
+    return ((x_rows @ b) * (x_query[None] @ a)).sum(-1) + (x_rows * c).sum(-1)  # no matrix-vector products (Core ML)
+
+
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest of scores [N], ascending indices [k] (ties to the lower index)."""
     return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices, scores.shape[-1])[0]

@@ -4,6 +4,7 @@ Each class names its source and where this static-shape version departs from the
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -612,16 +613,19 @@ class LayerPass(TokenPass):
                             f"not {len(rows)}")
         for r, stage in zip(rows, in_llm):
             _check_indices(self.name, r, stage.keep, stage.keep + stage.dropped, " for each dropping layer")
-        constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped) for r, stage in zip(rows, in_llm))
+        constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped, getattr(stage, "bypass", False))
+                        for r, stage in zip(rows, in_llm))
         return [(point, next(constant) if point.startswith("decoder.") else stage) for point, stage in placed]
 
 
 class ConstantRowsStage(LayerStage):
-    """The calibrated static mode inside the LLM: the same image rows kept for every prompt."""
+    """The calibrated static mode inside the LLM: the same image rows kept (or, for a bypass stage, the
+    same rows computing its layer) for every prompt."""
 
-    def __init__(self, rows: torch.Tensor, dropped: int):
+    def __init__(self, rows: torch.Tensor, dropped: int, bypass: bool = False):
         super().__init__(rows.shape[0], rows.shape[0] + dropped)
         self.register_buffer("rows", rows)
+        self.bypass = bypass
 
     def select(self, view):
         return self.rows
@@ -682,6 +686,73 @@ class V2Drop(LayerPass):
                                 "leave a step that drops nothing (use fewer steps)")
             placed.append((f"decoder.layer[{layer}]", self.layer_stage(count, n)))
             n = count
+        return placed
+
+
+class AlvtsConfig(LayerKeepConfig):
+    at: str = Field("decoder.layer[1]", description="decoder.layer[L]: the first layer that computes only `keep` of the "
+                                                    "image rows")
+    keep: int = Field(..., ge=1, description="image rows each re-selecting layer computes (static); the rest skip it "
+                                             "and rejoin unchanged after it")
+    layers: Optional[int] = Field(None, ge=1, description="consecutive layers from `at` that re-select (default: through "
+                                                          "the last layer)")
+    rank: int = Field(16, ge=1, description="rank of the scorer's estimate of each layer's attention logits")
+
+
+class LowRankBypassStage(LayerStage):
+    """Before its layer: the image rows the question's last row would attend to most, estimated by a
+    low-rank form of the layer's own query and key projections on its normalised input, run the layer;
+    the rest skip it (`bypass`)."""
+
+    bypass = True
+
+    def __init__(self, keep: int, tokens_in: int, norm: nn.Module, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        super().__init__(keep, tokens_in)
+        self.norm = copy.deepcopy(norm)
+        for name, t in zip(("a", "b", "c"), factors):
+            self.register_buffer(name, t)
+
+    def select(self, view):
+        x = self.norm(view.h_in)[0]
+        scores = T.low_rank_scores(x.index_select(0, view.last)[0], x.index_select(0, view.image_rows), self.a, self.b, self.c)
+        return T.top_indices(scores, self.keep)
+
+
+@register
+class Alvts(LayerPass):
+    """ALVTS: every layer from `at` re-selects the image rows it computes; the others skip that layer and
+    rejoin after it, so a row unimportant to one layer is still there for the next."""
+
+    name = "alvts"
+    source = ("ALVTS, 'One Layer's Trash is Another Layer's Treasure': adaptive layer-wise visual token selection "
+              "(CVPR 2026 seed notes)")
+    departures = ("the selector is training-free: each layer's attention logits from the question's last row, in a "
+                  "rank-`rank` bilinear form of that layer's query and key projections (truncated SVD of sum_h Wq_h^T "
+                  "Wk_h, plus the query bias's term) on its own normalised input, where the paper trains a lightweight "
+                  "low-rank selector; RoPE and per-head q/k norms are left out of the estimate; a static count per layer; "
+                  "skipped rows enter neither that layer's attention nor its cache (the cache is that much shorter)")
+    Config = AlvtsConfig
+
+    def check(self, tokens_in, grid, model):
+        total, first = model.config.text.num_layers, _layer(self.config.at)
+        if self.config.layers is not None and first + self.config.layers > total:
+            raise VlmcError(f"pass alvts: parameter 'layers': {self.config.layers} layers from decoder.layer[{first}] "
+                            f"run past the decoder's {total}")
+        if self.config.rank > model.config.text.hidden_size:
+            raise VlmcError(f"pass alvts: parameter 'rank': {self.config.rank} is above the decoder's width "
+                            f"{model.config.text.hidden_size}")
+        _check_keep(self.name, self.config.keep, tokens_in)
+
+    def stages(self, model, tokens_in, calibration=None):
+        t, first = model.config.text, _layer(self.config.at)
+        end = t.num_layers if self.config.layers is None else first + self.config.layers
+        placed = []
+        for layer in range(first, end):
+            norm, q, k = model.attention_projections(layer)
+            factors = T.attention_factors(q.weight.detach(), k.weight.detach(),
+                                          None if q.bias is None else q.bias.detach(), t.num_heads, t.num_kv_heads,
+                                          self.config.rank)
+            placed.append((f"decoder.layer[{layer}]", LowRankBypassStage(self.config.keep, tokens_in, norm, factors)))
         return placed
 
 
