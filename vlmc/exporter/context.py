@@ -106,6 +106,13 @@ class ExportContext:
         part = PROGRAM_PARTS.get(program)
         return self.quant.get(part) if part else None
 
+    @property
+    def shortest_full_prompt(self) -> int:
+        """The fewest rows a `text_prefill` takes: the image and a text row; two text rows where a layer runs
+        the text alone (image rows injected at a later layer), as torch.export takes no dynamic size of 1."""
+        text_alone = any(stage.keep == 0 for stages in self.model.decoder_stages().values() for stage in stages)
+        return self.image_tokens + 1 + text_alone
+
     def promoted(self, program: str) -> list[str]:
         """The linears of a program's part that its w4 scheme gives 8 bits (QIG's plan), by module name."""
         from vlmc.passes.quant import promoted_layers
@@ -146,7 +153,7 @@ class ExportContext:
         vision = VisionEncoderProgram(m, image_layout)
         prefill = []
         if m.decoder_stages():
-            prompt_len = Dim("prompt_len", min=self.image_tokens + 1, max=r.max_prompt)
+            prompt_len = Dim("prompt_len", min=self.shortest_full_prompt, max=r.max_prompt)
             prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context),
                                   (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1]),
                                    torch.tensor([r.max_prompt - 1])),

@@ -118,7 +118,7 @@ def lower(ctx: ExportContext) -> dict:
         step_len = Dim("seq_len", min=1, max=min(r.max_prompt, r.max_context - max(shifts)))
         builders["text_decoder"] = (*builders["text_decoder"][:2], ({1: step_len}, None))
     if m.decoder_stages():  # in-LLM token stages: a full-prompt prefill method sharing the decoder's caches
-        prompt_len = Dim("prompt_len", min=ctx.image_tokens + 1, max=r.max_prompt)
+        prompt_len = Dim("prompt_len", min=ctx.shortest_full_prompt, max=r.max_prompt)
         builders["text_prefill"] = (lambda model: ExecuTorchPrefill(model, r.max_context),
                                     (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1])), ({1: prompt_len}, None))
     ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")

@@ -70,7 +70,8 @@ def rejoin(h: torch.Tensor, computed: torch.Tensor, start: torch.Tensor, kept: t
     t, r = h.shape[1], kept.shape[0]
     j = torch.arange(t)
     inside = torch.logical_and(j >= start, j < add_int(start, n))  # (Core ML converts no `&` / `|` on bools)
-    chosen = (torch.arange(n)[:, None] == kept[None, :]).to(torch.int32).amax(1)  # [n]: 1 where the row ran the layer
+    chosen = ((torch.arange(n)[:, None] == kept[None, :]).to(torch.int32).amax(1) if r  # [n]: 1 where the row ran it
+              else torch.zeros(n, dtype=torch.int32))
     ran = torch.logical_or(torch.logical_not(inside), chosen.index_select(0, (j - start).clamp(0, n - 1)) > 0)
     source = (torch.cumsum(ran.to(torch.int64), 0) - 1).clamp(0, t - (n - r) - 1)
     return torch.where(ran[None, :, None], computed.index_select(1, source), h)
@@ -88,6 +89,8 @@ def keep_rows(length, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.
     the rows after. One comparison per output row, so the image's start may be a program input."""
     r = kept.shape[0]
     j = torch.arange(length - (n - r))
+    if r == 0:  # no image row (image rows that enter the decoder at a later layer)
+        return torch.where(j < start, j, add_int(j, n))
     inside = kept.index_select(0, (j - start).clamp(0, r - 1)) + start
     return torch.where(j < start, j, torch.where(j < add_int(start, r), inside, add_int(j, n - r)))
 

@@ -158,7 +158,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         params = p.config.model_dump(exclude={"at"})
         records.append({"name": p.name, "at": at, "params": params, "tokens_in": n_in, "tokens_out": n_out,
                         "image_tokens": tokens_at(model, "projector.out"), "reads_text": p.reads_text,
-                        "in_llm": at.startswith("decoder."),
+                        "in_llm": any(point.startswith("decoder.") for point, _ in placed),
                         "source": p.source, "departures": p.departures})
     plan.calibrate(model, calibration)
     return records, plan

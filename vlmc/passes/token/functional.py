@@ -410,6 +410,17 @@ def low_rank_scores(x_query: torch.Tensor, x_rows: torch.Tensor, a: torch.Tensor
     return ((x_rows @ b) * (x_query[None] @ a)).sum(-1) + (x_rows * c).sum(-1)  # no matrix-vector products (Core ML)
 
 
+def lens_scores(x: torch.Tensor, vocabulary: torch.Tensor, sink_factor: float) -> torch.Tensor:
+    """EmbedLens's reading of visual tokens x [B,N,D] in the LLM's input space: each token's largest cosine
+    similarity to the LLM's token embeddings `vocabulary` [V,D] (unit rows): how much language it already
+    carries ("alive"); sink tokens, whose norm exceeds `sink_factor` times the image's median token norm,
+    score -2, below any cosine. [B,N]"""
+    norms = x.norm(dim=-1)
+    median = torch.topk(norms, x.shape[1] - (x.shape[1] - 1) // 2, dim=-1).values[:, -1:]  # (no median / sort everywhere)
+    alive = (unit(x) @ vocabulary.T).amax(-1)
+    return torch.where(norms > sink_factor * median, torch.full_like(alive, -2.0), alive)
+
+
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest of scores [N], ascending indices [k] (ties to the lower index)."""
     return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices, scores.shape[-1])[0]

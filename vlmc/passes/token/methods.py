@@ -396,6 +396,61 @@ class DocPruneBackground(SelectPass):
 
 # ---------------------------------------------------------------- attention-based
 
+class EmbedLensConfig(SelectConfig):
+    inject: int = Field(0, ge=0, description="decoder layer at which the image rows enter the LLM: layers 0..inject-1 "
+                                             "run the text alone (0: every layer sees them)")
+    sink_factor: float = Field(10.0, gt=1.0, description="a token whose norm exceeds this many times the image's median "
+                                                         "token norm is a sink, never kept")
+
+
+class LensStage(SelectingStage):
+    def __init__(self, keep: int, vocabulary: torch.Tensor, sink_factor: float, width: int):
+        super().__init__()
+        self.keep, self.sink_factor, self.width = keep, sink_factor, width
+        self.register_buffer("vocabulary", vocabulary)
+
+    def select(self, x):
+        main = x if x.shape[-1] == self.width else x[..., : self.width]  # DeepStack's extra columns aside (a no-op
+        return T.select_topk(x, T.lens_scores(main, self.vocabulary, self.sink_factor), self.keep)  # slice: Core ML alias)
+
+
+@register
+class EmbedLens(SelectPass):
+    """EmbedLens: keep the alive visual tokens (those that already read as language to the LLM), never its
+    sinks, and let the image rows enter the LLM at a middle layer."""
+
+    name = "embedlens"
+    points = ("projector.out",)
+    source = ("EmbedLens: sink, dead and alive visual tokens; alive tokens are pre-linguistic, so the image can be "
+              "injected at a middle layer (CVPR 2026 seed notes)")
+    departures = ("the paper's probe classification is replaced by two training-free readings at projector.out: a "
+                  "sink is a token whose norm exceeds `sink_factor` times the image's median, and a token is alive as "
+                  "far as its largest cosine similarity to the LLM's token embeddings goes (the most alive `keep` are "
+                  "kept, a static count; dead tokens are the rest); the vision_encoder carries the LLM's normalised "
+                  "embedding table for it (vocabulary x hidden floats); the injection layer is a parameter, not found "
+                  "per model; injected rows skip layers 0..inject-1 (no cache rows there) and keep their positions")
+    Config = EmbedLensConfig
+
+    def check(self, tokens_in, grid, model):
+        super().check(tokens_in, grid, model)
+        layers = model.config.text.num_layers
+        if self.config.inject >= layers:
+            raise VlmcError(f"pass embedlens: parameter 'inject': decoder.layer[{self.config.inject}] is past the "
+                            f"decoder's last layer ({layers - 1})")
+
+    def stage(self, model, point_module, tokens_in):
+        table = model.embed_tokens.weight.detach().float()
+        return LensStage(self.config.keep, T.unit(table), self.config.sink_factor, model.config.text.hidden_size)
+
+    def place(self, model, tokens_in, calibration=None):
+        placed = super().place(model, tokens_in, calibration)
+        if self.config.inject:
+            self.reads_text = False
+            placed += [(f"decoder.layer[{layer}]", ConstantRowsStage(torch.zeros(0, dtype=torch.long), self.config.keep,
+                                                                     bypass=True)) for layer in range(self.config.inject)]
+        return placed
+
+
 class VisionZipConfig(PassConfig):
     at: str = "vision.block[-1]"
     dominant: int = Field(..., ge=1, description="tokens kept by CLS attention")

@@ -1,0 +1,130 @@
+"""EmbedLens: keep the visual tokens that already read as language to the LLM (largest cosine similarity to
+its token embeddings), never its sinks (norm outliers), and let the image rows enter the decoder at a
+middle layer: the layers before it run the text alone and hold no image rows in their caches."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import SPACED_TEMPLATE, three_target_bundle
+from vlmc import api, passes
+from vlmc.errors import VlmcError
+from vlmc.models_zoo import load
+from vlmc.models_zoo.core import PromptRows
+from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
+from vlmc.passes.token import functional as T
+from vlmc.passes.token.methods import LensStage
+
+LENS = {"name": "embedlens", "keep": 6, "inject": 1}
+
+
+def test_alive_tokens_are_kept_and_sinks_never():
+    g = torch.Generator().manual_seed(0)
+    vocabulary = T.unit(torch.randn(20, 16, generator=g))
+    x = torch.randn(1, 10, 16, generator=g)
+    x[0, 2] = 3.0 * vocabulary[4]  # reads exactly as a word
+    x[0, 7] = 0.5 * vocabulary[9] + 0.05 * torch.randn(16, generator=g)  # nearly a word
+    x[0, 5] = 400.0 * vocabulary[1]  # also a word, but a sink: its norm dwarfs the others
+    scores = T.lens_scores(x, vocabulary, sink_factor=10.0)[0]
+    expected = torch.stack([(T.unit(x[0, j]) @ vocabulary.T).max() for j in range(10)])
+    expected[5] = -2.0
+    torch.testing.assert_close(scores, expected)
+    kept, idx = LensStage(3, vocabulary, 10.0, 16).select(x)
+    assert 2 in idx[0].tolist() and 7 in idx[0].tolist() and 5 not in idx[0].tolist()
+    assert idx[0].tolist() == sorted(idx[0].tolist()) and torch.equal(kept[0], x[0, idx[0]])
+
+
+@pytest.fixture(scope="module")
+def lens_model(tiny_ckpt):
+    m = load(str(tiny_ckpt)).model.eval()
+    records, _ = passes.apply(m, [LENS])
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[12, 14] + [4] * 6 + [5, 6, 7, 8, 13, 14]])  # USER : <image>x6 what color is the ASSISTANT :
+    return m, records, ids, torch.randn(1, 3, 32, 32, generator=g)
+
+
+def test_image_rows_enter_the_decoder_at_the_injection_layer(lens_model):
+    """The forward equals: layer 0 on the text rows alone (original positions), then layer 1 on the whole
+    prompt, the image rows coming in as the projector left them."""
+    m, records, ids, pixels = lens_model
+    assert (records[0]["tokens_in"], records[0]["tokens_out"], records[0]["in_llm"]) == (16, 6, True)
+    lm, n_rep = m.language_model, 2
+    with torch.no_grad():
+        got = m(ids, pixels)
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        t = embeds.shape[1]
+        pos = torch.arange(t)[None]
+
+        def causal(i, q, k, v, shift):
+            k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+        text = torch.cat([torch.arange(2), torch.arange(8, t)])
+        h = embeds.clone()
+        h[:, text] = lm.layers[0](embeds[:, text], m.rope(pos[:, text]), 0, causal)[0]
+        h, _, _ = lm.layers[1](h, m.rope(pos), 1, causal)
+        expected = m.lm_head(lm.norm(h))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_and_decode_programs_keep_no_image_rows_before_the_injection_layer(lens_model):
+    m, _, ids, pixels = lens_model
+    assert m.cache_shifts() == [6, 0]
+    with torch.no_grad():
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        t = embeds.shape[1]
+        ref_logits, past = m.decode(embeds, torch.arange(t)[None], None, PromptRows(torch.tensor([2]), 6, torch.tensor([t - 1])))
+        assert [p[0].shape[2] for p in past] == [t - 6, t]
+        out = StaticCachePrefill(m, 40)(torch.cat([embeds, torch.zeros(1, 3, embeds.shape[2])], 1), torch.tensor([2]),
+                                        torch.tensor([t - 1]))
+        torch.testing.assert_close(out[0][0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+        et = ExecuTorchDecoder(m, 40)
+        torch.testing.assert_close(et.prefill(embeds, torch.tensor([2]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+        caches, decoder = list(out[1:]), StaticCacheDecoder(m, 40)
+        for step in range(3):
+            nxt = m.language_model.embed_tokens(ref_logits[:, -1].argmax(-1, keepdim=True))
+            p = t + step
+            ref_logits, past = m.decode(nxt, torch.tensor([[p]]), past)
+            got, *caches = decoder(nxt, torch.tensor([[p]]), torch.tensor([p]), torch.tensor([0]), caches)
+            torch.testing.assert_close(got[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(et(nxt, torch.tensor([p]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_embedlens_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckpt, tmp_path, sample_image):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                     "passes": [LENS]}, tmp_path / "l")
+    m = b.manifest
+    assert m["prompt"]["num_image_tokens"] == 6 and m["decoder"]["cache_shifts"] == [6, 0]
+    assert m["runner"].startswith("vlmc") and "text_prefill" in m["targets"]["onnx"]["programs"]
+    assert all(r["passed"] for r in m["verification"]["results"])
+    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=5)["tokens"]
+              for rt in ("eager", "onnxruntime")}
+    assert len(tokens["eager"]) == 5 and tokens["eager"] == tokens["onnxruntime"]
+
+
+def test_without_injection_it_is_a_pre_llm_pass_the_stock_runner_takes(tiny_ckpt, tmp_path):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                     "passes": [{**LENS, "inject": 0}]}, tmp_path / "l0")
+    m = b.manifest
+    assert m["passes"][0]["in_llm"] is False and "text_prefill" not in m["targets"]["onnx"]["programs"]
+    assert m["runner"].startswith("any")
+
+
+@pytest.mark.slow  # three targets (-m slow)
+def test_embedlens_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, sample_image):
+    b = three_target_bundle(tiny_ckpt, [LENS], tmp_path / "l3")
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
+              for rt in ("eager", "onnxruntime", "executorch")}
+    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ({**LENS, "inject": 2}, "parameter 'inject': decoder.layer\\[2\\] is past the decoder's last layer \\(1\\)"),
+    ({**LENS, "at": "vision.out"}, "embedlens"),
+    ({**LENS, "sink_factor": 1.0}, "sink_factor"),
+])
+def test_bad_embedlens_parameters_are_refused(tiny_ckpt, tmp_path, spec, fragment):
+    with pytest.raises(VlmcError, match=fragment):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": SPACED_TEMPLATE, "passes": [spec]},
+                    tmp_path / "b")
+    assert not (tmp_path / "b").exists()
