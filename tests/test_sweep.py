@@ -35,6 +35,15 @@ def test_points_are_the_product_with_every_axis_alone(grid):
     assert len({sweep.point_key(grid, p) for p in points}) == len(points)
     tome = sweep.make_point(grid, (32, 16, 2), 24, "tome@5", None).recipe["passes"][1]
     assert tome == {"name": "tome", "at": "vision.block[0]", "r": 2}  # 9 tokens at 24px: (9 - 5) / 2 blocks
+    own = sweep.make_point(grid, (32, 16, 2), None, "embedlens@4:inject=1,sink_factor=5", None).recipe["passes"]
+    assert own == [{"name": "embedlens", "keep": 4, "inject": 1, "sink_factor": 5}]  # a method's own parameters
+
+
+def test_token_configurations_with_parameters_split_only_between_configurations():
+    text = "embedlens@4:inject=1,sink_factor=5, divprune@4,none"
+    assert sweep.split_token_configs(text) == ["embedlens@4:inject=1,sink_factor=5", "divprune@4", None]
+    with pytest.raises(VlmcError, match="token configuration 'embedlens@4:bogus': parameters go as key=value"):
+        sweep.load_grid(None, {"tokens": ["embedlens@4:bogus"]})
 
 
 def test_fewer_tiles_is_an_axis_against_the_grid_the_model_runs_at(grid):

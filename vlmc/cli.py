@@ -447,7 +447,8 @@ class _Bar:
 @click.option("--resolution", default=None, help="input sides, comma-separated (none = native): 96,80")
 @click.option("--tile-grid", "tile_grid", default=None, help="tiled families: the uncompressed point's grid, e.g. 2x2")
 @click.option("--tiles", default=None, help="tiled families: other grids, comma-separated (global = no tiles): 1x2,global")
-@click.option("--tokens", default=None, help="token configurations METHOD@KEEP, comma-separated: divprune@49,tome@98")
+@click.option("--tokens", default=None, help="token configurations METHOD@KEEP[:key=value,...], comma-separated: "
+                                            "divprune@49,tome@98,embedlens@49:inject=2")
 @click.option("--methods", default=None, help="token passes crossed with --keep (NAME-static: a selecting method's calibrated static mode)")
 @click.option("--keep", default=None, help="visual tokens kept, crossed with --methods: 98,49,22")
 @click.option("--quant", "quant", multiple=True, help="one quantization configuration per option, passes joined by + "
@@ -475,7 +476,7 @@ def sweep(grid_file, model, resolution, tile_grid, tiles, tokens, methods, keep,
 
     if (methods is None) != (keep is None):
         raise VlmcError("--methods and --keep go together (or give --tokens METHOD@KEEP)")
-    token_list = _list(tokens)
+    token_list = None if tokens is None else sweeping.split_token_configs(tokens)
     if methods is not None:
         token_list = (token_list or []) + [f"{m}@{k}" for m in _list(methods) if m for k in _list(keep, int) if k]
     overrides = {"model": model, "resolution": _list(resolution, int), "tile_grid": tile_grid, "tiles": _list(tiles),

@@ -63,7 +63,8 @@ class Grid(BaseModel):
                                      "images: smolvlm)")
     tiles: list[Optional[str]] = Field([], description="other tile grids than tile_grid: ROWSxCOLS, or global (the global "
                                        "image alone)")
-    tokens: list[Optional[str]] = Field([], description="token configurations METHOD@KEEP")
+    tokens: list[Optional[str]] = Field([], description="token configurations METHOD@KEEP[:key=value,...] (the method's "
+                                        "own parameters: embedlens@49:inject=2)")
     quant: list[Optional[str]] = Field([], description="quantization configurations, passes joined by +")
     latency_curve: Optional[str] = Field(None, description="image token counts (8..196/8 or 22,49,98) whose prefill "
                                          "latency is measured on the uncompressed point, per runtime x device")
@@ -142,19 +143,32 @@ def method_spec(method: str, keep: int, tokens: int = 196, blocks: int = 3) -> d
     return {"name": method, "keep": keep}
 
 
-def token_pass(text: str) -> tuple[str, int]:
-    """`divprune@49` -> ("divprune", 49), checked against the registry."""
-    from vlmc.passes.registry import REGISTRY
+def split_token_configs(text: str) -> list[Optional[str]]:
+    """`embedlens@49:inject=2,sink_factor=5,divprune@22,none` -> its configurations: a configuration's own
+    parameters hold commas, so the text splits only before the next METHOD@KEEP (or none)."""
+    parts = (p.strip() for p in re.split(r",(?=\s*(?:[\w-]+@\d|none\b|null\b))", text))
+    return [None if p.lower() in ("none", "null") else p for p in parts if p]
 
-    m = re.fullmatch(r"\s*([\w-]+)@(\d+)\s*", text)
+
+def token_pass(text: str) -> tuple[str, int, dict]:
+    """`divprune@49` -> ("divprune", 49, {}); `embedlens@49:inject=2` -> (..., {"inject": 2}), the method's own
+    parameters over the sweep's; checked against the registry."""
+    from vlmc.passes.registry import REGISTRY, parse_cli
+
+    m = re.fullmatch(r"\s*([\w-]+)@(\d+)(?::(.+))?\s*", text)
     if not m:
-        raise VlmcError(f"token configuration {text!r}: expected METHOD@KEEP (divprune@49)")
+        raise VlmcError(f"token configuration {text!r}: expected METHOD@KEEP[:key=value,...] (divprune@49)")
     method, keep = m.group(1), int(m.group(2))
     if getattr(REGISTRY.get(method.removesuffix("-static")), "kind", None) != "token":
         raise VlmcError(f"token configuration {text!r}: {method!r} is not a token pass (vlmc passes lists them)")
     if keep < 1:
         raise VlmcError(f"token configuration {text!r}: keep at least 1 token")
-    return method, keep
+    try:
+        params = {k: v for k, v in parse_cli(f"{method}:{m.group(3)}").items() if k != "name"} if m.group(3) else {}
+    except VlmcError:
+        raise VlmcError(f"token configuration {text!r}: parameters go as key=value after ':' "
+                        "(embedlens@49:inject=2)") from None
+    return method, keep, params
 
 
 def parse_quant_config(text: str) -> list[dict]:
@@ -205,8 +219,8 @@ def make_point(grid: Grid, geometry: tuple[int, int, int], resolution, tokens, q
         passes.append({"name": "resolution", "size": int(resolution)})
         n_tokens = round(n_tokens * (resolution / native) ** 2)
     if tokens:
-        method, keep = token_pass(tokens)
-        passes.append(method_spec(method, keep, n_tokens, blocks))
+        method, keep, params = token_pass(tokens)
+        passes.append({**method_spec(method, keep, n_tokens, blocks), **params})
     if quant:
         passes += parse_quant_config(quant)
     recipe = {"model": grid.model, "targets": sorted({RUNTIME_TARGET[r] for r in grid.runtimes}), "passes": passes}
@@ -544,8 +558,9 @@ def snap(keep: int, steps: dict) -> int:
 
 
 def snap_token(text: str, steps: dict) -> str:
-    method, keep = token_pass(text)
-    return f"{method}@{snap(keep, steps)}"
+    method, keep, params = token_pass(text)
+    rest = text.split(":", 1)[1] if params else ""
+    return f"{method}@{snap(keep, steps)}" + (f":{rest}" if rest else "")
 
 
 # ----------------------------------------------------------------- outputs and budgets
