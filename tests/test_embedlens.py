@@ -1,5 +1,5 @@
-"""EmbedLens: keep the visual tokens that already read as language to the LLM (largest cosine similarity to
-its token embeddings), never its sinks (norm outliers), and let the image rows enter the decoder at a
+"""EmbedLens: keep the alive visual tokens (pointing away from the image's mean token, or reading as language
+to the LLM: largest cosine similarity to its token embeddings), never its sinks (norm outliers), and let the image rows enter the decoder at a
 middle layer: the layers before it run the text alone and hold no image rows in their caches."""
 import pytest
 import torch
@@ -31,6 +31,17 @@ def test_alive_tokens_are_kept_and_sinks_never():
     kept, idx = LensStage(3, vocabulary, 10.0, 16).select(x)
     assert 2 in idx[0].tolist() and 7 in idx[0].tolist() and 5 not in idx[0].tolist()
     assert idx[0].tolist() == sorted(idx[0].tolist()) and torch.equal(kept[0], x[0, idx[0]])
+
+
+def test_the_distinct_reading_keeps_what_the_images_average_token_does_not_say():
+    g = torch.Generator().manual_seed(1)
+    background = torch.randn(16, generator=g)
+    x = background + 0.05 * torch.randn(1, 12, 16, generator=g)  # a plain background ...
+    x[0, 3] = torch.randn(16, generator=g)  # ... with two objects on it
+    x[0, 9] = -background
+    scores = T.lens_scores(x, None, sink_factor=10.0)[0]
+    torch.testing.assert_close(scores, 1 - (T.unit(x[0]) @ T.unit(x[0].mean(0))))
+    assert LensStage(2, None, 10.0, 16).select(x)[1][0].tolist() == [3, 9]
 
 
 @pytest.fixture(scope="module")

@@ -410,14 +410,18 @@ def low_rank_scores(x_query: torch.Tensor, x_rows: torch.Tensor, a: torch.Tensor
     return ((x_rows @ b) * (x_query[None] @ a)).sum(-1) + (x_rows * c).sum(-1)  # no matrix-vector products (Core ML)
 
 
-def lens_scores(x: torch.Tensor, vocabulary: torch.Tensor, sink_factor: float) -> torch.Tensor:
-    """EmbedLens's reading of visual tokens x [B,N,D] in the LLM's input space: each token's largest cosine
-    similarity to the LLM's token embeddings `vocabulary` [V,D] (unit rows): how much language it already
-    carries ("alive"); sink tokens, whose norm exceeds `sink_factor` times the image's median token norm,
-    score -2, below any cosine. [B,N]"""
+def lens_scores(x: torch.Tensor, vocabulary: torch.Tensor | None, sink_factor: float) -> torch.Tensor:
+    """EmbedLens's reading of visual tokens x [B,N,D] in the LLM's input space, higher = more alive: with a
+    `vocabulary` [V,D] (the LLM's token embeddings, unit rows) each token's largest cosine similarity to it
+    (how much language it already carries); without, how far it points from the image's mean token (1 -
+    cosine; a dead token repeats what the image's average already says). Sink tokens, whose norm exceeds
+    `sink_factor` times the image's median token norm, score -2, below either reading. [B,N]"""
     norms = x.norm(dim=-1)
     median = torch.topk(norms, x.shape[1] - (x.shape[1] - 1) // 2, dim=-1).values[:, -1:]  # (no median / sort everywhere)
-    alive = (unit(x) @ vocabulary.T).amax(-1)
+    if vocabulary is None:
+        alive = 1.0 - (unit(x) * unit(x.mean(1, keepdim=True))).sum(-1)
+    else:
+        alive = (unit(x) @ vocabulary.T).amax(-1)
     return torch.where(norms > sink_factor * median, torch.full_like(alive, -2.0), alive)
 
 

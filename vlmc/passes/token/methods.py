@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -401,13 +401,16 @@ class EmbedLensConfig(SelectConfig):
                                              "run the text alone (0: every layer sees them)")
     sink_factor: float = Field(10.0, gt=1.0, description="a token whose norm exceeds this many times the image's median "
                                                          "token norm is a sink, never kept")
+    reading: Literal["distinct", "vocabulary"] = Field("distinct", description="how alive a token is: distinct (how far "
+                                                     "it points from the image's mean token) or vocabulary (its largest "
+                                                     "cosine similarity to the LLM's token embeddings)")
 
 
 class LensStage(SelectingStage):
-    def __init__(self, keep: int, vocabulary: torch.Tensor, sink_factor: float, width: int):
+    def __init__(self, keep: int, vocabulary: Optional[torch.Tensor], sink_factor: float, width: int):
         super().__init__()
         self.keep, self.sink_factor, self.width = keep, sink_factor, width
-        self.register_buffer("vocabulary", vocabulary)
+        self.register_buffer("vocabulary", vocabulary)  # None: the distinct reading
 
     def select(self, x):
         main = x if x.shape[-1] == self.width else x[..., : self.width]  # DeepStack's extra columns aside (a no-op
@@ -423,12 +426,15 @@ class EmbedLens(SelectPass):
     points = ("projector.out",)
     source = ("EmbedLens: sink, dead and alive visual tokens; alive tokens are pre-linguistic, so the image can be "
               "injected at a middle layer (CVPR 2026 seed notes)")
-    departures = ("the paper's probe classification is replaced by two training-free readings at projector.out: a "
-                  "sink is a token whose norm exceeds `sink_factor` times the image's median, and a token is alive as "
-                  "far as its largest cosine similarity to the LLM's token embeddings goes (the most alive `keep` are "
-                  "kept, a static count; dead tokens are the rest); the vision_encoder carries the LLM's normalised "
-                  "embedding table for it (vocabulary x hidden floats); the injection layer is a parameter, not found "
-                  "per model; injected rows skip layers 0..inject-1 (no cache rows there) and keep their positions")
+    departures = ("the paper's probe classification is replaced by training-free readings at projector.out: a sink is "
+                  "a token whose norm exceeds `sink_factor` times the image's median; a token is alive as far as it "
+                  "points away from the image's mean token (`reading: distinct`, default) or as far as its largest cosine "
+                  "similarity to the LLM's token embeddings goes (`reading: vocabulary`, the paper's 'pre-linguistic' "
+                  "reading; the vision_encoder then carries the normalised embedding table, vocabulary x hidden floats); "
+                  "the most alive `keep` are kept, a static count, the rest count as dead. The default is distinct "
+                  "because the vocabulary reading kept the wrong tokens on the built-in model, whose visual tokens were "
+                  "never aligned with words (docs/sweep_embedlens). The injection layer is a parameter, not found per "
+                  "model; injected rows skip layers 0..inject-1 (no cache rows there) and keep their positions")
     Config = EmbedLensConfig
 
     def check(self, tokens_in, grid, model):
@@ -439,8 +445,8 @@ class EmbedLens(SelectPass):
                             f"decoder's last layer ({layers - 1})")
 
     def stage(self, model, point_module, tokens_in):
-        table = model.embed_tokens.weight.detach().float()
-        return LensStage(self.config.keep, T.unit(table), self.config.sink_factor, model.config.text.hidden_size)
+        table = T.unit(model.embed_tokens.weight.detach().float()) if self.config.reading == "vocabulary" else None
+        return LensStage(self.config.keep, table, self.config.sink_factor, model.config.text.hidden_size)
 
     def place(self, model, tokens_in, calibration=None):
         placed = super().place(model, tokens_in, calibration)
