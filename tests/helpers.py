@@ -181,3 +181,36 @@ def assert_cache_decode_matches(hf, ours, ids, pixels, out, tol: float = 1e-4) -
         hf_step = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
         step, _ = ours.decode(ours.embed_text(nxt), torch.tensor([[n]]), past)
     assert (step[:, -1] - hf_step).abs().max().item() <= tol
+
+
+def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: int, max_context: int = 40,
+                                         steps: int = 3) -> tuple[list[int], list[int]]:
+    """A model with in-LLM stages: its eager whole-prompt prefill (growing caches), the static-cache
+    `text_prefill` (right-padded, as Core ML runs it) and ExecuTorch's prefill method give the same logits,
+    and `steps` greedy decode steps continue them alike on the static-cache and ExecuTorch decoders.
+    Returns the eager caches' lengths and the static caches' lengths per layer."""
+    import torch
+
+    from vlmc.models_zoo.core import PromptRows
+    from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
+
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
+    t, start = embeds.shape[1], torch.tensor([image_start])
+    with torch.no_grad():
+        ref, past = m.decode(embeds, torch.arange(t)[None], None, PromptRows(start, n_image, torch.tensor([t - 1])))
+        eager_lengths = [p[0].shape[2] for p in past]
+        out = StaticCachePrefill(m, max_context)(torch.cat([embeds, torch.zeros(1, 4, embeds.shape[2])], 1), start,
+                                                 torch.tensor([t - 1]))
+        static_lengths = [c.shape[2] for c in out[1::2]]
+        close(out[0][0], ref[0, -1])
+        et = ExecuTorchDecoder(m, max_context)
+        close(et.prefill(embeds, start)[0], ref[0, -1])
+        caches, decoder = list(out[1:]), StaticCacheDecoder(m, max_context)
+        for step in range(steps):
+            nxt = m.embed_text(ref[:, -1].argmax(-1, keepdim=True))
+            p = t + step
+            ref, past = m.decode(nxt, torch.tensor([[p]]), past)
+            got, *caches = decoder(nxt, torch.tensor([[p]]), torch.tensor([p]), torch.tensor([0]), caches)
+            close(got[0], ref[0, -1])
+            close(et(nxt, torch.tensor([p]))[0], ref[0, -1])
+    return eager_lengths, static_lengths

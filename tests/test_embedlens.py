@@ -5,12 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import SPACED_TEMPLATE, three_target_bundle
+from tests.helpers import SPACED_TEMPLATE, assert_programs_continue_the_prefill, three_target_bundle
 from vlmc import api, passes
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
-from vlmc.models_zoo.core import PromptRows
-from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import LensStage
 
@@ -82,22 +80,8 @@ def test_prefill_and_decode_programs_keep_no_image_rows_before_the_injection_lay
     assert m.cache_shifts() == [6, 0]
     with torch.no_grad():
         embeds = m.merge_embeddings(ids, m.encode_image(pixels))
-        t = embeds.shape[1]
-        ref_logits, past = m.decode(embeds, torch.arange(t)[None], None, PromptRows(torch.tensor([2]), 6, torch.tensor([t - 1])))
-        assert [p[0].shape[2] for p in past] == [t - 6, t]
-        out = StaticCachePrefill(m, 40)(torch.cat([embeds, torch.zeros(1, 3, embeds.shape[2])], 1), torch.tensor([2]),
-                                        torch.tensor([t - 1]))
-        torch.testing.assert_close(out[0][0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-        et = ExecuTorchDecoder(m, 40)
-        torch.testing.assert_close(et.prefill(embeds, torch.tensor([2]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-        caches, decoder = list(out[1:]), StaticCacheDecoder(m, 40)
-        for step in range(3):
-            nxt = m.language_model.embed_tokens(ref_logits[:, -1].argmax(-1, keepdim=True))
-            p = t + step
-            ref_logits, past = m.decode(nxt, torch.tensor([[p]]), past)
-            got, *caches = decoder(nxt, torch.tensor([[p]]), torch.tensor([p]), torch.tensor([0]), caches)
-            torch.testing.assert_close(got[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(et(nxt, torch.tensor([p]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+    eager, static = assert_programs_continue_the_prefill(m, embeds, 2, 6)
+    assert eager == [embeds.shape[1] - 6, embeds.shape[1]] and static == [34, 40]
 
 
 def test_embedlens_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckpt, tmp_path, sample_image):

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from vlmc import api, passes
-from tests.helpers import SPACED_TEMPLATE, three_target_bundle
+from tests.helpers import SPACED_TEMPLATE, assert_programs_continue_the_prefill, three_target_bundle
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
-from vlmc.models_zoo.core import LayerView, PromptRows, keep_rows
-from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
+from vlmc.models_zoo.core import LayerView, keep_rows
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage
 
@@ -138,24 +137,8 @@ def test_prefill_and_decode_programs_continue_the_pruned_caches(fastv_model):
     assert m.cache_shifts() == [0, 11]
     with torch.no_grad():
         embeds = m.merge_embeddings(ids, m.encode_image(pixels))
-        t = embeds.shape[1]
-        prompt = PromptRows(torch.tensor([2]), 16, torch.tensor([t - 1]))
-        ref_logits, past = m.decode(embeds, torch.arange(t)[None], None, prompt)  # growing caches, torch.cat
-        assert [p[0].shape[2] for p in past] == [t, t - 11]
-        padded = torch.cat([embeds, torch.zeros(1, 4, embeds.shape[2])], 1)  # Core ML's padded prefill
-        out = StaticCachePrefill(m, 40)(padded, torch.tensor([2]), torch.tensor([t - 1]))
-        assert [c.shape[2] for c in out[1:]] == [40, 40, 29, 29]
-        torch.testing.assert_close(out[0][0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-        et = ExecuTorchDecoder(m, 40)
-        torch.testing.assert_close(et.prefill(embeds, torch.tensor([2]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-        caches, decoder = list(out[1:]), StaticCacheDecoder(m, 40)
-        for step in range(3):
-            nxt = m.language_model.embed_tokens(ref_logits[:, -1].argmax(-1, keepdim=True))
-            p = t + step
-            ref_logits, past = m.decode(nxt, torch.tensor([[p]]), past)
-            got, *caches = decoder(nxt, torch.tensor([[p]]), torch.tensor([p]), torch.tensor([0]), caches)
-            torch.testing.assert_close(got[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(et(nxt, torch.tensor([p]))[0], ref_logits[0, -1], atol=1e-5, rtol=1e-5)
+    eager, static = assert_programs_continue_the_prefill(m, embeds, 2, 16)
+    assert eager == [embeds.shape[1], embeds.shape[1] - 11] and static == [40, 29]
 
 
 # ---------------------------------------------------------------- bundles
