@@ -214,3 +214,15 @@ def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: i
             close(got[0], ref[0, -1])
             close(et(nxt, torch.tensor([p]))[0], ref[0, -1])
     return eager_lengths, static_lengths
+
+
+def assert_export_refused(ckpt, out: Path, passes: list, fragment: str, template: str = SPACED_TEMPLATE) -> None:
+    """An onnx export of `ckpt` with `passes` ends in a VlmcError matching `fragment`, leaving no bundle."""
+    import pytest
+
+    from vlmc import api
+    from vlmc.errors import VlmcError
+
+    with pytest.raises(VlmcError, match=fragment):
+        api.compile({"model": str(ckpt), "targets": ["onnx"], "prompt_template": template, "passes": passes}, out)
+    assert not out.exists()

@@ -3,13 +3,13 @@ attention from the question's last row; the other rows skip that layer unchanged
 layer's cache is shorter by them, and prefill and decode continue consistently on every target."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.helpers import SPACED_TEMPLATE, assert_programs_continue_the_prefill, three_target_bundle
+from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill, three_target_bundle
 from vlmc import api, passes
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.passes.token import functional as T
+from vlmc.passes.token.methods import causal_attend
 
 ALVTS = {"name": "alvts", "at": "decoder.layer[1]", "keep": 5, "rank": 8}
 
@@ -48,18 +48,14 @@ def test_unchosen_rows_skip_the_layer_and_rejoin_unchanged(alvts_model):
     ranks highest (plain causal attention among them, original positions); the other 11 rows carried
     past layer 1 as they were."""
     m, ids, pixels = alvts_model
-    lm, n_rep = m.language_model, 2
+    lm = m.language_model
     stage = m.decoder_stages()[1][0]
     with torch.no_grad():
         got = m(ids, pixels)
         embeds = m.merge_embeddings(ids, m.encode_image(pixels))
         t = embeds.shape[1]
         pos = torch.arange(t)[None]
-
-        def causal(i, q, k, v, shift):
-            k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
-
+        causal = causal_attend(m.config.text)  # grouped heads, plain causal attention
         h, _, _ = lm.layers[0](embeds, m.rope(pos), 0, causal)
         x = lm.layers[1].input_layernorm(h)[0]
         scores = T.low_rank_scores(x[t - 1], x[2:18], stage.a, stage.b, stage.c)
@@ -117,14 +113,14 @@ def test_alvts_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path
     ({**ALVTS, "keep": 16}, "keep"),
 ])
 def test_bad_alvts_parameters_are_refused(tiny_ckpt, tmp_path, spec, fragment):
-    with pytest.raises(VlmcError, match=fragment):
-        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": SPACED_TEMPLATE, "passes": [spec]},
-                    tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+    assert_export_refused(tiny_ckpt, tmp_path / "b", [spec], fragment, SPACED_TEMPLATE)
 
 
-def test_a_skipping_layer_cannot_also_drop_rows(tiny_ckpt, tmp_path):
+def test_a_skipping_layer_cannot_also_drop_rows_or_skip_by_two_passes(tiny_ckpt, tmp_path):
     with pytest.raises(VlmcError, match="cannot share a layer"):
         api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": SPACED_TEMPLATE,
                      "passes": [{**ALVTS, "at": "decoder.layer[0]"}, {"name": "fastv", "at": "decoder.layer[0]", "keep": 3}]},
                     tmp_path / "b")
+    with pytest.raises(VlmcError, match="another pass already chooses which image rows skip this layer"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": SPACED_TEMPLATE,
+                     "passes": [ALVTS, {**ALVTS, "keep": 3}]}, tmp_path / "b")

@@ -3,14 +3,12 @@ to the LLM: largest cosine similarity to its token embeddings), never its sinks 
 middle layer: the layers before it run the text alone and hold no image rows in their caches."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.helpers import SPACED_TEMPLATE, assert_programs_continue_the_prefill, three_target_bundle
+from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill, three_target_bundle
 from vlmc import api, passes
-from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.passes.token import functional as T
-from vlmc.passes.token.methods import LensStage
+from vlmc.passes.token.methods import LensStage, causal_attend
 
 LENS = {"name": "embedlens", "keep": 6, "inject": 1}
 
@@ -56,17 +54,13 @@ def test_image_rows_enter_the_decoder_at_the_injection_layer(lens_model):
     prompt, the image rows coming in as the projector left them."""
     m, records, ids, pixels = lens_model
     assert (records[0]["tokens_in"], records[0]["tokens_out"], records[0]["in_llm"]) == (16, 6, True)
-    lm, n_rep = m.language_model, 2
+    lm = m.language_model
     with torch.no_grad():
         got = m(ids, pixels)
         embeds = m.merge_embeddings(ids, m.encode_image(pixels))
         t = embeds.shape[1]
         pos = torch.arange(t)[None]
-
-        def causal(i, q, k, v, shift):
-            k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
-
+        causal = causal_attend(m.config.text)  # grouped heads, plain causal attention
         text = torch.cat([torch.arange(2), torch.arange(8, t)])
         h = embeds.clone()
         h[:, text] = lm.layers[0](embeds[:, text], m.rope(pos[:, text]), 0, causal)[0]
@@ -119,7 +113,4 @@ def test_embedlens_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_
     ({**LENS, "sink_factor": 1.0}, "sink_factor"),
 ])
 def test_bad_embedlens_parameters_are_refused(tiny_ckpt, tmp_path, spec, fragment):
-    with pytest.raises(VlmcError, match=fragment):
-        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": SPACED_TEMPLATE, "passes": [spec]},
-                    tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+    assert_export_refused(tiny_ckpt, tmp_path / "b", [spec], fragment, SPACED_TEMPLATE)

@@ -28,7 +28,7 @@ FAMILIES = {
     "lfm2_vl": (lambda d: make_hf_lfm2vl(d), {"image_size": 128}, 16),
 }
 VISION_SIDE = {"tome", "visionzip", "zooprune", "duet"}  # need the patch grid before a merging connector
-IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet"}
+IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet", "alvts"}
 
 
 def specs(tokens: int) -> list[dict]:
@@ -42,8 +42,11 @@ def specs(tokens: int) -> list[dict]:
             *({"name": m, "keep": keep, "at": "decoder.layer[0]"} for m in ("fastv", "v2drop", "transprune", "hawk")),
             {"name": "duet", "keep": keep, "dominant": 2 * keep, "contextual": 2, "at": "decoder.layer[0]"},
             {"name": "divprune", "keep": keep, "static": True},
+            {"name": "alvts", "keep": keep, "at": "decoder.layer[0]", "rank": 4},
+            {"name": "embedlens", "keep": keep}, {"name": "embedlens", "keep": keep, "inject": 1},
             {"name": "w8a8"}, {"name": "w8"}, {"name": "w4", "group_size": 16}, {"name": "w4", "group_size": 32},
-            {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"}]
+            {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"},
+            {"name": "w4", "method": "qig", "group_size": 32, "bits": 6, "steps": 2}]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -61,7 +64,8 @@ def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, i
     spec = specs(tokens)[index]
     # gemma3: its sliding windows and image block are positions; tiles: the image is several runs of rows
     # lfm2_vl: its convolution layers mix neighbouring rows and carry a state over them
-    refused = spec["name"] in VISION_SIDE or (name in ("gemma3", "smolvlm-tiles", "lfm2_vl") and spec["name"] in IN_LLM)
+    in_llm = spec["name"] in IN_LLM or spec.get("inject", 0) > 0
+    refused = spec["name"] in VISION_SIDE or (name in ("gemma3", "smolvlm-tiles", "lfm2_vl") and in_llm)
     # XNNPACK's 4-bit kernels take groups of a multiple of 32
     refused |= target == "executorch" and spec.get("group_size", 32) % 32 != 0
     # export conformance, not accuracy: a tiny random model moves further under quantization than a trained one

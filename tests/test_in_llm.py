@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlmc import api, passes
 from tests.helpers import SPACED_TEMPLATE, assert_programs_continue_the_prefill, three_target_bundle
@@ -14,7 +13,7 @@ from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.models_zoo.core import LayerView, keep_rows
 from vlmc.passes.token import functional as T
-from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage
+from vlmc.passes.token.methods import LastTokenAttentionStage, TransitionStage, VariationStage, causal_attend
 
 TEMPLATE = SPACED_TEMPLATE
 IN_LLM = {
@@ -112,17 +111,13 @@ def test_kept_rows_keep_their_original_positions(fastv_model):
     """The pruned forward equals: layer 0 on the whole prompt, then the kept rows alone, at their original
     RoPE positions, through the rest of the model with plain causal attention."""
     m, ids, pixels = fastv_model
-    lm, n_rep = m.language_model, 2
+    lm = m.language_model
     with torch.no_grad():
         pruned = m(ids, pixels)[0, -1]
         embeds = m.merge_embeddings(ids, m.encode_image(pixels))
         t = embeds.shape[1]
         pos = torch.arange(t)[None]
-
-        def causal(i, q, k, v, shift):
-            k, v = (x.repeat_interleave(n_rep, 1) for x in (k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
-
+        causal = causal_attend(m.config.text)  # grouped heads, plain causal attention
         h, q, k = lm.layers[0](embeds, m.rope(pos), 0, causal)
         scores = T.last_token_attention(q, k, 2 + torch.arange(16), torch.tensor([t - 1]))
         image_kept = 2 + torch.sort(torch.topk(scores, 5).indices).values

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from tests.helpers import assert_export_refused
 from tests.test_quant import TEMPLATE, compile_tiny, onnx_ops
 from vlmc import api
-from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.passes.quant import linear_layers
 from vlmc.passes.quant.calibration import CalibrationSource
@@ -148,6 +148,4 @@ def test_qig_bundle_verifies_on_executorch_and_coreml(tiny_ckpt, calibration_jso
      "parameter 'promote': vision_tower.nope is not a linear of the decoder part"),
 ])
 def test_bad_qig_parameters_are_refused(tiny_ckpt, tmp_path, passes, fragment):
-    with pytest.raises(VlmcError, match=fragment):
-        api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "prompt_template": TEMPLATE, "passes": passes}, tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+    assert_export_refused(tiny_ckpt, tmp_path / "b", passes, fragment, TEMPLATE)

@@ -380,6 +380,8 @@ class VisionLanguageModel(nn.Module):
         if point.startswith("decoder.") and here and any(is_bypass(s) != is_bypass(stage) for s in here):
             raise VlmcError(f"insertion at {point}: a stage that lets image rows skip this layer and one that drops rows "
                             "after it cannot share a layer")
+        if point.startswith("decoder.") and is_bypass(stage) and here:
+            raise VlmcError(f"insertion at {point}: another pass already chooses which image rows skip this layer")
         if key not in self.insertions:
             self.insertions[key] = nn.ModuleList()
         self.insertions[key].append(stage)
