@@ -127,7 +127,8 @@ def lower(ctx: ExportContext) -> dict:
         image_tokens = VisionEncoderProgram(m, "chw_uint8")(image).shape[1]
         for name, (make, args, dyn) in builders.items():
             scheme = ctx.scheme(name)
-            model = (executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size, ctx.promoted(name))
+            eight_bit = ctx.promoted(name)
+            model = (executorch_quant.quantize_w4(m, PROGRAM_PARTS[name], scheme.config.group_size, eight_bit)
                      if scheme and scheme.name == "w4" else m)
             ep = export(make(model).eval(), args, dynamic_shapes=dyn, strict=False)
             if scheme and scheme.name != "w4":
@@ -136,7 +137,7 @@ def lower(ctx: ExportContext) -> dict:
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
             if scheme:
                 quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme),
-                                   **({"eight_bit_linears": ctx.promoted(name)} if ctx.promoted(name) else {})}
+                                   **({"eight_bit_linears": eight_bit} if eight_bit else {})}
             exported[name] = ep
     constants = {
         "get_max_seq_len": r.max_prompt,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vlmc.errors import VlmcError
+from vlmc.models_zoo.core import is_bypass
 from vlmc.passes import quant, registry, resolution  # noqa: F401  (registers resolution)
 from vlmc.passes.token import methods  # noqa: F401  (registers the token methods)
 
@@ -49,7 +50,7 @@ class _RecordRows(nn.Module):
 
     def __init__(self, stage):
         super().__init__()
-        self.stage, self.keep, self.dropped, self.bypass = stage, stage.keep, stage.dropped, getattr(stage, "bypass", False)
+        self.stage, self.keep, self.dropped, self.bypass = stage, stage.keep, stage.dropped, is_bypass(stage)
         self.seen: list[torch.Tensor] = []
 
     def select(self, view):
@@ -96,7 +97,7 @@ def kept_rows_most_often(model, placed, calibration) -> list[torch.Tensor]:
                 model.pop(point)
             kept = T.most_selected(torch.stack(probe.seen), stage.keep + stage.dropped, stage.keep)
             out.append(kept)
-            model.insert(point, ConstantRowsStage(kept, stage.dropped, getattr(stage, "bypass", False)))
+            model.insert(point, ConstantRowsStage(kept, stage.dropped, is_bypass(stage)))
             inserted.append(point)
     finally:
         for point in reversed(inserted):

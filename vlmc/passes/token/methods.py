@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlmc.errors import VlmcError
+from vlmc.models_zoo.core import is_bypass
 from vlmc.passes.registry import PassConfig, TokenPass, register
 from vlmc.passes.token import functional as T
 
@@ -674,7 +675,7 @@ class LayerPass(TokenPass):
                             f"not {len(rows)}")
         for r, stage in zip(rows, in_llm):
             _check_indices(self.name, r, stage.keep, stage.keep + stage.dropped, " for each dropping layer")
-        constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped, getattr(stage, "bypass", False))
+        constant = iter(ConstantRowsStage(torch.tensor(sorted(r)), stage.dropped, is_bypass(stage))
                         for r, stage in zip(rows, in_llm))
         return [(point, next(constant) if point.startswith("decoder.") else stage) for point, stage in placed]
 
