@@ -10,6 +10,7 @@ Everything passes and the exporter read lives here, once:
 - the in-LLM drop loop: image rows dropped after a layer keep their original positions, and every later
   layer's cache is shorter by what was dropped (`cache_shifts`); bypass stages let image rows skip one
   layer (their hidden state passes it unchanged and rejoins after it; that layer's cache is shorter);
+  merging stages fold the dropped rows into the kept ones before dropping them;
 - the part lists quantization reads (`part_modules`, `norm_consumers`);
 - the eager reference: image encoding, embedding merge, whole-prompt logits and a growing-cache decode.
 
@@ -75,6 +76,15 @@ def rejoin(h: torch.Tensor, computed: torch.Tensor, start: torch.Tensor, kept: t
     ran = torch.logical_or(torch.logical_not(inside), chosen.index_select(0, (j - start).clamp(0, n - 1)) > 0)
     source = (torch.cumsum(ran.to(torch.int64), 0) - 1).clamp(0, t - (n - r) - 1)
     return torch.where(ran[None, :, None], computed.index_select(1, source), h)
+
+
+def replace_image_rows(h: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`h` [1,T,D] with its image rows (from `start` [1]) replaced by `rows` [1,R,D]: a gather and a select,
+    so the image's start may be a program input."""
+    t, r = h.shape[1], rows.shape[1]
+    j = torch.arange(t)
+    inside = torch.logical_and(j >= start, j < add_int(start, r))
+    return torch.where(inside[None, :, None], rows.index_select(1, (j - start).clamp(0, r - 1)), h)
 
 
 def add_int(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -354,7 +364,10 @@ class VisionLanguageModel(nn.Module):
         `tracks_size = True` (a merge) takes and returns the tokens' sizes too, which the later blocks'
         attention reads; a stage that does not track sizes cannot follow one inside the vision tower. At
         `decoder.layer[i]` a stage is an in-LLM one (`select(LayerView) -> kept image indices`, `dropped`
-        rows): see `run_decoder`. A connector that merges the patch grid (pixel shuffle, pooling) needs
+        rows; optionally `merge(view, kept)` -> the kept rows' new states, so the dropped rows' content
+        joins them): see `run_decoder`. A pre-LLM stage with `orders_rows` hands a later in-LLM stage with
+        `reads_row_order` the image rows in an order it relies on: nothing may follow the first at its
+        point, or drop image rows at or before the second's layer. A connector that merges the patch grid (pixel shuffle, pooling) needs
         all of it, so only transparent stages may run before it.
         """
         self.resolve(point)
@@ -382,9 +395,31 @@ class VisionLanguageModel(nn.Module):
                             "after it cannot share a layer")
         if point.startswith("decoder.") and is_bypass(stage) and here:
             raise VlmcError(f"insertion at {point}: another pass already chooses which image rows skip this layer")
+        if here and getattr(here[-1], "orders_rows", False) and not transparent:
+            raise VlmcError(f"insertion at {point}: the stage there orders the image rows for a later layer; no token "
+                            "stage may follow it at this point (place the other pass first in the recipe)")
+        self._check_row_order(point, stage)
         if key not in self.insertions:
             self.insertions[key] = nn.ModuleList()
         self.insertions[key].append(stage)
+
+    def _check_row_order(self, point: str, stage: nn.Module) -> None:
+        """An in-LLM stage that `reads_row_order` (it knows which image rows are which from the order a
+        pre-LLM stage left them in) needs every image row to reach it: no stage may drop rows before it."""
+        m = POINTS.match(point)
+        if m.group(3) is None:
+            return
+        layer, stages = int(m.group(3)), self.decoder_stages()
+        if getattr(stage, "reads_row_order", False):
+            early = [i for i, here in stages.items() if i <= layer and any(not is_bypass(s) for s in here)]
+            clash = early[0] if early else None
+        else:
+            later = [i for i, here in stages.items() if i > layer and any(getattr(s, "reads_row_order", False) for s in here)]
+            clash = later[0] if later and not is_bypass(stage) else None
+        if clash is not None:
+            raise VlmcError(f"insertion at {point}: decoder.layer[{max(clash, layer)}]'s stage reads the image rows in "
+                            f"the order projector.out left them, so no stage may drop image rows at or before it "
+                            f"(decoder.layer[{min(clash, layer)}])")
 
     def pop(self, point: str) -> nn.Module:
         """Remove the stage inserted last at `point` (calibration probes)."""
@@ -542,9 +577,13 @@ class VisionLanguageModel(nn.Module):
                         shift += stage.dropped
                         continue
                     rows = prompt.image_start + torch.arange(n)
-                    kept = stage.select(LayerView(h_in, h, q, k, rows, last))
+                    view = LayerView(h_in, h, q, k, rows, last)
+                    kept = stage.select(view)
+                    merged = stage.merge(view, kept) if hasattr(stage, "merge") else None
                     idx = keep_rows(h.shape[1], prompt.image_start, kept, n)
                     h, rope = h.index_select(1, idx), tuple(r.index_select(1, idx) for r in rope)
+                    if merged is not None:
+                        h = replace_image_rows(h, merged, prompt.image_start)
                     if i + 1 < deep:
                         inputs_embeds = inputs_embeds.index_select(1, idx)
                     positions = positions.index_select(1, idx)

@@ -378,6 +378,23 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
     return torch.cat([dom, ctx], dim=1), torch.cat([dom_idx, ctx_idx], dim=1)
 
 
+def lost_and_kept(tokens: torch.Tensor, keep: int, candidates: int):
+    """Hi-Lo Prune's two-level selection on tokens [B,N,D]. Coarse, what to keep: the `keep` most salient
+    tokens. Fine, what pruning would lose: of the rest, the `candidates` tokens whose salience the kept set
+    covers worst (salience x cosine distance to the nearest kept token). Returns the tokens [B,C+K,D] and
+    their indices [B,C+K]: the candidates first, then the kept, each run ascending, so that in a causal
+    decoder the kept rows can read the candidates."""
+    n = tokens.shape[1]
+    s = salience(tokens)
+    kept = ascending(torch.topk(tie_break(s), keep, dim=-1).indices, n)
+    u = unit(tokens)
+    covered = (u @ gather_tokens(u, kept).transpose(1, 2)).amax(dim=-1)  # [B,N]: cosine to the nearest kept token
+    lost = torch.where(one_hot(kept, n).sum(dim=-2) > 0, torch.full_like(s, -1.0), s * (1.0 - covered))
+    lost_idx = ascending(torch.topk(tie_break(lost), candidates, dim=-1).indices, n)
+    idx = torch.cat([lost_idx, kept], dim=1)
+    return gather_tokens(tokens, idx), idx
+
+
 # ---------------------------------------------------------------- inside the LLM (one prompt, rows [T])
 
 def attention_row(q_row: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -478,3 +495,22 @@ def transition(h_in: torch.Tensor, h: torch.Tensor, image_rows: torch.Tensor) ->
     a, b = h_in[0].index_select(0, image_rows), h[0].index_select(0, image_rows)
     na, nb = a.norm(dim=-1), b.norm(dim=-1)
     return (nb - na).abs() / na.clamp_min(1e-6), 1.0 - (a * b).sum(-1) / (na * nb).clamp_min(1e-6)
+
+
+def candidate_merge(q: torch.Tensor, k: torch.Tensor, h: torch.Tensor, image_rows: torch.Tensor, candidates: int,
+                    weight: float) -> torch.Tensor:
+    """Hi-Lo Prune's attention-guided merge at the removal layer: the image rows are [candidates | kept];
+    each candidate joins the kept row whose query attends to it most (softmax over the candidates, mean over
+    heads), counting as much as that attention times `weight`, and each kept row becomes the weighted mean
+    of itself (weight 1) and its candidates. q [1,H,T,d], k [1,Hkv,T,d], h [1,T,D] the layer's output ->
+    the kept rows [1,K,D]."""
+    c, n = candidates, image_rows.shape[0]
+    j = torch.arange(q.shape[2])
+    first = image_rows[:1]
+    is_candidate = torch.logical_and(j >= first, j < first + torch.full_like(first, c))  # [T] (a tensor operand: PT2E)
+    attn = query_attention(q, k, image_rows[c:], is_candidate[None].expand(n - c, -1))  # [K,T]
+    attn = attn.index_select(1, image_rows[:c])  # [K,C]
+    to = torch.topk(tie_break(attn.T), 1, dim=-1).indices[:, 0]  # [C]: the kept row attending to each most
+    share = weight * one_hot(to, n - c).T * attn  # [K,C]
+    rows = h[0].index_select(0, image_rows)
+    return ((rows[c:] + share @ rows[:c]) / (1.0 + share.sum(dim=1, keepdim=True)))[None]
