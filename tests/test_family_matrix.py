@@ -47,7 +47,7 @@ def specs(tokens: int) -> list[dict]:
             {"name": "hilo", "keep": keep, "candidates": 2, "layer": 0},
             {"name": "w8a8"}, {"name": "w8"}, {"name": "w4", "group_size": 16}, {"name": "w4", "group_size": 32},
             {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"},
-            {"name": "w4", "method": "qig", "group_size": 32, "bits": 6, "steps": 2}]
+            {"name": "w4", "method": "qig", "group_size": 32, "bits": 6, "steps": 2}, {"name": "kv8"}]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -69,6 +69,7 @@ def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, i
     refused = spec["name"] in VISION_SIDE or (name in ("gemma3", "smolvlm-tiles", "lfm2_vl") and in_llm)
     # XNNPACK's 4-bit kernels take groups of a multiple of 32
     refused |= target == "executorch" and spec.get("group_size", 32) % 32 != 0
+    refused |= spec["name"] == "kv8" and name == "lfm2_vl"  # its cache slots hold the convolution state too
     # export conformance, not accuracy: a tiny random model moves further under quantization than a trained one
     recipe = {"model": str(d), "targets": [target], "max_context": 64, "passes": [spec], "verify": {"quantized_rel_err": 0.5},
               "calibration": {"dataset": str(calibration_jsonl), "n": 8}, **extra}

@@ -170,6 +170,16 @@ def _in_llm_fields(ctx: ExportContext) -> dict:
                         "from slot 0; text_decoder then continues at position p, layer i writing slot p - cache_shifts[i]")}
 
 
+def _kv_cache_fields(ctx: ExportContext) -> dict:
+    """How the decoder's cache is stored and what it occupies at max_context (every slot is allocated)."""
+    shape = ctx.decoder_shape
+    fields = {"dtype": shape.kv_cache, "bytes": shape.cache_bytes()}
+    if shape.kv_cache == "int8":
+        fields["layout"] = ("per layer k_cache, v_cache int8 [1, heads, slots, head_dim] (ExecuTorch: [1, slots, heads, "
+                            "head_dim]) and k_scale, v_scale float32 with a last dim of 1; value = code x scale")
+    return fields
+
+
 def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
     progress = progress or (lambda msg: None)
@@ -219,7 +229,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
                         **({"state_layers": [list(s) for s in ctx.decoder_shape.state_layers]}
                            if ctx.decoder_shape.state_layers else {}),
                         "vocab_size": cfg.text.vocab_size, "max_context": recipe.max_context,
-                        "max_prompt": recipe.max_prompt, **_in_llm_fields(ctx)},
+                        "max_prompt": recipe.max_prompt, "kv_cache": _kv_cache_fields(ctx), **_in_llm_fields(ctx)},
             "recipe": recipe.model_dump(mode="json"),
             "passes": prepared.passes,
             "quantization": ({"parts": prepared.quant.describe(), "token_embedding": "float (not quantized)",

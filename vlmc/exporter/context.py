@@ -143,13 +143,13 @@ class ExportContext:
         from torch.export import Dim
 
         from vlmc.models_zoo.programs import (StaticCacheDecoder, StaticCachePrefill, TokenEmbeddingProgram,
-                                              VisionEncoderProgram, cache_shape, static_decoder_io)
+                                              VisionEncoderProgram, empty_caches, static_decoder_io)
 
         m, r = self.target_model(target), self.recipe
         seq = Dim("seq_len", min=1, max=r.max_prompt)
         pos = torch.arange(r.max_prompt)  # position_ids gets a copy: an input that is a view of another adds a guard on its base
-        caches = [torch.zeros(cache_shape(m, r.max_context, i)) for i in range(self.num_layers) for _ in "kv"]
-        in_names, out_names = static_decoder_io(self.num_layers)
+        caches = empty_caches(m, r.max_context)
+        in_names, out_names = static_decoder_io(self.num_layers, m.kv_cache)
         vision = VisionEncoderProgram(m, image_layout)
         prefill = []
         if m.decoder_stages():

@@ -97,7 +97,7 @@ class Verifier:
             self.prefill_in = [padded, self.image_start, np.asarray([n - 1], np.int64)]
         else:
             self.prefill_program = "text_decoder"
-            self.prefill_in = [padded, pos[None], pos, np.asarray([n - 1], np.int64), *self.eager._empty_caches()]
+            self.prefill_in = [padded, pos[None], pos, np.asarray([n - 1], np.int64), *ctx.decoder_shape.empty_caches()]
         self.prefill_out = self.eager.call(self.prefill_program, self.prefill_in)
         self.next_embeds = self.eager.embed([int(np.argmax(self.prefill_out[0][0]))])
         self.step_in = [self.next_embeds, np.asarray([[n]], np.int64), np.asarray([n], np.int64),
@@ -120,9 +120,16 @@ class Verifier:
                                             ("text_decoder", "decode step", self.step_in, self.step_out)):
             got = session.call(program, inputs)
             rows.append(self._check(target, program, f"{check} logits", got[0], ref[0]))
-            rows.append(self._check(target, program, f"{check} KV cache", np.concatenate([c.ravel() for c in got[1:]]),
-                                    np.concatenate([c.ravel() for c in ref[1:]])))
+            rows.append(self._check(target, program, f"{check} KV cache", self.cache_values(got[1:]), self.cache_values(ref[1:])))
         return rows
+
+    def cache_values(self, caches: list[np.ndarray]) -> np.ndarray:
+        """Every cache entry's value, flattened: an int8 cache's codes times their scales."""
+        if self.ctx.decoder_shape.kv_cache != "int8":
+            return np.concatenate([c.ravel() for c in caches])
+        layers = [caches[i: i + 4] for i in range(0, len(caches), 4)]
+        return np.concatenate([(codes.astype(np.float32) * scale).ravel()
+                               for k, v, k_scale, v_scale in layers for codes, scale in ((k, k_scale), (v, v_scale))])
 
     def executorch(self, open_session: Callable[[tuple[str, ...]], Session]) -> list[dict]:
         """The vision side and the decoder in two sessions, one after the other: the runtime holds XNNPACK's

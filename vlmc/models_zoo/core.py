@@ -160,6 +160,9 @@ class VisionLanguageModel(nn.Module):
         self.image_start: Optional[int] = None
         # the side images are encoded at when the resolution pass lowered it (None: the native side)
         self.input_side: Optional[int] = None
+        # how the decoder's KV cache is stored between calls: float32, or int8 codes with a float scale per
+        # head and slot (the kv8 pass); every program form reads it
+        self.kv_cache = "float32"
         # Token stages inserted by passes at named points of the anatomy (see `insert`).
         self.insertions = nn.ModuleDict()
 

@@ -58,6 +58,27 @@ def cache_shape(model: VisionLanguageModel, max_context: int, layer: int = 0) ->
     return (1, *model.cache_dims(layer, max_context))
 
 
+def empty_caches(model: VisionLanguageModel, max_context: int) -> list[torch.Tensor]:
+    """The static-cache form's zero caches in `cache_names` order: per layer k, v, and with an int8 KV
+    cache their scales [1, Hkv, C, 1]."""
+    out = []
+    for i in range(model.config.text.num_layers):
+        shape = cache_shape(model, max_context, i)
+        if model.kv_cache == "int8":
+            out += [torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8),
+                    torch.zeros(*shape[:3], 1), torch.zeros(*shape[:3], 1)]
+        else:
+            out += [torch.zeros(shape), torch.zeros(shape)]
+    return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dim (one scale per head and cache slot): (the codes, still float,
+    in -127..127; the scales [..., 1])."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return torch.round(x / scale).clamp(-127.0, 127.0), scale
+
+
 class StaticCacheDecoder(nn.Module):
     """(embeds [1,T,D], position_ids [1,T], cache_position [T], logits_index [1], [k_0, v_0, ...])
     -> (logits [1,V], k_0', v_0', ...), caches [1, Hkv, C_i, d].
@@ -80,9 +101,11 @@ class StaticCacheDecoder(nn.Module):
     def run(self, inputs_embeds, position_ids, cache_position, logits_index, caches, prompt: Optional[PromptRows]):
         """`forward`, or with `prompt` a full-prompt prefill that runs the in-LLM token stages."""
         new_caches: list[torch.Tensor] = []
+        int8 = self.model.kv_cache == "int8"
+        per_layer = 4 if int8 else 2
 
         def attend(i, q, k, v, shift):
-            length = caches[2 * i].shape[2]
+            length = caches[per_layer * i].shape[2]
             slots = torch.arange(length, dtype=cache_position.dtype)
             # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
             position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
@@ -90,9 +113,19 @@ class StaticCacheDecoder(nn.Module):
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
             mask = self.model.attention_mask(i, position, slots)  # [T, C]
             write_t = write.transpose(0, 1)
-            k_all = caches[2 * i] * keep + write_t @ k
-            v_all = caches[2 * i + 1] * keep + write_t @ v
-            new_caches.extend((k_all, v_all))
+            if int8:  # the new rows quantized, blended in among the stored codes; attention reads them dequantized
+                k_cache, v_cache, k_scale, v_scale = caches[4 * i: 4 * i + 4]
+                (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)
+                k_codes = k_cache.to(q.dtype) * keep + write_t @ k_codes
+                v_codes = v_cache.to(q.dtype) * keep + write_t @ v_codes
+                k_scale = k_scale * keep + write_t @ k_new_scale
+                v_scale = v_scale * keep + write_t @ v_new_scale
+                new_caches.extend((k_codes.to(torch.int8), v_codes.to(torch.int8), k_scale, v_scale))
+                k_all, v_all = k_codes * k_scale, v_codes * v_scale
+            else:
+                k_all = caches[2 * i] * keep + write_t @ k
+                v_all = caches[2 * i + 1] * keep + write_t @ v
+                new_caches.extend((k_all, v_all))
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k_all, self.n_rep), repeat_kv(v_all, self.n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
@@ -127,7 +160,7 @@ class StaticCachePrefill(nn.Module):
 
     def forward(self, inputs_embeds, image_start, logits_index):
         m, t = self.model, inputs_embeds.shape[1]
-        caches = [torch.zeros(cache_shape(m, self.decoder.max_context, i)) for i in range(m.config.text.num_layers) for _ in "kv"]
+        caches = empty_caches(m, self.decoder.max_context)
         pos = torch.arange(t)
         prompt = PromptRows(image_start, m.image_rows_in_llm(), logits_index)
         return self.decoder.run(inputs_embeds, pos[None], pos, logits_index, caches, prompt)
@@ -147,20 +180,38 @@ class ExecuTorchDecoder(nn.Module):
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
         self.model, self.max_context = model, max_context
+        int8 = model.kv_cache == "int8"
         for i in range(model.config.text.num_layers):
             heads, slots, dim = model.cache_dims(i, max_context)
-            self.register_buffer(f"k_cache_{i}", torch.zeros(1, slots, heads, dim), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(1, slots, heads, dim), persistent=False)
+            dtype = torch.int8 if int8 else torch.float32
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, slots, heads, dim, dtype=dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, slots, heads, dim, dtype=dtype), persistent=False)
+            if int8:
+                self.register_buffer(f"k_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
+                self.register_buffer(f"v_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
+
+    def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new rows k, v [1,T,Hkv,d] into layer i's caches at `slot`; return the caches attention
+        reads [1,C,Hkv,d] (an int8 cache: the new rows quantized, the whole cache dequantized)."""
+        k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+        if self.model.kv_cache != "int8":
+            torch.ops.llama.update_cache(k, k_cache, slot)
+            torch.ops.llama.update_cache(v, v_cache, slot)
+            return k_cache, v_cache
+        k_scale, v_scale = getattr(self, f"k_scale_{i}"), getattr(self, f"v_scale_{i}")
+        for rows, codes_cache, scale_cache in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+            codes, scale = quantize_rows(rows)
+            torch.ops.llama.update_cache(codes.to(torch.int8), codes_cache, slot)
+            torch.ops.llama.update_cache(scale, scale_cache, slot)
+        return k_cache.to(k.dtype) * k_scale, v_cache.to(v.dtype) * v_scale
 
     def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows]):
 
         def attend(i, q, k, v, shift):
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             slot = start - shift
             torch._check(slot >= 0)
-            torch._check(slot + q.shape[2] <= k_cache.shape[1])
-            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, slot)
-            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, slot)
+            torch._check(slot + q.shape[2] <= getattr(self, f"k_cache_{i}").shape[1])
+            k_cache, v_cache = self._store(i, k.transpose(1, 2), v.transpose(1, 2), slot)
             if self.model.causal_attention:
                 out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
                 return out.flatten(2)
@@ -209,12 +260,14 @@ class ExecuTorchPrefill(ExecuTorchDecoder):
         return self.prefill(inputs_embeds, image_start)
 
 
-def cache_names(num_layers: int) -> list[str]:
-    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in "kv"]
+def cache_names(num_layers: int, kv_cache: str = "float32") -> list[str]:
+    """Per layer its k and v caches, and with an int8 KV cache their scales."""
+    kinds = ("k_cache", "v_cache", "k_scale", "v_scale") if kv_cache == "int8" else ("k_cache", "v_cache")
+    return [f"{kind}_{i}" for i in range(num_layers) for kind in kinds]
 
 
-def static_decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
+def static_decoder_io(num_layers: int, kv_cache: str = "float32") -> tuple[list[str], list[str]]:
     """Input and output names of `StaticCacheDecoder` on every target that takes the cache explicitly."""
-    caches = cache_names(num_layers)
+    caches = cache_names(num_layers, kv_cache)
     inputs = ["inputs_embeds", "position_ids", "cache_position", "logits_index", *caches]
     return inputs, ["logits", *(c + "_out" for c in caches)]

@@ -1,5 +1,5 @@
-"""Passes: the input resolution, token methods (token/), quantization (quant/), KV-cache (kv/, to come),
-and the registry.
+"""Passes: the input resolution, token methods (token/), quantization (quant/), the KV cache's storage
+(kv), and the registry.
 
 `apply(model, specs)` validates every pass against the model before inserting the token passes and
 planning the quantization, so bad parameters are refused before any export work.
@@ -14,7 +14,7 @@ from torch import nn
 
 from vlmc.errors import VlmcError
 from vlmc.models_zoo.core import is_bypass
-from vlmc.passes import quant, registry, resolution  # noqa: F401  (registers resolution)
+from vlmc.passes import kv, quant, registry, resolution  # noqa: F401  (registers resolution, kv8)
 from vlmc.passes.token import methods  # noqa: F401  (registers the token methods)
 
 
@@ -142,9 +142,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         n_in = tokens_at(model, "projector.out")
         p.apply(model)
         n_out = tokens_at(model, "projector.out")
-        records.append({"name": p.name, "at": p.config.at, "params": p.config.model_dump(exclude={"at"}),
-                        "tokens_in": n_in, "tokens_out": n_out, "image_tokens": n_out, "reads_text": False,
-                        "in_llm": False, "source": p.source, "departures": p.departures})
+        records.append(_record(p, p.config.at, n_in, n_out, n_out))
     for p in (p for p in built if p.kind == "token"):
         p.locate(model, calibration)
         at = canonical_point(model, p.config.at)
@@ -156,13 +154,25 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         for point, stage in placed:
             model.insert(point, stage)
         n_out = tokens_at(model, placed[-1][0])
-        params = p.config.model_dump(exclude={"at"})
-        records.append({"name": p.name, "at": at, "params": params, "tokens_in": n_in, "tokens_out": n_out,
-                        "image_tokens": tokens_at(model, "projector.out"), "reads_text": p.reads_text,
-                        "in_llm": any(point.startswith("decoder.") for point, _ in placed),
-                        "source": p.source, "departures": p.departures})
+        records.append(_record(p, at, n_in, n_out, tokens_at(model, "projector.out"), p.reads_text,
+                               any(point.startswith("decoder.") for point, _ in placed)))
+    caches = [p for p in built if p.kind == "kv"]
+    if len(caches) > 1:
+        raise VlmcError("recipe field 'passes': the KV cache has one storage; give one KV-cache pass")
+    for p in caches:
+        p.apply(model)
+        n = tokens_at(model, "projector.out")
+        records.append(_record(p, p.config.at, n, n, n))
     plan.calibrate(model, calibration)
     return records, plan
+
+
+def _record(p, at: str, tokens_in: int, tokens_out: int, image_tokens: int, reads_text: bool = False,
+            in_llm: bool = False) -> dict:
+    """What the manifest records about a pass that changes the model (its `passes` list)."""
+    return {"name": p.name, "at": at, "params": p.config.model_dump(exclude={"at"}), "tokens_in": tokens_in,
+            "tokens_out": tokens_out, "image_tokens": image_tokens, "reads_text": reads_text, "in_llm": in_llm,
+            "source": p.source, "departures": p.departures}
 
 
 def validate(specs: list[dict]) -> None:

@@ -27,19 +27,21 @@ class DecoderShape:
     max_prompt: int
     cache_shifts: tuple = ()  # per layer, image rows in-LLM stages dropped before it (its cache is shorter)
     state_layers: tuple = ()  # (layer, rows, width) of each recurrent layer: its state split across its (k, v) pair
+    kv_cache: str = "float32"  # or int8: codes plus a float scale per head and slot (the kv8 pass)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "DecoderShape":
         d = manifest["decoder"]
         return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"],
-                   tuple(d.get("cache_shifts", ())), tuple(tuple(s) for s in d.get("state_layers", ())))
+                   tuple(d.get("cache_shifts", ())), tuple(tuple(s) for s in d.get("state_layers", ())),
+                   d.get("kv_cache", {}).get("dtype", "float32"))
 
     @classmethod
     def of_model(cls, model, max_context: int, max_prompt: int) -> "DecoderShape":
         """The shape of a VisionLanguageModel's decoder with its token stages, at these lengths."""
         t = model.config.text
         return cls(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, max_context, max_prompt,
-                   tuple(model.cache_shifts()), tuple((i, *s) for i, s in model.state_layers().items()))
+                   tuple(model.cache_shifts()), tuple((i, *s) for i, s in model.state_layers().items()), model.kv_cache)
 
     def cache_dims(self, layer: int) -> tuple[int, int, int]:
         """(heads, slots, dim) of the layer's k and v cache tensors (see VisionLanguageModel.cache_dims)."""
@@ -55,6 +57,22 @@ class DecoderShape:
 
     def cache_length(self, layer: int) -> int:
         return self.max_context - (self.cache_shifts[layer] if self.cache_shifts else 0)
+
+    def empty_caches(self) -> list[np.ndarray]:
+        """The decoder's cache inputs at the start of a sequence, in the programs' order (`cache_names`)."""
+        out = []
+        for i in range(self.num_layers):
+            shape = (1, *self.cache_dims(i))
+            if self.kv_cache == "int8":
+                out += [np.zeros(shape, np.int8), np.zeros(shape, np.int8), np.zeros((*shape[:3], 1), np.float32),
+                        np.zeros((*shape[:3], 1), np.float32)]
+            else:
+                out += [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+        return out
+
+    def cache_bytes(self) -> int:
+        """What the KV cache (and any recurrent state) occupies: every slot, at its storage type."""
+        return sum(a.nbytes for a in self.empty_caches())
 
 
 class Session(ABC):
@@ -108,10 +126,6 @@ class StaticCacheSession(Session):
         super().__init__(shape)
         self.caches: list[np.ndarray] = []
 
-    def _empty_caches(self) -> list[np.ndarray]:
-        s = self.shape
-        return [np.zeros((1, *s.cache_dims(i)), np.float32) for i in range(s.num_layers) for _ in "kv"]
-
     def _decode(self, embeds, positions, logits_index) -> np.ndarray:
         pos = np.asarray(positions, np.int64)
         out = self.call("text_decoder", [embeds.astype(np.float32), pos[None], pos, np.asarray([logits_index], np.int64), *self.caches])
@@ -130,7 +144,7 @@ class StaticCacheSession(Session):
             out = self.call("text_prefill", [embeds.astype(np.float32), self._image_start(image_start), last])
             self.caches = list(out[1:])
             return out[0][0]
-        self.caches = self._empty_caches()
+        self.caches = self.shape.empty_caches()
         return self._decode(embeds, range(embeds.shape[1]), t - 1)
 
     def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:

@@ -36,9 +36,9 @@ class CoremlSession(StaticCacheSession):
     def call(self, program, inputs):
         names = [i["name"] for i in self.io[program]["inputs"]]
         dtypes = [i["dtype"] for i in self.io[program]["inputs"]]
-        feed = {n: a.astype(np.int32 if d == "int32" else np.float32) for n, a, d in zip(names, inputs, dtypes)}
-        out = self.models[program].predict(feed)
-        return [np.asarray(out[o["name"]], np.float32) for o in self.io[program]["outputs"]]
+        feed = {n: a.astype(d if d in ("int32", "int8") else np.float32) for n, a, d in zip(names, inputs, dtypes)}
+        out = self.models[program].predict(feed)  # an int8 KV cache stays int8
+        return [np.asarray(out[o["name"]], np.int8 if o["dtype"] == "int8" else np.float32) for o in self.io[program]["outputs"]]
 
     def vision(self, image_u8):
         return self.call("vision_encoder", [image_u8.astype(np.float32)[None]])[0]
