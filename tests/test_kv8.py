@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import SPACED_TEMPLATE, assert_export_refused, three_target_bundle
+from tests.helpers import SPACED_TEMPLATE, assert_export_refused
 from vlmc import api, passes
+from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
 from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, empty_caches, quantize_rows
 from vlmc.runtimes.base import DecoderShape
@@ -86,8 +87,10 @@ def test_kv8_exports_to_onnx_verifies_and_stores_a_quarter_of_the_cache(tiny_ckp
 
 
 @pytest.mark.slow  # three targets (-m slow)
-def test_kv8_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, sample_image):
-    b = three_target_bundle(tiny_ckpt, [KV8, {"name": "fastv", "keep": 8, "at": "decoder.layer[0]"}], tmp_path / "kv3")
+def test_kv8_with_an_in_llm_pass_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, sample_image):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
+                     "prompt_template": SPACED_TEMPLATE, "coreml": {"minimum_deployment_target": "iOS26"},
+                     "passes": [KV8, {"name": "fastv", "keep": 8, "at": "decoder.layer[0]"}]}, tmp_path / "kv3")
     assert all(r["passed"] for r in b.manifest["verification"]["results"])
     inputs = {i["name"]: i["dtype"] for i in b.manifest["targets"]["coreml"]["programs"]["text_decoder"]["inputs"]}
     assert inputs["v_cache_1"] == "int8"
@@ -96,5 +99,22 @@ def test_kv8_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, 
     assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
 
 
+@pytest.mark.slow  # a TVM build (-m slow)
+def test_kv8_builds_with_tvm_and_gives_eagers_tokens(tiny_ckpt, tmp_path, sample_image):
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                     "passes": [KV8]}, tmp_path / "kvt")
+    assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
+              for rt in ("eager", "tvm")}
+    assert tokens["eager"] == tokens["tvm"], tokens
+
+
 def test_one_kv_cache_pass_only(tiny_ckpt, tmp_path):
     assert_export_refused(tiny_ckpt, tmp_path / "b", [KV8, KV8], "the KV cache has one storage", SPACED_TEMPLATE)
+
+
+def test_core_ml_below_ios26_takes_no_int8_cache(tiny_ckpt, tmp_path):
+    with pytest.raises(VlmcError, match="pass kv8: Core ML takes int8 model inputs and outputs .* iOS26 / macOS26 "
+                                        "\\(the recipe has iOS17\\)"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["coreml"], "passes": [KV8]}, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

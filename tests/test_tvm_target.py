@@ -55,6 +55,13 @@ def test_tvm_refuses_quantization_before_export_work(tiny_ckpt, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_tvm_refuses_in_llm_token_passes_before_export_work(tiny_ckpt, tmp_path):
+    with pytest.raises(VlmcError, match="target tvm: the full-prompt prefill of in-LLM token passes \\(fastv\\) does not build"):
+        api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "passes": [{"name": "fastv", "keep": 8, "at": "decoder.layer[0]"}]},
+                    tmp_path / "f")
+    assert not list(tmp_path.iterdir())
+
+
 def test_tvm_tuning_records_must_exist(tiny_ckpt, tmp_path):
     (tmp_path / "records").mkdir()
     with pytest.raises(VlmcError, match="tvm.tuning_records.*holds no MetaSchedule records"):

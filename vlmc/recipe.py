@@ -34,7 +34,7 @@ class ExecutorchOptions(Strict):
 
 class CoremlOptions(Strict):
     precision: Literal["fp16", "fp32"] = Field("fp16", description="compute precision of the mlprogram")
-    minimum_deployment_target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
+    minimum_deployment_target: Literal["iOS16", "iOS17", "iOS18", "iOS26", "macOS13", "macOS14", "macOS15", "macOS26"] = "iOS17"
 
 
 class TvmOptions(Strict):

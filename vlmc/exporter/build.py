@@ -60,15 +60,22 @@ def prepare(recipe: Recipe) -> Prepared:
     return Prepared(loaded, recipe, records, image_tokens, plan, native)
 
 
-def _check_quantization(prepared: Prepared) -> None:
-    """What the targets cannot express and missing calibration data are refused before export work."""
+def _check_targets(prepared: Prepared) -> None:
+    """What the targets cannot express (quantization schemes, an int8 KV cache) and missing calibration data
+    are refused before export work."""
     recipe = prepared.recipe
     if "coreml" in recipe.targets:
         for scheme in prepared.quant.schemes.values():
             coreml_quant.check(scheme, recipe.coreml.minimum_deployment_target)
+        coreml_target.check_kv_cache(prepared.loaded.model.kv_cache, recipe.coreml.minimum_deployment_target)
     if "executorch" in recipe.targets:
         for scheme in prepared.quant.schemes.values():
             executorch_quant.check(scheme, recipe.executorch.backend)
+    in_llm = [p["name"] for p in prepared.passes if p["in_llm"]]
+    if "tvm" in recipe.targets and in_llm:
+        raise VlmcError(f"target tvm: the full-prompt prefill of in-LLM token passes ({', '.join(in_llm)}) does not build "
+                        "with TVM (its rows after a drop are a symbolic expression TVM's scheduler cannot split); export "
+                        "them to onnx, executorch and coreml")
     if "tvm" in recipe.targets and prepared.quant:
         raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
                         "is exported to onnx, executorch and coreml")
@@ -186,7 +193,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     started = time.time()
     prepared = prepare(recipe)
     steps = {"load_and_passes": round(time.time() - started, 2)}
-    _check_quantization(prepared)
+    _check_targets(prepared)
     if "tvm" in prepared.recipe.targets:
         tvm_target.check(prepared.recipe)
     loaded, recipe, cfg = prepared.loaded, prepared.recipe, prepared.loaded.config

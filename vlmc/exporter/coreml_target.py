@@ -71,6 +71,33 @@ def _no_guards_fn():
         unlift._ok_to_generate_guards_fn = original
 
 
+INT8_IO_TARGETS = ("iOS26", "macOS26")
+
+
+def check_kv_cache(kv_cache: str, minimum_deployment_target: str) -> None:
+    """An int8 KV cache is the decoder's inputs and outputs: Core ML takes int8 ones from iOS26 / macOS26."""
+    if kv_cache == "int8" and minimum_deployment_target not in INT8_IO_TARGETS:
+        raise VlmcError(f"pass kv8: Core ML takes int8 model inputs and outputs (the cache) from "
+                        f"coreml.minimum_deployment_target iOS26 / macOS26 (the recipe has {minimum_deployment_target})")
+
+
+@contextlib.contextmanager
+def _int8_inputs():
+    """coremltools' torch.export frontend has no entry for int8 program inputs in its dtype table, though
+    MIL takes them from iOS26: add it for the conversion."""
+    from coremltools.converters.mil.frontend.torch import exir_utils
+    from coremltools.converters.mil.mil import types
+
+    table = exir_utils.TORCH_DTYPE_TO_MIL_DTYPE
+    had = torch.int8 in table
+    table.setdefault(torch.int8, types.int8)
+    try:
+        yield
+    finally:
+        if not had:
+            del table[torch.int8]
+
+
 def _convert(module, args, dynamic_shapes, input_names, output_names, recipe):
     import coremltools as ct
 
@@ -78,7 +105,7 @@ def _convert(module, args, dynamic_shapes, input_names, output_names, recipe):
         ep = export(module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False).run_decompositions({})
     precision = ct.precision.FLOAT16 if recipe.coreml.precision == "fp16" else ct.precision.FLOAT32
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(io.StringIO()), _no_guards_fn():
+    with contextlib.redirect_stderr(io.StringIO()), _no_guards_fn(), _int8_inputs():
         ml = ct.convert(ep, convert_to="mlprogram", compute_precision=precision, skip_model_load=True,
                         minimum_deployment_target=getattr(ct.target, recipe.coreml.minimum_deployment_target))
     spec = ml.get_spec()

@@ -11,13 +11,13 @@ import platform
 from vlmc.errors import VlmcError
 
 # the deployment targets whose Core ML has block-wise int4 (constexpr_blockwise_shift_scale)
-INT4_TARGETS = ("iOS18", "macOS15")
+INT4_TARGETS = ("iOS18", "macOS15", "iOS26", "macOS26")
 
 
 def check(scheme, minimum_deployment_target: str) -> None:
     if scheme.name == "w4" and minimum_deployment_target not in INT4_TARGETS:
         raise VlmcError(f"pass w4: Core ML block-wise 4-bit weights need coreml.minimum_deployment_target "
-                        f"iOS18 or macOS15 (the recipe has {minimum_deployment_target})")
+                        f"iOS18 / macOS15 or later (the recipe has {minimum_deployment_target})")
 
 
 def quantize(ml, scheme, sample_data: list[dict] | None, eight_bit: list[str] = ()):
