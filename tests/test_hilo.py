@@ -146,7 +146,7 @@ def test_bad_hilo_parameters_are_refused(tiny_ckpt, tmp_path, spec, fragment):
 
 
 @pytest.mark.parametrize("specs, fragment", [
-    ([{"name": "fastv", "keep": 12, "at": "decoder.layer[0]"}, HILO], "reads the image rows in the order"),
+    ([{"name": "fastv", "keep": 12, "at": "decoder.layer[0]"}, HILO], "needs the image rows as they enter the decoder"),
     ([HILO, {"name": "divprune", "keep": 6}], "orders the image rows for a later layer"),
 ])
 def test_nothing_may_reorder_or_drop_the_rows_before_the_removal_layer(tiny_ckpt, tmp_path, specs, fragment):

@@ -1,6 +1,6 @@
 """The int8 KV cache against the float one at long contexts: accuracy, agreement, KV memory, decode speed.
 
-    python tools/bench_kv_cache.py --contexts 1024,2048 --n 100 --rounds 20 -o docs/kv_cache
+    python tools/bench_kv_cache.py --contexts 1024,2048 --n 200 --rounds 20 -o docs/kv_cache
 
 For each max_context, exports the built-in model twice (float cache, `kv8`; ONNX + ExecuTorch, verified)
 and, per runtime in one spawned process with the thread count fixed, runs both bundles side by side on
@@ -146,13 +146,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     ap.add_argument("--threads", type=int, default=2, help="torch / runtime threads")
     ap.add_argument("-o", "--out", type=Path, default=Path("kv_cache"))
+    ap.add_argument("--work", type=Path, default=Path("build/kv_cache"), help="the bundles (reused when there)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         bundles, manifests = {}, {}
         for label, passes in (("float32", []), ("int8", [{"name": "kv8"}])):
-            path = args.out / "bundles" / f"c{context}-{label}"
+            path = args.work / f"c{context}-{label}"
             if not (path / "manifest.json").is_file():
                 print(f"export: max_context {context}, {label} cache", flush=True)
                 api.compile({"model": MODEL, "targets": ["onnx", "executorch"], "max_context": context,

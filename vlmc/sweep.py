@@ -266,14 +266,15 @@ def point_key(grid: Grid, point: Point) -> str:
 
 def prefill_flops(manifest: dict, tokens: int) -> float:
     """Analytic decoder prefill FLOPs (linear layers + attention) for `tokens` prompt tokens; a layer after
-    an in-LLM token stage sees that many fewer rows."""
+    an in-LLM token stage sees that many fewer rows (rows a layer's cache evicts still ran it)."""
     cfg = manifest["model"]["config"]["text"]
     d, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"]
     q = cfg["num_heads"] * cfg["head_dim"]
     kv = cfg["num_kv_heads"] * cfg["head_dim"]
     total = 0.0
-    for shift in manifest["decoder"].get("cache_shifts") or [0] * layers:
-        rows = tokens - shift
+    evicted = manifest["decoder"].get("cache_evictions") or [0] * layers
+    for shift, gone in zip(manifest["decoder"].get("cache_shifts") or [0] * layers, evicted):
+        rows = tokens - shift + gone
         total += 2 * rows * (d * (q + 2 * kv) + q * d + 3 * d * inter) + 2 * 2 * rows * rows * q
     return total
 

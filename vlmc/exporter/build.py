@@ -173,6 +173,7 @@ def _in_llm_fields(ctx: ExportContext) -> dict:
     return {"positions": compact + "; rows dropped inside the LLM leave the kept ones at their original positions",
             "cache_shifts": list(shape.cache_shifts),
             "cache_lengths": [shape.cache_length(i) for i in range(shape.num_layers)],
+            **({"cache_evictions": ctx.model.cache_evictions()} if any(ctx.model.cache_evictions()) else {}),
             "prefill": ("text_prefill: the whole prompt (inputs_embeds, image_start = its first image row[, logits_index]) "
                         "from slot 0; text_decoder then continues at position p, layer i writing slot p - cache_shifts[i]")}
 

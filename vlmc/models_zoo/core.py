@@ -64,6 +64,17 @@ def is_bypass(stage) -> bool:
     return getattr(stage, "bypass", False)
 
 
+def evicts(stage) -> bool:
+    """A stage that picks the image rows whose keys and values one layer's cache keeps: every row runs the
+    layer and the prompt's own attention, only the decode steps read fewer (KV-cache compression)."""
+    return getattr(stage, "evicts", False)
+
+
+def shortens_one_layer(stage) -> bool:
+    """The stage shortens only its own layer's cache (bypass, eviction), not every later one (a drop)."""
+    return is_bypass(stage) or evicts(stage)
+
+
 def rejoin(h: torch.Tensor, computed: torch.Tensor, start: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
     """`h` [1,T,D] with the rows that ran a layer replaced by their outputs `computed` [1,T-(n-R),D] (the
     rows before the image, the kept image rows `kept` [R] ascending, the rows after): a gather, so the
@@ -370,7 +381,8 @@ class VisionLanguageModel(nn.Module):
         rows; optionally `merge(view, kept)` -> the kept rows' new states, so the dropped rows' content
         joins them): see `run_decoder`. A pre-LLM stage with `orders_rows` hands a later in-LLM stage with
         `reads_row_order` the image rows in an order it relies on: nothing may follow the first at its
-        point, or drop image rows at or before the second's layer. A connector that merges the patch grid (pixel shuffle, pooling) needs
+        point, or drop image rows at or before the second's layer. A stage that `evicts` rows from its
+        layer's cache (every row still runs the layer) shares its layer with no other stage. A connector that merges the patch grid (pixel shuffle, pooling) needs
         all of it, so only transparent stages may run before it.
         """
         self.resolve(point)
@@ -398,6 +410,9 @@ class VisionLanguageModel(nn.Module):
                             "after it cannot share a layer")
         if point.startswith("decoder.") and is_bypass(stage) and here:
             raise VlmcError(f"insertion at {point}: another pass already chooses which image rows skip this layer")
+        if point.startswith("decoder.") and here and (evicts(stage) or any(evicts(s) for s in here)):
+            raise VlmcError(f"insertion at {point}: a stage that evicts image rows from this layer's cache shares the "
+                            "layer with no other in-LLM stage")
         if here and getattr(here[-1], "orders_rows", False) and not transparent:
             raise VlmcError(f"insertion at {point}: the stage there orders the image rows for a later layer; no token "
                             "stage may follow it at this point (place the other pass first in the recipe)")
@@ -408,20 +423,21 @@ class VisionLanguageModel(nn.Module):
 
     def _check_row_order(self, point: str, stage: nn.Module) -> None:
         """An in-LLM stage that `reads_row_order` (it knows which image rows are which from the order a
-        pre-LLM stage left them in) needs every image row to reach it: no stage may drop rows before it."""
+        pre-LLM stage left them in, or is built for as many as enter the decoder) needs every image row to
+        reach it: no stage may drop rows at or before its layer."""
         m = POINTS.match(point)
         if m.group(3) is None:
             return
         layer, stages = int(m.group(3)), self.decoder_stages()
         if getattr(stage, "reads_row_order", False):
-            early = [i for i, here in stages.items() if i <= layer and any(not is_bypass(s) for s in here)]
+            early = [i for i, here in stages.items() if i <= layer and any(not shortens_one_layer(s) for s in here)]
             clash = early[0] if early else None
         else:
             later = [i for i, here in stages.items() if i > layer and any(getattr(s, "reads_row_order", False) for s in here)]
-            clash = later[0] if later and not is_bypass(stage) else None
+            clash = later[0] if later and not shortens_one_layer(stage) else None
         if clash is not None:
-            raise VlmcError(f"insertion at {point}: decoder.layer[{max(clash, layer)}]'s stage reads the image rows in "
-                            f"the order projector.out left them, so no stage may drop image rows at or before it "
+            raise VlmcError(f"insertion at {point}: decoder.layer[{max(clash, layer)}]'s stage needs the image rows as "
+                            f"they enter the decoder, so no stage may drop image rows at or before it "
                             f"(decoder.layer[{min(clash, layer)}])")
 
     def pop(self, point: str) -> nn.Module:
@@ -476,14 +492,19 @@ class VisionLanguageModel(nn.Module):
         stages, shift, out = self.decoder_stages(), 0, []
         for i in range(self.config.text.num_layers):
             here = stages.get(i, ())
-            out.append(shift + sum(s.dropped for s in here if is_bypass(s)))
-            shift += sum(s.dropped for s in here if not is_bypass(s))
+            out.append(shift + sum(s.dropped for s in here if shortens_one_layer(s)))
+            shift += sum(s.dropped for s in here if not shortens_one_layer(s))
         return out
+
+    def cache_evictions(self) -> list[int]:
+        """Per decoder layer, the image rows its cache evicted after the prefill (they ran the layer)."""
+        stages = self.decoder_stages()
+        return [sum(s.dropped for s in stages.get(i, ()) if evicts(s)) for i in range(self.config.text.num_layers)]
 
     def dropped_through(self, layer: int) -> int:
         """Image rows dropped for good by the in-LLM stages up to and including `layer`'s."""
         return sum(s.dropped for i, stages in self.decoder_stages().items() if i <= layer for s in stages
-                   if not is_bypass(s))
+                   if not shortens_one_layer(s))
 
     def dropped_in_llm(self) -> int:
         """Image rows the in-LLM stages drop in all."""
@@ -563,6 +584,7 @@ class VisionLanguageModel(nn.Module):
                 h_in = h
                 here = stages.get(i, ())
                 bypass = [stage for stage in here if is_bypass(stage)]
+                evicting = [stage for stage in here if evicts(stage)]
                 if bypass and prompt is not None:  # only the chosen image rows (and the text) run this layer
                     rows = prompt.image_start + torch.arange(n)
                     kept = bypass[0].select(LayerView(h, h, None, None, rows, last))
@@ -571,11 +593,14 @@ class VisionLanguageModel(nn.Module):
                     computed, q, k = layer(h.index_select(1, idx), tuple(r.index_select(1, idx) for r in rope), i, attend,
                                            shift)
                     h = rejoin(h, computed, prompt.image_start, kept, n)
+                elif evicting and prompt is not None:  # every row runs the layer; its cache keeps the chosen image rows
+                    rows = prompt.image_start + torch.arange(n)
+                    h, q, k = layer(h, rope, i, _evicting(attend, evicting[0], prompt.image_start, rows, last, n), shift)
                 else:  # a decode step or later text: the layer's cache holds only the rows that ran it
-                    h, q, k = layer(h, rope, i, attend, shift + sum(stage.dropped for stage in bypass))
+                    h, q, k = layer(h, rope, i, attend, shift + sum(stage.dropped for stage in bypass + evicting))
                 if i < deep:
                     h = h + inputs_embeds[..., (i + 1) * d:(i + 2) * d]
-                for stage in (stage for stage in here if not is_bypass(stage)):
+                for stage in (stage for stage in here if not shortens_one_layer(stage)):
                     if prompt is None:
                         shift += stage.dropped
                         continue
@@ -624,6 +649,13 @@ class VisionLanguageModel(nn.Module):
             out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
+        def evicting(i, q, k, v, idx):  # a whole-prompt prefill: the cache keeps rows idx
+            out = attend(i, q, k, v, 0)
+            new_past[-1] = (k.index_select(2, idx), v.index_select(2, idx))
+            return out
+
+        attend.evicting = evicting
+
         def carry(i, x):
             rows = self.state_shape(i)[0]
             state = join_state(*past[i]) if past is not None else x.new_zeros(x.shape[0], rows, x.shape[2])
@@ -633,6 +665,18 @@ class VisionLanguageModel(nn.Module):
 
         h = self.run_decoder(embeds, position_ids, StatefulAttend(attend, carry) if self.state_layers() else attend, prompt)
         return self.lm_head(h), new_past
+
+
+def _evicting(attend, stage, start: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, n: int):
+    """`attend` for a prefill layer whose cache evicts image rows: the stage picks the rows to keep from the
+    layer's own keys, and the program's `attend.evicting(i, q, k, v, idx)` attends over every row of the
+    call while its cache takes only the rows `idx` (text, kept image rows), compacted from slot 0."""
+
+    def attend_evicting(i, q, k, v, shift):
+        kept = stage.select(LayerView(None, None, q, k, rows, last))
+        return attend.evicting(i, q, k, v, keep_rows(q.shape[2], start, kept, n))
+
+    return attend_evicting
 
 
 def split_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).clamp(-127.0, 127.0), scale
 
 
+def dequantized(x: torch.Tensor) -> torch.Tensor:
+    """x as an int8 cache holds it (rounded to its row's grid)."""
+    codes, scale = quantize_rows(x)
+    return codes * scale
+
+
 class StaticCacheDecoder(nn.Module):
     """(embeds [1,T,D], position_ids [1,T], cache_position [T], logits_index [1], [k_0, v_0, ...])
     -> (logits [1,V], k_0', v_0', ...), caches [1, Hkv, C_i, d].
@@ -92,8 +98,6 @@ class StaticCacheDecoder(nn.Module):
     def __init__(self, model: VisionLanguageModel, max_context: int):
         super().__init__()
         self.model, self.max_context = model, max_context
-        t = model.config.text
-        self.n_rep = t.num_heads // t.num_kv_heads
 
     def forward(self, inputs_embeds, position_ids, cache_position, logits_index, caches: list[torch.Tensor]):
         return self.run(inputs_embeds, position_ids, cache_position, logits_index, caches, None)
@@ -104,31 +108,42 @@ class StaticCacheDecoder(nn.Module):
         int8 = self.model.kv_cache == "int8"
         per_layer = 4 if int8 else 2
 
-        def attend(i, q, k, v, shift):
+        def store(i, k, v, position):
+            """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
             length = caches[per_layer * i].shape[2]
-            slots = torch.arange(length, dtype=cache_position.dtype)
-            # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
-            position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
-            write = (slots[None, :] == position[:, None]).to(q.dtype)  # [T, C]
+            slots = torch.arange(length, dtype=position.dtype)
+            write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
-            mask = self.model.attention_mask(i, position, slots)  # [T, C]
             write_t = write.transpose(0, 1)
             if int8:  # the new rows quantized, blended in among the stored codes; attention reads them dequantized
                 k_cache, v_cache, k_scale, v_scale = caches[4 * i: 4 * i + 4]
                 (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)
-                k_codes = k_cache.to(q.dtype) * keep + write_t @ k_codes
-                v_codes = v_cache.to(q.dtype) * keep + write_t @ v_codes
+                k_codes = k_cache.to(k.dtype) * keep + write_t @ k_codes
+                v_codes = v_cache.to(v.dtype) * keep + write_t @ v_codes
                 k_scale = k_scale * keep + write_t @ k_new_scale
                 v_scale = v_scale * keep + write_t @ v_new_scale
                 new_caches.extend((k_codes.to(torch.int8), v_codes.to(torch.int8), k_scale, v_scale))
-                k_all, v_all = k_codes * k_scale, v_codes * v_scale
-            else:
-                k_all = caches[2 * i] * keep + write_t @ k
-                v_all = caches[2 * i + 1] * keep + write_t @ v
-                new_caches.extend((k_all, v_all))
-            out = F.scaled_dot_product_attention(
-                q, repeat_kv(k_all, self.n_rep), repeat_kv(v_all, self.n_rep), attn_mask=mask)
-            return out.transpose(1, 2).flatten(2)
+                return k_codes * k_scale, v_codes * v_scale
+            k_all = caches[2 * i] * keep + write_t @ k
+            v_all = caches[2 * i + 1] * keep + write_t @ v
+            new_caches.extend((k_all, v_all))
+            return k_all, v_all
+
+        def attend(i, q, k, v, shift):
+            # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
+            position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
+            k_all, v_all = store(i, k, v, position)
+            return plain_sdpa(q, k_all, v_all, self.model.attention_mask(i, position, torch.arange(k_all.shape[2])))
+
+        def evicting(i, q, k, v, idx):
+            """A full-prompt prefill whose layer-i cache keeps only rows `idx`: attention over the call's rows."""
+            k_kept, v_kept = store(i, k.index_select(2, idx), v.index_select(2, idx), torch.arange(idx.shape[0]))
+            if int8:  # the prompt reads what the cache holds, as every other layer's does
+                k, v = dequantized(k), dequantized(v)
+            rows = torch.arange(q.shape[2])
+            return plain_sdpa(q, k, v, self.model.attention_mask(i, rows, rows))
+
+        attend.evicting = evicting
 
         def carry(i, x):
             # the state after this call: the S rows that end at the last real one (a padded prefill's
@@ -166,6 +181,13 @@ class StaticCachePrefill(nn.Module):
         return self.decoder.run(inputs_embeds, pos[None], pos, logits_index, caches, prompt)
 
 
+def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [1,H,T,d] over k, v [1,Hkv,S,d] (grouped heads) under a [T,S] mask -> [1,T,H*d]."""
+    n_rep = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
 class ExecuTorchDecoder(nn.Module):
     """(embeds [1,T,D], input_pos int64 [1] = first slot) -> logits [1,V] of the last token.
 
@@ -192,7 +214,8 @@ class ExecuTorchDecoder(nn.Module):
 
     def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new rows k, v [1,T,Hkv,d] into layer i's caches at `slot`; return the caches attention
-        reads [1,C,Hkv,d] (an int8 cache: the new rows quantized, the whole cache dequantized)."""
+        reads [1,C',Hkv,d]: the whole cache, or for an int8 cache (the new rows quantized) its filled slots
+        0..slot+T-1 dequantized, so a decode step's dequantization grows with the sequence, not max_context."""
         k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
         if self.model.kv_cache != "int8":
             torch.ops.llama.update_cache(k, k_cache, slot)
@@ -203,7 +226,8 @@ class ExecuTorchDecoder(nn.Module):
             codes, scale = quantize_rows(rows)
             torch.ops.llama.update_cache(codes.to(torch.int8), codes_cache, slot)
             torch.ops.llama.update_cache(scale, scale_cache, slot)
-        return k_cache.to(k.dtype) * k_scale, v_cache.to(v.dtype) * v_scale
+        end = slot + k.shape[1]
+        return k_cache[:, :end].to(k.dtype) * k_scale[:, :end], v_cache[:, :end].to(v.dtype) * v_scale[:, :end]
 
     def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows]):
 
@@ -215,12 +239,20 @@ class ExecuTorchDecoder(nn.Module):
             if self.model.causal_attention:
                 out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
                 return out.flatten(2)
-            # a family mask (sliding window, bidirectional image rows): plain SDPA over the whole cache
+            # a family mask (sliding window, bidirectional image rows): plain SDPA over the cache it reads
             mask = self.model.attention_mask(i, slot + torch.arange(q.shape[2]), torch.arange(k_cache.shape[1]))
-            n_rep = q.shape[1] // k_cache.shape[2]
-            out = F.scaled_dot_product_attention(q, repeat_kv(k_cache.transpose(1, 2), n_rep),
-                                                 repeat_kv(v_cache.transpose(1, 2), n_rep), attn_mask=mask)
-            return out.transpose(1, 2).flatten(2)
+            return plain_sdpa(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), mask)
+
+        def evicting(i, q, k, v, idx):
+            """The full-prompt prefill of a layer whose cache keeps only rows `idx`: attention over the call's
+            own rows, the kept ones written from slot 0."""
+            self._store(i, k.index_select(2, idx).transpose(1, 2), v.index_select(2, idx).transpose(1, 2), 0)
+            if self.model.kv_cache == "int8":
+                k, v = dequantized(k), dequantized(v)
+            rows = torch.arange(q.shape[2])
+            return plain_sdpa(q, k, v, self.model.attention_mask(i, rows, rows))
+
+        attend.evicting = evicting
 
         def carry(i, x):
             k_state, v_state = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")

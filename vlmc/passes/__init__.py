@@ -143,7 +143,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         p.apply(model)
         n_out = tokens_at(model, "projector.out")
         records.append(_record(p, p.config.at, n_in, n_out, n_out))
-    for p in (p for p in built if p.kind == "token"):
+    for p in (p for p in built if isinstance(p, registry.TokenPass)):  # token passes, and KV passes placed like them
         p.locate(model, calibration)
         at = canonical_point(model, p.config.at)
         model.resolve(at)
@@ -156,7 +156,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
         n_out = tokens_at(model, placed[-1][0])
         records.append(_record(p, at, n_in, n_out, tokens_at(model, "projector.out"), p.reads_text,
                                any(point.startswith("decoder.") for point, _ in placed)))
-    caches = [p for p in built if p.kind == "kv"]
+    caches = [p for p in built if p.kind == "kv" and not isinstance(p, registry.TokenPass)]
     if len(caches) > 1:
         raise VlmcError("recipe field 'passes': the KV cache has one storage; give one KV-cache pass")
     for p in caches:

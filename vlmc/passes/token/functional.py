@@ -514,3 +514,19 @@ def candidate_merge(q: torch.Tensor, k: torch.Tensor, h: torch.Tensor, image_row
     share = weight * one_hot(to, n - c).T * attn  # [K,C]
     rows = h[0].index_select(0, image_rows)
     return ((rows[c:] + share @ rows[:c]) / (1.0 + share.sum(dim=1, keepdim=True)))[None]
+
+
+def dct_low_pass(n: int, m: int) -> torch.Tensor:
+    """The m lowest frequencies of the orthonormal DCT-II over n samples, as rows [m, n]."""
+    j = torch.arange(n, dtype=torch.float64)
+    f = torch.arange(m, dtype=torch.float64)[:, None]
+    basis = torch.cos(math.pi * (j + 0.5) * f / n) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis.float()
+
+
+def low_pass_deviation(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """How far each row of x [N,D] lies from the low-pass reconstruction of the rows as a signal along N
+    (keeping the DCT frequencies of `basis` [m,N]): ||x - B^T B x|| per row [N]. FlashCache's outliers are
+    the rows far from it."""
+    return (x - basis.T @ (basis @ x)).norm(dim=-1)
