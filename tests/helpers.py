@@ -216,6 +216,19 @@ def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: i
     return eager_lengths, static_lengths
 
 
+def assert_verified_with_the_same_tokens(bundle, image, runtimes=("eager", "onnxruntime"), max_new_tokens: int = 6,
+                                        question: str = "what color is the circle ?") -> list[int]:
+    """Every verification check of `bundle` passed, and greedy generation gives the same tokens on each of
+    `runtimes` (as many as asked for: the tiny models never stop early). Returns them."""
+    from vlmc import api
+
+    failed = [r for r in bundle.manifest["verification"]["results"] if not r["passed"]]
+    assert not failed, failed
+    tokens = {rt: api.run(bundle.path, rt, image, question, max_new_tokens=max_new_tokens)["tokens"] for rt in runtimes}
+    assert len({tuple(t) for t in tokens.values()}) == 1 and len(tokens[runtimes[0]]) == max_new_tokens, tokens
+    return tokens[runtimes[0]]
+
+
 def assert_export_refused(ckpt, out: Path, passes: list, fragment: str, template: str = SPACED_TEMPLATE) -> None:
     """An onnx export of `ckpt` with `passes` ends in a VlmcError matching `fragment`, leaving no bundle."""
     import pytest

@@ -4,7 +4,9 @@ layer's cache is shorter by them, and prefill and decode continue consistently o
 import pytest
 import torch
 
-from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill, three_target_bundle
+from tests.helpers import (
+    SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
+    assert_verified_with_the_same_tokens, three_target_bundle)
 from vlmc import api, passes
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
@@ -88,10 +90,7 @@ def test_alvts_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckpt, tmp_p
         ("divprune", 16, 12, False), ("alvts", 12, 12, True)]
     assert m["decoder"]["cache_shifts"] == [0, 7] and m["decoder"]["cache_lengths"] == [48, 41]
     assert m["runner"].startswith("vlmc") and "text_prefill" in m["targets"]["onnx"]["programs"]
-    assert all(r["passed"] for r in m["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=5)["tokens"]
-              for rt in ("eager", "onnxruntime")}
-    assert len(tokens["eager"]) == 5 and tokens["eager"] == tokens["onnxruntime"]
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime"), 5)
 
 
 @pytest.mark.slow  # three targets (-m slow)
@@ -101,10 +100,7 @@ def test_alvts_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path
     assert m["decoder"]["cache_shifts"] == [11, 11]
     checked = {(r["target"], r["program"]) for r in m["verification"]["results"]}
     assert {("onnx", "text_prefill"), ("executorch", "text_prefill"), ("coreml", "text_prefill")} <= checked
-    assert all(r["passed"] for r in m["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime", "executorch")}
-    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime", "executorch"))
 
 
 @pytest.mark.parametrize("spec, fragment", [

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill, three_target_bundle
+from tests.helpers import (
+    SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
+    assert_verified_with_the_same_tokens, three_target_bundle)
 from vlmc import api, passes
 from vlmc.models_zoo import load
 from vlmc.models_zoo.core import PromptRows
@@ -86,10 +88,7 @@ def test_flashcache_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckpt, 
                      "passes": [FLASH]}, tmp_path / "f")
     d = b.manifest["decoder"]
     assert d["cache_evictions"] == [10, 10] and d["cache_lengths"] == [38, 38] and b.manifest["prompt"]["num_image_tokens"] == 16
-    assert all(r["passed"] for r in b.manifest["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime")}
-    assert len(tokens["eager"]) == 6 and tokens["eager"] == tokens["onnxruntime"]
+    assert_verified_with_the_same_tokens(b, sample_image)
 
 
 def test_flashcache_allocates_its_budgets_from_calibration_into_the_recipe(tiny_ckpt, calibration_jsonl, tmp_path):
@@ -105,10 +104,7 @@ def test_flashcache_allocates_its_budgets_from_calibration_into_the_recipe(tiny_
 @pytest.mark.slow  # three targets (-m slow)
 def test_flashcache_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, sample_image):
     b = three_target_bundle(tiny_ckpt, [FLASH], tmp_path / "f3")
-    assert all(r["passed"] for r in b.manifest["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime", "executorch")}
-    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime", "executorch"))
 
 
 @pytest.mark.parametrize("spec, fragment", [

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill, three_target_bundle
+from tests.helpers import (
+    SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
+    assert_verified_with_the_same_tokens, three_target_bundle)
 from vlmc import api, passes
 from vlmc.models_zoo import load
 from vlmc.passes.token import functional as T
@@ -120,19 +122,13 @@ def test_hilo_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckpt, tmp_pa
     m = b.manifest
     assert m["prompt"]["num_image_tokens"] == 9 and m["decoder"]["cache_shifts"] == [0, 4]
     assert "text_prefill" in m["targets"]["onnx"]["programs"]
-    assert all(r["passed"] for r in m["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=5)["tokens"]
-              for rt in ("eager", "onnxruntime")}
-    assert len(tokens["eager"]) == 5 and tokens["eager"] == tokens["onnxruntime"]
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime"), 5)
 
 
 @pytest.mark.slow  # three targets (-m slow)
 def test_hilo_verifies_on_every_target_with_the_same_tokens(tiny_ckpt, tmp_path, sample_image):
     b = three_target_bundle(tiny_ckpt, [HILO], tmp_path / "h3")
-    assert all(r["passed"] for r in b.manifest["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime", "executorch")}
-    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime", "executorch"))
 
 
 @pytest.mark.parametrize("spec, fragment", [

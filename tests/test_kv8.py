@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import SPACED_TEMPLATE, assert_export_refused
+from tests.helpers import SPACED_TEMPLATE, assert_export_refused, assert_verified_with_the_same_tokens
 from vlmc import api, passes
 from vlmc.errors import VlmcError
 from vlmc.models_zoo import load
@@ -80,10 +80,7 @@ def test_kv8_exports_to_onnx_verifies_and_stores_a_quarter_of_the_cache(tiny_ckp
     assert kv["bytes"] == float_bytes // 4 + 2 * 2 * 2 * 48 * 4  # int8 codes + one float scale per head and slot
     inputs = {i["name"]: i["dtype"] for i in m["targets"]["onnx"]["programs"]["text_decoder"]["inputs"]}
     assert inputs["k_cache_0"] == "int8" and inputs["k_scale_0"] == "float32"
-    assert all(r["passed"] for r in m["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime")}
-    assert len(tokens["eager"]) == 6 and tokens["eager"] == tokens["onnxruntime"]
+    assert_verified_with_the_same_tokens(b, sample_image)
 
 
 @pytest.mark.slow  # three targets (-m slow)
@@ -91,22 +88,16 @@ def test_kv8_with_an_in_llm_pass_verifies_on_every_target_with_the_same_tokens(t
     b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "executorch", "coreml"], "max_context": 48,
                      "prompt_template": SPACED_TEMPLATE, "coreml": {"minimum_deployment_target": "iOS26"},
                      "passes": [KV8, {"name": "fastv", "keep": 8, "at": "decoder.layer[0]"}]}, tmp_path / "kv3")
-    assert all(r["passed"] for r in b.manifest["verification"]["results"])
     inputs = {i["name"]: i["dtype"] for i in b.manifest["targets"]["coreml"]["programs"]["text_decoder"]["inputs"]}
     assert inputs["v_cache_1"] == "int8"
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "onnxruntime", "executorch")}
-    assert tokens["eager"] == tokens["onnxruntime"] == tokens["executorch"], tokens
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime", "executorch"))
 
 
 @pytest.mark.slow  # a TVM build (-m slow)
 def test_kv8_builds_with_tvm_and_gives_eagers_tokens(tiny_ckpt, tmp_path, sample_image):
     b = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
                      "passes": [KV8]}, tmp_path / "kvt")
-    assert all(r["passed"] for r in b.manifest["verification"]["results"])
-    tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=6)["tokens"]
-              for rt in ("eager", "tvm")}
-    assert tokens["eager"] == tokens["tvm"], tokens
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "tvm"))
 
 
 def test_one_kv_cache_pass_only(tiny_ckpt, tmp_path):

@@ -37,6 +37,8 @@ def test_points_are_the_product_with_every_axis_alone(grid):
     assert tome == {"name": "tome", "at": "vision.block[0]", "r": 2}  # 9 tokens at 24px: (9 - 5) / 2 blocks
     own = sweep.make_point(grid, (32, 16, 2), None, "embedlens@4:inject=1,sink_factor=5", None).recipe["passes"]
     assert own == [{"name": "embedlens", "keep": 4, "inject": 1, "sink_factor": 5}]  # a method's own parameters
+    kv = sweep.make_point(grid, (32, 16, 2), None, "flashcache@4", "w8a8+kv8").recipe["passes"]  # KV-cache passes
+    assert kv == [{"name": "flashcache", "keep": 4}, {"name": "w8a8"}, {"name": "kv8"}]
 
 
 def test_token_configurations_with_parameters_split_only_between_configurations():
@@ -156,6 +158,8 @@ def _vlmc(*args):
     ("tokens: [divprune]", "expected METHOD@KEEP"),
     ("tokens: [w8a8@4]", "'w8a8' is not a token pass"),
     ("quant: [divprune]", "'divprune' is not a quantization pass"),
+    ("quant: [flashcache]", "'flashcache' is not a quantization pass (w8a8, w8, w4) or the KV cache's storage (kv8)"),
+    ("tokens: [kv8@4]", "'kv8' is not a token pass"),
     ("runtimes: [coreml]\nquant: [w8a8]", "field 'runtimes': 'coreml' cannot be swept here"),
     ("model: shapes-llava", "no axis to sweep"),
     ("devices: [ethos-u85]\ntokens: [divprune@4]", "ethos-u85 gives a compiler's estimate"),

@@ -152,14 +152,15 @@ def split_token_configs(text: str) -> list[Optional[str]]:
 
 def token_pass(text: str) -> tuple[str, int, dict]:
     """`divprune@49` -> ("divprune", 49, {}); `embedlens@49:inject=2` -> (..., {"inject": 2}), the method's own
-    parameters over the sweep's; checked against the registry."""
-    from vlmc.passes.registry import REGISTRY, parse_cli
+    parameters over the sweep's; checked against the registry (token passes, and KV passes placed like them:
+    flashcache@49)."""
+    from vlmc.passes.registry import REGISTRY, TokenPass, parse_cli
 
     m = re.fullmatch(r"\s*([\w-]+)@(\d+)(?::(.+))?\s*", text)
     if not m:
         raise VlmcError(f"token configuration {text!r}: expected METHOD@KEEP[:key=value,...] (divprune@49)")
     method, keep = m.group(1), int(m.group(2))
-    if getattr(REGISTRY.get(method.removesuffix("-static")), "kind", None) != "token":
+    if not issubclass(REGISTRY.get(method.removesuffix("-static"), object), TokenPass):
         raise VlmcError(f"token configuration {text!r}: {method!r} is not a token pass (vlmc passes lists them)")
     if keep < 1:
         raise VlmcError(f"token configuration {text!r}: keep at least 1 token")
@@ -172,13 +173,16 @@ def token_pass(text: str) -> tuple[str, int, dict]:
 
 
 def parse_quant_config(text: str) -> list[dict]:
-    """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration."""
-    from vlmc.passes.registry import REGISTRY, parse_cli
+    """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration (quantization
+    passes, and the KV cache's storage: `w8a8+kv8`)."""
+    from vlmc.passes.registry import REGISTRY, TokenPass, parse_cli
 
     specs = [parse_cli(part) for part in text.split("+") if part.strip()]
     for spec in specs:
-        if getattr(REGISTRY.get(spec["name"]), "kind", None) != "quant":
-            raise VlmcError(f"quantization configuration {text!r}: {spec['name']!r} is not a quantization pass (w8a8, w8, w4)")
+        cls = REGISTRY.get(spec["name"])
+        if getattr(cls, "kind", None) not in ("quant", "kv") or issubclass(cls, TokenPass):
+            raise VlmcError(f"quantization configuration {text!r}: {spec['name']!r} is not a quantization pass "
+                            "(w8a8, w8, w4) or the KV cache's storage (kv8)")
     return specs
 
 
