@@ -216,6 +216,20 @@ def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: i
     return eager_lengths, static_lengths
 
 
+def tiny_pass_model(ckpt, specs: list, image_tokens: int):
+    """The tiny checkpoint with `specs` applied, the spaced template's prompt with `image_tokens` image rows
+    (USER : <image>xN what color is the ASSISTANT :) and seeded pixels: (model, records, ids, pixels)."""
+    import torch
+
+    from vlmc import passes
+    from vlmc.models_zoo import load
+
+    m = load(str(ckpt)).model.eval()
+    records, _ = passes.apply(m, specs)
+    ids = torch.tensor([[12, 14] + [4] * image_tokens + [5, 6, 7, 8, 13, 14]])
+    return m, records, ids, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
 def assert_verified_with_the_same_tokens(bundle, image, runtimes=("eager", "onnxruntime"), max_new_tokens: int = 6,
                                         question: str = "what color is the circle ?") -> list[int]:
     """Every verification check of `bundle` passed, and greedy generation gives the same tokens on each of

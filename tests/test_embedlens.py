@@ -6,9 +6,8 @@ import torch
 
 from tests.helpers import (
     SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
-    assert_verified_with_the_same_tokens, three_target_bundle)
-from vlmc import api, passes
-from vlmc.models_zoo import load
+    assert_verified_with_the_same_tokens, three_target_bundle, tiny_pass_model)
+from vlmc import api
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import LensStage, causal_attend
 
@@ -44,11 +43,7 @@ def test_the_distinct_reading_keeps_what_the_images_average_token_does_not_say()
 
 @pytest.fixture(scope="module")
 def lens_model(tiny_ckpt):
-    m = load(str(tiny_ckpt)).model.eval()
-    records, _ = passes.apply(m, [LENS])
-    g = torch.Generator().manual_seed(3)
-    ids = torch.tensor([[12, 14] + [4] * 6 + [5, 6, 7, 8, 13, 14]])  # USER : <image>x6 what color is the ASSISTANT :
-    return m, records, ids, torch.randn(1, 3, 32, 32, generator=g)
+    return tiny_pass_model(tiny_ckpt, [LENS], 6)
 
 
 def test_image_rows_enter_the_decoder_at_the_injection_layer(lens_model):

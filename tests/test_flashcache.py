@@ -7,8 +7,8 @@ import torch
 
 from tests.helpers import (
     SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
-    assert_verified_with_the_same_tokens, three_target_bundle)
-from vlmc import api, passes
+    assert_verified_with_the_same_tokens, three_target_bundle, tiny_pass_model)
+from vlmc import api
 from vlmc.models_zoo import load
 from vlmc.models_zoo.core import PromptRows
 from vlmc.passes.kv import OutlierKVStage, allocate
@@ -49,12 +49,7 @@ def test_budgets_split_in_proportion_within_bounds():
 
 @pytest.fixture(scope="module")
 def flash_models(tiny_ckpt):
-    ref = load(str(tiny_ckpt)).model.eval()
-    m = load(str(tiny_ckpt)).model.eval()
-    records, _ = passes.apply(m, [FLASH])
-    g = torch.Generator().manual_seed(3)
-    ids = torch.tensor([[12, 14] + [4] * 16 + [5, 6, 7, 8, 13, 14]])  # USER : <image>x16 what color is the ASSISTANT :
-    return ref, m, records, ids, torch.randn(1, 3, 32, 32, generator=g)
+    return (load(str(tiny_ckpt)).model.eval(), *tiny_pass_model(tiny_ckpt, [FLASH], 16))
 
 
 def test_the_prompt_is_computed_in_full_and_each_cache_keeps_its_outliers(flash_models):

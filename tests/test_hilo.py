@@ -8,9 +8,8 @@ import torch
 
 from tests.helpers import (
     SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
-    assert_verified_with_the_same_tokens, three_target_bundle)
-from vlmc import api, passes
-from vlmc.models_zoo import load
+    assert_verified_with_the_same_tokens, three_target_bundle, tiny_pass_model)
+from vlmc import api
 from vlmc.passes.token import functional as T
 from vlmc.passes.token.methods import causal_attend
 
@@ -68,11 +67,7 @@ def test_each_candidate_merges_into_the_kept_row_attending_to_it_most():
 
 @pytest.fixture(scope="module")
 def hilo_model(tiny_ckpt):
-    m = load(str(tiny_ckpt)).model.eval()
-    records, _ = passes.apply(m, [HILO])
-    g = torch.Generator().manual_seed(3)
-    ids = torch.tensor([[12, 14] + [4] * 9 + [5, 6, 7, 8, 13, 14]])  # USER : <image>x9 what color is the ASSISTANT :
-    return m, records, ids, torch.randn(1, 3, 32, 32, generator=g)
+    return tiny_pass_model(tiny_ckpt, [HILO], 9)
 
 
 def test_the_candidates_run_the_shallow_layers_then_merge_and_leave(hilo_model):

@@ -1,6 +1,5 @@
 """The int8 KV cache (`kv8`): keys and values stored as int8 codes with a float scale per head and slot,
 on every target; attention reads the dequantized cache."""
-import numpy as np
 import pytest
 import torch
 
