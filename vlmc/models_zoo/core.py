@@ -10,7 +10,8 @@ Everything passes and the exporter read lives here, once:
 - the in-LLM drop loop: image rows dropped after a layer keep their original positions, and every later
   layer's cache is shorter by what was dropped (`cache_shifts`); bypass stages let image rows skip one
   layer (their hidden state passes it unchanged and rejoins after it; that layer's cache is shorter);
-  merging stages fold the dropped rows into the kept ones before dropping them;
+  merging stages fold the dropped rows into the kept ones before dropping them; eviction stages keep
+  every row in the computation but only some image rows in their layer's cache (KV-cache compression);
 - the part lists quantization reads (`part_modules`, `norm_consumers`);
 - the eager reference: image encoding, embedding merge, whole-prompt logits and a growing-cache decode.
 
@@ -382,8 +383,9 @@ class VisionLanguageModel(nn.Module):
         joins them): see `run_decoder`. A pre-LLM stage with `orders_rows` hands a later in-LLM stage with
         `reads_row_order` the image rows in an order it relies on: nothing may follow the first at its
         point, or drop image rows at or before the second's layer. A stage that `evicts` rows from its
-        layer's cache (every row still runs the layer) shares its layer with no other stage. A connector that merges the patch grid (pixel shuffle, pooling) needs
-        all of it, so only transparent stages may run before it.
+        layer's cache (every row still runs the layer) shares its layer with no other stage. A connector
+        that merges the patch grid (pixel shuffle, pooling) needs all of it, so only transparent stages may
+        run before it.
         """
         self.resolve(point)
         transparent = getattr(stage, "transparent", False)
@@ -571,7 +573,9 @@ class VisionLanguageModel(nn.Module):
         rows keep their original positions and the later layers' caches get the compacted rows; without it
         (a decode step, later text) they only shift the later layers' cache slots by what they dropped. A
         bypass stage acts before its layer: only the image rows it picks (`select` on a view of the layer's
-        input, no q / k yet) run the layer and enter its cache; the others pass it unchanged."""
+        input, no q / k yet) run the layer and enter its cache; the others pass it unchanged. An eviction
+        stage picks, from the layer's own keys, the image rows its cache keeps (`attend.evicting`); the
+        prefill's rows all run the layer."""
         stages = self.decoder_stages() if stages is None else stages
         rope = self.rope(position_ids)
         d, deep = self.config.text.hidden_size, self.deepstack_layers
