@@ -92,7 +92,7 @@ def test_coreml_w4_is_block_wise_int4(tiny_ckpt, tmp_path):
     ([{"name": "w4", "group_size": 64}], {}, "does not divide the 32 input channels of vision_tower"),
     ([{"name": "w8a8"}, {"name": "w4", "at": "decoder"}], {}, "the decoder part is already quantized by w8a8"),
     ([{"name": "w8", "at": "projector"}], {}, "parameter 'at'"),
-    ([{"name": "w4"}], {"targets": ["coreml"]}, "need coreml.minimum_deployment_target iOS18 or macOS15"),
+    ([{"name": "w4"}], {"targets": ["coreml"]}, "need coreml.minimum_deployment_target iOS18 / macOS15 or later"),
     ([{"name": "w4", "group_size": 16}], {"targets": ["executorch"]}, "XNNPACK (target executorch) takes 4-bit groups of a multiple of 32"),
     ([{"name": "w8a8"}], {"calibration": {"dataset": "nowhere.jsonl"}}, "nowhere.jsonl: no such file"),
     ([{"name": "w8a8"}], {"calibration": {"dataset": "shapes-vqa", "split": "test"}}, "calibration.split"),
