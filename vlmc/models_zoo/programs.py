@@ -18,6 +18,7 @@ from typing import Optional
 
 from vlmc.models_zoo.core import PromptRows, VisionLanguageModel, add_int, join_state, split_state
 from vlmc.models_zoo.layers import StatefulAttend, repeat_kv
+from vlmc.runtimes.base import DecoderShape
 
 
 class VisionEncoderProgram(nn.Module):
@@ -59,17 +60,8 @@ def cache_shape(model: VisionLanguageModel, max_context: int, layer: int = 0) ->
 
 
 def empty_caches(model: VisionLanguageModel, max_context: int) -> list[torch.Tensor]:
-    """The static-cache form's zero caches in `cache_names` order: per layer k, v, and with an int8 KV
-    cache their scales [1, Hkv, C, 1]."""
-    out = []
-    for i in range(model.config.text.num_layers):
-        shape = cache_shape(model, max_context, i)
-        if model.kv_cache == "int8":
-            out += [torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8),
-                    torch.zeros(*shape[:3], 1), torch.zeros(*shape[:3], 1)]
-        else:
-            out += [torch.zeros(shape), torch.zeros(shape)]
-    return out
+    """The static-cache form's zero caches in `cache_names` order (`DecoderShape.empty_caches`, as tensors)."""
+    return [torch.from_numpy(a) for a in DecoderShape.of_model(model, max_context, max_context).empty_caches()]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +129,7 @@ class StaticCacheDecoder(nn.Module):
 
         def evicting(i, q, k, v, idx):
             """A full-prompt prefill whose layer-i cache keeps only rows `idx`: attention over the call's rows."""
-            k_kept, v_kept = store(i, k.index_select(2, idx), v.index_select(2, idx), torch.arange(idx.shape[0]))
+            store(i, k.index_select(2, idx), v.index_select(2, idx), torch.arange(idx.shape[0]))
             if int8:  # the prompt reads what the cache holds, as every other layer's does
                 k, v = dequantized(k), dequantized(v)
             rows = torch.arange(q.shape[2])
