@@ -193,6 +193,7 @@ def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: i
 
     from vlmc.models_zoo.core import PromptRows
     from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, StaticCachePrefill
+    from vlmc.runtimes.base import DecoderShape
 
     close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # noqa: E731
     t, start = embeds.shape[1], torch.tensor([image_start])
@@ -201,7 +202,7 @@ def assert_programs_continue_the_prefill(m, embeds, image_start: int, n_image: i
         eager_lengths = [p[0].shape[2] for p in past]
         out = StaticCachePrefill(m, max_context)(torch.cat([embeds, torch.zeros(1, 4, embeds.shape[2])], 1), start,
                                                  torch.tensor([t - 1]))
-        static_lengths = [c.shape[2] for c in out[1::2]]
+        static_lengths = [out[1 + o].shape[2] for o in DecoderShape.of_model(m, max_context, max_context).cache_offsets()]
         close(out[0][0], ref[0, -1])
         et = ExecuTorchDecoder(m, max_context)
         close(et.prefill(embeds, start)[0], ref[0, -1])

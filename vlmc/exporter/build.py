@@ -185,6 +185,11 @@ def _kv_cache_fields(ctx: ExportContext) -> dict:
     if shape.kv_cache == "int8":
         fields["layout"] = ("per layer k_cache, v_cache int8 [1, heads, slots, head_dim] (ExecuTorch: [1, slots, heads, "
                             "head_dim]) and k_scale, v_scale float32 with a last dim of 1; value = code x scale")
+    if shape.packed:
+        fields["packed"] = [list(p) for p in shape.packed]
+        fields["layout"] = ("packed: [layer, heavy rows, rank, light rows, light rank]; such a layer's k_cache, v_cache "
+                            "hold its text rows, and k_rows, v_rows [1, heavy, rank], k_lite, v_lite [1, light, light rank] "
+                            "its image rows as coefficients on the layer's key / value bases (constants of the program)")
     return fields
 
 

@@ -149,7 +149,7 @@ class ExportContext:
         seq = Dim("seq_len", min=1, max=r.max_prompt)
         pos = torch.arange(r.max_prompt)  # position_ids gets a copy: an input that is a view of another adds a guard on its base
         caches = empty_caches(m, r.max_context)
-        in_names, out_names = static_decoder_io(self.num_layers, m.kv_cache)
+        in_names, out_names = static_decoder_io(DecoderShape.of_model(m, r.max_context, r.max_prompt))
         vision = VisionEncoderProgram(m, image_layout)
         prefill = []
         if m.decoder_stages():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmc.errors import VlmcError
-from vlmc.models_zoo.layers import Attend, StatefulAttend, repeat_kv
+from vlmc.models_zoo.layers import Attend, StatefulAttend, packed_sdpa, repeat_kv
 
 POINTS = re.compile(r"^(vision\.block\[(\d+)\]|vision\.out|projector\.out|decoder\.layer\[(\d+)\])$")
 
@@ -69,6 +69,12 @@ def evicts(stage) -> bool:
     """A stage that picks the image rows whose keys and values one layer's cache keeps: every row runs the
     layer and the prompt's own attention, only the decode steps read fewer (KV-cache compression)."""
     return getattr(stage, "evicts", False)
+
+
+def packs(stage) -> bool:
+    """An eviction stage that keeps the image rows it evicts, packed (`pack(q, k, v, rows, last)`: low-rank
+    coefficients the decode steps attend to through `packed_sdpa`)."""
+    return getattr(stage, "packs", False)
 
 
 def shortens_one_layer(stage) -> bool:
@@ -503,6 +509,10 @@ class VisionLanguageModel(nn.Module):
         stages = self.decoder_stages()
         return [sum(s.dropped for s in stages.get(i, ()) if evicts(s)) for i in range(self.config.text.num_layers)]
 
+    def packed_layers(self) -> dict[int, nn.Module]:
+        """The decoder layers whose cache holds the image rows packed (AttentionPack), with their stage."""
+        return {i: s for i, stages in self.decoder_stages().items() for s in stages if packs(s)}
+
     def dropped_through(self, layer: int) -> int:
         """Image rows dropped for good by the in-LLM stages up to and including `layer`'s."""
         return sum(s.dropped for i, stages in self.decoder_stages().items() if i <= layer for s in stages
@@ -639,23 +649,29 @@ class VisionLanguageModel(nn.Module):
         return logits
 
     def decode(self, embeds, position_ids, past: Optional[list], prompt: Optional[PromptRows] = None):
-        """Eager decoding with a growing cache: past = [(k, v)] per layer or None. Returns logits, cache.
-        `prompt`: this call is a full-prompt prefill, the in-LLM stages drop image rows."""
+        """Eager decoding with a growing cache: past = [(k, v)] per layer (a packed layer's coefficients
+        third) or None. Returns logits, cache. `prompt`: this call is a full-prompt prefill, the in-LLM
+        stages drop image rows."""
         n_rep = self.config.text.num_heads // self.config.text.num_kv_heads
-        new_past = []
+        new_past, packed_layers = [], self.packed_layers()
 
         def attend(i, q, k, v, shift):
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
-            new_past.append((k, v))
+            packed = past[i][2] if past is not None and len(past[i]) > 2 else None
+            new_past.append((k, v) if packed is None else (k, v, packed))
             t, s = q.shape[2], k.shape[2]
             mask = self.attention_mask(i, torch.arange(s - t, s), torch.arange(s))
+            if packed is not None:
+                stage = packed_layers[i]
+                return packed_sdpa(q, k, v, mask, packed, stage.basis_k, stage.basis_v)
             out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
             return out.transpose(1, 2).flatten(2)
 
-        def evicting(i, q, k, v, idx):  # a whole-prompt prefill: the cache keeps rows idx
+        def evicting(i, q, k, v, idx, packed=None):  # a whole-prompt prefill: the cache keeps rows idx
             out = attend(i, q, k, v, 0)
-            new_past[-1] = (k.index_select(2, idx), v.index_select(2, idx))
+            kept = (k.index_select(2, idx), v.index_select(2, idx))
+            new_past[-1] = kept if packed is None else (*kept, packed)
             return out
 
         attend.evicting = evicting
@@ -674,11 +690,13 @@ class VisionLanguageModel(nn.Module):
 def _evicting(attend, stage, start: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, n: int):
     """`attend` for a prefill layer whose cache evicts image rows: the stage picks the rows to keep from the
     layer's own keys, and the program's `attend.evicting(i, q, k, v, idx)` attends over every row of the
-    call while its cache takes only the rows `idx` (text, kept image rows), compacted from slot 0."""
+    call while its cache takes only the rows `idx` (text, kept image rows), compacted from slot 0, and, for
+    a packing stage, the evicted image rows' coefficients `packed`."""
 
     def attend_evicting(i, q, k, v, shift):
         kept = stage.select(LayerView(None, None, q, k, rows, last))
-        return attend.evicting(i, q, k, v, keep_rows(q.shape[2], start, kept, n))
+        packed = stage.pack(q, k, v, rows, last) if packs(stage) else None
+        return attend.evicting(i, q, k, v, keep_rows(q.shape[2], start, kept, n), packed)
 
     return attend_evicting
 

@@ -155,6 +155,29 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, packed, basis_k: torch.Tensor,
+                basis_v: torch.Tensor) -> torch.Tensor:
+    """Attention of q [1,H,T,d] over a layer's float cache rows k, v [1,Hkv,S,d] (under mask [T,S] bool) and
+    its packed image rows (AttentionPack) -> [1,T,H*d]. `packed` = (k_rows, v_rows [1,M,r], k_lite, v_lite
+    [1,L,r']): the rows' coefficients on the layer's bases basis_k, basis_v [1,Hkv,r,d] (heads concatenated),
+    the light rows on the first r' of them. The image precedes every query that reads a packed cache, so all
+    see it. Scores and outputs stay in the rank space, q.(cB)^T = (qB^T).c^T and P(cB) = (Pc)B: no row is
+    ever decompressed, and a light row costs r' of the r multiply-adds."""
+    k_rows, v_rows, k_lite, v_lite = packed
+    n_rep, lite = q.shape[1] // k.shape[1], k_lite.shape[-1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    bk, bv = repeat_kv(basis_k, n_rep), repeat_kv(basis_v, n_rep)  # [1,H,r,d]
+    qb = q @ bk.transpose(-1, -2)  # [1,H,T,r]
+    full = (q @ repeat_kv(k, n_rep).transpose(-1, -2)) * scale
+    full = torch.where(mask[None, None], full, torch.full_like(full, float("-inf")))
+    heavy = (qb @ k_rows[:, None].transpose(-1, -2)) * scale  # [1,H,T,M]
+    light = (qb[..., :lite] @ k_lite[:, None].transpose(-1, -2)) * scale  # [1,H,T,L]
+    p_full, p_heavy, p_light = torch.softmax(torch.cat([full, heavy, light], -1), -1).split(
+        [full.shape[-1], heavy.shape[-1], light.shape[-1]], -1)
+    out = p_full @ repeat_kv(v, n_rep) + (p_heavy @ v_rows[:, None]) @ bv + (p_light @ v_lite[:, None]) @ bv[:, :, :lite]
+    return out.transpose(1, 2).flatten(2)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

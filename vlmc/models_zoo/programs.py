@@ -17,7 +17,7 @@ from torch import nn
 from typing import Optional
 
 from vlmc.models_zoo.core import PromptRows, VisionLanguageModel, add_int, join_state, split_state
-from vlmc.models_zoo.layers import StatefulAttend, repeat_kv
+from vlmc.models_zoo.layers import StatefulAttend, packed_sdpa, repeat_kv
 from vlmc.runtimes.base import DecoderShape
 
 
@@ -98,17 +98,18 @@ class StaticCacheDecoder(nn.Module):
         """`forward`, or with `prompt` a full-prompt prefill that runs the in-LLM token stages."""
         new_caches: list[torch.Tensor] = []
         int8 = self.model.kv_cache == "int8"
-        per_layer = 4 if int8 else 2
+        packed_layers = self.model.packed_layers()
+        first = DecoderShape.of_model(self.model, self.max_context, self.max_context).cache_offsets()
 
         def store(i, k, v, position):
             """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
-            length = caches[per_layer * i].shape[2]
+            length = caches[first[i]].shape[2]
             slots = torch.arange(length, dtype=position.dtype)
             write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
             write_t = write.transpose(0, 1)
             if int8:  # the new rows quantized, blended in among the stored codes; attention reads them dequantized
-                k_cache, v_cache, k_scale, v_scale = caches[4 * i: 4 * i + 4]
+                k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
                 (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)
                 k_codes = k_cache.to(k.dtype) * keep + write_t @ k_codes
                 v_codes = v_cache.to(v.dtype) * keep + write_t @ v_codes
@@ -116,8 +117,8 @@ class StaticCacheDecoder(nn.Module):
                 v_scale = v_scale * keep + write_t @ v_new_scale
                 new_caches.extend((k_codes.to(torch.int8), v_codes.to(torch.int8), k_scale, v_scale))
                 return k_codes * k_scale, v_codes * v_scale
-            k_all = caches[2 * i] * keep + write_t @ k
-            v_all = caches[2 * i + 1] * keep + write_t @ v
+            k_all = caches[first[i]] * keep + write_t @ k
+            v_all = caches[first[i] + 1] * keep + write_t @ v
             new_caches.extend((k_all, v_all))
             return k_all, v_all
 
@@ -125,11 +126,20 @@ class StaticCacheDecoder(nn.Module):
             # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
             position = cache_position - shift if prompt is None else torch.arange(q.shape[2])
             k_all, v_all = store(i, k, v, position)
-            return plain_sdpa(q, k_all, v_all, self.model.attention_mask(i, position, torch.arange(k_all.shape[2])))
+            mask = self.model.attention_mask(i, position, torch.arange(k_all.shape[2]))
+            if i in packed_layers:  # the packed image rows pass through, read in the rank space
+                packed = caches[first[i] + 2: first[i] + 6]
+                new_caches.extend(packed)
+                stage = packed_layers[i]
+                return packed_sdpa(q, k_all, v_all, mask, packed, stage.basis_k, stage.basis_v)
+            return plain_sdpa(q, k_all, v_all, mask)
 
-        def evicting(i, q, k, v, idx):
-            """A full-prompt prefill whose layer-i cache keeps only rows `idx`: attention over the call's rows."""
+        def evicting(i, q, k, v, idx, packed=None):
+            """A full-prompt prefill whose layer-i cache keeps only rows `idx` (and the others `packed`, for a
+            packing stage): attention over the call's rows."""
             store(i, k.index_select(2, idx), v.index_select(2, idx), torch.arange(idx.shape[0]))
+            if packed is not None:
+                new_caches.extend(packed)
             if int8:  # the prompt reads what the cache holds, as every other layer's does
                 k, v = dequantized(k), dequantized(v)
             rows = torch.arange(q.shape[2])
@@ -140,7 +150,7 @@ class StaticCacheDecoder(nn.Module):
         def carry(i, x):
             # the state after this call: the S rows that end at the last real one (a padded prefill's
             # `logits_index`; a decode step's only row)
-            state = join_state(caches[2 * i], caches[2 * i + 1])
+            state = join_state(caches[first[i]], caches[first[i] + 1])
             full = torch.cat([state, x], 1)
             rows = state.shape[1]
             new_caches.extend(split_state(full.index_select(1, add_int(torch.arange(rows) + logits_index, 1))))
@@ -203,6 +213,15 @@ class ExecuTorchDecoder(nn.Module):
             if int8:
                 self.register_buffer(f"k_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
                 self.register_buffer(f"v_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
+        self.packed_layers = model.packed_layers()
+        for i, stage in self.packed_layers.items():
+            heavy, rank, light, lite = stage.packed_shape
+            for name, shape in zip(self.pack_names(i), [(1, heavy, rank)] * 2 + [(1, light, lite)] * 2):
+                self.register_buffer(name, torch.zeros(shape), persistent=False)
+
+    @staticmethod
+    def pack_names(i: int) -> list[str]:
+        return [f"{kv}_{part}_{i}" for part in ("rows", "lite") for kv in "kv"]
 
     def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new rows k, v [1,T,Hkv,d] into layer i's caches at `slot`; return the caches attention
@@ -228,6 +247,12 @@ class ExecuTorchDecoder(nn.Module):
             torch._check(slot >= 0)
             torch._check(slot + q.shape[2] <= getattr(self, f"k_cache_{i}").shape[1])
             k_cache, v_cache = self._store(i, k.transpose(1, 2), v.transpose(1, 2), slot)
+            if i in self.packed_layers:  # the filled slots, and the packed image rows in the rank space
+                end = slot + q.shape[2]
+                stage = self.packed_layers[i]
+                mask = self.model.attention_mask(i, slot + torch.arange(q.shape[2]), torch.arange(end))
+                return packed_sdpa(q, k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2), mask,
+                                   [getattr(self, name) for name in self.pack_names(i)], stage.basis_k, stage.basis_v)
             if self.model.causal_attention:
                 out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
                 return out.flatten(2)
@@ -235,10 +260,13 @@ class ExecuTorchDecoder(nn.Module):
             mask = self.model.attention_mask(i, slot + torch.arange(q.shape[2]), torch.arange(k_cache.shape[1]))
             return plain_sdpa(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), mask)
 
-        def evicting(i, q, k, v, idx):
-            """The full-prompt prefill of a layer whose cache keeps only rows `idx`: attention over the call's
-            own rows, the kept ones written from slot 0."""
+        def evicting(i, q, k, v, idx, packed=None):
+            """The full-prompt prefill of a layer whose cache keeps only rows `idx` (and the others `packed`,
+            for a packing stage): attention over the call's own rows, the kept ones written from slot 0."""
             self._store(i, k.index_select(2, idx).transpose(1, 2), v.index_select(2, idx).transpose(1, 2), 0)
+            if packed is not None:
+                for name, coefficients in zip(self.pack_names(i), packed):
+                    getattr(self, name).copy_(coefficients)
             if self.model.kv_cache == "int8":
                 k, v = dequantized(k), dequantized(v)
             rows = torch.arange(q.shape[2])
@@ -284,14 +312,8 @@ class ExecuTorchPrefill(ExecuTorchDecoder):
         return self.prefill(inputs_embeds, image_start)
 
 
-def cache_names(num_layers: int, kv_cache: str = "float32") -> list[str]:
-    """Per layer its k and v caches, and with an int8 KV cache their scales."""
-    kinds = ("k_cache", "v_cache", "k_scale", "v_scale") if kv_cache == "int8" else ("k_cache", "v_cache")
-    return [f"{kind}_{i}" for i in range(num_layers) for kind in kinds]
-
-
-def static_decoder_io(num_layers: int, kv_cache: str = "float32") -> tuple[list[str], list[str]]:
+def static_decoder_io(shape: DecoderShape) -> tuple[list[str], list[str]]:
     """Input and output names of `StaticCacheDecoder` on every target that takes the cache explicitly."""
-    caches = cache_names(num_layers, kv_cache)
+    caches = shape.cache_names()
     inputs = ["inputs_embeds", "position_ids", "cache_position", "logits_index", *caches]
     return inputs, ["logits", *(c + "_out" for c in caches)]

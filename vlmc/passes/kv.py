@@ -1,6 +1,7 @@
 """KV-cache passes: what the decoder's cache holds between calls (the rows every decode step reads).
 
 `flashcache` evicts image rows from each layer's cache after the prefill (the prompt is computed in full).
+`attentionpack` keeps them as low-rank coefficients instead, read by attention in the rank space.
 `kv8` stores keys and values as int8 codes with one float scale per head and cache slot, on every target:
 the static-cache programs (ONNX, Core ML, TVM, eager) take and return the codes and scales as explicit
 inputs and outputs, the ExecuTorch decoder keeps them as its mutable buffers (`llama::update_cache` on
@@ -39,6 +40,9 @@ class Int8KVCache(Pass):
         return ["decoder.cache"]
 
     def apply(self, model) -> None:
+        if model.packed_layers():
+            raise VlmcError("recipe field 'passes': the KV cache has one storage; attentionpack packs it already "
+                            "(give kv8 or attentionpack)")
         if model.state_layers():
             raise VlmcError(f"pass kv8: the {model.family} decoder keeps a convolution state in some layers' cache "
                             "slots; an int8 KV cache covers attention caches only (not supported for this family)")
@@ -160,3 +164,121 @@ class FlashCache(TokenPass):
             self.config = c.model_copy(update={"budgets": allocate(c.keep * len(layers), weights, tokens_in - 1)})
         budgets = self.config.budgets or [c.keep] * len(layers)
         return [(f"decoder.layer[{i}]", OutlierKVStage(b, tokens_in, c.cutoff)) for i, b in zip(layers, budgets)]
+
+
+class AttentionPackConfig(PassConfig):
+    at: str = Field("decoder.layer[0]", description="decoder.layer[L]: the first layer whose cache packs the image rows "
+                                                    "(every layer from L to the last does)")
+    keep: int = Field(..., ge=1, description="image rows kept at the full `rank`: those the question's attention asks "
+                                             "most of (static)")
+    rank: int = Field(16, ge=1, description="ranks of each layer's key and value bases (heads concatenated)")
+    light_rank: int = Field(4, ge=1, description="ranks the other image rows keep (the leading ones: partial "
+                                                 "decompression)")
+
+
+class PackedKVStage(nn.Module):
+    """A layer's cache holds the image rows as coefficients on the layer's low-rank key and value bases: the
+    `heavy` rows the instruction attends to most at `rank`, the others at `light_rank`. Its float cache
+    keeps the text rows only."""
+
+    evicts = True
+    packs = True
+    keep = 0  # no image row stays in the float cache
+
+    def __init__(self, tokens_in: int, heavy: int, light_rank: int, basis_k: torch.Tensor, basis_v: torch.Tensor):
+        super().__init__()
+        self.dropped, self.heavy, self.light_rank = tokens_in, heavy, light_rank
+        self.register_buffer("basis_k", basis_k)  # [1, Hkv, rank, d], orthonormal over (head, dim)
+        self.register_buffer("basis_v", basis_v)
+
+    @property
+    def packed_shape(self) -> tuple[int, int, int, int]:
+        """(heavy rows, rank, light rows, light rank)."""
+        return self.heavy, self.basis_k.shape[2], self.dropped - self.heavy, self.light_rank
+
+    def select(self, view):
+        return torch.zeros(0, dtype=torch.long)
+
+    def pack(self, q, k, v, rows, last) -> list[torch.Tensor]:
+        """(k_rows, v_rows [1,heavy,rank], k_lite, v_lite [1,light,light_rank]) of a full-prompt prefill."""
+        attention = T.instruction_attention(q, k, rows, last)
+        order = torch.topk(T.tie_break(attention[None]), attention.shape[0], dim=-1).indices[0]
+        rank = self.basis_k.shape[2]
+        return [T.project_heads(x[0].index_select(1, rows.index_select(0, part)), basis[0, :, :r])[None]
+                for part, r in ((order[: self.heavy], rank), (order[self.heavy:], self.light_rank))
+                for x, basis in ((k, self.basis_k), (v, self.basis_v))]
+
+
+def image_kv(model, prompts, layers: list[int], entering: int, rows_at: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the image rows' keys and values (heads concatenated, [prompts x rows_at, Hkv*d]) of
+    whole-prompt prefills through the model's stages so far (`entering` image rows reach the decoder,
+    `rows_at` run these layers): what the packed caches will hold."""
+    from vlmc.models_zoo.core import PromptRows
+    from vlmc.passes.token.methods import causal_attend
+
+    seen = {i: ([], []) for i in layers}
+    base = causal_attend(model.config.text)
+    with torch.no_grad():
+        for embeds, start, last in prompts:
+            rows = start + torch.arange(rows_at)
+
+            def attend(i, q, k, v, shift):
+                for store, x in zip(seen.get(i, ()), (k, v)):
+                    store.append(x[0].index_select(1, rows).transpose(0, 1).flatten(1))
+                return base(i, q, k, v, shift)
+
+            model.run_decoder(embeds[:, : last + 1], torch.arange(last + 1)[None], attend,
+                              PromptRows(torch.tensor([start]), entering, torch.tensor([last])))
+    return {i: (torch.cat(k), torch.cat(v)) for i, (k, v) in seen.items()}
+
+
+@register
+class AttentionPack(TokenPass):
+    """AttentionPack: every layer's cache holds the image rows' keys and values as coefficients on low-rank
+    bases (heads concatenated, image rows apart from the text), the rows the question attends to most at
+    the full rank and the others at fewer; decode steps attend in the rank space."""
+
+    name = "attentionpack"
+    kind = "kv"
+    points = ("decoder.layer",)
+    source = ("AttentionPack, from Attention-aware Inference Optimizations for Large Vision-Language Models with "
+              "Memory-efficient Decoding (CVPR 2026 seed notes)")
+    departures = ("the bases are fixed at export: per layer, the top-`rank` right singular vectors of the calibration "
+                  "questions' image keys and values (after RoPE; the paper decomposes each prompt's cache, an SVD no "
+                  "target's runtime has); partial decompression is two static groups, the `keep` rows the question "
+                  "(text after the image) attends to most in the prefill at `rank`, the others at the leading "
+                  "`light_rank` (the paper picks ranks per step from attention accumulated while decoding); attention "
+                  "reads the coefficients in the rank space instead of decompressing rows; text rows stay float; the "
+                  "prefill attends to the full rows, the decode steps to the packed ones")
+    Config = AttentionPackConfig
+    reads_text = True
+
+    def layers(self, model) -> list[int]:
+        first = int(self.config.at.split("[")[1].rstrip("]"))
+        return list(range(first, model.config.text.num_layers))
+
+    def check(self, tokens_in, grid, model):
+        c, t = self.config, model.config.text
+        if c.keep >= tokens_in:
+            raise VlmcError(f"pass attentionpack: parameter 'keep': {c.keep} must be below the {tokens_in} image rows "
+                            f"at {c.at}")
+        width = t.num_kv_heads * t.head_dim
+        if c.rank >= width:
+            raise VlmcError(f"pass attentionpack: parameter 'rank': {c.rank} must be below the {width} key dimensions "
+                            f"({t.num_kv_heads} kv heads x {t.head_dim}) it compresses")
+        if c.light_rank > c.rank:
+            raise VlmcError(f"pass attentionpack: parameter 'light_rank': {c.light_rank} must be at most rank {c.rank}")
+
+    def place(self, model, tokens_in, calibration=None):
+        from vlmc.passes import tokens_at
+
+        c, t, layers = self.config, model.config.text, self.layers(model)
+        if calibration is None:
+            raise VlmcError("pass attentionpack: its bases come from calibration questions (recipe 'calibration')")
+        kv = image_kv(model, calibration.prompts(model), layers, tokens_at(model, "projector.out"), tokens_in)
+        placed = []
+        for i in layers:
+            bases = [T.principal_basis(x, c.rank).reshape(c.rank, t.num_kv_heads, t.head_dim).transpose(0, 1)[None].contiguous()
+                     for x in kv[i]]
+            placed.append((f"decoder.layer[{i}]", PackedKVStage(tokens_in, c.keep, c.light_rank, *bases)))
+        return placed

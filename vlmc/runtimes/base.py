@@ -28,20 +28,23 @@ class DecoderShape:
     cache_shifts: tuple = ()  # per layer, image rows in-LLM stages dropped before it (its cache is shorter)
     state_layers: tuple = ()  # (layer, rows, width) of each recurrent layer: its state split across its (k, v) pair
     kv_cache: str = "float32"  # or int8: codes plus a float scale per head and slot (the kv8 pass)
+    # (layer, heavy rows, rank, light rows, light rank) of each layer whose image rows are packed (attentionpack)
+    packed: tuple = ()
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "DecoderShape":
         d = manifest["decoder"]
         return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"], d["max_context"], d["max_prompt"],
                    tuple(d.get("cache_shifts", ())), tuple(tuple(s) for s in d.get("state_layers", ())),
-                   d.get("kv_cache", {}).get("dtype", "float32"))
+                   d.get("kv_cache", {}).get("dtype", "float32"), tuple(tuple(p) for p in d.get("kv_cache", {}).get("packed", ())))
 
     @classmethod
     def of_model(cls, model, max_context: int, max_prompt: int) -> "DecoderShape":
         """The shape of a VisionLanguageModel's decoder with its token stages, at these lengths."""
         t = model.config.text
         return cls(t.num_layers, t.num_kv_heads, t.head_dim, t.hidden_size, max_context, max_prompt,
-                   tuple(model.cache_shifts()), tuple((i, *s) for i, s in model.state_layers().items()), model.kv_cache)
+                   tuple(model.cache_shifts()), tuple((i, *s) for i, s in model.state_layers().items()), model.kv_cache,
+                   tuple((i, *stage.packed_shape) for i, stage in model.packed_layers().items()))
 
     def cache_dims(self, layer: int) -> tuple[int, int, int]:
         """(heads, slots, dim) of the layer's k and v cache tensors (see VisionLanguageModel.cache_dims)."""
@@ -58,17 +61,36 @@ class DecoderShape:
     def cache_length(self, layer: int) -> int:
         return self.max_context - (self.cache_shifts[layer] if self.cache_shifts else 0)
 
-    def empty_caches(self) -> list[np.ndarray]:
-        """The decoder's cache inputs at the start of a sequence, in the programs' order (`cache_names`)."""
+    def cache_layout(self) -> list[tuple[str, tuple, type]]:
+        """(name, shape, dtype) of every cache tensor the programs take and return, in their order: per layer
+        k_cache and v_cache, with an int8 cache k_scale and v_scale, with packed image rows (attentionpack)
+        k_rows, v_rows (the heavy rows' coefficients on the layer's bases) and k_lite, v_lite (the others')."""
         out = []
+        packed = {p[0]: p[1:] for p in self.packed}
         for i in range(self.num_layers):
             shape = (1, *self.cache_dims(i))
             if self.kv_cache == "int8":
-                out += [np.zeros(shape, np.int8), np.zeros(shape, np.int8), np.zeros((*shape[:3], 1), np.float32),
-                        np.zeros((*shape[:3], 1), np.float32)]
+                out += [(f"k_cache_{i}", shape, np.int8), (f"v_cache_{i}", shape, np.int8),
+                        (f"k_scale_{i}", (*shape[:3], 1), np.float32), (f"v_scale_{i}", (*shape[:3], 1), np.float32)]
             else:
-                out += [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+                out += [(f"k_cache_{i}", shape, np.float32), (f"v_cache_{i}", shape, np.float32)]
+            if i in packed:
+                heavy, rank, light, light_rank = packed[i]
+                out += [(f"{kv}_{part}_{i}", (1, rows, r), np.float32)
+                        for part, rows, r in (("rows", heavy, rank), ("lite", light, light_rank)) for kv in "kv"]
         return out
+
+    def cache_names(self) -> list[str]:
+        return [name for name, _, _ in self.cache_layout()]
+
+    def cache_offsets(self) -> list[int]:
+        """Index of each layer's k_cache in the programs' cache list."""
+        names = self.cache_names()
+        return [names.index(f"k_cache_{i}") for i in range(self.num_layers)]
+
+    def empty_caches(self) -> list[np.ndarray]:
+        """The decoder's cache inputs at the start of a sequence, in the programs' order (`cache_layout`)."""
+        return [np.zeros(shape, dtype) for _, shape, dtype in self.cache_layout()]
 
     def cache_bytes(self) -> int:
         """What the KV cache (and any recurrent state) occupies: every slot, at its storage type."""

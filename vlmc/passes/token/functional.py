@@ -530,3 +530,14 @@ def low_pass_deviation(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     (keeping the DCT frequencies of `basis` [m,N]): ||x - B^T B x|| per row [N]. FlashCache's outliers are
     the rows far from it."""
     return (x - basis.T @ (basis @ x)).norm(dim=-1)
+
+
+def principal_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` right singular vectors of x [N, D] (no centring: the mean direction is kept) -> [rank, D],
+    orthonormal rows: x @ B.T @ B is x's best rank-`rank` approximation in that row space."""
+    return torch.linalg.svd(x.double(), full_matrices=False).Vh[:rank].to(x.dtype)
+
+
+def project_heads(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Rows x [Hkv,N,d] (heads concatenated per row) -> coefficients [N,r] on a basis [Hkv,r,d]."""
+    return (x @ basis.transpose(-1, -2)).sum(0)

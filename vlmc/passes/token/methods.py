@@ -919,7 +919,7 @@ def causal_attend(t, head_mask: Optional[tuple[int, torch.Tensor]] = None):
             out = out * head_mask[1].to(out.dtype)[None, :, None, None]
         return out.transpose(1, 2).flatten(2)
 
-    attend.evicting = lambda i, q, k, v, idx: attend(i, q, k, v, 0)  # no cache to evict from
+    attend.evicting = lambda i, q, k, v, idx, packed=None: attend(i, q, k, v, 0)  # no cache to evict from
     return attend
 
 
