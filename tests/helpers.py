@@ -244,13 +244,15 @@ def assert_verified_with_the_same_tokens(bundle, image, runtimes=("eager", "onnx
     return tokens[runtimes[0]]
 
 
-def assert_export_refused(ckpt, out: Path, passes: list, fragment: str, template: str = SPACED_TEMPLATE) -> None:
-    """An onnx export of `ckpt` with `passes` ends in a VlmcError matching `fragment`, leaving no bundle."""
+def assert_export_refused(ckpt, out: Path, passes: list, fragment: str, template: str = SPACED_TEMPLATE,
+                          **fields) -> None:
+    """An onnx export of `ckpt` with `passes` (and any other recipe `fields`) ends in a VlmcError matching
+    `fragment`, leaving no bundle."""
     import pytest
 
     from vlmc import api
     from vlmc.errors import VlmcError
 
     with pytest.raises(VlmcError, match=fragment):
-        api.compile({"model": str(ckpt), "targets": ["onnx"], "prompt_template": template, "passes": passes}, out)
+        api.compile({"model": str(ckpt), "targets": ["onnx"], "prompt_template": template, "passes": passes, **fields}, out)
     assert not out.exists()

@@ -28,7 +28,7 @@ FAMILIES = {
     "lfm2_vl": (lambda d: make_hf_lfm2vl(d), {"image_size": 128}, 16),
 }
 VISION_SIDE = {"tome", "visionzip", "zooprune", "duet"}  # need the patch grid before a merging connector
-IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet", "alvts", "hilo", "flashcache"}
+IN_LLM = {"fastv", "v2drop", "transprune", "hawk", "duet", "alvts", "hilo", "flashcache", "attentionpack"}
 
 
 def specs(tokens: int) -> list[dict]:
@@ -47,7 +47,8 @@ def specs(tokens: int) -> list[dict]:
             {"name": "hilo", "keep": keep, "candidates": 2, "layer": 0},
             {"name": "w8a8"}, {"name": "w8"}, {"name": "w4", "group_size": 16}, {"name": "w4", "group_size": 32},
             {"name": "w4", "method": "gptq", "group_size": 16}, {"name": "w8a8", "method": "smoothquant"},
-            {"name": "w4", "method": "qig", "group_size": 32, "bits": 6, "steps": 2}, {"name": "kv8"}, {"name": "flashcache", "keep": keep}]
+            {"name": "w4", "method": "qig", "group_size": 32, "bits": 6, "steps": 2}, {"name": "kv8"}, {"name": "flashcache", "keep": keep},
+            {"name": "attentionpack", "keep": keep, "rank": 4, "light_rank": 2}]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -3,7 +3,7 @@
     python tools/bench_kv_cache.py --contexts 1024,2048 --n 200 --rounds 20 -o docs/kv_cache
 
 For each max_context, exports the built-in model once per configuration (`--configs`: the float cache,
-`kv8`, `flashcache`, both; ONNX + ExecuTorch, verified) and, per runtime in one spawned process with the
+`kv8`, `flashcache`, both, `attentionpack` at two ranks; ONNX + ExecuTorch, verified) and, per runtime in one spawned process with the
 thread count fixed, runs the bundles side by side on multi-turn prompts: the ShapesVQA test question asked
 last, after earlier turns about the same image (questions with their true answers, as the model was
 trained) that fill the prompt to the context's length less `--room`. The conversation up to the last
@@ -165,7 +165,8 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="1024,2048", help="max_context values, comma-separated")
-    ap.add_argument("--configs", default="float32=;int8=kv8;flashcache@49=flashcache:keep=49;flashcache@49+int8=flashcache:keep=49+kv8",
+    ap.add_argument("--configs", default="float32=;int8=kv8;flashcache@49=flashcache:keep=49;flashcache@49+int8=flashcache:keep=49+kv8;"
+                                         "attentionpack@49=attentionpack:keep=49;attentionpack@49 r32=attentionpack:keep=49,rank=32,light_rank=8",
                     help="LABEL=PASS[+PASS...] separated by ';' (the first is the reference: keep it the float cache)")
     ap.add_argument("--runtimes", default="onnxruntime,executorch")
     ap.add_argument("--n", type=int, default=100, help="test questions per configuration")
