@@ -1,6 +1,9 @@
 """AttentionPack: each layer's cache holds the image rows as coefficients on calibrated low-rank key and
 value bases (heads concatenated), the rows the question attends to most at the full rank and the others at
 fewer; the prompt is computed in full, decode steps attend in the rank space."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -129,6 +132,9 @@ def test_attentionpack_exports_to_onnx_verifies_and_gives_eagers_tokens(tiny_ckp
     # per layer: 32 text slots x 2 heads x 16 dims, k and v, plus (4 x 8 + 12 x 2) coefficients, k and v
     assert d["kv_cache"]["bytes"] == 2 * 4 * (2 * 32 * 2 * 16 + 2 * (4 * 8 + 12 * 2))
     assert_verified_with_the_same_tokens(b, sample_image)
+    shown = subprocess.run([sys.executable, "-m", "vlmc.cli", "inspect", str(b.path)], capture_output=True, text=True)
+    text = " ".join(shown.stdout.split())  # rich wraps lines at the terminal's width
+    assert "image rows packed in layers 0, 1: 4 at rank 8, 12 at rank 2" in text, shown.stdout + shown.stderr
 
 
 @pytest.mark.slow  # three targets (-m slow)

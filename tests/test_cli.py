@@ -29,6 +29,7 @@ def test_models_lists_builtin_and_families():
 def test_inspect_and_run(tiny_bundle, sample_image):
     r = vlmc("inspect", tiny_bundle.path)
     assert r.returncode == 0 and "text_decoder" in r.stdout and "verification" in r.stdout
+    assert "KV cache: float32, " in r.stdout
     r = vlmc("run", tiny_bundle.path, "--runtime", "onnxruntime", "--image", sample_image, "--prompt", "what color is the circle ?", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["runtime"] == "onnxruntime"

@@ -138,6 +138,14 @@ def _print_summary(m: dict, path, method_sizes: Optional[dict] = None) -> None:
                       f"runner: {m['runner']}")
     else:
         console.print("passes: none")
+    kv = m["decoder"].get("kv_cache")
+    if kv:
+        groups: dict[tuple, list[int]] = {}
+        for i, *shape in kv.get("packed", ()):
+            groups.setdefault(tuple(shape), []).append(i)
+        packed = "".join(f"; image rows packed in layers {', '.join(map(str, layers))}: {h} at rank {r}, {n} at rank {lr}"
+                         for (h, r, n, lr), layers in groups.items())
+        console.print(f"KV cache: {kv['dtype']}, {_mb(kv['bytes'])} at max_context{packed}")
     q = m.get("quantization")
     if q:
         rows = [[target, program, e["quantization"]["scheme"], e["quantization"].get("how", ""),
