@@ -33,3 +33,22 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
     bundle = request.getfixturevalue(which)
     ours = api.run(bundle.path, "executorch", sample_image, AFTER.split("ASSISTANT")[0].strip(), max_new_tokens=8)
     assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]
+
+
+def test_a_tied_embedding_is_stored_once_in_the_pte(tmp_path, sample_image):
+    """The LM head of a tied model reads the token_embedding's table (its XNNPACK linear takes the weight as
+    an input), so the table's bytes appear once in the .pte; an untied head keeps its own static weight."""
+    from tests.helpers import SPACED_TEMPLATE, assert_verified_with_the_same_tokens, make_hf_llava
+    from vlmc.models_zoo import load
+
+    for tie in (True, False):
+        ckpt = tmp_path / f"tie{tie}"
+        make_hf_llava(ckpt, tie=tie)
+        b = api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48,
+                         "prompt_template": SPACED_TEMPLATE}, tmp_path / f"b{tie}")
+        m = load(str(ckpt)).model
+        pte = (b.path / "model.pte").read_bytes()
+        copies = [pte.count(w.detach().numpy().astype(np.float32).tobytes()) for w in (m.embed_tokens.weight, m.lm_head.weight)]
+        note = b.manifest["targets"]["executorch"].get("tied_embedding", "")
+        assert (copies, note.split(":")[0]) == (([1, 1], "stored once") if tie else ([1, 1], "")), (copies, note)
+        assert_verified_with_the_same_tokens(b, sample_image, ("eager", "executorch"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import Optional
 from contextlib import contextmanager
 
 import torch
@@ -96,6 +97,37 @@ def partitions_share_weights():
             XnnpackBackend.copy_exported_program_for_preprocess = saved
 
 
+def leave_out_of_delegates(partitioner, names: list[str]):
+    """`partitioner`, leaving the parameter known by `names` (module paths of one tied tensor) out of every
+    partition it tags: the delegate takes it as an input (XNNPACK's dynamic-weight linear) and the program
+    keeps it as one of its constants, which the emitter stores once per .pte however many methods name the
+    same bytes. That is how a tied LM head shares the token_embedding's table instead of serialising a
+    second copy into XNNPACK's data."""
+    partition = partitioner.partition
+
+    def partition_leaving_weight(exported_program):
+        result = partition(exported_program)
+        ep = result.tagged_exported_program
+        params = ep.graph_signature.inputs_to_parameters
+        for node in ep.graph.nodes:
+            fqn = params.get(node.name, "") if node.op == "placeholder" else ""
+            if any(fqn == n or fqn.endswith("." + n) for n in names):
+                node.meta.pop("delegation_tag", None)
+        return result
+
+    partitioner.partition = partition_leaving_weight
+    return partitioner
+
+
+def shared_head(m, ctx: ExportContext) -> Optional[str]:
+    """Why the LM head's weight cannot share the token_embedding's table in the .pte, or None when it can."""
+    if m.lm_head.weight is not m.embed_tokens.weight:
+        return "untied: the LM head has its own weight"
+    if ctx.scheme("token_embedding") or ctx.scheme("text_decoder"):
+        return "the LM head or the embedding is quantized (their stored bytes differ)"
+    return None
+
+
 def lower(ctx: ExportContext) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -156,6 +188,10 @@ def lower(ctx: ExportContext) -> dict:
     dynamic = any(scheme.name in ("w8", "w4") for scheme in ctx.quant.schemes.values())
     partitioner = ([XnnpackDynamicallyQuantizedPartitioner()] if dynamic else []) + [XnnpackPartitioner()] \
         if r.executorch.backend == "xnnpack" else []
+    not_shared = shared_head(m, ctx)
+    if partitioner and not_shared is None:
+        names = [n for n, w in m.named_parameters(remove_duplicate=False) if w is m.lm_head.weight]
+        partitioner = [leave_out_of_delegates(p, names) for p in partitioner]
     try:
         with partitions_share_weights():
             edge = to_edge_transform_and_lower(exported, partitioner=partitioner, constant_methods=constants,
@@ -193,8 +229,11 @@ def lower(ctx: ExportContext) -> dict:
         programs[name]["delegate_calls"] = n
         if name in quantized:
             programs[name]["quantization"] = quantized[name]
+    tied = {} if m.lm_head.weight is not m.embed_tokens.weight else {"tied_embedding": (
+        "stored once: the text_decoder's LM head reads the token_embedding's table (an input to its XNNPACK "
+        "linear)" if not_shared is None and partitioner else f"stored twice: {not_shared or 'no XNNPACK partitioning'}")}
     return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,
-            "constant_methods": constants,
+            "constant_methods": constants, **tied,
             "runner": ("vlmc (text_prefill takes the whole prompt)" if "text_prefill" in exported
                        else "executorch MultimodalRunner (stock) or vlmc"),
             "kv_cache": "mutable buffers [1, max_context, kv_heads, head_dim] via llama::update_cache / llama::custom_sdpa"}
