@@ -376,6 +376,16 @@ class VisionLanguageModel(nn.Module):
             return self.connector
         return self.decoder_layers[int(m.group(3))]
 
+    def check_in_llm(self, point: str) -> None:
+        """Refuse in-LLM token stages where the decoder cannot take them (before any work places one)."""
+        if self.state_layers():
+            raise VlmcError(f"insertion at {point}: the {self.family} decoder's convolution layers mix neighbouring rows "
+                            "and carry a state over them; in-LLM token stages (which drop rows between layers) are not "
+                            "supported there (reduce tokens at projector.out)")
+        if self.image_tiles > 1:
+            raise VlmcError(f"insertion at {point}: the image fills {self.image_tiles} tile runs with the tile grid's text "
+                            "between them; in-LLM token stages need the image as one run of rows (export without tile_grid)")
+
     def insert(self, point: str, stage: nn.Module) -> None:
         """Run `stage(tokens) -> tokens` on the visual tokens leaving `point` (after earlier stages there).
 
@@ -395,13 +405,8 @@ class VisionLanguageModel(nn.Module):
         """
         self.resolve(point)
         transparent = getattr(stage, "transparent", False)
-        if point.startswith("decoder.") and self.state_layers():
-            raise VlmcError(f"insertion at {point}: the {self.family} decoder's convolution layers mix neighbouring rows "
-                            "and carry a state over them; in-LLM token stages (which drop rows between layers) are not "
-                            "supported there (reduce tokens at projector.out)")
-        if point.startswith("decoder.") and self.image_tiles > 1:
-            raise VlmcError(f"insertion at {point}: the image fills {self.image_tiles} tile runs with the tile grid's text "
-                            "between them; in-LLM token stages need the image as one run of rows (export without tile_grid)")
+        if point.startswith("decoder."):
+            self.check_in_llm(point)
         if point.startswith("decoder.") != hasattr(stage, "dropped") and not transparent:
             kind = "an in-LLM stage" if hasattr(stage, "dropped") else "a visual-token stage"
             raise VlmcError(f"insertion at {point}: {kind} cannot run there")

@@ -273,6 +273,7 @@ class AttentionPack(TokenPass):
         from vlmc.passes import tokens_at
 
         c, t, layers = self.config, model.config.text, self.layers(model)
+        model.check_in_llm(c.at)  # before the calibration prefills
         if calibration is None:
             raise VlmcError("pass attentionpack: its bases come from calibration questions (recipe 'calibration')")
         kv = image_kv(model, calibration.prompts(model), layers, tokens_at(model, "projector.out"), tokens_in)
