@@ -35,20 +35,20 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
     assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]
 
 
-def test_a_tied_embedding_is_stored_once_in_the_pte(tmp_path, sample_image):
-    """The LM head of a tied model reads the token_embedding's table (its XNNPACK linear takes the weight as
-    an input), so the table's bytes appear once in the .pte; an untied head keeps its own static weight."""
+@pytest.mark.parametrize("tie, how, copies, note", [(True, "once", 1, "stored once"), (True, "twice", 2, "stored twice"),
+                                                      (False, "once", 1, "")])
+def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, tie, how, copies, note):
+    """With `executorch.tied_embedding: once` the LM head of a tied model reads the token_embedding's table (its
+    XNNPACK linear takes the weight as an input), so the table's bytes appear once in the .pte; by default
+    the head keeps its own static copy; an untied head always has its own weight."""
     from tests.helpers import SPACED_TEMPLATE, assert_verified_with_the_same_tokens, make_hf_llava
     from vlmc.models_zoo import load
 
-    for tie in (True, False):
-        ckpt = tmp_path / f"tie{tie}"
-        make_hf_llava(ckpt, tie=tie)
-        b = api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48,
-                         "prompt_template": SPACED_TEMPLATE}, tmp_path / f"b{tie}")
-        m = load(str(ckpt)).model
-        pte = (b.path / "model.pte").read_bytes()
-        copies = [pte.count(w.detach().numpy().astype(np.float32).tobytes()) for w in (m.embed_tokens.weight, m.lm_head.weight)]
-        note = b.manifest["targets"]["executorch"].get("tied_embedding", "")
-        assert (copies, note.split(":")[0]) == (([1, 1], "stored once") if tie else ([1, 1], "")), (copies, note)
-        assert_verified_with_the_same_tokens(b, sample_image, ("eager", "executorch"))
+    ckpt = tmp_path / "ckpt"
+    make_hf_llava(ckpt, tie=tie)
+    b = api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                     "executorch": {"tied_embedding": how}}, tmp_path / "b")
+    pte = (b.path / "model.pte").read_bytes()
+    assert pte.count(load(str(ckpt)).model.embed_tokens.weight.detach().numpy().astype(np.float32).tobytes()) == copies
+    assert b.manifest["targets"]["executorch"].get("tied_embedding", "").split(":")[0] == note
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "executorch"))

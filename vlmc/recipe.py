@@ -30,6 +30,10 @@ class OnnxOptions(Strict):
 
 class ExecutorchOptions(Strict):
     backend: Literal["xnnpack", "portable"] = Field("xnnpack", description="xnnpack delegates to XNNPACK; portable runs ExecuTorch's portable kernels only")
+    tied_embedding: Literal["twice", "once"] = Field(
+        "twice", description="a tied model's token table in the .pte: twice (the LM head packs its own static copy: "
+                             "fastest) or once (the LM head reads the token_embedding's table, repacked by XNNPACK "
+                             "every call: a smaller .pte, a slower head; docs/tied_embedding)")
 
 
 class CoremlOptions(Strict):

@@ -120,9 +120,11 @@ def leave_out_of_delegates(partitioner, names: list[str]):
 
 
 def shared_head(m, ctx: ExportContext) -> Optional[str]:
-    """Why the LM head's weight cannot share the token_embedding's table in the .pte, or None when it can."""
+    """Why the LM head's weight does not share the token_embedding's table in the .pte, or None when it does."""
     if m.lm_head.weight is not m.embed_tokens.weight:
         return "untied: the LM head has its own weight"
+    if ctx.recipe.executorch.tied_embedding == "twice":
+        return "recipe executorch.tied_embedding: twice (the LM head keeps a static XNNPACK copy: faster)"
     if ctx.scheme("token_embedding") or ctx.scheme("text_decoder"):
         return "the LM head or the embedding is quantized (their stored bytes differ)"
     return None
