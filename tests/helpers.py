@@ -256,3 +256,19 @@ def assert_export_refused(ckpt, out: Path, passes: list, fragment: str, template
     with pytest.raises(VlmcError, match=fragment):
         api.compile({"model": str(ckpt), "targets": ["onnx"], "prompt_template": template, "passes": passes, **fields}, out)
     assert not out.exists()
+
+
+def whole_prompt_caches(m, ref, ids, pixels, image_start: int, n_image: int):
+    """The prompt's embeds (by `m`) and two eager caches of it: `m`'s whole-prompt prefill through its in-LLM
+    stages, and the reference model's plain one. Returns (embeds, past, full)."""
+    import torch
+
+    from vlmc.models_zoo.core import PromptRows
+
+    with torch.no_grad():
+        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        t = embeds.shape[1]
+        _, past = m.decode(embeds, torch.arange(t)[None], None,
+                           PromptRows(torch.tensor([image_start]), n_image, torch.tensor([t - 1])))
+        _, full = ref.decode(embeds, torch.arange(t)[None], None)
+    return embeds, past, full

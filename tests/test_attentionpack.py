@@ -9,10 +9,9 @@ import torch
 
 from tests.helpers import (
     SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
-    assert_verified_with_the_same_tokens)
+    assert_verified_with_the_same_tokens, whole_prompt_caches)
 from vlmc import api, passes
 from vlmc.models_zoo import load
-from vlmc.models_zoo.core import PromptRows
 from vlmc.models_zoo.layers import packed_sdpa
 from vlmc.models_zoo.programs import plain_sdpa
 from vlmc.passes.kv import PackedKVStage
@@ -94,10 +93,8 @@ def test_the_prompt_is_computed_in_full_and_decoding_reads_the_image_at_its_rank
     assert records[0]["in_llm"] and m.cache_shifts() == [16, 16] and list(m.packed_layers()) == [0, 1]
     with torch.no_grad():
         torch.testing.assert_close(m(ids, pixels), ref(ids, pixels), atol=1e-6, rtol=1e-6)  # nothing packed yet
-        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
+        embeds, past, full = whole_prompt_caches(m, ref, ids, pixels, 2, 16)
         t = embeds.shape[1]
-        _, past = m.decode(embeds, torch.arange(t)[None], None, PromptRows(torch.tensor([2]), 16, torch.tensor([t - 1])))
-        _, full = ref.decode(embeds, torch.arange(t)[None], None)
         # the reference: the float cache with each image row replaced by its reconstruction at its group's rank
         rebuilt = []
         for layer, stage in m.packed_layers().items():

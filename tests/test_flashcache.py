@@ -7,10 +7,9 @@ import torch
 
 from tests.helpers import (
     SPACED_TEMPLATE, assert_export_refused, assert_programs_continue_the_prefill,
-    assert_verified_with_the_same_tokens, three_target_bundle, tiny_pass_model)
+    assert_verified_with_the_same_tokens, three_target_bundle, tiny_pass_model, whole_prompt_caches)
 from vlmc import api
 from vlmc.models_zoo import load
-from vlmc.models_zoo.core import PromptRows
 from vlmc.passes.kv import OutlierKVStage, allocate
 from vlmc.passes.token import functional as T
 
@@ -58,10 +57,8 @@ def test_the_prompt_is_computed_in_full_and_each_cache_keeps_its_outliers(flash_
     assert m.cache_shifts() == [10, 10] and m.cache_evictions() == [10, 10]
     with torch.no_grad():
         torch.testing.assert_close(m(ids, pixels), ref(ids, pixels), atol=1e-6, rtol=1e-6)  # nothing evicted yet
-        embeds = m.merge_embeddings(ids, m.encode_image(pixels))
-        t = embeds.shape[1]
-        _, past = m.decode(embeds, torch.arange(t)[None], None, PromptRows(torch.tensor([2]), 16, torch.tensor([t - 1])))
-        _, full = ref.decode(embeds, torch.arange(t)[None], None)
+    embeds, past, full = whole_prompt_caches(m, ref, ids, pixels, 2, 16)
+    t = embeds.shape[1]
     stages = m.decoder_stages()
     for layer in (0, 1):
         kept = stages[layer][0].select(type("View", (), {"k": full[layer][0], "image_rows": torch.arange(2, 18)})())

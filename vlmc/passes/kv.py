@@ -62,6 +62,12 @@ class FlashCacheConfig(PassConfig):
                                                            "(`allocate` fills them in; they must sum to keep x layers)")
 
 
+def layers_from(at: str, model) -> list[int]:
+    """decoder.layer[L] -> the layers L..last, each of whose caches a KV pass compresses."""
+    first = int(at.split("[")[1].rstrip("]"))
+    return list(range(first, model.config.text.num_layers))
+
+
 class OutlierKVStage(nn.Module):
     """A layer's cache keeps the image rows whose keys (heads concatenated) deviate most from the low-pass
     reconstruction of the image's keys along the token sequence."""
@@ -140,8 +146,7 @@ class FlashCache(TokenPass):
     reads_text = False
 
     def layers(self, model) -> list[int]:
-        first = int(self.config.at.split("[")[1].rstrip("]"))
-        return list(range(first, model.config.text.num_layers))
+        return layers_from(self.config.at, model)
 
     def check(self, tokens_in, grid, model):
         c, layers = self.config, self.layers(model)
@@ -254,8 +259,7 @@ class AttentionPack(TokenPass):
     reads_text = True
 
     def layers(self, model) -> list[int]:
-        first = int(self.config.at.split("[")[1].rstrip("]"))
-        return list(range(first, model.config.text.num_layers))
+        return layers_from(self.config.at, model)
 
     def check(self, tokens_in, grid, model):
         c, t = self.config, model.config.text
