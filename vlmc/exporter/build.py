@@ -213,7 +213,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             t0 = time.time()
             targets[target] = LOWERINGS[target](ctx)
             targets[target]["export_seconds"] = round(time.time() - t0, 2)
-            if target != "executorch" and ctx.model.lm_head.weight is ctx.model.embed_tokens.weight:
+            if target != "executorch" and ctx.model.tied_head:
                 targets[target]["tied_embedding"] = ("stored twice: token_embedding and text_decoder are separate "
                                                      "models here, each holding the table")
             release_memory()  # exported / lowered graphs hold reference cycles: free them before the next target

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Optional
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch.export import Dim, export
@@ -121,7 +121,7 @@ def leave_out_of_delegates(partitioner, names: list[str]):
 
 def shared_head(m, ctx: ExportContext) -> Optional[str]:
     """Why the LM head's weight does not share the token_embedding's table in the .pte, or None when it does."""
-    if m.lm_head.weight is not m.embed_tokens.weight:
+    if not m.tied_head:
         return "untied: the LM head has its own weight"
     if ctx.recipe.executorch.tied_embedding == "twice":
         return "recipe executorch.tied_embedding: twice (the LM head keeps a static XNNPACK copy: faster)"
@@ -231,7 +231,7 @@ def lower(ctx: ExportContext) -> dict:
         programs[name]["delegate_calls"] = n
         if name in quantized:
             programs[name]["quantization"] = quantized[name]
-    tied = {} if m.lm_head.weight is not m.embed_tokens.weight else {"tied_embedding": (
+    tied = {} if not m.tied_head else {"tied_embedding": (
         "stored once: the text_decoder's LM head reads the token_embedding's table (an input to its XNNPACK "
         "linear)" if not_shared is None and partitioner else f"stored twice: {not_shared or 'no XNNPACK partitioning'}")}
     return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,

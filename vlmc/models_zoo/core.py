@@ -223,6 +223,11 @@ class VisionLanguageModel(nn.Module):
         that see each other."""
         return k_slots[None, :] <= q_slots[:, None]
 
+    @property
+    def tied_head(self) -> bool:
+        """The LM head is the token embedding table (one tensor)."""
+        return self.lm_head.weight is self.embed_tokens.weight
+
     def add_head(self) -> None:
         """The LM head (`lm_head`), sharing the embedding table where the config ties them."""
         t = self.config.text

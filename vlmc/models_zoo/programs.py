@@ -214,14 +214,11 @@ class ExecuTorchDecoder(nn.Module):
                 self.register_buffer(f"k_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
                 self.register_buffer(f"v_scale_{i}", torch.zeros(1, slots, heads, 1), persistent=False)
         self.packed_layers = model.packed_layers()
-        for i, stage in self.packed_layers.items():
-            heavy, rank, light, lite = stage.packed_shape
-            for name, shape in zip(self.pack_names(i), [(1, heavy, rank)] * 2 + [(1, light, lite)] * 2):
-                self.register_buffer(name, torch.zeros(shape), persistent=False)
-
-    @staticmethod
-    def pack_names(i: int) -> list[str]:
-        return [f"{kv}_{part}_{i}" for part in ("rows", "lite") for kv in "kv"]
+        shape = DecoderShape.of_model(model, max_context, max_context)
+        self.pack_names = {i: [name for name, _, _ in shape.packed_layout(i)] for i in self.packed_layers}
+        for i in self.packed_layers:
+            for name, dims, _ in shape.packed_layout(i):
+                self.register_buffer(name, torch.zeros(dims), persistent=False)
 
     def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new rows k, v [1,T,Hkv,d] into layer i's caches at `slot`; return the caches attention
@@ -252,7 +249,7 @@ class ExecuTorchDecoder(nn.Module):
                 stage = self.packed_layers[i]
                 mask = self.model.attention_mask(i, slot + torch.arange(q.shape[2]), torch.arange(end))
                 return packed_sdpa(q, k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2), mask,
-                                   [getattr(self, name) for name in self.pack_names(i)], stage.basis_k, stage.basis_v)
+                                   [getattr(self, name) for name in self.pack_names[i]], stage.basis_k, stage.basis_v)
             if self.model.causal_attention:
                 out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, slot, None, 0, True)
                 return out.flatten(2)
@@ -265,7 +262,7 @@ class ExecuTorchDecoder(nn.Module):
             for a packing stage): attention over the call's own rows, the kept ones written from slot 0."""
             self._store(i, k.index_select(2, idx).transpose(1, 2), v.index_select(2, idx).transpose(1, 2), 0)
             if packed is not None:
-                for name, coefficients in zip(self.pack_names(i), packed):
+                for name, coefficients in zip(self.pack_names[i], packed):
                     getattr(self, name).copy_(coefficients)
             if self.model.kv_cache == "int8":
                 k, v = dequantized(k), dequantized(v)

@@ -66,7 +66,6 @@ class DecoderShape:
         k_cache and v_cache, with an int8 cache k_scale and v_scale, with packed image rows (attentionpack)
         k_rows, v_rows (the heavy rows' coefficients on the layer's bases) and k_lite, v_lite (the others')."""
         out = []
-        packed = {p[0]: p[1:] for p in self.packed}
         for i in range(self.num_layers):
             shape = (1, *self.cache_dims(i))
             if self.kv_cache == "int8":
@@ -74,11 +73,17 @@ class DecoderShape:
                         (f"k_scale_{i}", (*shape[:3], 1), np.float32), (f"v_scale_{i}", (*shape[:3], 1), np.float32)]
             else:
                 out += [(f"k_cache_{i}", shape, np.float32), (f"v_cache_{i}", shape, np.float32)]
-            if i in packed:
-                heavy, rank, light, light_rank = packed[i]
-                out += [(f"{kv}_{part}_{i}", (1, rows, r), np.float32)
-                        for part, rows, r in (("rows", heavy, rank), ("lite", light, light_rank)) for kv in "kv"]
+            out += self.packed_layout(i)
         return out
+
+    def packed_layout(self, layer: int) -> list[tuple[str, tuple, type]]:
+        """(name, shape, dtype) of a packed layer's coefficient blocks (k_rows, v_rows, k_lite, v_lite); none
+        for a layer that is not packed."""
+        for i, heavy, rank, light, light_rank in self.packed:
+            if i == layer:
+                return [(f"{kv}_{part}_{i}", (1, rows, r), np.float32)
+                        for part, rows, r in (("rows", heavy, rank), ("lite", light, light_rank)) for kv in "kv"]
+        return []
 
     def cache_names(self) -> list[str]:
         return [name for name, _, _ in self.cache_layout()]

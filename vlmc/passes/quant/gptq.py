@@ -96,7 +96,7 @@ def apply(model, schemes: dict, stats: dict[str, LayerInputs], grid: Grid) -> nn
     from vlmc.passes.quant import linear_layers
 
     model = copy.deepcopy(model)
-    if model.lm_head.weight is model.embed_tokens.weight:  # a tied head: the embedding table stays float
+    if model.tied_head:  # a tied head: the embedding table stays float
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     for part, scheme in schemes.items():
         share = scheme.param("text_share")
