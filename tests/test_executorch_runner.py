@@ -52,3 +52,22 @@ def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_
     assert pte.count(load(str(ckpt)).model.embed_tokens.weight.detach().numpy().astype(np.float32).tobytes()) == copies
     assert b.manifest["targets"]["executorch"].get("tied_embedding", "").split(":")[0] == note
     assert_verified_with_the_same_tokens(b, sample_image, ("eager", "executorch"))
+
+
+def test_onnx_stores_a_tied_table_once(tmp_path, sample_image):
+    """The ONNX programs' weights share one file: the LM head reads token_embedding's table through a Transpose
+    (the exporter had folded the head's transpose into a second copy)."""
+    from tests.helpers import SPACED_TEMPLATE, assert_verified_with_the_same_tokens, make_hf_llava
+    from vlmc.models_zoo import load
+
+    ckpt = tmp_path / "ckpt"
+    make_hf_llava(ckpt, tie=True)
+    b = api.compile({"model": str(ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": SPACED_TEMPLATE},
+                    tmp_path / "b")
+    table = load(str(ckpt)).model.embed_tokens.weight.detach().numpy().astype(np.float32)
+    stored = b"".join(p.read_bytes() for p in sorted(b.path.iterdir()) if p.suffix in (".onnx", ".data"))
+    assert stored.count(table.tobytes()) == 1 and stored.count(np.ascontiguousarray(table.T).tobytes()) == 0
+    entry = b.manifest["targets"]["onnx"]
+    assert entry["tied_embedding"].startswith("stored once")
+    assert entry["programs"]["token_embedding"]["shared_bytes"] == table.nbytes == entry["weights"]["saved_bytes"]
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime"))

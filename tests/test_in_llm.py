@@ -173,6 +173,16 @@ def test_a_pre_llm_pass_chains_with_an_in_llm_one(tiny_ckpt, tmp_path, sample_im
     assert [(p["name"], p["tokens_in"], p["tokens_out"]) for p in b.manifest["passes"]] == [("divprune", 16, 10), ("fastv", 10, 5)]
     assert b.manifest["decoder"]["cache_shifts"] == [0, 5]
     assert all(r["passed"] for r in b.manifest["verification"]["results"])
+    # text_prefill and text_decoder are separate ONNX models reading every decoder weight from one file
+    programs = b.manifest["targets"]["onnx"]["programs"]
+    decoder = programs["text_decoder"]
+    assert decoder["files"] == ["text_decoder.onnx", "onnx_weights.data"]
+    assert programs["text_prefill"]["files"] == ["text_prefill.onnx", "onnx_weights.data"]
+    assert decoder["shared_bytes"] == decoder["weight_bytes"] > 0
+    weights = b.manifest["targets"]["onnx"]["weights"]
+    assert weights["saved_bytes"] >= decoder["weight_bytes"]
+    assert (b.path / "onnx_weights.data").stat().st_size >= weights["tensor_bytes"]
+    assert weights["tensor_bytes"] == sum(p["weight_bytes"] for p in programs.values()) - weights["saved_bytes"]
     tokens = {rt: api.run(b.path, rt, sample_image, "what color is the circle ?", max_new_tokens=4)["tokens"]
               for rt in ("eager", "onnxruntime")}
     assert tokens["eager"] == tokens["onnxruntime"]

@@ -55,11 +55,37 @@ def test_tvm_refuses_quantization_before_export_work(tiny_ckpt, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_tvm_refuses_in_llm_token_passes_before_export_work(tiny_ckpt, tmp_path):
-    with pytest.raises(VlmcError, match="target tvm: the full-prompt prefill of in-LLM token passes \\(fastv\\) does not build"):
-        api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "passes": [{"name": "fastv", "keep": 8, "at": "decoder.layer[0]"}]},
+def test_in_llm_token_passes_build_with_tvm_and_give_eagers_tokens(tiny_ckpt, tmp_path, sample_image):
+    """FastV's full-prompt prefill is built at max_prompt rows (the runner right-pads the prompt; with a dynamic
+    length the rows after the drop are a symbolic expression TVM's scheduler cannot split)."""
+    from tests.helpers import assert_verified_with_the_same_tokens
+
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "tvm": {"architectures": ["host"]}, "passes": [{"name": "fastv", "keep": 5, "at": "decoder.layer[0]"}]},
                     tmp_path / "f")
-    assert not list(tmp_path.iterdir())
+    prefill = b.manifest["targets"]["tvm"]["programs"]["text_prefill"]
+    assert prefill["inputs"][0]["shape"] == [1, b.manifest["decoder"]["max_prompt"], b.manifest["decoder"]["embed_width"]]
+    assert ("tvm", "text_prefill") in {(r["target"], r["program"]) for r in b.manifest["verification"]["results"]}
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "tvm"))
+
+
+@pytest.mark.slow  # a TVM build per method (-m slow)
+@pytest.mark.parametrize("spec", [
+    {"name": "v2drop", "at": "decoder.layer[0]", "keep": 5},
+    {"name": "duet", "at": "decoder.layer[0]", "dominant": 7, "contextual": 3, "keep": 5},
+    {"name": "horizon", "at": "decoder.layer[0]", "keep": 5},
+    {"name": "flashcache", "keep": 6},
+    {"name": "attentionpack", "keep": 4, "rank": 8, "light_rank": 2},
+], ids=lambda s: s["name"])
+def test_every_kind_of_in_llm_stage_builds_with_tvm(tiny_ckpt, calibration_jsonl, tmp_path, sample_image, spec):
+    """Row drops, a vision-stage + LLM-stage pair, an evicting and a packing KV stage: each verifies on TVM
+    and generates eager's tokens."""
+    from tests.helpers import assert_verified_with_the_same_tokens
+
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "tvm": {"architectures": ["host"]}, "calibration": {"dataset": str(calibration_jsonl), "n": 8},
+                     "passes": [spec]}, tmp_path / spec["name"])
+    assert_verified_with_the_same_tokens(b, sample_image, ("eager", "tvm"))
 
 
 def test_tvm_tuning_records_must_exist(tiny_ckpt, tmp_path):

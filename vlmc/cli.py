@@ -116,8 +116,10 @@ def _print_summary(m: dict, path, method_sizes: Optional[dict] = None) -> None:
     for target, entry in m["targets"].items():
         for program, p in entry["programs"].items():
             shapes = lambda io: ", ".join(f"{i['name']}{i['shape']}:{i['dtype']}" for i in io)  # noqa: E731
-            size = _mb(files[p["file"]]["bytes"])
             own = (method_sizes or {}).get(p.get("method")) if target == "executorch" else None
+            if own is None and "weight_bytes" in p:  # an ONNX graph and the weights it reads from the shared file
+                own = {"bytes": files[p["file"]]["bytes"] + p["weight_bytes"], "shared_bytes": p["shared_bytes"]}
+            size = _mb(files[p["file"]]["bytes"])
             if own is not None:
                 size = _mb(own["bytes"]) + (f" ({_mb(own['shared_bytes'])} shared)" if own["shared_bytes"] > 2**20 else "")
             rows.append([target, program, p.get("method", p["file"]), shapes(p["inputs"][:4]) + (" ..." if len(p["inputs"]) > 4 else ""),

@@ -71,11 +71,6 @@ def _check_targets(prepared: Prepared) -> None:
     if "executorch" in recipe.targets:
         for scheme in prepared.quant.schemes.values():
             executorch_quant.check(scheme, recipe.executorch.backend)
-    in_llm = [p["name"] for p in prepared.passes if p["in_llm"]]
-    if "tvm" in recipe.targets and in_llm:
-        raise VlmcError(f"target tvm: the full-prompt prefill of in-LLM token passes ({', '.join(in_llm)}) does not build "
-                        "with TVM (its rows after a drop are a symbolic expression TVM's scheduler cannot split); export "
-                        "them to onnx, executorch and coreml")
     if "tvm" in recipe.targets and prepared.quant:
         raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
                         "is exported to onnx, executorch and coreml")
@@ -193,6 +188,14 @@ def _kv_cache_fields(ctx: ExportContext) -> dict:
     return fields
 
 
+def _tied_embedding_note(entry: dict) -> str:
+    """What a target stored of a tied embedding table (ExecuTorch says it itself)."""
+    if entry.get("weights", {}).get("file") and entry["programs"]["token_embedding"].get("shared_bytes"):
+        return (f"stored once: token_embedding's table in {entry['weights']['file']}; the LM head reads it through a "
+                "Transpose onnxruntime folds when it loads the graph (on disk once, in memory twice)")
+    return "stored twice: token_embedding and text_decoder are separate models here, each holding the table"
+
+
 def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
     progress = progress or (lambda msg: None)
@@ -214,8 +217,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             targets[target] = LOWERINGS[target](ctx)
             targets[target]["export_seconds"] = round(time.time() - t0, 2)
             if target != "executorch" and ctx.model.tied_head:
-                targets[target]["tied_embedding"] = ("stored twice: token_embedding and text_decoder are separate "
-                                                     "models here, each holding the table")
+                targets[target]["tied_embedding"] = _tied_embedding_note(targets[target])
             release_memory()  # exported / lowered graphs hold reference cycles: free them before the next target
         for target, entry in targets.items():
             steps[f"lower_{target}"] = entry["export_seconds"]

@@ -135,7 +135,7 @@ class ExportContext:
         return self._calibration
 
     def explicit_cache_programs(self, target: str, image_layout: str) -> list["ProgramJob"]:
-        """The three programs of targets that take the KV cache explicitly (ONNX, Core ML).
+        """The three programs of targets that take the KV cache explicitly (ONNX, Core ML, TVM).
 
         The text length is bounded-dynamic (1..max_prompt): one decoder graph for prefill and decode,
         unless in-LLM token stages need a full-prompt prefill (`text_prefill`) that the decode step must not run.
@@ -153,11 +153,13 @@ class ExportContext:
         vision = VisionEncoderProgram(m, image_layout)
         prefill = []
         if m.decoder_stages():
-            prompt_len = Dim("prompt_len", min=self.shortest_full_prompt, max=r.max_prompt)
+            # TVM builds it at max_prompt rows (right-padded, logits_index picks the last real one): with a
+            # dynamic length the rows left after a drop are a symbolic expression its scheduler cannot split
+            prompt_len = None if target == "tvm" else {1: Dim("prompt_len", min=self.shortest_full_prompt, max=r.max_prompt)}
             prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context),
                                   (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1]),
                                    torch.tensor([r.max_prompt - 1])),
-                                  ({1: prompt_len}, None, None), ["inputs_embeds", "image_start", "logits_index"], out_names)]
+                                  (prompt_len, None, None), ["inputs_embeds", "image_start", "logits_index"], out_names)]
         return prefill + [
             ProgramJob("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
             ProgramJob("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),

@@ -2,7 +2,9 @@
 
 The text decoder takes its KV cache as explicit inputs/outputs and a bounded-dynamic length
 (1..max_prompt), so one graph serves both the prefill (at the prompt's length) and the decode step
-without a second copy of the weights.
+without a second copy of the weights. The programs' weights live in one external data file, each distinct
+tensor once: a bundle whose prefill is its own program (in-LLM token stages) and a tied embedding table
+(token_embedding's gather, the LM head) would otherwise ship the same tensors in two models.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps one file at 2 GB
+WEIGHTS_FILE = "onnx_weights.data"
+INLINE_BYTES = 1024  # smaller tensors (shapes, scalars, scales) stay in the graph
 
 
 def read_io(path: Path) -> dict:
@@ -92,6 +97,73 @@ def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
     return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds, ctx.promoted(job.name))}
 
 
+def _aligned(f, size: int) -> int:
+    """Pad the file so the next tensor starts where onnxruntime can map it (64 KiB for large tensors)."""
+    align = 65536 if size >= 1 << 20 else 64
+    f.write(b"\0" * (-f.tell() % align))
+    return f.tell()
+
+
+def share_weights(out_dir: Path, programs: dict) -> dict:
+    """Move every program's initializers of INLINE_BYTES or more into WEIGHTS_FILE, each distinct tensor (by
+    dtype and bytes) written once. A matrix stored transposed elsewhere (the exporter folds a tied LM head's
+    transpose into its weight) is read through a Transpose node, which onnxruntime folds when it loads the
+    graph. Each program entry gets its `files`, the bytes it references (`weight_bytes`) and how many of
+    those another program references too (`shared_bytes`). One program at a time is in memory."""
+    import hashlib
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    offsets: dict[tuple, tuple[int, int]] = {}
+    users: dict[tuple, set] = {}
+
+    def key_of(array):
+        raw = array.tobytes()
+        return (str(array.dtype), len(raw), hashlib.sha256(raw).digest()), raw
+
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        for name, entry in programs.items():
+            model = onnx.load(str(out_dir / entry["file"]))  # with its own external data, if it had any
+            transposes = []
+            for tensor in model.graph.initializer:
+                array = numpy_helper.to_array(tensor)
+                if array.nbytes < INLINE_BYTES:
+                    continue
+                key, raw = key_of(array)
+                if key not in offsets and array.ndim == 2:
+                    flipped, flipped_raw = key_of(np.ascontiguousarray(array.T))
+                    if flipped in offsets:
+                        transposes.append(helper.make_node("Transpose", [tensor.name + ".T"], [tensor.name], perm=[1, 0]))
+                        key, raw, array = flipped, flipped_raw, array.T
+                        tensor.name = tensor.name + ".T"
+                if key not in offsets:
+                    offsets[key] = (_aligned(f, len(raw)), len(raw))
+                    f.write(raw)
+                users.setdefault(key, set()).add(name)
+                tensor_name, data_type = tensor.name, tensor.data_type
+                tensor.Clear()
+                tensor.name, tensor.data_type, tensor.data_location = tensor_name, data_type, onnx.TensorProto.EXTERNAL
+                tensor.dims.extend(array.shape)
+                for field, value in zip(("location", "offset", "length"), (WEIGHTS_FILE, *offsets[key])):
+                    tensor.external_data.add(key=field, value=str(value))
+            for node in reversed(transposes):
+                model.graph.node.insert(0, node)
+            for old in entry["files"][1:]:
+                (out_dir / old).unlink()
+            onnx.save(model, str(out_dir / entry["file"]))
+            del model
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    for name, entry in programs.items():
+        mine = [k for k, u in users.items() if name in u]
+        entry.update(files=[entry["file"], WEIGHTS_FILE], weight_bytes=sum(offsets[k][1] for k in mine),
+                     shared_bytes=sum(offsets[k][1] for k in mine if len(users[k]) > 1))
+    referenced = sum(offsets[k][1] * len(u) for k, u in users.items())
+    stored = sum(length for _, length in offsets.values())
+    return {"file": WEIGHTS_FILE, "tensor_bytes": stored, "saved_bytes": referenced - stored}
+
+
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
@@ -107,6 +179,7 @@ def lower(ctx: ExportContext) -> dict:
         programs[name] = {"file": path.name, "files": files, **read_io(path)}
         if quantized:
             programs[name]["quantization"] = quantized
-    return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset,
+    weights = share_weights(ctx.out_dir, programs)
+    return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset, "weights": weights,
             "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
             "prefill": f"at the prompt's length (1..max_prompt={r.max_prompt}); logits_index picks the last token"}

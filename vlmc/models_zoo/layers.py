@@ -169,7 +169,7 @@ def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     bk, bv = repeat_kv(basis_k, n_rep), repeat_kv(basis_v, n_rep)  # [1,H,r,d]
     qb = q @ bk.transpose(-1, -2)  # [1,H,T,r]
     full = (q @ repeat_kv(k, n_rep).transpose(-1, -2)) * scale
-    full = torch.where(mask[None, None], full, torch.full_like(full, float("-inf")))
+    full = full.masked_fill(~mask[None, None], float("-inf"))  # (TVM cannot legalize full_like at a symbolic length)
     heavy = (qb @ k_rows[:, None].transpose(-1, -2)) * scale  # [1,H,T,M]
     light = (qb[..., :lite] @ k_lite[:, None].transpose(-1, -2)) * scale  # [1,H,T,L]
     p_full, p_heavy, p_light = torch.softmax(torch.cat([full, heavy, light], -1), -1).split(

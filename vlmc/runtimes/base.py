@@ -143,11 +143,12 @@ class StaticCacheSession(Session):
 
     With `pad_prefill` (Core ML: accelerators want one static shape) the prompt is right-padded to
     max_prompt and `logits_index` picks the last real token; padded slots are overwritten by decode steps
-    before any query can see them. Otherwise the prefill runs at the prompt's own length (the graph's
+    before any query can see them (`pad_full_prompt_prefill`: only the in-LLM stages' text_prefill). Otherwise the prefill runs at the prompt's own length (the graph's
     length is bounded-dynamic), which is what a pruned prompt saves.
     """
 
     pad_prefill = False
+    pad_full_prompt_prefill = False  # TVM: text_prefill is built at max_prompt rows, the decoder stays dynamic
 
     def __init__(self, shape: DecoderShape):
         super().__init__(shape)
@@ -162,7 +163,7 @@ class StaticCacheSession(Session):
     def prefill(self, embeds: np.ndarray, image_start: Optional[int] = None) -> np.ndarray:
         t = embeds.shape[1]
         self.check_prompt_length(t)
-        if self.pad_prefill:
+        if self.pad_prefill or (self.pad_full_prompt_prefill and self.shape.full_prompt_prefill):
             padded = np.zeros((1, self.shape.max_prompt, embeds.shape[2]), np.float32)
             padded[:, :t] = embeds
             embeds = padded

@@ -33,6 +33,7 @@ def pick_library(entry: dict, arch: str) -> str:
 
 class TvmSession(StaticCacheSession):
     runtime = "tvm"
+    pad_full_prompt_prefill = True  # its rows after an in-LLM drop must be a number for TVM's scheduler
 
     def __init__(self, files: dict[str, Path], shape: DecoderShape, remote=None, profile_ops: bool = False):
         """`files`: program -> library path; `remote`: a TVM RPC session to upload them to and run them on."""
