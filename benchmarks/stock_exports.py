@@ -47,10 +47,22 @@ HERE = Path(__file__).resolve()
 MAX_CONTEXT = 768  # the stock example's max_seq_len / max_context_len
 QUESTION = "what color is the circle ?"
 
-# vlmc recipes: uncompressed, the stock example's quantization, and a compressed point (DivPrune keeps 100.5%
-# of the built-in model's accuracy at 98 of 196 tokens: docs/sweep_shipped_checkpoint).
-STOCK_QUANT = [{"name": "w8a8", "at": "vision"}, {"name": "w4", "group_size": 128, "at": "decoder"}]
-VLMC_CONFIGS = {"fp32": [], "quantized": STOCK_QUANT, "divprune98+quantized": [{"name": "divprune", "keep": 98}, *STOCK_QUANT]}
+
+def group_size(checkpoint_dir: Path) -> int:
+    """The stock example's 8da4w group (128), or the largest power of two dividing the decoder's widths when
+    128 does not (torchao leaves a linear whose input width the group does not divide in float; vlmc refuses
+    it): SmolLM-135M's 576 takes 64. Both exports use the same group."""
+    text = json.loads((checkpoint_dir / "config.json").read_text())["text_config"]
+    widths = (text["hidden_size"], text["intermediate_size"])
+    return next(g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths))
+
+
+def vlmc_configs(checkpoint_dir: Path) -> dict:
+    """vlmc recipes: uncompressed, the stock example's quantization (int8 vision encoder, 8da4w decoder), and a
+    compressed point (DivPrune keeps 100.5% of the built-in model's accuracy at 98 of 196 tokens:
+    docs/sweep_shipped_checkpoint)."""
+    quant = [{"name": "w8a8", "at": "vision"}, {"name": "w4", "group_size": group_size(checkpoint_dir), "at": "decoder"}]
+    return {"fp32": [], "quantized": quant, "divprune98+quantized": [{"name": "divprune", "keep": 98}, *quant]}
 
 
 def peak_rss_mb() -> float:
@@ -158,7 +170,11 @@ def stock_executorch(checkpoint_dir: str, out: str, quantized: bool) -> dict:
         return lower(*args, constant_methods=constant_methods, **kw)
 
     stock_export.to_edge_transform_and_lower = with_runner_metadata
-    if not quantized:
+    if quantized:
+        weight_transform = stock_export.get_quant_weight_transform
+        group = group_size(Path(checkpoint_dir))
+        stock_export.get_quant_weight_transform = lambda **kw: weight_transform(**{**kw, "group_size": group})
+    else:
         LLMEdgeManager.pt2e_quantize = lambda self, quantizers: self
         stock_export.get_quant_weight_transform = lambda **kw: (lambda module: module)
 
@@ -502,7 +518,7 @@ def artifact_bytes(a: dict) -> int:
 def artifacts_for(model: str, ckpt: Path, work: Path, progress) -> tuple[dict, dict, str]:
     """Export everything once per model (a finished artifact is reused): {name: artifact} per runtime."""
     pte, onnx = {}, {}
-    for config, passes in VLMC_CONFIGS.items():
+    for config, passes in vlmc_configs(ckpt).items():
         pte[f"vlmc {config}"] = {"kind": "vlmc", "runtime": "executorch", "path": str(work / model / f"vlmc-et-{config}"),
                                  "job": ("vlmc_export", {"target": "executorch", "passes": passes})}
     for config in ("fp32", "quantized"):

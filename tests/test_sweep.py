@@ -200,3 +200,20 @@ def test_profile_measures_the_prefill_curve(tiny_bundle):
     assert [r["tokens"] - r["image_tokens"] for r in rows] == [rows[0]["tokens"] - 4] * 3 and all(r["min_ms"] > 0 for r in rows)
     with pytest.raises(VlmcError, match="must be 1..16"):
         api.profile(tiny_bundle.path, "onnxruntime", warmup=0, iterations=1, new_tokens=1, curve=[17])
+
+
+def test_interleaved_timing_replaces_each_points_latency(grid, tmp_path):
+    """`interleave`: every point's bundle is kept and timed again, point after point in each round, so drift
+    hits all alike; the local measurements' latencies come from those rounds, the cached rows keep the
+    per-point profile (a rerun times again), accuracy and sizes stay each point's own."""
+    out = tmp_path / "s"
+    result = sweep.run(grid.model_copy(update={"interleave": 3}), out)
+    for p in result["points"]:
+        assert (out / "bundles" / p["id"] / "manifest.json").is_file()
+        (m,) = p["measurements"]
+        assert m["timing"] == "interleaved, 3 rounds"
+        assert m["ttft_ms"] == pytest.approx(m["vision_encode_ms"] + m["prefill_ms"], abs=1e-3)
+        assert m["decode_tokens_per_s"] == pytest.approx(1000.0 / m["decode_ms_per_token"], rel=1e-3)
+        cached = json.loads((out / "points" / f"{p['id']}.json").read_text())["measurements"][0]
+        assert "timing" not in cached and cached["accuracy"] == m["accuracy"] and cached["size_bytes"] == m["size_bytes"]
+    assert not list((out / "bundles").glob("*.tmp"))

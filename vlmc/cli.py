@@ -468,6 +468,8 @@ class _Bar:
 @click.option("--dataset", default=None, help="shapes-vqa (default) or a questions.jsonl")
 @click.option("--n", "count", default=None, type=int, help="questions per point (default 500)")
 @click.option("--iterations", default=None, type=int, help="timed runs per program (default 10)")
+@click.option("--interleave", default=None, type=int, help="then time every point again, point after point, this many "
+              "rounds per runtime (the medians replace the per-point profile's): drift hits every point alike")
 @click.option("--executor", default=None, type=click.Choice(["local", "ray"]), help="ray: points as Ray tasks (RAY_ADDRESS for a cluster)")
 @click.option("--search", default=None, type=click.Choice(["optuna"]), help="TPE search over the axes instead of the full grid")
 @click.option("--trials", default=None, type=int, help="--search: points to measure (default 20)")
@@ -478,7 +480,7 @@ class _Bar:
 @click.option("--force", is_flag=True, help="replace results in --out that no grid wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the results (and the budget's choice) as JSON")
 def sweep(grid_file, model, resolution, tile_grid, tiles, tokens, methods, keep, quant, runtimes, devices, dataset, count, iterations,
-          executor, search, trials, retention_floor, budget, out, force, as_json):
+          interleave, executor, search, trials, retention_floor, budget, out, force, as_json):
     """Resolutions x tiles x token methods x quantization, on each runtime and device: accuracy, retention, TTFT
     (vision encode + prefill), decode speed, size and peak memory against the uncompressed model.
     Resumable: every point is cached in --out by its recipe."""
@@ -493,7 +495,7 @@ def sweep(grid_file, model, resolution, tile_grid, tiles, tokens, methods, keep,
                  "tokens": token_list,
                  "quant": [None if q.lower() in ("none", "fp32") else q for q in quant] or None,
                  "runtimes": _list(runtimes), "devices": _list(devices), "dataset": dataset, "n": count,
-                 "iterations": iterations, "executor": executor}
+                 "iterations": iterations, "interleave": interleave, "executor": executor}
     if search:
         overrides["search"] = {k: v for k, v in {"trials": trials, "retention_floor": retention_floor}.items() if v is not None}
     elif trials is not None or retention_floor is not None:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class Grid(BaseModel):
     latency_curve: Optional[str] = Field(None, description="image token counts (8..196/8 or 22,49,98) whose prefill "
                                          "latency is measured on the uncompressed point, per runtime x device")
     snap: bool = Field(False, description="move each METHOD@K to the largest K in its latency step (needs latency_curve)")
+    interleave: int = Field(0, ge=0, le=1000, description="rounds of interleaved timing once every point is measured: each "
+                            "round runs every point's vision encode, prefill and one decode step, point after point, per "
+                            "runtime on the local device, so a shared machine's drift hits all points alike; the medians "
+                            "replace the per-point profile's (bundles kept in out/bundles)")
     executor: str = Field("local", description="local (in this process) or ray")
     search: Optional[SearchConfig] = None
 
@@ -288,9 +293,10 @@ def _bundle_bytes(manifest: dict, target: str) -> int:
     return sum(manifest["files"][f]["bytes"] for f in files)
 
 
-def measure_point(grid_data: dict, recipe: dict) -> dict:
+def measure_point(grid_data: dict, recipe: dict, keep: Optional[str] = None) -> dict:
     """Export one recipe into a temporary folder, evaluate and profile it; a refused recipe is a row with
-    its error. A plain function of plain data, so a Ray worker runs it as it is."""
+    its error. A plain function of plain data, so a Ray worker runs it as it is. `keep`: where to leave the
+    bundle for the interleaved timing."""
     from vlmc import api
 
     from vlmc.passes.registry import REGISTRY
@@ -334,7 +340,69 @@ def measure_point(grid_data: dict, recipe: dict) -> dict:
                     "peak_rss_mb": (prof.get("memory") or {}).get("peak_rss_mb"),
                     "prefill_tokens": tokens, "flops_prefill": prefill_flops(m, tokens),
                     **({"prefill_steps": latency_steps(prof["prefill_curve"])} if curve else {})})
+        if keep:
+            staged = Path(f"{keep}.tmp")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(bundle.path, staged)
+            shutil.rmtree(keep, ignore_errors=True)
+            staged.rename(keep)
     return out
+
+
+def interleaved_timings(bundles: dict[str, str], runtime: str, rounds: int) -> dict[str, dict]:
+    """Each bundle's vision encode, prefill and one decode step (ms, medians): one warm-up round, then
+    `rounds` rounds that each run every bundle once in turn. Runs in a spawned process per runtime."""
+    import numpy as np
+
+    from vlmc import api
+    from vlmc.bundle import Bundle
+    from vlmc.runtimes.generate import encode_image, prompt_embeds
+    from vlmc.runtimes.profile import sample_inputs
+
+    opened = {}
+    for key, path in bundles.items():
+        b = Bundle(path)
+        opened[key] = (api.session(b, runtime), *sample_inputs(b))
+    times = {key: {"vision": [], "prefill": [], "decode": []} for key in bundles}
+    for r in range(rounds + 1):
+        for key, (session, image, prompt) in opened.items():
+            t0 = time.perf_counter()
+            image_embeds = encode_image(session, image)
+            t1 = time.perf_counter()
+            embeds = prompt_embeds(session, prompt, image_embeds)
+            t2 = time.perf_counter()
+            logits = session.prefill(embeds, len(prompt.before))
+            t3 = time.perf_counter()
+            token = session.embed([int(np.argmax(logits))])
+            t4 = time.perf_counter()
+            session.step(token, len(prompt))
+            t5 = time.perf_counter()
+            if r:
+                for name, ms in (("vision", t1 - t0), ("prefill", t3 - t2), ("decode", t5 - t4)):
+                    times[key][name].append(ms * 1000.0)
+    return {key: {name: float(np.median(v)) for name, v in t.items()} for key, t in times.items()}
+
+
+def retime(grid: Grid, rows: list[dict], out: Path, progress: Progress) -> None:
+    """Replace the local measurements' latencies by interleaved ones (points whose bundle is kept)."""
+    import multiprocessing
+
+    kept = {r["id"]: str(out / "bundles" / r["id"]) for r in rows
+            if r.get("measurements") and (out / "bundles" / r["id"] / "manifest.json").is_file()}
+    if not kept:
+        return
+    context = multiprocessing.get_context("spawn")  # the ExecuTorch runtime hangs in a fork()ed child
+    for runtime in grid.runtimes:
+        progress(len(rows), len(rows), f"interleaved timing on {runtime}, {grid.interleave} rounds")
+        with context.Pool(1) as pool:
+            timed = pool.apply(interleaved_timings, (kept, runtime, grid.interleave))
+        for r in rows:
+            for m in r.get("measurements", []):
+                t = timed.get(r["id"])
+                if t and m["runtime"] == runtime and m["device"] == "local":
+                    m.update(vision_encode_ms=round(t["vision"], 4), prefill_ms=round(t["prefill"], 4),
+                             ttft_ms=round(t["vision"] + t["prefill"], 4), decode_ms_per_token=round(t["decode"], 4),
+                             decode_tokens_per_s=round(1000.0 / t["decode"], 2), timing=f"interleaved, {grid.interleave} rounds")
 
 
 def add_ratios(points: list[dict]) -> None:
@@ -417,7 +485,8 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
         task = ray.remote(num_cpus=1)(measure_point)
-        pending = {task.remote(grid_data, points[i].recipe): (i, key) for i, key in todo}
+        keep = lambda key: {"keep": str((cache.dir.parent / "bundles" / key).resolve())} if grid.interleave else {}  # noqa: E731
+        pending = {task.remote(grid_data, points[i].recipe, **keep(key)): (i, key) for i, key in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i, key = pending.pop(ready[0])
@@ -427,7 +496,8 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
     else:
         for i, key in todo:
             progress(done, total, points[i].label)
-            record(i, key, measure_point(grid_data, points[i].recipe))
+            keep = {"keep": str(cache.dir.parent / "bundles" / key)} if grid.interleave else {}
+            record(i, key, measure_point(grid_data, points[i].recipe, **keep))
             done += 1
             progress(done, total, points[i].label)
     return [rows[i] for i in range(len(points))]
@@ -459,6 +529,8 @@ def run(grid: Grid, out: Path, progress: Optional[Progress] = None) -> dict:
         rows = _run_points(grid, points, cache, progress, 0, len(points))
     else:
         rows = _search(grid, geometry, cache, progress)
+    if grid.interleave:
+        retime(grid, rows, out, progress)
     add_ratios(rows)
     result = {"kind": "sweep", "vlmc_version": __version__, "grid": asked.model_dump(mode="json"),
               "seconds": round(time.time() - started, 1), "points": rows,
