@@ -362,7 +362,9 @@ def interleaved_timings(bundles: dict[str, str], runtime: str, rounds: int) -> d
     opened = {}
     for key, path in bundles.items():
         b = Bundle(path)
-        opened[key] = (api.session(b, runtime), *sample_inputs(b))
+        # onnxruntime's workers must not spin after a call: with every point's sessions open, idle spinning
+        # workers would take the cores from the session that runs next
+        opened[key] = (api.session(b, runtime, shares_cpu=True), *sample_inputs(b))
     times = {key: {"vision": [], "prefill": [], "decode": []} for key in bundles}
     for r in range(rounds + 1):
         for key, (session, image, prompt) in opened.items():
