@@ -475,6 +475,9 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
     progress(done, total, f"{len(rows)} cached point(s)" if rows else "start")
     grid_data = grid.model_dump(mode="json")
 
+    def keep(key: str) -> dict:  # where measure_point leaves the bundle for the interleaved timing
+        return {"keep": str((cache.dir.parent / "bundles" / key).resolve())} if grid.interleave else {}
+
     def record(i: int, key: str, measured: dict) -> None:
         p = points[i]
         rows[i] = {"id": key, "label": p.label, "resolution": p.resolution, "tiles": p.tiles, "tokens": p.tokens, "quant": p.quant,
@@ -487,7 +490,6 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
         task = ray.remote(num_cpus=1)(measure_point)
-        keep = lambda key: {"keep": str((cache.dir.parent / "bundles" / key).resolve())} if grid.interleave else {}  # noqa: E731
         pending = {task.remote(grid_data, points[i].recipe, **keep(key)): (i, key) for i, key in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -498,8 +500,7 @@ def _run_points(grid: Grid, points: list[Point], cache: PointCache, progress: Pr
     else:
         for i, key in todo:
             progress(done, total, points[i].label)
-            keep = {"keep": str(cache.dir.parent / "bundles" / key)} if grid.interleave else {}
-            record(i, key, measure_point(grid_data, points[i].recipe, **keep))
+            record(i, key, measure_point(grid_data, points[i].recipe, **keep(key)))
             done += 1
             progress(done, total, points[i].label)
     return [rows[i] for i in range(len(points))]

@@ -143,8 +143,9 @@ class StaticCacheSession(Session):
 
     With `pad_prefill` (Core ML: accelerators want one static shape) the prompt is right-padded to
     max_prompt and `logits_index` picks the last real token; padded slots are overwritten by decode steps
-    before any query can see them (`pad_full_prompt_prefill`: only the in-LLM stages' text_prefill). Otherwise the prefill runs at the prompt's own length (the graph's
-    length is bounded-dynamic), which is what a pruned prompt saves.
+    before any query can see them (`pad_full_prompt_prefill`: only the in-LLM stages' text_prefill).
+    Otherwise the prefill runs at the prompt's own length (the graph's length is bounded-dynamic), which
+    is what a pruned prompt saves.
     """
 
     pad_prefill = False
