@@ -305,19 +305,13 @@ def timed(fn) -> tuple[float, object]:
 
 
 def session_stages(session, prompt, image, decode_tokens: int) -> dict:
-    """One generation: vision encode, prefill (text embedding + decoder), decode steps (EOS ignored)."""
-    from vlmc.runtimes.generate import prompt_embeds
+    """One generation by vlmc's own loop: vision encode, prefill (text embedding + decoder), decode steps
+    (EOS ignored, so every artifact decodes as many)."""
+    from vlmc.runtimes.generate import generate
 
-    vision_ms, image_embeds = timed(lambda: session.vision(image))
-    prefill_ms, logits = timed(lambda: session.prefill(prompt_embeds(session, prompt, [image_embeds]), image_start=len(prompt.before)))
-    tokens, steps, pos = [int(np.argmax(logits))], [], len(prompt)
-    for _ in range(decode_tokens):
-        ms, logits = timed(lambda: session.step(session.embed([tokens[-1]]), pos))
-        steps.append(ms)
-        tokens.append(int(np.argmax(logits)))
-        pos += 1
-    return {"vision_ms": vision_ms, "prefill_ms": prefill_ms, "ttft_ms": vision_ms + prefill_ms,
-            "decode_ms": statistics.median(steps), "tokens": tokens}
+    gen = generate(session, prompt, image, decode_tokens + 1, eos_ids=())
+    return {"vision_ms": gen.vision_ms, "prefill_ms": gen.embed_ms + gen.prefill_ms, "ttft_ms": gen.time_to_first_token_ms,
+            "decode_ms": statistics.median(gen.decode_ms), "tokens": gen.tokens}
 
 
 def plain_stages(plain: PlainOnnx, prompt, image, decode_tokens: int) -> dict:

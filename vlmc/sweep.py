@@ -399,9 +399,9 @@ def retime(grid: Grid, rows: list[dict], out: Path, progress: Progress) -> None:
         with context.Pool(1) as pool:
             timed = pool.apply(interleaved_timings, (kept, runtime, grid.interleave))
         for r in rows:
-            for m in r.get("measurements", []):
-                t = timed.get(r["id"])
-                if t and m["runtime"] == runtime and m["device"] == "local":
+            t = timed.get(r["id"])
+            for m in r.get("measurements", []) if t else ():
+                if m["runtime"] == runtime and m["device"] == "local":
                     m.update(vision_encode_ms=round(t["vision"], 4), prefill_ms=round(t["prefill"], 4),
                              ttft_ms=round(t["vision"] + t["prefill"], 4), decode_ms_per_token=round(t["decode"], 4),
                              decode_tokens_per_s=round(1000.0 / t["decode"], 2), timing=f"interleaved, {grid.interleave} rounds")
