@@ -509,19 +509,23 @@ def artifact_bytes(a: dict) -> int:
                and (shipped is None or f.name in shipped))
 
 
-def artifacts_for(model: str, ckpt: Path, work: Path, progress) -> tuple[dict, dict, str]:
-    """Export everything once per model (a finished artifact is reused): {name: artifact} per runtime."""
+def artifacts_for(model: str, ckpt: Path, work: Path, runtimes: set, progress) -> tuple[dict, dict, str]:
+    """Export everything once per model (a finished artifact is reused): {name: artifact} per runtime. The
+    fp32 vlmc .pte is always there: it is the reference bundle (tokenizer, prompt) of every run."""
     pte, onnx = {}, {}
     for config, passes in vlmc_configs(ckpt).items():
+        if config != "fp32" and "executorch" not in runtimes:
+            continue
         pte[f"vlmc {config}"] = {"kind": "vlmc", "runtime": "executorch", "path": str(work / model / f"vlmc-et-{config}"),
                                  "job": ("vlmc_export", {"target": "executorch", "passes": passes})}
-    for config in ("fp32", "quantized"):
+    for config in ("fp32", "quantized") if "executorch" in runtimes else ():
         pte[f"stock {config}"] = {"kind": "stock", "runtime": "executorch", "path": str(work / model / f"stock-{config}.pte"),
                                   "job": ("stock_executorch", {"quantized": config == "quantized"})}
-    onnx["vlmc fp32"] = {"kind": "vlmc", "runtime": "onnxruntime", "path": str(work / model / "vlmc-onnx-fp32"),
-                         "job": ("vlmc_export", {"target": "onnx", "passes": []})}
-    onnx["plain torch.onnx fp32"] = {"kind": "stock", "runtime": "onnxruntime", "path": str(work / model / "plain-onnx"),
-                                     "job": ("plain_onnx", {})}
+    if "onnxruntime" in runtimes:
+        onnx["vlmc fp32"] = {"kind": "vlmc", "runtime": "onnxruntime", "path": str(work / model / "vlmc-onnx-fp32"),
+                             "job": ("vlmc_export", {"target": "onnx", "passes": []})}
+        onnx["plain torch.onnx fp32"] = {"kind": "stock", "runtime": "onnxruntime", "path": str(work / model / "plain-onnx"),
+                                         "job": ("plain_onnx", {})}
     exports = {}
     for name, a in [*pte.items(), *onnx.items()]:
         job, kw = a.pop("job")
@@ -545,35 +549,53 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def measure(model: str, work: Path, rounds: int, decode_tokens: int, questions: int, threads: int, progress) -> dict:
+def measure(model: str, work: Path, runtimes: set, rounds: int, decode_tokens: int, questions: int, threads: int,
+            progress) -> dict:
+    """The runtimes' sections of one model's results (a section's keys: see `SECTIONS`)."""
     ckpt = checkpoint(model, work)
-    pte, onnx, exports = artifacts_for(model, ckpt, work, progress)
+    pte, onnx, exports = artifacts_for(model, ckpt, work, runtimes, progress)
     reference = pte["vlmc fp32"]["path"]
     common = {"reference_bundle": reference, "decode_tokens": decode_tokens}
-    progress(f"{model}: ExecuTorch methods, {rounds} alternating rounds")
-    methods = in_worker("time_methods", artifacts=pte, rounds=rounds, **common)
-    progress(f"{model}: ExecuTorch stock MultimodalRunner, {rounds} alternating rounds")
-    runner = in_worker("time_stock_runner", artifacts=pte, rounds=rounds, **common)
-    progress(f"{model}: onnxruntime, {rounds} alternating rounds")
-    ort = in_worker("time_onnx", artifacts=onnx, rounds=rounds, threads=threads, checkpoint_dir=str(ckpt), **common)
-    memory = {}
+    out: dict = {"checkpoint": str(ckpt), "exports": exports, "peak_memory": {}}
+    if "executorch" in runtimes:
+        progress(f"{model}: ExecuTorch methods, {rounds} alternating rounds")
+        out["executorch_methods"] = in_worker("time_methods", artifacts=pte, rounds=rounds, **common)
+        progress(f"{model}: ExecuTorch stock MultimodalRunner, {rounds} alternating rounds")
+        out["executorch_stock_runner"] = in_worker("time_stock_runner", artifacts=pte, rounds=rounds, **common)
+    else:
+        pte = {}  # the reference .pte is not measured
+    if "onnxruntime" in runtimes:
+        progress(f"{model}: onnxruntime, {rounds} alternating rounds")
+        out["onnxruntime"] = in_worker("time_onnx", artifacts=onnx, rounds=rounds, threads=threads, checkpoint_dir=str(ckpt), **common)
     for name, a in [*pte.items(), *onnx.items()]:
         progress(f"{model}: peak memory {a['runtime']} {name}")
-        memory[f"{a['runtime']} {name}"] = in_worker("peak_memory", artifact=a, runtime=a["runtime"], threads=threads,
-                                                     checkpoint_dir=str(ckpt), **common)
-    acc = {}
-    if model == "builtin" and questions:
+        out["peak_memory"][f"{a['runtime']} {name}"] = in_worker("peak_memory", artifact=a, runtime=a["runtime"], threads=threads,
+                                                                 checkpoint_dir=str(ckpt), **common)
+    if model == "builtin" and questions and "executorch" in runtimes:
         progress(f"{model}: ShapesVQA accuracy of every .pte on {questions} test questions")
-        acc = in_worker("accuracy", artifacts=pte, reference_bundle=reference, n=questions)
-    return {"checkpoint": str(ckpt), "executorch_methods": methods, "executorch_stock_runner": runner, "onnxruntime": ort,
-            "exports": exports, "peak_memory": memory, "accuracy": acc}
+        out["accuracy"] = in_worker("accuracy", artifacts=pte, reference_bundle=reference, n=questions)
+    out["exports"] = {k: v for k, v in exports.items() if k.split()[0] in runtimes}
+    out["measured"] = {runtime: time.strftime("%Y-%m-%d") for runtime in runtimes}
+    return out
+
+
+def merged(previous: dict, new: dict, runtimes: set) -> dict:
+    """A model's results with the runtimes measured now replacing theirs in an earlier run's (the other
+    runtime's rows stay as that run measured them: each table compares artifacts timed in one run)."""
+    keep = {r for r in ("executorch", "onnxruntime") if r not in runtimes}
+    out = {k: v for k, v in previous.items() if k in ("executorch_methods", "executorch_stock_runner", "accuracy")
+           and "executorch" in keep or k == "onnxruntime" and "onnxruntime" in keep}
+    for key in ("exports", "peak_memory"):
+        out[key] = {**{k: v for k, v in previous.get(key, {}).items() if k.split()[0] in keep}, **new[key]}
+    out["measured"] = {**{r: d for r, d in previous.get("measured", {}).items() if r in keep}, **new["measured"]}
+    return {**out, **{k: v for k, v in new.items() if k not in ("exports", "peak_memory", "measured")}}
 
 
 def rows_for(result: dict) -> tuple[list[dict], list[dict]]:
     """Per-artifact rows with vlmc / stock ratios against the same-precision stock artifact."""
     pte_rows, ort_rows = [], []
-    for runtime, timings, rows in (("executorch", result["executorch_methods"], pte_rows),
-                                   ("onnxruntime", result["onnxruntime"], ort_rows)):
+    for runtime, timings, rows in (("executorch", result.get("executorch_methods", {}), pte_rows),
+                                   ("onnxruntime", result.get("onnxruntime", {}), ort_rows)):
         for name, t in timings.items():
             key = f"{runtime} {name}"
             base_name = ("stock quantized" if "quantized" in name else "stock fp32") if runtime == "executorch" else "plain torch.onnx fp32"
@@ -592,7 +614,7 @@ def rows_for(result: dict) -> tuple[list[dict], list[dict]]:
                 row.update(runner_ttft_ms=r["ttft_ms"], runner_ttft_x=ratio(r["ttft_ms"], rb["ttft_ms"]),
                            runner_decode_tok_s=r["decode_tokens_per_s"],
                            runner_decode_x=ratio(r["decode_tokens_per_s"], rb["decode_tokens_per_s"]))
-                if name in result["accuracy"]:
+                if name in result.get("accuracy", {}):
                     row["accuracy"] = round(100 * result["accuracy"][name]["accuracy"], 1)
             rows.append(row)
     return pte_rows, ort_rows
@@ -613,6 +635,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--questions", type=int, default=200, help="ShapesVQA test questions for the built-in model's accuracy")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--runtime", action="append", choices=["executorch", "onnxruntime"],
+                        help="measure only these (repeatable; default both); the other runtime's rows of an existing "
+                             "results.json in --out are kept")
     parser.add_argument("--work", type=Path, default=Path("build/stock_exports"), help="exports (reused by later runs)")
     parser.add_argument("-o", "--out", type=Path, help="folder for results.json and results.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -625,13 +650,19 @@ def main() -> None:
     if not args.out:
         parser.error("-o/--out is required")
     progress = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    results, md = {}, []
+    runtimes = set(args.runtime or ("executorch", "onnxruntime"))
+    previous = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
+    results, md = dict(previous.get("models", {})), []  # models not measured now keep their rows
     for model in args.model or ["builtin"]:
-        results[model] = measure(model, args.work, args.rounds, args.decode_tokens, args.questions, args.threads, progress)
+        new = measure(model, args.work, runtimes, args.rounds, args.decode_tokens, args.questions, args.threads, progress)
+        results[model] = merged(results.get(model, {}), new, runtimes)
         pte_rows, ort_rows = rows_for(results[model])
         results[model]["rows"] = {"executorch": pte_rows, "onnxruntime": ort_rows}
-        md += [f"## {model}", "", "### ExecuTorch (x: vlmc / stock, below 1 faster or smaller; tok/s above 1 faster)", "",
-               table(pte_rows, PTE_COLUMNS), "", "### onnxruntime", "", table(ort_rows, ORT_COLUMNS), ""]
+    for model, result in results.items():
+        pte_rows, ort_rows, measured = result["rows"]["executorch"], result["rows"]["onnxruntime"], result["measured"]
+        md += [f"## {model}", "", f"### ExecuTorch (measured {measured.get('executorch', '?')}; x: vlmc / stock, below 1 "
+               "faster or smaller; tok/s above 1 faster)", "", table(pte_rows, PTE_COLUMNS), "",
+               f"### onnxruntime (measured {measured.get('onnxruntime', '?')})", "", table(ort_rows, ORT_COLUMNS), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rounds": args.rounds, "decode_tokens": args.decode_tokens,
                                                        "threads": args.threads, "models": results}, indent=1))

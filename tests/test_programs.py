@@ -1,9 +1,11 @@
 """The export programs compute what the eager model computes."""
 import numpy as np
+import pytest
 import torch
 
+from vlmc import passes
 from vlmc.models_zoo import load
-from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, cache_shape
+from vlmc.models_zoo.programs import ExecuTorchDecoder, StaticCacheDecoder, cache_shape, empty_caches
 from vlmc.models_zoo.tokenizer import PromptIds
 from vlmc.runtimes.base import DecoderShape
 from vlmc.runtimes.eager_runner import EagerSession
@@ -69,3 +71,39 @@ def test_padded_prefill_gives_eager_answers_for_any_prompt_length(tiny_ckpt):
                 want.append(tok)
                 logits, past = m.decode(m.language_model.embed_tokens(torch.tensor([[tok]])), torch.tensor([[n + i]]), past)
         assert got == want, f"prompt of {len(prompt)} tokens"
+
+
+def _turns(m, decoder, caches, g):
+    """A first prompt at slot 0, a second turn's prompt after it, two decode steps: each call's logits."""
+    logits, width = [], m.config.text.hidden_size
+    for start, rows in ((0, 12), (12, 7), (19, 1), (20, 1)):
+        pos = torch.arange(start, start + rows)
+        out = decoder(torch.randn(1, rows, width, generator=g), pos[None], pos, torch.tensor([rows - 1]), caches)
+        logits.append(out[0])
+        caches = list(out[1:])
+    return logits, caches
+
+
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_the_filled_slot_form_reads_no_slot_past_the_last_written_one(tiny_ckpt, kv):
+    """onnxruntime's decoder form: the same logits and caches as the static one, and the unwritten slots
+    are never read (NaN there would reach every output of the masked static form through P @ V)."""
+    m = _model(tiny_ckpt).eval()
+    if kv == "int8":
+        passes.apply(m, [{"name": "kv8"}])
+    ctx = 40
+    with torch.no_grad():
+        static, static_caches = _turns(m, StaticCacheDecoder(m, ctx), empty_caches(m, ctx), torch.Generator().manual_seed(0))
+        filled, filled_caches = _turns(m, StaticCacheDecoder(m, ctx, filled_slots=True), empty_caches(m, ctx),
+                                       torch.Generator().manual_seed(0))
+        for a, b in zip(static + static_caches, filled + filled_caches):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        poisoned = [c.clone() for c in empty_caches(m, ctx)]
+        for c in poisoned:
+            if c.is_floating_point():
+                c.fill_(float("nan"))
+        logits, caches = _turns(m, StaticCacheDecoder(m, ctx, filled_slots=True), poisoned, torch.Generator().manual_seed(0))
+    for a, b in zip(logits, filled):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for c in caches:  # the 21 written slots hold what the clean run wrote; the rest were carried untouched
+        assert not c[:, :, :21].isnan().any() and (c[:, :, 21:].isnan().all() or not c.is_floating_point())

@@ -75,3 +75,27 @@ def test_peak_memory_is_the_measuring_process_own_not_its_parent_at_fork():
     code = "from vlmc.runtimes.profile import _peak_rss_mb; print(_peak_rss_mb())"
     peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert peak < 300 and held.sum() == held.size
+
+
+def test_onnxruntime_reads_only_the_filled_cache_slots(tiny_bundle):
+    """The exported decoder attends over the slots written so far, not all max_context (64) of them: NaN in
+    every unwritten slot changes nothing, where the static form's P @ V would carry it into the logits."""
+    import numpy as np
+
+    from vlmc.runtimes import open_session
+
+    session = open_session(tiny_bundle, "onnxruntime")
+    rng = np.random.default_rng(0)
+    prompt, nxt = (rng.standard_normal((1, t, session.shape.hidden_size)).astype(np.float32) for t in (30, 1))
+
+    def run(caches):
+        pos = np.arange(30)
+        out = session.call("text_decoder", [prompt, pos[None], pos, np.asarray([29]), *caches])
+        step = session.call("text_decoder", [nxt, np.asarray([[30]]), np.asarray([30]), np.asarray([0]), *out[1:]])
+        return out[0], step[0], step[1:]
+
+    clean = run(session.shape.empty_caches())
+    poisoned = run([np.full_like(c, np.nan) for c in session.shape.empty_caches()])
+    np.testing.assert_allclose(poisoned[0], clean[0], atol=1e-5)
+    np.testing.assert_allclose(poisoned[1], clean[1], atol=1e-5)
+    assert all(np.isnan(c[:, :, 31:]).all() and not np.isnan(c[:, :, :31]).any() for c in poisoned[2])

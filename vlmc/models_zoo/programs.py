@@ -1,8 +1,9 @@
 """The programs a VLM is cut into for export: vision encoder, token embedding, text decoder.
 
 Two decoder forms share the model's layer code and differ only in where the KV cache lives:
-- `StaticCacheDecoder` (ONNX, Core ML): caches are explicit inputs and outputs; writes are a one-hot
-  matmul blend, because in-place index_copy does not convert to Core ML or TVM;
+- `StaticCacheDecoder` (ONNX, Core ML, TVM): caches are explicit inputs and outputs; writes are a one-hot
+  matmul blend over every slot, because in-place index_copy does not convert to Core ML or TVM (ONNX
+  scatters and reads only the filled slots);
 - `ExecuTorchDecoder`: caches are mutable buffers updated in place by ExecuTorch's LLM custom ops
   (`llama::update_cache`, `llama::custom_sdpa`), the convention of its multimodal runner.
 Cache slots and RoPE positions are separate inputs in the static form, so a token pass can drop image
@@ -85,11 +86,16 @@ class StaticCacheDecoder(nn.Module):
     slots lie beyond the last real one and each decode step overwrites its slot before reading it.
     After in-LLM token stages, layer i's rows sit `shift` slots earlier (its cache is that much shorter)
     and the positions (RoPE) stay the original ones.
+
+    With `filled_slots` (onnxruntime) attention reads only the slots up to the last one written (a
+    data-dependent length) and writes scatter the new rows: a prompt costs its own rows against the filled
+    ones, not against all max_context slots. Core ML and TVM need one static shape: they read every slot
+    under the mask and write by the one-hot blend.
     """
 
-    def __init__(self, model: VisionLanguageModel, max_context: int):
+    def __init__(self, model: VisionLanguageModel, max_context: int, filled_slots: bool = False):
         super().__init__()
-        self.model, self.max_context = model, max_context
+        self.model, self.max_context, self.filled_slots = model, max_context, filled_slots
 
     def forward(self, inputs_embeds, position_ids, cache_position, logits_index, caches: list[torch.Tensor]):
         return self.run(inputs_embeds, position_ids, cache_position, logits_index, caches, None)
@@ -104,6 +110,8 @@ class StaticCacheDecoder(nn.Module):
         def store(i, k, v, position):
             """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
             length = caches[first[i]].shape[2]
+            if self.filled_slots:
+                return scatter_store(i, k, v, position, length)
             slots = torch.arange(length, dtype=position.dtype)
             write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
@@ -121,6 +129,27 @@ class StaticCacheDecoder(nn.Module):
             v_all = caches[first[i] + 1] * keep + write_t @ v
             new_caches.extend((k_all, v_all))
             return k_all, v_all
+
+        def scatter_store(i, k, v, position, length):
+            filled = position.max().item() + 1  # the slots written so far: the last new row's and all before it
+            torch._check(filled >= 1)
+            torch._check(filled <= length)
+            index = position.view(1, 1, -1, 1)
+
+            def put(cache, rows):
+                return cache.scatter(2, index.expand(rows.shape[0], rows.shape[1], -1, rows.shape[3]), rows)
+
+            if int8:
+                k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
+                (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)
+                k_codes, v_codes = put(k_cache, k_codes.to(torch.int8)), put(v_cache, v_codes.to(torch.int8))
+                k_scale, v_scale = put(k_scale, k_new_scale), put(v_scale, v_new_scale)
+                new_caches.extend((k_codes, v_codes, k_scale, v_scale))
+                return (k_codes[:, :, :filled].to(k.dtype) * k_scale[:, :, :filled],
+                        v_codes[:, :, :filled].to(v.dtype) * v_scale[:, :, :filled])
+            k_all, v_all = put(caches[first[i]], k), put(caches[first[i] + 1], v)
+            new_caches.extend((k_all, v_all))
+            return k_all[:, :, :filled], v_all[:, :, :filled]
 
         def attend(i, q, k, v, shift):
             # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
@@ -170,9 +199,9 @@ class StaticCachePrefill(nn.Module):
     The decode step must not prune, so bundles with in-LLM stages carry this program beside the decoder.
     """
 
-    def __init__(self, model: VisionLanguageModel, max_context: int):
+    def __init__(self, model: VisionLanguageModel, max_context: int, filled_slots: bool = False):
         super().__init__()
-        self.decoder = StaticCacheDecoder(model, max_context)
+        self.decoder = StaticCacheDecoder(model, max_context, filled_slots)
         self.model = model
 
     def forward(self, inputs_embeds, image_start, logits_index):
