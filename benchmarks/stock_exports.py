@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,15 +57,20 @@ def group_size(checkpoint_dir: Path) -> int:
 
 
 def vlmc_configs(checkpoint_dir: Path) -> dict:
-    """vlmc recipes: uncompressed, the stock example's quantization (int8 vision encoder, 8da4w decoder), and a
-    compressed point (DivPrune keeps 100.5% of the built-in model's accuracy at 98 of 196 tokens:
-    docs/sweep_shipped_checkpoint)."""
-    quant = [{"name": "w8a8", "at": "vision"}, {"name": "w4", "group_size": group_size(checkpoint_dir), "at": "decoder"}]
+    """vlmc recipes: uncompressed, the stock example's quantization (int8 vision encoder, 8da4w decoder, 8-bit
+    token table per row), and a compressed point (DivPrune keeps 100.5% of the built-in model's accuracy at 98
+    of 196 tokens: docs/sweep_shipped_checkpoint)."""
+    quant = [{"name": "w8a8", "at": "vision"}, {"name": "w4", "group_size": group_size(checkpoint_dir), "at": "decoder"},
+             {"name": "embed8"}]
     return {"fp32": [], "quantized": quant, "divprune98+quantized": [{"name": "divprune", "keep": 98}, *quant]}
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This worker's own peak (VmHWM): getrusage's ru_maxrss survives exec, so a worker forked from the parent
+    after it wrote the 220m checkpoint would report the parent's size."""
+    from vlmc.runtimes.profile import peak_rss_mb as own_peak
+
+    return own_peak()
 
 
 # ---------------------------------------------------------------- checkpoints

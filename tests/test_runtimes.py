@@ -72,7 +72,7 @@ def test_peak_memory_is_the_measuring_process_own_not_its_parent_at_fork():
     import numpy as np
 
     held = np.ones(60_000_000)  # 480 MB in this (parent) process
-    code = "from vlmc.runtimes.profile import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from vlmc.runtimes.profile import peak_rss_mb; print(peak_rss_mb())"
     peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert peak < 300 and held.sum() == held.size
 

@@ -462,7 +462,7 @@ class _Bar:
 @click.option("--methods", default=None, help="token passes crossed with --keep (NAME-static: a selecting method's calibrated static mode)")
 @click.option("--keep", default=None, help="visual tokens kept, crossed with --methods: 98,49,22")
 @click.option("--quant", "quant", multiple=True, help="one quantization configuration per option, passes joined by + "
-              "(none, w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder, kv8, w8a8+kv8)")
+              "(none, w8a8, w4:at=decoder, w8a8:at=vision+w4:at=decoder, kv8, w8a8+kv8, w4:at=decoder+embed8)")
 @click.option("--runtimes", default=None, help="onnxruntime, executorch, tvm (default onnxruntime,executorch)")
 @click.option("--devices", default=None, help="devices to profile on (vlmc devices), default local")
 @click.option("--dataset", default=None, help="shapes-vqa (default) or a questions.jsonl")

@@ -179,15 +179,15 @@ def token_pass(text: str) -> tuple[str, int, dict]:
 
 def parse_quant_config(text: str) -> list[dict]:
     """`w8a8:at=vision+w4:at=decoder,group_size=64` -> the pass entries of one configuration (quantization
-    passes, and the KV cache's storage: `w8a8+kv8`)."""
+    passes, and the KV cache's and token table's storage: `w8a8+kv8`, `w4:at=decoder+embed8`)."""
     from vlmc.passes.registry import REGISTRY, TokenPass, parse_cli
 
     specs = [parse_cli(part) for part in text.split("+") if part.strip()]
     for spec in specs:
         cls = REGISTRY.get(spec["name"])
-        if getattr(cls, "kind", None) not in ("quant", "kv") or issubclass(cls, TokenPass):
+        if getattr(cls, "kind", None) not in ("quant", "kv", "embedding") or issubclass(cls, TokenPass):
             raise VlmcError(f"quantization configuration {text!r}: {spec['name']!r} is not a quantization pass "
-                            "(w8a8, w8, w4) or the KV cache's storage (kv8)")
+                            "(w8a8, w8, w4), the KV cache's storage (kv8) or the token table's (embed8)")
     return specs
 
 

@@ -216,7 +216,10 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             t0 = time.time()
             targets[target] = LOWERINGS[target](ctx)
             targets[target]["export_seconds"] = round(time.time() - t0, 2)
-            if target != "executorch" and ctx.model.tied_head:
+            if ctx.model.config.text.tie_word_embeddings and not ctx.model.tied_head:
+                targets[target]["tied_embedding"] = ("untied by pass embed8: token_embedding holds the int8 table, the "
+                                                     "LM head its own weight (float, or as the decoder is quantized)")
+            elif target != "executorch" and ctx.model.tied_head:
                 targets[target]["tied_embedding"] = _tied_embedding_note(targets[target])
             release_memory()  # exported / lowered graphs hold reference cycles: free them before the next target
         for target, entry in targets.items():

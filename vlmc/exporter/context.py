@@ -12,7 +12,7 @@ from vlmc.passes.quant import QuantPlan
 from vlmc.recipe import Recipe
 from vlmc.runtimes.base import DecoderShape
 
-PROGRAM_PARTS = {"vision_encoder": "vision", "text_prefill": "decoder", "text_decoder": "decoder"}  # token_embedding stays float
+PROGRAM_PARTS = {"vision_encoder": "vision", "text_prefill": "decoder", "text_decoder": "decoder"}  # token_embedding: the embed8 pass
 
 
 @dataclass

@@ -244,6 +244,11 @@ class VisionLanguageModel(nn.Module):
             module = module._modules[name]
         return module
 
+    def replace_embed_tokens(self, table: nn.Module) -> None:
+        """Swap the token table module (a storage pass: `embed8`); a tied LM head keeps the float tensor."""
+        parent, _, name = self.embed_tokens_path.rpartition(".")
+        (self._part(parent) if parent else self)._modules[name] = table
+
     @property
     def vision_blocks(self) -> nn.ModuleList:
         return self._part(self.vision_blocks_path)

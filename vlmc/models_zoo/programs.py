@@ -3,13 +3,15 @@
 Two decoder forms share the model's layer code and differ only in where the KV cache lives:
 - `StaticCacheDecoder` (ONNX, Core ML, TVM): caches are explicit inputs and outputs; writes are a one-hot
   matmul blend over every slot, because in-place index_copy does not convert to Core ML or TVM (ONNX
-  scatters and reads only the filled slots);
+  copies the rows in between slices and reads only the filled slots);
 - `ExecuTorchDecoder`: caches are mutable buffers updated in place by ExecuTorch's LLM custom ops
   (`llama::update_cache`, `llama::custom_sdpa`), the convention of its multimodal runner.
 Cache slots and RoPE positions are separate inputs in the static form, so a token pass can drop image
 tokens while the kept ones keep their original positions.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +90,7 @@ class StaticCacheDecoder(nn.Module):
     and the positions (RoPE) stay the original ones.
 
     With `filled_slots` (onnxruntime) attention reads only the slots up to the last one written (a
-    data-dependent length) and writes scatter the new rows: a prompt costs its own rows against the filled
+    data-dependent length) and the new rows are copied in between the slices of the cache around them: a prompt costs its own rows against the filled
     ones, not against all max_context slots. Core ML and TVM need one static shape: they read every slot
     under the mask and write by the one-hot blend.
     """
@@ -111,7 +113,7 @@ class StaticCacheDecoder(nn.Module):
             """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
             length = caches[first[i]].shape[2]
             if self.filled_slots:
-                return scatter_store(i, k, v, position, length)
+                return slice_store(i, k, v, position, length)
             slots = torch.arange(length, dtype=position.dtype)
             write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
@@ -130,15 +132,18 @@ class StaticCacheDecoder(nn.Module):
             new_caches.extend((k_all, v_all))
             return k_all, v_all
 
-        def scatter_store(i, k, v, position, length):
-            filled = position.max().item() + 1  # the slots written so far: the last new row's and all before it
-            torch._check(filled >= 1)
-            torch._check(filled <= length)
-            index = position.view(1, 1, -1, 1)
+        def slice_store(i, k, v, position, length):
+            """`store` for onnxruntime: the call's rows are consecutive slots from position[0] (a prompt, its
+            kept rows, or one step: every caller writes so), copied in between the cache's slices before and
+            after them; attention reads the slots up to the last one written."""
+            start, rows = position[0].item(), k.shape[2]
+            torch._check(start >= 0)
+            torch._check(start + rows <= length)
 
-            def put(cache, rows):
-                return cache.scatter(2, index.expand(rows.shape[0], rows.shape[1], -1, rows.shape[3]), rows)
+            def put(cache, new):
+                return torch.cat([cache[:, :, :start], new, cache[:, :, start + rows:]], 2)
 
+            filled = start + rows
             if int8:
                 k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
                 (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)
@@ -161,7 +166,7 @@ class StaticCacheDecoder(nn.Module):
                 new_caches.extend(packed)
                 stage = packed_layers[i]
                 return packed_sdpa(q, k_all, v_all, mask, packed, stage.basis_k, stage.basis_v)
-            return plain_sdpa(q, k_all, v_all, mask)
+            return (additive_mask_sdpa if self.filled_slots else plain_sdpa)(q, k_all, v_all, mask)
 
         def evicting(i, q, k, v, idx, packed=None):
             """A full-prompt prefill whose layer-i cache keeps only rows `idx` (and the others `packed`, for a
@@ -216,6 +221,18 @@ def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     """Attention of q [1,H,T,d] over k, v [1,Hkv,S,d] (grouped heads) under a [T,S] mask -> [1,T,H*d]."""
     n_rep = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def additive_mask_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`plain_sdpa` written out for onnxruntime: the mask becomes a [T,S] bias added to the scores, and no
+    guard for rows that see nothing (every query sees its own slot). F.scaled_dot_product_attention's
+    decomposition adds an IsNaN / Where pass over all [H,T,S] probabilities, a third of the 220M geometry's
+    attention time on onnxruntime."""
+    n_rep = q.shape[1] // k.shape[1]
+    bias = torch.where(mask, 0.0, float("-inf"))
+    scores = (q @ repeat_kv(k, n_rep).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])) + bias
+    out = torch.softmax(scores, -1) @ repeat_kv(v, n_rep)
     return out.transpose(1, 2).flatten(2)
 
 

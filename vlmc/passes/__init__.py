@@ -14,7 +14,7 @@ from torch import nn
 
 from vlmc.errors import VlmcError
 from vlmc.models_zoo.core import is_bypass
-from vlmc.passes import kv, quant, registry, resolution  # noqa: F401  (registers resolution, kv8)
+from vlmc.passes import embedding, kv, quant, registry, resolution  # noqa: F401  (registers resolution, kv8, embed8)
 from vlmc.passes.token import methods  # noqa: F401  (registers the token methods)
 
 
@@ -159,7 +159,7 @@ def apply(model, specs: list[dict], calibration=None) -> tuple[list[dict], quant
     caches = [p for p in built if p.kind == "kv" and not isinstance(p, registry.TokenPass)]
     if len(caches) > 1:
         raise VlmcError("recipe field 'passes': the KV cache has one storage; give one KV-cache pass")
-    for p in caches:
+    for p in caches + [p for p in built if p.kind == "embedding"]:
         p.apply(model)
         n = tokens_at(model, "projector.out")
         records.append(_record(p, p.config.at, n, n, n))

@@ -31,7 +31,7 @@ class Pass:
     """A registered pass: a name, a typed config, its source and where it departs from it."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "input", "token", "quant" or "kv"
+    kind: ClassVar[str]  # "input", "token", "quant", "kv" or "embedding"
     source: ClassVar[str]  # the paper / code it follows
     departures: ClassVar[str]  # where this version differs from the paper
     Config: ClassVar[type[PassConfig]]

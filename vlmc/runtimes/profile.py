@@ -31,7 +31,7 @@ from vlmc.runtimes.generate import encode_image, generate, prompt_embeds
 SAMPLE_QUESTION = "what color is the circle?"
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident set. Linux: VmHWM, which a new program image starts afresh; getrusage's
     ru_maxrss is not, and would report the parent's size at fork when it is larger (a sweep's process)."""
     try:
@@ -155,7 +155,7 @@ def profile_here(bundle_path: str, runtime: str, warmup: int, iterations: int, o
     result = profile_session(bundle, session, runtime, warmup, iterations, new_tokens, progress, curve)
     result["load_ms"] = round(load_ms, 2)
     result["memory"] = {"rss_before_load_mb": round(rss_start, 1), "rss_after_load_mb": round(rss_loaded, 1),
-                        "peak_rss_mb": round(_peak_rss_mb(), 1)}
+                        "peak_rss_mb": round(peak_rss_mb(), 1)}
     if ops:
         progress(f"{runtime}: per-op profile of one generation")
         image, prompt = sample_inputs(bundle)
