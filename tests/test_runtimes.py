@@ -99,3 +99,24 @@ def test_onnxruntime_reads_only_the_filled_cache_slots(tiny_bundle):
     np.testing.assert_allclose(poisoned[0], clean[0], atol=1e-5)
     np.testing.assert_allclose(poisoned[1], clean[1], atol=1e-5)
     assert all(np.isnan(c[:, :, 31:]).all() and not np.isnan(c[:, :, :31]).any() for c in poisoned[2])
+
+
+def test_onnxruntime_writes_the_cache_arrays_in_place(tiny_bundle):
+    """The session binds each cache the decoder scatters into as its own output: a step writes its row into
+    the session's arrays (no new cache arrays), the same values the plain call returns."""
+    import numpy as np
+
+    from vlmc.runtimes import open_session
+
+    session = open_session(tiny_bundle, "onnxruntime")
+    assert session.in_place == set(session.input_names["text_decoder"][4:])
+    rng = np.random.default_rng(1)
+    prompt, nxt = (rng.standard_normal((1, t, session.shape.hidden_size)).astype(np.float32) for t in (30, 1))
+    session.prefill(prompt)
+    before = list(session.caches)
+    expected = session.call("text_decoder", [nxt, np.asarray([[30]]), np.asarray([30]), np.asarray([0]), *before])
+    logits = session.step(nxt, 30)
+    assert all(a is b for a, b in zip(session.caches, before))
+    np.testing.assert_allclose(logits, expected[0][0], atol=1e-6)
+    for got, want in zip(session.caches, expected[1:]):
+        np.testing.assert_array_equal(got, want)

@@ -3,7 +3,7 @@
 Two decoder forms share the model's layer code and differ only in where the KV cache lives:
 - `StaticCacheDecoder` (ONNX, Core ML, TVM): caches are explicit inputs and outputs; writes are a one-hot
   matmul blend over every slot, because in-place index_copy does not convert to Core ML or TVM (ONNX
-  copies the rows in between slices and reads only the filled slots);
+  scatters the rows, updated in place by the session, and reads only the filled slots);
 - `ExecuTorchDecoder`: caches are mutable buffers updated in place by ExecuTorch's LLM custom ops
   (`llama::update_cache`, `llama::custom_sdpa`), the convention of its multimodal runner.
 Cache slots and RoPE positions are separate inputs in the static form, so a token pass can drop image
@@ -90,7 +90,7 @@ class StaticCacheDecoder(nn.Module):
     and the positions (RoPE) stay the original ones.
 
     With `filled_slots` (onnxruntime) attention reads only the slots up to the last one written (a
-    data-dependent length) and the new rows are copied in between the slices of the cache around them: a prompt costs its own rows against the filled
+    data-dependent length) and the new rows are scattered into the cache (which the session updates in place): a prompt costs its own rows against the filled
     ones, not against all max_context slots. Core ML and TVM need one static shape: they read every slot
     under the mask and write by the one-hot blend.
     """
@@ -113,7 +113,7 @@ class StaticCacheDecoder(nn.Module):
             """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
             length = caches[first[i]].shape[2]
             if self.filled_slots:
-                return slice_store(i, k, v, position, length)
+                return scatter_store(i, k, v, position, length)
             slots = torch.arange(length, dtype=position.dtype)
             write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
@@ -132,18 +132,20 @@ class StaticCacheDecoder(nn.Module):
             new_caches.extend((k_all, v_all))
             return k_all, v_all
 
-        def slice_store(i, k, v, position, length):
-            """`store` for onnxruntime: the call's rows are consecutive slots from position[0] (a prompt, its
-            kept rows, or one step: every caller writes so), copied in between the cache's slices before and
-            after them; attention reads the slots up to the last one written."""
-            start, rows = position[0].item(), k.shape[2]
-            torch._check(start >= 0)
-            torch._check(start + rows <= length)
+        def scatter_store(i, k, v, position, length):
+            """`store` for onnxruntime: the call's rows are scattered at (0, head, slot) into the cache, which
+            the session binds as its own output so that only those rows are written; attention reads the slots
+            up to the call's last one (a prompt, its kept rows or a step: every caller writes consecutive slots
+            after those it filled before)."""
+            filled, rows = position[-1].item() + 1, k.shape[2]
+            torch._check(filled >= 1)
+            torch._check(filled <= length)
+            heads = torch.arange(k.shape[1])[:, None].expand(-1, rows)
+            at = (torch.zeros_like(heads), heads, position[None, :].expand(k.shape[1], -1))
 
             def put(cache, new):
-                return torch.cat([cache[:, :, :start], new, cache[:, :, start + rows:]], 2)
+                return torch.index_put(cache, at, new[0])  # ONNX ScatterND, straight from the cache input
 
-            filled = start + rows
             if int8:
                 k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
                 (k_codes, k_new_scale), (v_codes, v_new_scale) = quantize_rows(k), quantize_rows(v)

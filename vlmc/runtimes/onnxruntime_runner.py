@@ -7,6 +7,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, StaticCacheSession
 
@@ -31,6 +33,25 @@ def check_inputs(program: str, session, expected: list[dict]) -> None:
         if len(got.shape) != len(entry["shape"]) or any(a != b for a, b in fixed):
             raise VlmcError(f"{program}: input {entry['name']!r} has shape {list(got.shape)} in the ONNX graph, "
                             f"{entry['shape']} in the manifest")
+
+
+def caches_written_in_place(path: Path) -> set[str]:
+    """The cache inputs of a decoder graph that may share one buffer with their output: the output is a
+    ScatterND straight from the input, and nothing else reads the input (so no node can see it after the
+    scatter wrote into it). Bound so, onnxruntime's ScatterND writes only the call's rows instead of
+    copying the whole cache into a new output first."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            readers[name] += 1
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    return {node.input[0] for node in graph.node
+            if node.op_type == "ScatterND" and node.input[0] in inputs and readers[node.input[0]] == 1
+            and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs}
 
 
 class OnnxSession(StaticCacheSession):
@@ -60,6 +81,36 @@ class OnnxSession(StaticCacheSession):
                 raise VlmcError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
             check_inputs(program, self.sessions[program], (expected_inputs or {}).get(program, []))
         self.input_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
+        self.in_place = caches_written_in_place(files["text_decoder"]) if "text_decoder" in files else set()
+
+    def _decode(self, embeds, positions, logits_index) -> np.ndarray:
+        """The decoder call with each in-place cache bound as its own output: the session's cache arrays are
+        updated where they are (the others come back as new arrays, as from `call`)."""
+        if not self.in_place:
+            return super()._decode(embeds, positions, logits_index)
+        import onnxruntime as ort
+
+        session = self.sessions["text_decoder"]
+        names = self.input_names["text_decoder"]
+        pos = np.asarray(positions, np.int64)
+        binding = session.io_binding()
+        for name, value in zip(names, (np.ascontiguousarray(embeds, np.float32), pos[None], pos, np.asarray([logits_index], np.int64))):
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")
+        self.caches = [np.require(c, requirements=["C", "W"]) if n in self.in_place else c for n, c in zip(names[4:], self.caches)]
+        for name, cache in zip(names[4:], self.caches):
+            if name in self.in_place:
+                shared = ort.OrtValue.ortvalue_from_numpy(cache)  # wraps the array's memory
+                binding.bind_ortvalue_input(name, shared)
+                binding.bind_ortvalue_output(name + "_out", shared)
+            else:
+                binding.bind_cpu_input(name, cache)
+                binding.bind_output(name + "_out")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in the order bound: logits, then every cache
+        self.caches = [cache if name in self.in_place else value.numpy()
+                       for name, cache, value in zip(names[4:], self.caches, outputs[1:])]
+        return outputs[0].numpy()[0]
 
     def call(self, program, inputs):
         names = self.input_names[program]
