@@ -354,17 +354,19 @@ def interleaved_timings(bundles: dict[str, str], runtime: str, rounds: int) -> d
     `rounds` rounds that each run every bundle once in turn. Runs in a spawned process per runtime."""
     import numpy as np
 
-    from vlmc import api
     from vlmc.bundle import Bundle
+    from vlmc.runtimes import open_session
     from vlmc.runtimes.generate import encode_image, prompt_embeds
     from vlmc.runtimes.profile import sample_inputs
 
+    if runtime == "onnxruntime":  # every point's sessions are open: one thread pool among them
+        from vlmc.runtimes.onnxruntime_runner import share_one_thread_pool
+
+        share_one_thread_pool()
     opened = {}
     for key, path in bundles.items():
         b = Bundle(path)
-        # onnxruntime's workers must not spin after a call: with every point's sessions open, idle spinning
-        # workers would take the cores from the session that runs next
-        opened[key] = (api.session(b, runtime, shares_cpu=True), *sample_inputs(b))
+        opened[key] = (open_session(b, runtime, pooled=True), *sample_inputs(b))
     times = {key: {"vision": [], "prefill": [], "decode": []} for key in bundles}
     for r in range(rounds + 1):
         for key, (session, image, prompt) in opened.items():

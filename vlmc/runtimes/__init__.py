@@ -17,9 +17,12 @@ def check_runtime(runtime: str) -> None:
         raise VlmcError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIME_TARGETS)})")
 
 
-def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares_cpu: bool = False) -> Session:
+def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares_cpu: bool = False,
+                 pooled: bool = False) -> Session:
     """A session of `bundle` on `runtime`, every artifact hash-checked before it is loaded. `shares_cpu`: it
-    takes turns with PyTorch in one process (eval), so its thread pool must not spin between calls."""
+    takes turns with PyTorch in one process (eval), so its thread pool must not spin between calls.
+    `pooled` (onnxruntime): it takes turns with other sessions in one process and shares their thread pool
+    (the process called `share_one_thread_pool` first)."""
     check_runtime(runtime)
     shape = DecoderShape.from_manifest(bundle.manifest)
     target = RUNTIME_TARGETS[runtime]
@@ -39,7 +42,8 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares
                 bundle.file(f)
             files[p] = bundle.file(e["file"])
         return OnnxSession(files, shape, profile_ops=profile_ops,
-                           expected_inputs={p: e.get("inputs", []) for p, e in programs.items()}, spin=not shares_cpu)
+                           expected_inputs={p: e.get("inputs", []) for p, e in programs.items()}, spin=not shares_cpu,
+                           pooled=pooled)
     if runtime == "tvm":
         from vlmc.runtimes.tvm_runner import open_tvm
 

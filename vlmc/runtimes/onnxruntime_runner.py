@@ -54,11 +54,21 @@ def caches_written_in_place(path: Path) -> set[str]:
             and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs}
 
 
+def share_one_thread_pool() -> None:
+    """Make the sessions this process opens from now on (`pooled=True`) share onnxruntime's global thread
+    pool; call before the first session. Many sessions open at once (interleaved timing) would otherwise
+    each keep a pool whose workers spin after every call and take the cores from the session that runs
+    next; with one pool the workers spin, as in an app with one model, and nothing competes with them."""
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_global_thread_pool_sizes(0, 0)  # onnxruntime's default sizes
+
+
 class OnnxSession(StaticCacheSession):
     runtime = "onnxruntime"
 
     def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0,
-                 expected_inputs: dict[str, list[dict]] | None = None, spin: bool = True):
+                 expected_inputs: dict[str, list[dict]] | None = None, spin: bool = True, pooled: bool = False):
         super().__init__(shape)
         import onnxruntime as ort
 
@@ -68,7 +78,9 @@ class OnnxSession(StaticCacheSession):
         for program, path in files.items():
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            if threads:
+            if pooled:  # the process's global pool (`share_one_thread_pool`)
+                opts.use_per_session_threads = False
+            elif threads:
                 opts.intra_op_num_threads = threads
             if not spin:  # its idle workers would busy-wait while torch (the eval's reference) runs on the same cores
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
