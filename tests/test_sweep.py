@@ -158,7 +158,8 @@ def _vlmc(*args):
     ("tokens: [divprune]", "expected METHOD@KEEP"),
     ("tokens: [w8a8@4]", "'w8a8' is not a token pass"),
     ("quant: [divprune]", "'divprune' is not a quantization pass"),
-    ("quant: [flashcache]", "'flashcache' is not a quantization pass (w8a8, w8, w4) or the KV cache's storage (kv8)"),
+    ("quant: [flashcache]", "'flashcache' is not a quantization pass (w8a8, w8, w4), the KV cache's storage (kv8) or "
+                            "the token table's (embed8)"),
     ("tokens: [kv8@4]", "'kv8' is not a token pass"),
     ("runtimes: [coreml]\nquant: [w8a8]", "field 'runtimes': 'coreml' cannot be swept here"),
     ("model: shapes-llava", "no axis to sweep"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,25 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
     return {"file": WEIGHTS_FILE, "tensor_bytes": stored, "saved_bytes": referenced - stored}
 
 
+def caches_written_in_place(path: Path) -> list[str]:
+    """The cache inputs of a decoder graph that may share one buffer with their output: the output is a
+    ScatterND straight from the input, and nothing else reads the input (so no node can see it after the
+    scatter wrote into it). Bound so by the session (the manifest's `in_place_caches`), onnxruntime's
+    ScatterND writes only the call's rows instead of copying the whole cache into a new output first."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            readers[name] += 1
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    return sorted(node.input[0] for node in graph.node
+            if node.op_type == "ScatterND" and node.input[0] in inputs and readers[node.input[0]] == 1
+            and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs)
+
+
 def lower(ctx: ExportContext) -> dict:
     r = ctx.recipe
     programs = {}
@@ -180,6 +200,7 @@ def lower(ctx: ExportContext) -> dict:
         if quantized:
             programs[name]["quantization"] = quantized
     weights = share_weights(ctx.out_dir, programs)
+    programs["text_decoder"]["in_place_caches"] = caches_written_in_place(ctx.out_dir / programs["text_decoder"]["file"])
     return {"programs": programs, "runtime": "onnxruntime", "opset": r.onnx.opset, "weights": weights,
             "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
             "prefill": f"at the prompt's length (1..max_prompt={r.max_prompt}); logits_index picks the last token"}

@@ -43,7 +43,7 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares
             files[p] = bundle.file(e["file"])
         return OnnxSession(files, shape, profile_ops=profile_ops,
                            expected_inputs={p: e.get("inputs", []) for p, e in programs.items()}, spin=not shares_cpu,
-                           pooled=pooled)
+                           pooled=pooled, in_place=frozenset(programs["text_decoder"].get("in_place_caches", [])))
     if runtime == "tvm":
         from vlmc.runtimes.tvm_runner import open_tvm
 

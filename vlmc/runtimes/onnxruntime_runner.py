@@ -35,25 +35,6 @@ def check_inputs(program: str, session, expected: list[dict]) -> None:
                             f"{entry['shape']} in the manifest")
 
 
-def caches_written_in_place(path: Path) -> set[str]:
-    """The cache inputs of a decoder graph that may share one buffer with their output: the output is a
-    ScatterND straight from the input, and nothing else reads the input (so no node can see it after the
-    scatter wrote into it). Bound so, onnxruntime's ScatterND writes only the call's rows instead of
-    copying the whole cache into a new output first."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    readers: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            readers[name] += 1
-    inputs = {i.name for i in graph.input}
-    outputs = {o.name for o in graph.output}
-    return {node.input[0] for node in graph.node
-            if node.op_type == "ScatterND" and node.input[0] in inputs and readers[node.input[0]] == 1
-            and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs}
-
-
 def share_one_thread_pool() -> None:
     """Make the sessions this process opens from now on (`pooled=True`) share onnxruntime's global thread
     pool; call before the first session. Many sessions open at once (interleaved timing) would otherwise
@@ -68,7 +49,8 @@ class OnnxSession(StaticCacheSession):
     runtime = "onnxruntime"
 
     def __init__(self, files: dict[str, Path], shape: DecoderShape, profile_ops: bool = False, threads: int = 0,
-                 expected_inputs: dict[str, list[dict]] | None = None, spin: bool = True, pooled: bool = False):
+                 expected_inputs: dict[str, list[dict]] | None = None, spin: bool = True, pooled: bool = False,
+                 in_place: frozenset = frozenset()):
         super().__init__(shape)
         import onnxruntime as ort
 
@@ -93,7 +75,9 @@ class OnnxSession(StaticCacheSession):
                 raise VlmcError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
             check_inputs(program, self.sessions[program], (expected_inputs or {}).get(program, []))
         self.input_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
-        self.in_place = caches_written_in_place(files["text_decoder"]) if "text_decoder" in files else set()
+        # caches the decoder scatters into, read by nothing else (the manifest's `in_place_caches`, checked in
+        # the graph at export): bound as their own outputs, a call writes only its rows
+        self.in_place = set(in_place) & set(self.input_names.get("text_decoder", []))
 
     def _decode(self, embeds, positions, logits_index) -> np.ndarray:
         """The decoder call with each in-place cache bound as its own output: the session's cache arrays are
