@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from vlmc.errors import VlmcError
+from vlmc.models_zoo.programs import quantize_rows
 from vlmc.passes.registry import Pass, PassConfig, register
 
 
@@ -25,8 +26,8 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        scales = weight.detach().float().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
-        self.register_buffer("codes", torch.round(weight.detach().float() / scales).clamp(-127, 127).to(torch.int8))
+        codes, scales = quantize_rows(weight.detach().float())  # the int8 KV cache's row grid
+        self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("scales", scales)
 
     @property
