@@ -180,8 +180,8 @@ def caches_written_in_place(path: Path) -> list[str]:
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     return sorted(node.input[0] for node in graph.node
-            if node.op_type == "ScatterND" and node.input[0] in inputs and readers[node.input[0]] == 1
-            and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs)
+                  if node.op_type == "ScatterND" and node.input[0] in inputs and readers[node.input[0]] == 1
+                  and node.output[0] == node.input[0] + "_out" and node.output[0] in outputs)
 
 
 def lower(ctx: ExportContext) -> dict:
