@@ -32,6 +32,35 @@ def w8a8_bundle(tiny_ckpt, calibration_jsonl, tmp_path_factory):
     return compile_tiny(tiny_ckpt, tmp_path_factory.mktemp("q") / "w8a8", [{"name": "w8a8"}], calibration_jsonl)
 
 
+@pytest.mark.parametrize("activations, zero_point", [("uint8", "UINT8"), ("int8", "INT8")])
+def test_onnx_w8a8_activation_type_follows_the_recipe(tmp_path, activations, zero_point):
+    """U8S8 by default (onnxruntime's fast CPU form), S8S8 on request; weights int8 either way, and the
+    quantized product stays close to the float one."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlmc.passes.quant import onnx_quant
+    from vlmc.passes.registry import build
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    feeds = [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(4)]
+    record = onnx_quant.quantize(path, build({"name": "w8a8"}), feeds, w8a8_activations=activations)
+    assert record["activations"] == f"static {activations}" and ("U8S8" if activations == "uint8" else "S8S8") in record["how"]
+    q = onnx.load(str(path)).graph
+    dtypes = {i.name: TensorProto.DataType.Name(i.data_type) for i in q.initializer}
+    assert {dtypes[n.input[2]] for n in q.node if n.op_type == "QuantizeLinear"} == {zero_point}
+    assert {dtypes[n.input[0]] for n in q.node if n.op_type == "DequantizeLinear" and n.input[0] in dtypes} == {"INT8"}
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    assert np.abs(y - feeds[0]["x"] @ w).max() < 0.05 * np.abs(feeds[0]["x"] @ w).max()
+
+
 def test_w8a8_quantizes_both_parts_on_each_target_and_verifies(w8a8_bundle):
     m = w8a8_bundle.manifest
     assert set(m["quantization"]["parts"]) == {"vision", "decoder"}
@@ -41,8 +70,16 @@ def test_w8a8_quantizes_both_parts_on_each_target_and_verifies(w8a8_bundle):
         assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0, ops
         for target in ("onnx", "executorch"):
             q = m["targets"][target]["programs"][program]["quantization"]
-            assert q["scheme"] == "w8a8" and q["activations"] == "static int8"
+            assert q["scheme"] == "w8a8" and q["activations"] == {"onnx": "static uint8", "executorch": "static int8"}[target]
     assert "QuantizeLinear" not in onnx_ops(w8a8_bundle, "token_embedding")
+    # U8S8 (onnxruntime's fast CPU form): activations quantized to uint8, weights stored as int8
+    import onnx
+
+    graph = onnx.load(str(w8a8_bundle.path / "text_decoder.onnx")).graph
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    activation_zero_points = {dtypes[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"}
+    weights = {dtypes[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in dtypes}
+    assert activation_zero_points == {onnx.TensorProto.UINT8} and weights == {onnx.TensorProto.INT8}
     assert "quantization" not in m["targets"]["onnx"]["programs"]["token_embedding"]
     rows = m["verification"]["results"]
     assert rows and all(r["passed"] for r in rows)

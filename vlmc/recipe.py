@@ -26,6 +26,10 @@ class Strict(BaseModel):
 
 class OnnxOptions(Strict):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs")
+    w8a8_activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="the activation type of a w8a8 pass: uint8 (U8S8: onnxruntime's fast form on CPUs, "
+                             "1.8-2.3x fp32 on x86) or int8 (S8S8, for execution providers that take signed "
+                             "activations only; slower than fp32 on x86 CPUs: docs/ort_int8)")
 
 
 class ExecutorchOptions(Strict):

@@ -95,7 +95,8 @@ def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
         else:
             recorded = cal.static_prefill_inputs if job.name == "text_prefill" else cal.static_decoder_inputs
             feeds = [dict(zip(job.input_names, inputs)) for inputs in recorded]
-    return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds, ctx.promoted(job.name))}
+    return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds, ctx.promoted(job.name),
+                                                                    ctx.recipe.onnx.w8a8_activations)}
 
 
 def _aligned(f, size: int) -> int:

@@ -1,7 +1,9 @@
 """Quantization of an exported .onnx program with onnxruntime's own tooling.
 
-w8a8: static QDQ (per-channel int8 weights, int8 activations, min-max ranges from a calibration
-reader); w8: dynamic quantization (MatMulInteger, activations quantized per call); w4: MatMulNBits
+w8a8: static QDQ (per-channel int8 weights, activations with min-max ranges from a calibration reader), by
+default uint8 with a zero point: U8S8, the form onnxruntime's CPU kernels run fastest (x86's int8 dot
+products take one unsigned and one signed operand; S8S8, the recipe's `onnx.w8a8_activations: int8` for
+execution providers that want signed activations, ran slower than fp32 here; docs/ort_int8). w8: dynamic quantization (MatMulInteger, activations quantized per call); w4: MatMulNBits
 (group-wise 4-bit weights, float activations). Only the products with weights are quantized: attention
 products, the KV-cache writes and the residual stream stay float, as on XNNPACK.
 """
@@ -71,9 +73,10 @@ def _nodes_of(graph, linears: list[str]) -> list[str]:
     return [node for nodes in found.values() for node in nodes]
 
 
-def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eight_bit: list[str] = ()) -> dict:
+def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eight_bit: list[str] = (),
+             w8a8_activations: str = "uint8") -> dict:
     """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
-    inputs (needed by w8a8); `eight_bit` the linears a w4 scheme gives 8 bits (QIG): their products are
+    inputs (needed by w8a8, whose activations are `w8a8_activations`); `eight_bit` the linears a w4 scheme gives 8 bits (QIG): their products are
     quantized as w8 (dynamic int8), every other weight product as w4."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -86,10 +89,12 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eigh
     try:
         if scheme.name == "w8a8":
             quantize_static(str(path), tmp, _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, op_types_to_quantize=OPS,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
+                            activation_type=QuantType.QUInt8 if w8a8_activations == "uint8" else QuantType.QInt8,
                             nodes_to_exclude=_activation_products(graph) + kept_float)
-            how = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, int8 inputs to the weight products "
-                   "(min-max over the calibration set); attention products stay float")
+            form = "U8S8" if w8a8_activations == "uint8" else "S8S8"
+            how = (f"onnxruntime quantize_static: QDQ, per-channel int8 weights, {w8a8_activations} inputs to the weight "
+                   f"products ({form}, min-max over the calibration set); attention products stay float")
         elif scheme.name == "w8":
             quantize_dynamic(str(path), tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
                              nodes_to_exclude=_activation_products(graph) + kept_float)
@@ -119,7 +124,7 @@ def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eigh
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"):
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    activations = {"w8a8": "static int8", "w8": "dynamic int8"}.get(scheme.name, "float")
+    activations = {"w8a8": f"static {w8a8_activations}", "w8": "dynamic int8"}.get(scheme.name, "float")
     if eight_bit:
         activations = "float (4-bit linears), dynamic int8 (8-bit linears)"
     record = {"how": how, "activations": activations, "quantized_ops": ops}
