@@ -44,6 +44,7 @@ def test_profile_json(tiny_bundle):
 @pytest.mark.parametrize("args,fragment", [
     (["export", "-o", "{tmp}/o", "--model", "{tmp}/missing"], "neither a built-in"),
     (["export", "-o", "{tmp}/o", "--target", "tflite"], "unknown target 'tflite'"),
+    (["export", "-o", "{tmp}/o", "--target", "tflite", "--target", "onnx"], "unknown target 'tflite'"),  # repeated: all read
     (["export", "-o", "{tmp}/o", "--max-context", "4"], "recipe field 'max_context'"),
     (["export", "-o", "{tmp}/o", "--tile-grid", "2by2"], "--tile-grid '2by2': expected ROWSxCOLS"),
     (["export", "-o", "{tmp}/o", "--tile-grid", "2x2"], "llava family does not split images into tiles"),

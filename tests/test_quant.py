@@ -215,3 +215,23 @@ def test_observers_on_integer_tensors_are_dropped_before_calibration():
         prepared(x)
         out = convert_pt2e(prepared)(x)
     assert out.shape == (1, 3, 8)
+
+
+def test_a_quantized_selection_is_verified_as_a_set_of_rows():
+    """A quantized vision encoder with a token selection may pick another token where scores tie, shifting the
+    index-ordered rows after it: paired with their nearest eager rows, the rows still pass; a runtime that
+    repeats one right row, or returns wrong rows, does not."""
+    from vlmc.exporter.verify import check_row, paired_rows
+
+    rng = np.random.default_rng(0)
+    full = np.cumsum(rng.standard_normal((40, 16)), axis=0)  # neighbouring patches alike, distant ones not
+    eager = full[[0, 3, 5, 8, 13, 21, 30, 34]]
+    runtime = full[[0, 3, 4, 5, 8, 13, 21, 30]] + 0.01 * rng.standard_normal((8, 16))  # token 4 picked, 34 dropped
+
+    def passes(got):
+        return check_row("onnx", "vision_encoder", "image embeddings", *paired_rows(got, eager)[:2], 1e-3, 1e-3, 0.25)["passed"]
+
+    assert not check_row("onnx", "vision_encoder", "image embeddings", runtime, eager, 1e-3, 1e-3, 0.25)["passed"]  # by position
+    assert paired_rows(runtime, eager)[2] == 7 and passes(runtime)
+    assert not passes(np.repeat(eager[:1], 8, axis=0))  # one right row, repeated
+    assert not passes(full[[1, 9, 15, 18, 25, 27, 37, 39]])  # other tokens

@@ -75,7 +75,7 @@ def models(as_json):
 @click.option("--model", "-m", default=None, help="built-in model, Hugging Face checkpoint dir or preset:NAME (default: shapes-llava)")
 @click.option("--image-size", type=int, default=None, help="input resolution, for families that choose it at export (qwen2_5_vl)")
 @click.option("--tile-grid", default=None, help="ROWSxCOLS tiles plus the global image, for families that split images (smolvlm), e.g. 2x2")
-@click.option("--target", "-t", "targets", default=None, help="comma-separated: onnx,executorch,coreml,tvm")
+@click.option("--target", "-t", "targets", multiple=True, help="comma-separated or repeated: onnx,executorch,coreml,tvm")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--recipe", "-r", "recipe_path", default=None, help="recipe YAML; flags override its fields")
 @click.option("--max-context", type=int, default=None, help="KV-cache length (prompt + generated tokens)")
@@ -96,7 +96,7 @@ def export(model, image_size, tile_grid, targets, out, recipe_path, max_context,
     from vlmc.recipe import load, parse_targets, parse_tile_grid
 
     overrides = {"model": model, "image_size": image_size, "tile_grid": parse_tile_grid(tile_grid) if tile_grid else None,
-                 "targets": parse_targets(targets) if targets else None,
+                 "targets": parse_targets(",".join(targets)) if targets else None,
                  "max_context": max_context,
                  "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
                  "passes": [parse_cli(p) for p in pass_specs] or None, "calibration.dataset": calibration,

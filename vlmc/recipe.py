@@ -195,7 +195,7 @@ def load(path: Optional[str], overrides: dict) -> Recipe:
 
 
 def parse_targets(text: str) -> list[str]:
-    targets = [t.strip() for t in text.split(",") if t.strip()]
+    targets = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # repeated -t, in order
     for t in targets:
         if t not in TARGETS:
             raise VlmcError(f"unknown target {t!r} (choose from {', '.join(TARGETS)})")
