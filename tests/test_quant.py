@@ -169,6 +169,7 @@ def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl
     from vlmc.passes.quant.calibration import DECODE_STEPS
 
     p, cal = tiny_calibration(tiny_ckpt, calibration_jsonl)
+    t = p.loaded.config.text
     assert len(cal.images) == 8 and all(img.shape == (3, 32, 32) and img.dtype == np.uint8 for img in cal.images)
     assert all(len(calls) == 1 + DECODE_STEPS for calls in cal.decoder_calls)
     prefill, *steps = cal.decoder_calls[0]
@@ -176,6 +177,16 @@ def test_calibration_records_what_each_program_sees(tiny_ckpt, calibration_jsonl
     assert [s[1] for s in steps] == [prefill[0].shape[1] + i for i in range(DECODE_STEPS)]
     assert len(cal.static_decoder_inputs) == 8 * (1 + DECODE_STEPS)
     assert cal.static_decoder_inputs[0][0].shape == prefill[0].shape  # prefill at the prompt's length, as onnxruntime runs it
+    # caches are kept up to their last written slot and rebuilt whole: a prefill's are empty, a step's hold the prompt
+    from vlmc.passes.quant.calibration import ZeroTail
+
+    feeds = list(cal.static_inputs("text_decoder"))
+    first_step = cal.static_decoder_inputs[1]
+    caches = [a for a in first_step if isinstance(a, ZeroTail)]
+    assert caches and all(c.head.shape[-2] == prefill[0].shape[1] and c.shape[-2] == 48 for c in caches)
+    assert all(a.shape == (1, t.num_kv_heads, 48, t.head_dim) and not a.any() for a in feeds[0][4:])
+    assert all(np.array_equal(a[..., :c.head.shape[-2], :], c.head) and not a[..., c.head.shape[-2]:, :].any()
+               for a, c in zip(feeds[1][4:], caches))
 
 
 def test_passes_lists_quantization(tmp_path):

@@ -127,9 +127,8 @@ def _samples(ctx: ExportContext, job) -> list[dict] | None:
     cal = ctx.calibration()
     if job.name == "vision_encoder":
         return [{job.input_names[0]: img.astype(np.float32)[None]} for img in cal.images]
-    recorded = cal.static_prefill_inputs if job.name == "text_prefill" else cal.static_decoder_inputs
     return [{k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in zip(job.input_names, inputs)}
-            for inputs in recorded]
+            for inputs in cal.static_inputs(job.name)]
 
 
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"

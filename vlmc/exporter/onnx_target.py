@@ -92,9 +92,8 @@ def _quantize(ctx: ExportContext, job, path: Path, scheme) -> dict:
         cal = ctx.calibration()
         if job.name == "vision_encoder":
             feeds = [{job.input_names[0]: img} for img in cal.images]
-        else:
-            recorded = cal.static_prefill_inputs if job.name == "text_prefill" else cal.static_decoder_inputs
-            feeds = [dict(zip(job.input_names, inputs)) for inputs in recorded]
+        else:  # one call's inputs at a time: onnxruntime's calibration reads each feed once
+            feeds = (dict(zip(job.input_names, inputs)) for inputs in cal.static_inputs(job.name))
     return {**scheme.describe("onnx"), **onnx_quant.quantize(path, scheme, feeds, ctx.promoted(job.name),
                                                                     ctx.recipe.onnx.w8a8_activations)}
 

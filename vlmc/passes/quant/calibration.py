@@ -20,13 +20,40 @@ DECODE_STEPS = 2  # greedy steps after each prefill: decode-time activations get
 
 
 @dataclass
+class ZeroTail:
+    """A 4-D input kept up to its last non-zero slot (axis -2): a static KV cache holds the prompt's rows and
+    zeros after them. Recorded in full, a 220M model's 60 caches of 768 slots made 3.4 GB for 32 questions."""
+
+    head: np.ndarray
+    shape: tuple
+
+    @classmethod
+    def of(cls, a: np.ndarray):
+        a = np.asarray(a)
+        if a.ndim != 4:
+            return np.array(a)
+        written = np.flatnonzero(np.any(a != 0, axis=(0, 1, 3)))
+        return cls(np.array(a[..., :int(written[-1]) + 1 if written.size else 0, :]), a.shape)
+
+    def full(self) -> np.ndarray:
+        out = np.zeros(self.shape, self.head.dtype)
+        out[..., :self.head.shape[-2], :] = self.head
+        return out
+
+
+@dataclass
 class Calibration:
     images: list[np.ndarray] = field(default_factory=list)  # uint8 [3,H,W]: what the vision_encoder takes (each tile)
     decoder_calls: list[list[tuple[np.ndarray, int]]] = field(default_factory=list)  # per question: (embeds [1,T,D], start)
-    static_decoder_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_decoder inputs, in call order
-    static_prefill_inputs: list[list[np.ndarray]] = field(default_factory=list)  # text_prefill's (in-LLM token stages)
+    static_decoder_inputs: list[list] = field(default_factory=list)  # text_decoder inputs, in call order (caches as ZeroTail)
+    static_prefill_inputs: list[list] = field(default_factory=list)  # text_prefill's (in-LLM token stages)
     visual_rows: list[tuple[tuple[int, int], ...]] = field(default_factory=list)  # per question: each image run's rows [a, b)
     source: dict = field(default_factory=dict)
+
+    def static_inputs(self, program: str):
+        """The static-cache `program`'s recorded inputs, one call at a time, caches rebuilt to full size."""
+        for inputs in self.static_prefill_inputs if program == "text_prefill" else self.static_decoder_inputs:
+            yield [a.full() if isinstance(a, ZeroTail) else a for a in inputs]
 
 
 def check_source(options) -> None:
@@ -118,7 +145,7 @@ def collect(model, tokenizer, recipe, image_tokens: int, shape) -> Calibration:
 
         def call(self, program, inputs):
             if program in self.recorded:
-                self.recorded[program].append([np.array(a) for a in inputs])
+                self.recorded[program].append([ZeroTail.of(a) for a in inputs])
             return super().call(program, inputs)
 
     options, c = recipe.calibration, model.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from vlmc.errors import VlmcError, first_line
 OPS = ["MatMul", "Gemm", "Conv"]
 
 
-def _reader(feeds: list[dict[str, np.ndarray]]):
+def _reader(feeds: Iterable[dict[str, np.ndarray]]):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -73,7 +74,7 @@ def _nodes_of(graph, linears: list[str]) -> list[str]:
     return [node for nodes in found.values() for node in nodes]
 
 
-def quantize(path: Path, scheme, feeds: list[dict[str, np.ndarray]] | None, eight_bit: list[str] = (),
+def quantize(path: Path, scheme, feeds: Iterable[dict[str, np.ndarray]] | None, eight_bit: list[str] = (),
              w8a8_activations: str = "uint8") -> dict:
     """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
     inputs (needed by w8a8, whose activations are `w8a8_activations`); `eight_bit` the linears a w4 scheme gives 8 bits (QIG): their products are
