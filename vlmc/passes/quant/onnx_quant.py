@@ -3,8 +3,9 @@
 w8a8: static QDQ (per-channel int8 weights, activations with min-max ranges from a calibration reader), by
 default uint8 with a zero point: U8S8, the form onnxruntime's CPU kernels run fastest (x86's int8 dot
 products take one unsigned and one signed operand; S8S8, the recipe's `onnx.w8a8_activations: int8` for
-execution providers that want signed activations, ran slower than fp32 here; docs/ort_int8). w8: dynamic quantization (MatMulInteger, activations quantized per call); w4: MatMulNBits
-(group-wise 4-bit weights, float activations). Only the products with weights are quantized: attention
+execution providers that want signed activations, ran slower than fp32 here; docs/ort_int8). w8: dynamic
+quantization (MatMulInteger, activations quantized per call); w4: MatMulNBits (group-wise 4-bit weights,
+float activations). Only the products with weights are quantized: attention
 products, the KV-cache writes and the residual stream stay float, as on XNNPACK.
 """
 from __future__ import annotations
@@ -77,8 +78,8 @@ def _nodes_of(graph, linears: list[str]) -> list[str]:
 def quantize(path: Path, scheme, feeds: Iterable[dict[str, np.ndarray]] | None, eight_bit: list[str] = (),
              w8a8_activations: str = "uint8") -> dict:
     """Quantize `path` in place; return what the manifest records. `feeds` are the program's calibration
-    inputs (needed by w8a8, whose activations are `w8a8_activations`); `eight_bit` the linears a w4 scheme gives 8 bits (QIG): their products are
-    quantized as w8 (dynamic int8), every other weight product as w4."""
+    inputs (needed by w8a8, whose activations are `w8a8_activations`); `eight_bit` the linears a w4 scheme
+    gives 8 bits (QIG): their products are quantized as w8 (dynamic int8), every other weight product as w4."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
