@@ -20,7 +20,6 @@ import torch
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import ExportContext, io_entry
 
-EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps one file at 2 GB
 WEIGHTS_FILE = "onnx_weights.data"
 INLINE_BYTES = 1024  # smaller tensors (shapes, scalars, scales) stay in the graph
 
@@ -73,12 +72,14 @@ def name_dynamic_dims(path: Path, dynamic_shapes) -> None:
 
 
 def _export(module, args, path: Path, dynamic_shapes, input_names, output_names, opset: int) -> None:
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    """Weights go to `path`.data as the exporter writes them (share_weights regroups them): an inline
+    file is serialised in memory first, and every later read of the graph would load them too (a 220M
+    model's export peaked 0.6 GB higher)."""
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         try:
             torch.onnx.export(module.eval(), args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
                               output_names=output_names, opset_version=opset, optimize=True,
-                              external_data=big, verbose=False)
+                              external_data=True, verbose=False)
         except Exception as e:  # the exporter raises many types; the first line names the failing op
             raise VlmcError(f"ONNX export of {path.stem} failed: {first_line(e)}") from None
 
@@ -110,7 +111,7 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
     dtype and bytes) written once. A matrix stored transposed elsewhere (the exporter folds a tied LM head's
     transpose into its weight) is read through a Transpose node, which onnxruntime folds when it loads the
     graph. Each program entry gets its `files`, the bytes it references (`weight_bytes`) and how many of
-    those another program references too (`shared_bytes`). One program at a time is in memory."""
+    those another program references too (`shared_bytes`). One tensor at a time is in memory."""
     import hashlib
 
     import onnx
@@ -119,17 +120,17 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
     offsets: dict[tuple, tuple[int, int]] = {}
     users: dict[tuple, set] = {}
 
-    def key_of(array):
-        raw = array.tobytes()
-        return (str(array.dtype), len(raw), hashlib.sha256(raw).digest()), raw
+    def key_of(array):  # (key, the contiguous array whose bytes are written): no bytes copy of a large table
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # any dtype (bfloat16 too) as its bytes
+        return (str(array.dtype), raw.nbytes, hashlib.sha256(raw).digest()), raw
 
     tmp = out_dir / (WEIGHTS_FILE + ".tmp")
     with open(tmp, "wb") as f:
         for name, entry in programs.items():
-            model = onnx.load(str(out_dir / entry["file"]))  # with its own external data, if it had any
+            model = onnx.load(str(out_dir / entry["file"]), load_external_data=False)
             transposes = []
             for tensor in model.graph.initializer:
-                array = numpy_helper.to_array(tensor)
+                array = numpy_helper.to_array(tensor, base_dir=str(out_dir))  # one tensor's bytes at a time
                 if array.nbytes < INLINE_BYTES:
                     continue
                 key, raw = key_of(array)
@@ -140,7 +141,7 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
                         key, raw, array = flipped, flipped_raw, array.T
                         tensor.name = tensor.name + ".T"
                 if key not in offsets:
-                    offsets[key] = (_aligned(f, len(raw)), len(raw))
+                    offsets[key] = (_aligned(f, raw.nbytes), raw.nbytes)
                     f.write(raw)
                 users.setdefault(key, set()).add(name)
                 tensor_name, data_type = tensor.name, tensor.data_type
