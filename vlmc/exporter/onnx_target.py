@@ -132,6 +132,8 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor, base_dir=str(out_dir))  # one tensor's bytes at a time
                 if array.nbytes < INLINE_BYTES:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # back into the graph: its .data file goes
+                        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
                     continue
                 key, raw = key_of(array)
                 if key not in offsets and array.ndim == 2:
