@@ -137,7 +137,7 @@ def share_weights(out_dir: Path, programs: dict) -> dict:
                     continue
                 key, raw = key_of(array)
                 if key not in offsets and array.ndim == 2:
-                    flipped, flipped_raw = key_of(np.ascontiguousarray(array.T))
+                    flipped, flipped_raw = key_of(array.T)
                     if flipped in offsets:
                         transposes.append(helper.make_node("Transpose", [tensor.name + ".T"], [tensor.name], perm=[1, 0]))
                         key, raw, array = flipped, flipped_raw, array.T

@@ -130,8 +130,8 @@ class Verifier:
         got_rows, ref_rows, found = paired_rows(got, self.image_embeds)
         row = check_row(target, "vision_encoder", "image embeddings (as a set of rows)", got_rows, ref_rows, self.atol,
                         self.rtol, self.quantized_rel_err)
-        kept = got.reshape(-1, got.shape[-1]).shape[0]
-        row["detail"] += f"; rows paired with their nearest eager rows both ways ({found} of {kept} eager rows found)"
+        row["detail"] += (f"; rows paired with their nearest eager rows both ways ({found} of {got.size // got.shape[-1]} "
+                          "eager rows found)")
         return row
 
     def _common(self, target: str, session: Session, image) -> list[dict]:
