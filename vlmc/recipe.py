@@ -54,6 +54,8 @@ class TvmOptions(Strict):
     aarch64_mcpu: str = Field("cortex-a76", pattern=r"^[A-Za-z0-9_.+-]+$", description="LLVM CPU of the aarch64 build")
     tune_trials: int = Field(0, ge=0, le=100000, description="MetaSchedule trials for the vision encoder (0: untuned)")
     tuning_records: Optional[str] = Field(None, description="a folder of MetaSchedule records (a tvm bundle's tvm_tuning/) to reuse")
+    fast_math: bool = Field(True, description="exp, sigmoid, SiLU, GELU, tanh and softmax with TVM's polynomial exp / erf / tanh "
+                                              "(vectorized); false: one libm call per element")
 
 
 class VerifyOptions(Strict):

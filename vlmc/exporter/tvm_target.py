@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vlmc.errors import VlmcError, first_line
+from vlmc.exporter import tvm_ops
 from vlmc.exporter.context import ExportContext, io_entry
 from vlmc.runtimes.tvm_runner import host_architecture
 
@@ -38,6 +39,8 @@ def compile_target(arch: str, options) -> dict:
 
     if arch == host_architecture():
         mcpu = codegen.llvm_get_system_cpu() if options.mcpu == "native" else options.mcpu
+        if arch == "x86_64":  # LLVM's AVX-512 tuning splits TVM's 16-lane vectors in two: the exp kernel ran 2.3x slower
+            return {"kind": "llvm", "mcpu": mcpu, "mattr": ["-prefer-256-bit"]}
         return {"kind": "llvm", "mcpu": mcpu}
     if arch == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": options.aarch64_mcpu, "mattr": ["+neon"]}
@@ -68,27 +71,16 @@ def check(recipe) -> None:
         raise VlmcError(f"recipe field 'tvm.tuning_records': {records} holds no MetaSchedule records ({', '.join(TUNING_RECORDS)})")
 
 
-def _reduce_max(node, importer):
-    """aten.amax (token scorers take a max over a dimension), which TVM 0.27's importer lacks: Relax's max."""
-    from tvm import relax
-
-    args = importer.retrieve_args(node)
-    dims = args[1] if len(args) > 1 and args[1] else None
-    keepdim = bool(args[2]) if len(args) > 2 else False
-    return importer.block_builder.emit(relax.op.max(args[0], dims, keepdims=keepdim))
-
-
-EXTRA_CONVERTERS = {"amax.default": _reduce_max}
-
-
-def _import(job) -> "tvm.IRModule":
+def _import(job, fast_math: bool) -> "tvm.IRModule":
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
         with torch.no_grad():
             ep = torch.export.export(job.module.eval(), job.args, dynamic_shapes=job.dynamic_shapes)
-        return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False,
-                                     custom_convert_map=EXTRA_CONVERTERS)
+            ep = ep.run_decompositions(tvm_ops.decompositions())
+        mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False,
+                                    custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False)
+        return tvm_ops.rewrite(mod, fast_math)
     except Exception as e:  # the importer raises many types; the first line names the unsupported op
         raise VlmcError(f"TVM import of {job.name} failed: {first_line(e)}") from None
 
@@ -115,9 +107,8 @@ def _in_process_builder():
     return InProcessBuilder()
 
 
-def _tune(ctx: ExportContext, mod, target: dict):
-    """MetaSchedule over the module's tasks, records in the bundle's tvm_tuning/; then apply the best."""
-    import tvm
+def _tune(ctx: ExportContext, mod, target):
+    """MetaSchedule over the (legalized) module's tasks, records in the bundle's tvm_tuning/; then apply the best."""
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -127,20 +118,40 @@ def _tune(ctx: ExportContext, mod, target: dict):
     if options.tuning_records:
         for name in TUNING_RECORDS:
             shutil.copy(Path(options.tuning_records) / name, work_dir / name)
-    target = tvm.target.Target({**target, "num-cores": os.cpu_count() or 1})
-    with target:
-        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                                        relax.pipeline.zero_pipeline()])(mod)
     if options.tune_trials:
         ctx.progress(f"tvm: MetaSchedule, {options.tune_trials} trials on the vision encoder"
                      + (f" (adding to {options.tuning_records})" if options.tuning_records else ""))
         with contextlib.redirect_stdout(io.StringIO()):
             ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=options.tune_trials,
-                                            num_trials_per_iter=16, builder=_in_process_builder(),
+                                            num_trials_per_iter=min(64, options.tune_trials), builder=_in_process_builder(),
                                             runner=ms.runner.LocalRunner(timeout_sec=60), seed=0)
     shutil.rmtree(work_dir / "logs", ignore_errors=True)  # MetaSchedule's own logs: not part of the bundle
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+
+
+def _scheduled(ctx: ExportContext, name: str, mod, target: dict, tune: bool):
+    """The module legalized and fused into kernels, MetaSchedule's records applied where `tune`, and every
+    kernel left over given vlmc's default CPU schedule (tvm_schedules)."""
+    import tvm
+    from tvm import relax
+
+    from vlmc.exporter import tvm_schedules
+
+    target = tvm.target.Target({**target, "num-cores": os.cpu_count() or 1})
+    prepare = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+               relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
+               relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
+    with target:
+        mod = tvm.transform.Sequential(prepare)(mod)
+        try:
+            mod = tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        except Exception as e:  # TVM 0.27's fusion fails to type some symbolic shapes (LFM2's decoder); its FFI raises its own types
+            ctx.progress(f"tvm: {name} built unfused (TVM's FuseOps: {first_line(e)[:120]})")
+    if tune:
+        mod = _tune(ctx, mod, target)
+    with target:
+        return tvm_schedules.default_schedules()(mod)
 
 
 def _io(mod, job) -> dict:
@@ -173,13 +184,11 @@ def lower(ctx: ExportContext) -> dict:
     programs = {}
     for job in ctx.explicit_cache_programs("tvm", "chw_uint8"):
         ctx.progress(f"tvm: importing {job.name} (torch.export -> Relax)")
-        mod = _import(job)
+        mod = _import(job, options.fast_math)
         io_spec = _io(mod, job)
         libraries = {}
         for arch, target in targets.items():
-            program_mod = mod
-            if job.name == "vision_encoder" and tuned and arch == host_architecture():
-                program_mod = _tune(ctx, mod, target)
+            program_mod = _scheduled(ctx, job.name, mod, target, job.name == "vision_encoder" and tuned and arch == host_architecture())
             ctx.progress(f"tvm: compiling {job.name} for {arch} ({target.get('mcpu')})")
             path = ctx.out_dir / library_name(job.name, arch)
             try:
@@ -194,6 +203,7 @@ def lower(ctx: ExportContext) -> dict:
     entry = {"programs": programs, "runtime": "tvm", "tvm_version": tvm.__version__,
              "architectures": {arch: {"target": json.dumps(t)} for arch, t in targets.items()},
              "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",
+             "math": "fast: exp, erf and tanh as TVM's polynomials (topi.fast_*)" if options.fast_math else "exact (libm)",
              "prefill": f"at the prompt's length (1..max_prompt={ctx.recipe.max_prompt}); logits_index picks the last token",
              "tuning": {"vision_encoder": {"trials": options.tune_trials, "records": TUNING_DIR, "reused": options.tuning_records}}
              if tuned else None}

@@ -1,0 +1,151 @@
+"""vlmc's additions to TVM's importer: attention converted whole, transposes that cancel removed, fast math."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+tvm = pytest.importorskip("tvm")
+
+from vlmc.exporter import tvm_ops  # noqa: E402
+
+
+def _compiled(module: torch.nn.Module, args: tuple, fast_math: bool = True):
+    """The module through vlmc's import path (decompositions, converters, rewrite), built for the host."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), args).run_decompositions(tvm_ops.decompositions())
+    mod = from_exported_program(ep, custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False)
+    mod = tvm_ops.rewrite(mod, fast_math)
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+
+    def run(*inputs):
+        out = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+        return out[0].numpy() if not hasattr(out, "numpy") else out.numpy()
+
+    return mod, run
+
+
+class HeadsAttention(torch.nn.Module):
+    """Heads split by a transpose, attended, merged by the inverse transpose: the vision encoder's shape."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 4, **sdpa):
+        super().__init__()
+        self.heads, self.kv_heads, self.sdpa = heads, kv_heads, sdpa
+
+    def forward(self, q, k, v, mask=None):
+        b, t, _ = q.shape
+        split = lambda x, h: x.view(b, x.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q, self.heads), split(k, self.kv_heads), split(v, self.kv_heads),
+                                             attn_mask=mask, **self.sdpa)
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def _qkv(t=7, s=7, width=32, kv_width=32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, t, width, generator=g), torch.randn(1, s, kv_width, generator=g),
+            torch.randn(1, s, kv_width, generator=g))
+
+
+def test_attention_reads_the_heads_in_place_and_matches_torch():
+    q, k, v = _qkv()
+    module = HeadsAttention()
+    mod, run = _compiled(module, (q, k, v))
+    # one transposed copy, the keys' [B,H,d,S]; q, v and the output are read and made as the projections lay them out
+    assert re.findall(r"R\.permute_dims\(\w+, axes=(\[[0-9, ]+\])\)", mod.script()) == ["[0, 2, 3, 1]"]
+    assert "attention_scores" in mod.script() and "attention_probs" in mod.script()
+    np.testing.assert_allclose(run(q, k, v), module(q, k, v).numpy(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bool_mask_with_an_empty_row", "float_mask", "causal", "grouped_heads", "scale"])
+def test_attention_variants_match_torch(case):
+    q, k, v = _qkv(t=5, s=9)
+    mask = None
+    module = HeadsAttention()
+    if case == "bool_mask_with_an_empty_row":
+        mask = torch.rand(5, 9, generator=torch.Generator().manual_seed(1)) > 0.4
+        mask[2] = False  # a query that sees nothing: torch gives 0 there, not NaN
+    elif case == "float_mask":
+        mask = torch.randn(1, 1, 5, 9)
+    elif case == "causal":
+        q, k, v = _qkv(t=6, s=6)
+        module = HeadsAttention(is_causal=True)
+    elif case == "grouped_heads":
+        q, k, v = _qkv(t=5, s=9, width=32, kv_width=16)
+        module = HeadsAttention(heads=4, kv_heads=2, enable_gqa=True)
+    elif case == "scale":
+        module = HeadsAttention(scale=0.3)
+    args = (q, k, v) + ((mask,) if mask is not None else ())
+    _, run = _compiled(module, args)
+    expected = module(*args).numpy()
+    got = run(*args)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
+
+
+class Activations(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([torch.sigmoid(x), F.silu(x), F.gelu(x), F.gelu(x, approximate="tanh"), torch.exp(x),
+                          torch.tanh(x), torch.softmax(x, -1)], -1)
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_activations_match_torch_with_and_without_fast_math(fast_math):
+    """The polynomial kernels stay within float32 rounding of torch over the range activations see."""
+    x = torch.linspace(-12, 12, 4 * 64).reshape(4, 64)
+    mod, run = _compiled(Activations(), (x,), fast_math)
+    script = mod.script()
+    assert ("fast_exp" in script or "fast_tanh" in script) == fast_math, script[:400]
+    np.testing.assert_allclose(run(x), Activations()(x).numpy(), atol=2e-6, rtol=2e-5)
+
+
+class Block(torch.nn.Module):
+    """A transformer block's kernels: norm, linear + bias, activation, linear, softmax over rows."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.norm = torch.nn.LayerNorm(48)
+        self.up, self.down = torch.nn.Linear(48, 72), torch.nn.Linear(72, 40)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return torch.softmax(self.down(F.silu(self.up(self.norm(x)))), -1)
+
+
+@pytest.mark.parametrize("rows", [16, "symbolic"])
+def test_default_schedules_cover_every_kernel_and_keep_the_numbers(rows):
+    """Every kernel of a block (static rows, and a symbolic row count as the decoder has) gets a schedule
+    that spreads it over the cores and vectorizes it, and the results stay torch's."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.target import Target
+
+    from vlmc.exporter import tvm_schedules
+
+    x = torch.randn(1, 16, 48)
+    dynamic = None if rows == 16 else ({1: torch.export.Dim("rows", min=1, max=64)},)
+    with torch.no_grad():
+        ep = torch.export.export(Block().eval(), (x,), dynamic_shapes=dynamic).run_decompositions(tvm_ops.decompositions())
+    mod = tvm_ops.rewrite(from_exported_program(ep, custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False), True)
+    target = Target({"kind": "llvm", "mcpu": "x86-64-v3"})
+    with target:
+        mod = relax.pipeline.zero_pipeline()(mod)
+        mod = tvm_schedules.default_schedules()(mod)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert kernels and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in kernels.values()), list(kernels)
+    matmuls = [f for name, f in kernels.items() if "matmul" in name]
+    assert matmuls and all("T.parallel" in f.script() and "T.vectorized" in f.script() for f in matmuls)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    for n in ([16] if rows == 16 else [1, 5, 16, 63]):
+        xs = torch.randn(1, n, 48)
+        out = vm["main"](tvm.runtime.tensor(xs.numpy()))
+        out = out[0].numpy() if not hasattr(out, "numpy") else out.numpy()
+        np.testing.assert_allclose(out, Block()(xs).detach().numpy(), atol=2e-6, rtol=1e-5)

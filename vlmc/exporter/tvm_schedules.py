@@ -1,0 +1,106 @@
+"""Default CPU schedules for the kernels MetaSchedule did not tune.
+
+TVM 0.27 lowers an unscheduled kernel to plain loops: one thread, no vectors (the built-in model's
+decoder prefill took 170 ms that way, its vision encoder 98 ms). The decoder is never tuned (its text
+length is symbolic, which MetaSchedule cannot tune) and the vision encoder only when the recipe gives
+trials, so every program gets these schedules first; MetaSchedule's records replace them where it tuned:
+
+- `Matmul`: a product with an elementwise epilogue (linear layers, attention) computed in register tiles
+  of rows x vectors, the tiles spread over the cores, the epilogue applied per tile.
+- TVM's own dlight CPU rules for matrix-vector products and row reductions (softmax, norms).
+- `Elementwise`: every other loop nest of elementwise work, flattened, split across the cores and
+  vectorized.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target.codegen import llvm_get_vector_width
+
+
+def _lanes(target, dtype_bits: int = 32) -> int:
+    bits = llvm_get_vector_width(target)
+    return max((bits if bits > 0 else 128) // dtype_bits, 4)
+
+
+def _extent(sch, loop):
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+class Matmul(CPUScheduleRule):
+    """C[..., i, j] = sum_k A[..., i, k] B[..., k, j] (then elementwise): register tiles of ROWS x 2 vectors."""
+
+    ROWS = 4
+
+    def apply(self, func, target, _):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if not infos or infos[0].is_injective() or any(not b.is_injective() for b in infos[1:]):
+            return None
+        main = infos[0]
+        kinds = main.dom_kind()
+        spatial = len(kinds) - len(kinds.lstrip("S"))
+        if spatial < 2 or set(kinds[spatial:]) != {"R"}:
+            return None
+        loops = sch.get_loops(main.block_rv)
+        rows, cols, reduction = loops[spatial - 2], loops[spatial - 1], loops[spatial:]
+        n = _extent(sch, cols)
+        lanes = _lanes(target)
+        if n is None or n < lanes:
+            return None  # the vectors run along the output's last axis: it must be known and wide enough
+        width = lanes * 2 if n % (lanes * 2) == 0 or n % lanes else lanes  # a divisor of n where one fits
+        i_out, i_in = sch.split(rows, [None, self.ROWS])
+        j_out, j_in = sch.split(cols, [None, width])
+        k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]
+        sch.reorder(*loops[:spatial - 2], i_out, j_out, k, i_in, j_in)
+        outer = sch.fuse(*loops[:spatial - 2], i_out, j_out)
+        sch.parallel(outer)
+        accumulator = sch.cache_write(main.block_rv, 0, "local")
+        sch.reverse_compute_at(accumulator, outer, preserve_unit_loops=True)
+        for epilogue in infos[1:]:
+            try:
+                sch.reverse_compute_inline(epilogue.block_rv)
+            except Exception:  # an epilogue that reads other rows: it stays a loop nest of its own
+                pass
+        _, vec = sch.split(j_in, [None, lanes])
+        sch.vectorize(vec)  # before the init is split off: a reduction block (with its init) may be vectorized
+        sch.unroll(i_in)
+        init = sch.decompose_reduction(main.block_rv, k)
+        for block in (init, accumulator):
+            loops = sch.get_loops(block)
+            if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
+                _, vec = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vec)
+        return sch
+
+
+class Elementwise(CPUScheduleRule):
+    """A kernel of elementwise blocks only: its loops flattened, split across the cores, vectorized."""
+
+    def apply(self, func, target, _):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if not infos or len(infos) != 1 or not infos[0].is_injective():
+            return None
+        loops = sch.get_loops(infos[0].block_rv)
+        if not loops:
+            return None
+        flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        lanes = _lanes(target)
+        outer, vec = sch.split(flat, [None, lanes])
+        sch.parallel(outer)
+        sch.vectorize(vec)
+        return sch
+
+
+def default_schedules():
+    """The pass that schedules every kernel left unscheduled (run under the target)."""
+    return dlight.ApplyDefaultSchedule(Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise())
