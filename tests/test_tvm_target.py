@@ -20,6 +20,7 @@ def test_tvm_bundle_is_verified_on_the_host_and_cross_built(tvm_bundle):
     from vlmc.runtimes.tvm_runner import host_architecture
 
     entry = tvm_bundle.manifest["targets"]["tvm"]
+    assert entry["math"].startswith("fast: exp, erf and tanh as TVM's polynomials")  # tvm.fast_math's default
     host = host_architecture()
     for program in ("vision_encoder", "token_embedding", "text_decoder"):
         libs = entry["programs"][program]["libraries"]
