@@ -4,7 +4,7 @@ Exports one bundle (onnx, executorch, tvm untuned) and one tuned TVM bundle (Met
 then times the vision encoder of each runtime in alternating rounds (the machine's drift hits all alike)
 and reports p50 latency and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
 
-    python tools/bench_tvm.py --trials 800 --out docs/tvm_bench
+    python tools/bench_tvm.py --trials 1000 --rounds 10 --out docs/tvm_bench --work build/bench_tvm
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-llava")
-    parser.add_argument("--trials", type=int, default=800, help="MetaSchedule trials on the vision encoder")
+    parser.add_argument("--trials", type=int, default=1000, help="MetaSchedule trials on the vision encoder")
     parser.add_argument("--records", default=None, help="apply these MetaSchedule records (a tvm_tuning/ folder) instead of tuning")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
