@@ -149,3 +149,21 @@ def test_default_schedules_cover_every_kernel_and_keep_the_numbers(rows):
         out = vm["main"](tvm.runtime.tensor(xs.numpy()))
         out = out[0].numpy() if not hasattr(out, "numpy") else out.numpy()
         np.testing.assert_allclose(out, Block()(xs).detach().numpy(), atol=2e-6, rtol=1e-5)
+
+
+class RepeatedCacheAttention(torch.nn.Module):
+    """The decoder's shape: grouped queries over a cache whose heads repeat_kv repeats."""
+
+    def forward(self, q, k, v, mask):
+        from vlmc.models_zoo.layers import repeat_kv
+
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask)
+
+
+def test_a_repeated_cache_is_read_per_group_without_a_copy():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    mask = torch.arange(10)[None] <= torch.arange(3)[:, None] + 6
+    mod, run = _compiled(RepeatedCacheAttention(), (q, k, v, mask))
+    assert "broadcast_to" not in mod.script()  # the repeated heads are not materialized
+    np.testing.assert_allclose(run(q, k, v, mask), RepeatedCacheAttention()(q, k, v, mask).numpy(), atol=2e-6, rtol=1e-5)

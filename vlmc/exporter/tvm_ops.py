@@ -4,9 +4,10 @@
   converted to three kernels (scaled scores with the mask fused, a row softmax, the weighted values).
   q and v are read in the [B,T,H,d] layout their projections made and the result is made in it (no
   transposed copies of them); the keys are transposed once to [B,H,d,S], so the scores vectorize along
-  the keys. The decomposition TVM would import instead scales q and k
-  separately and adds a pass over every probability to zero rows that see nothing; that guard is kept
-  here inside the softmax (a row whose scores are all -inf gives 0, as torch's does).
+  the keys; a KV cache whose heads repeat_kv repeated for grouped queries is read per group in place.
+  The decomposition TVM would import instead scales q and k separately and adds a pass over every
+  probability to zero rows that see nothing; that guard is kept here inside the softmax (a row whose
+  scores are all -inf gives 0, as torch's does).
 - Fast math (`tvm.fast_math`, on by default): exp, sigmoid, SiLU, erf-GELU, tanh-GELU and softmax use
   TVM's polynomial exp / erf / tanh (`topi.fast_*`), which vectorize; LLVM lowers the exact ones to one
   libm call per element. Measured on the built-in vision encoder: the quick-GELU kernel 249 -> 23 us.
@@ -63,6 +64,27 @@ def _made_as_heads_last(bb, x):
             and bound.attrs.axes is not None and [int(a) for a in bound.attrs.axes] == [0, 2, 1, 3]):
         return bound.args[0], True
     return x, False
+
+
+def _repeated_heads(bb, x):
+    """x [B,H,S,d] = each of y's [B,Hkv,S,d] heads repeated H/Hkv times (repeat_kv: expand, then reshape)
+    -> (y, H/Hkv): read y's heads in place instead of a copy of the repeated cache; else (x, 1)."""
+    from tvm import relax, tirx
+
+    def bound(var, op):
+        call = bb.lookup_binding(var) if isinstance(var, relax.Var) else None
+        return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) == op else None
+
+    reshape = bound(x, "relax.reshape")
+    expand = bound(reshape.args[0], "relax.broadcast_to") if reshape is not None else None
+    if expand is None:
+        return x, 1
+    single, wide = expand.args[0].ty.shape, expand.ty.shape  # [B,Hkv,1,S,d] -> [B,Hkv,rep,S,d]
+    if (len(single) != 5 or not isinstance(single[2], tirx.IntImm) or int(single[2]) != 1 or len(wide) != 5
+            or not isinstance(wide[2], tirx.IntImm)):
+        return x, 1
+    dims = list(single.values)
+    return bb.emit(relax.op.reshape(expand.args[0], dims[:2] + dims[3:])), int(wide[2])
 
 
 def _reader(t, heads_last: bool):
@@ -132,13 +154,14 @@ def _attention(node, importer):
         raise ValueError("scaled_dot_product_attention with fewer key heads and enable_gqa=False")
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(int(q.ty.shape[-1])) if scale is None else float(scale)
+    (k, k_rep), (v, v_rep) = _repeated_heads(bb, k), _repeated_heads(bb, v)
     (q, q_last), (k, k_last), (v, v_last) = (_made_as_heads_last(bb, t) for t in (q, k, v))
     k_t = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1] if k_last else [0, 1, 3, 2]))
     extra = [importer.env[mask]] if mask is not None else []
-    scores = bb.emit_te(lambda a, c, *m: _scores(a, c, m[0] if m else None, scale, causal, q_last, group),
+    scores = bb.emit_te(lambda a, c, *m: _scores(a, c, m[0] if m else None, scale, causal, q_last, group * k_rep),
                         q, k_t, *extra, primfunc_name_hint="attention_scores")
     probs = bb.emit_te(lambda x: _softmax_rows(x, guard=True), scores, primfunc_name_hint="attention_probs")
-    out = bb.emit_te(lambda p, c: _weighted_values(p, c, v_last, group), probs, v, primfunc_name_hint="attention_values")
+    out = bb.emit_te(lambda p, c: _weighted_values(p, c, v_last, group * v_rep), probs, v, primfunc_name_hint="attention_values")
     return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # SDPA's [B,H,T,d]; the merge's transpose cancels it
 
 

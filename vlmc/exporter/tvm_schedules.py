@@ -18,6 +18,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target.codegen import llvm_get_vector_width
 
 
@@ -54,9 +55,12 @@ class Matmul(CPUScheduleRule):
         if n is None or n < lanes:
             return None  # the vectors run along the output's last axis: it must be known and wide enough
         if n % lanes:  # a ragged last vector would leave the whole loop scalar: compute on a padded block
-            sch.pad_einsum(main.block_rv, [1] * (spatial - 1) + [lanes] + [1] * (len(kinds) - spatial))
-            loops = sch.get_loops(main.block_rv)
-            n = _extent(sch, loops[spatial - 1])
+            try:
+                sch.pad_einsum(main.block_rv, [1] * (spatial - 1) + [lanes] + [1] * (len(kinds) - spatial))
+                loops = sch.get_loops(main.block_rv)
+                n = _extent(sch, loops[spatial - 1])
+            except ScheduleError:  # a block pad_einsum refuses (FlashCache's, for one): the last vector stays ragged
+                pass
         rows, cols, reduction = loops[spatial - 2], loops[spatial - 1], loops[spatial:]
         wide = lanes * self.VECTORS
         width = wide if n % wide == 0 or n % lanes else lanes  # a divisor of n where one fits
