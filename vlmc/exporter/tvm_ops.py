@@ -55,14 +55,19 @@ def _softmax_rows(x, guard: bool):
                       name="safe_softmax")
 
 
-def _made_as_heads_last(bb, x):
-    """x [B,H,T,d] = permute_dims(y [B,T,H,d], [0,2,1,3]) -> (y, True): read y in place; else (x, False)."""
+def _bound_call(lookup, var, op: str):
+    """The call to Relax op `op` that made `var` (looked up with `lookup`), or None."""
     from tvm import relax
 
-    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    if (isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == "relax.permute_dims"
-            and bound.attrs.axes is not None and [int(a) for a in bound.attrs.axes] == [0, 2, 1, 3]):
-        return bound.args[0], True
+    call = lookup(var) if isinstance(var, relax.Var) else None
+    return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) == op else None
+
+
+def _made_as_heads_last(bb, x):
+    """x [B,H,T,d] = permute_dims(y [B,T,H,d], [0,2,1,3]) -> (y, True): read y in place; else (x, False)."""
+    permute = _bound_call(bb.lookup_binding, x, "relax.permute_dims")
+    if permute is not None and permute.attrs.axes is not None and [int(a) for a in permute.attrs.axes] == [0, 2, 1, 3]:
+        return permute.args[0], True
     return x, False
 
 
@@ -71,12 +76,8 @@ def _repeated_heads(bb, x):
     -> (y, H/Hkv): read y's heads in place instead of a copy of the repeated cache; else (x, 1)."""
     from tvm import relax, tirx
 
-    def bound(var, op):
-        call = bb.lookup_binding(var) if isinstance(var, relax.Var) else None
-        return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) == op else None
-
-    reshape = bound(x, "relax.reshape")
-    expand = bound(reshape.args[0], "relax.broadcast_to") if reshape is not None else None
+    reshape = _bound_call(bb.lookup_binding, x, "relax.reshape")
+    expand = _bound_call(bb.lookup_binding, reshape.args[0], "relax.broadcast_to") if reshape is not None else None
     if expand is None:
         return x, 1
     single, wide = expand.args[0].ty.shape, expand.ty.shape  # [B,Hkv,1,S,d] -> [B,Hkv,rep,S,d]
@@ -95,7 +96,7 @@ def _reader(t, heads_last: bool):
 def _scores(q, k_t, mask, scale: float, causal: bool, q_heads_last: bool, group: int):
     """scale * q k^T [B,H,T,S] from k^T [B,Hkv,d,S] (keys contiguous: the product vectorizes along them),
     with the mask (bool: keep where true; float: added) and causality fused."""
-    from tvm import te, tirx, topi
+    from tvm import te, tirx
 
     Q = _reader(q, q_heads_last)
     b, t, h = (q.shape[0], q.shape[1], q.shape[2]) if q_heads_last else (q.shape[0], q.shape[2], q.shape[1])
@@ -106,8 +107,8 @@ def _scores(q, k_t, mask, scale: float, causal: bool, q_heads_last: bool, group:
 
     def masked(*i):
         value = raw(*i) * scale
-        if mask is not None:  # broadcast to the scores' own shape (topi's broadcasting puts an if-then-else in a
-            m = mask(*_broadcast_index(mask, i))  # symbolic shape, which Relax's fusion cannot type)
+        if mask is not None:  # indexed at the scores' own shape: topi's broadcasting would put an if-then-else
+            m = mask(*_broadcast_index(mask, i))  # in a symbolic shape, which Relax's fusion cannot type
             value = tirx.Select(m, value, neg_inf) if mask.dtype == "bool" else value + m
         if causal:  # torch's is_causal: query i sees keys 0..i
             value = tirx.Select(i[-1] <= i[-2], value, neg_inf)
@@ -227,10 +228,9 @@ def rewrite(mod, fast_math: bool):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = getattr(call.op, "name", None)
-            if name == "relax.permute_dims" and isinstance(call.args[0], relax.Var) and call.attrs.axes is not None:
-                inner = self.lookup_binding(call.args[0])
-                if (isinstance(inner, relax.Call) and getattr(inner.op, "name", None) == "relax.permute_dims"
-                        and inner.attrs.axes is not None and _permutes_cancel(call, inner)):
+            if name == "relax.permute_dims" and call.attrs.axes is not None:
+                inner = _bound_call(self.lookup_binding, call.args[0], "relax.permute_dims")
+                if inner is not None and inner.attrs.axes is not None and _permutes_cancel(call, inner):
                     return inner.args[0]
             if name in kernels and str(call.args[0].ty.dtype) in ("float32", "float16"):
                 if name == "relax.nn.softmax" and int(call.attrs.axis) not in (-1, len(call.args[0].ty.shape) - 1):
