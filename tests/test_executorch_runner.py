@@ -71,3 +71,48 @@ def test_onnx_stores_a_tied_table_once(tmp_path, sample_image):
     assert entry["tied_embedding"].startswith("stored once")
     assert entry["programs"]["token_embedding"]["shared_bytes"] == table.nbytes == entry["weights"]["saved_bytes"]
     assert_verified_with_the_same_tokens(b, sample_image, ("eager", "onnxruntime"))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 8), (3, 9, 8)])
+def test_unmasked_attention_as_batched_products_equals_torch(shape):
+    """A mask-free SDPA (ExecuTorch's vision encoders) becomes bmm / softmax / bmm with torch's result; with a
+    mask or causality torch's own decomposition stays."""
+    from vlmc.exporter.executorch_target import attention_as_batched_products
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    for scale in (None, 0.3):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        torch.testing.assert_close(attention_as_batched_products(q, k, v, scale=scale), want, atol=1e-6, rtol=1e-5)
+    mask = torch.ones(shape[-2], shape[-2], dtype=torch.bool)
+    assert attention_as_batched_products(q, k, v, attn_mask=mask) is NotImplemented  # torch's guard stays
+    assert attention_as_batched_products(q, k, v, is_causal=True) is NotImplemented
+
+
+def test_unmasked_attention_lowers_to_one_xnnpack_delegate(tmp_path):
+    """A ViT's linear -> attention -> linear lowers to one XNNPACK delegate, no portable op left (torch's own
+    decomposition leaves a -inf guard and expand copies outside it), and runs like eager."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from vlmc.exporter.executorch_target import XNNPACK_DECOMPOSITIONS
+
+    class Block(torch.nn.Module):  # a ViT's attention
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.out = (torch.nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            q, k, v = (p(x).view(1, 9, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    block, x = Block().eval(), torch.randn(1, 9, 8, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(block, (x,)).run_decompositions(XNNPACK_DECOMPOSITIONS)
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    calls = [str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"]
+    assert [c for c in calls if "getitem" not in c] == ["executorch_call_delegate"]
+    (tmp_path / "block.pte").write_bytes(edge.to_executorch().buffer)
+    method = Runtime.get().load_program(str(tmp_path / "block.pte")).load_method("forward")
+    torch.testing.assert_close(method.execute([x])[0], block(x), atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ a vlmc bundle unchanged.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from contextlib import contextmanager
 from typing import Optional
@@ -97,6 +98,27 @@ def partitions_share_weights():
             XnnpackBackend.copy_exported_program_for_preprocess = saved
 
 
+def attention_as_batched_products(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                  enable_gqa=False):
+    """`aten.scaled_dot_product_attention` without a mask, as two batched products around a softmax, all of
+    which XNNPACK delegates. torch's own decomposition guards rows whose scores are all -inf (eq / any /
+    logical_not / where over every score) and multiplies 4-D tensors through expand copies, all on portable
+    kernels, which split a ViT into a delegate per block: on the built-in vision encoder 5.2 -> 1.9 ms, on a
+    ViT-B/16 184 -> 148 ms. Without a mask or causality no row can be all -inf, so the guard changes nothing.
+    With one (or dropout, or grouped heads), torch's decomposition stays (NotImplemented falls back to it)."""
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa or q.dim() < 3 \
+            or q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        return NotImplemented
+    batch, rows, cols = q.shape[:-2], q.shape[-2], k.shape[-2]
+    factor = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.bmm((q * factor).reshape(-1, rows, q.shape[-1]), k.reshape(-1, cols, k.shape[-1]).transpose(1, 2))
+    out = torch.bmm(torch.softmax(scores, -1), v.reshape(-1, cols, v.shape[-1]))
+    return out.reshape(*batch, rows, v.shape[-1])
+
+
+XNNPACK_DECOMPOSITIONS = {torch.ops.aten.scaled_dot_product_attention.default: attention_as_batched_products}
+
+
 def leave_out_of_delegates(partitioner, names: list[str]):
     """`partitioner`, leaving the parameter known by `names` (module paths of one tied tensor) out of every
     partition it tags: the delegate takes it as an input (XNNPACK's dynamic-weight linear) and the program
@@ -169,6 +191,7 @@ def lower(ctx: ExportContext) -> dict:
                 ctx.progress(f"executorch: {scheme.name} quantization of {name} (PT2E, XNNPACKQuantizer)")
                 module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
+            ep = ep.run_decompositions(XNNPACK_DECOMPOSITIONS)
             if scheme:
                 quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme),
                                    **({"eight_bit_linears": eight_bit} if eight_bit else {})}
