@@ -116,3 +116,102 @@ def test_unmasked_attention_lowers_to_one_xnnpack_delegate(tmp_path):
     (tmp_path / "block.pte").write_bytes(edge.to_executorch().buffer)
     method = Runtime.get().load_program(str(tmp_path / "block.pte")).load_method("forward")
     torch.testing.assert_close(method.execute([x])[0], block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 2), (8, 1)])
+def test_own_rows_attention_equals_masked_sdpa(heads, kv_heads):
+    """text_prefill's attention (grouped heads on one batch axis, the mask an additive bias) equals SDPA over
+    repeated KV heads under the causal, a sliding-window and a full mask; the delegable causal bias masks
+    exactly what the boolean causal mask does."""
+    from vlmc.models_zoo.layers import causal_bias, own_rows_attention
+    from vlmc.models_zoo.programs import plain_sdpa
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    t = 11
+    q, k, v = torch.randn(1, heads, t, 8, generator=g), torch.randn(1, kv_heads, t, 8, generator=g), torch.randn(1, kv_heads, t, 8, generator=g)
+    rows = torch.arange(t)
+    causal = rows[None, :] <= rows[:, None]
+    for mask in (causal, causal & (rows[:, None] - rows[None, :] < 3), torch.ones(t, t, dtype=torch.bool)):
+        bias = torch.where(mask, 0.0, float("-inf"))
+        torch.testing.assert_close(own_rows_attention(q, k, v, bias), plain_sdpa(q, k, v, mask), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(own_rows_attention(q, k, v, causal_bias(t)), plain_sdpa(q, k, v, causal), atol=1e-6, rtol=1e-5)
+    assert (causal_bias(t) == 0).equal(causal) and causal_bias(t).min() == -1e9
+
+
+def test_own_rows_attention_lowers_into_xnnpack_at_any_prompt_length(tmp_path):
+    """Grouped-head causal attention over a dynamic number of rows: every product, the softmax and the causal
+    bias run inside XNNPACK (outside stay the row index arange and copies), and the .pte equals eager at two
+    lengths. llama::custom_sdpa, which text_decoder needs for its cache, runs outside it."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from vlmc.models_zoo.layers import causal_bias, own_rows_attention
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            t = x.shape[1]
+            q = self.q(x).view(1, t, 4, 4).transpose(1, 2)
+            k, v = (p(x).view(1, t, 2, 4).transpose(1, 2) for p in (self.k, self.v))
+            return own_rows_attention(q, k, v, causal_bias(t))
+
+    block, g = Block().eval(), torch.Generator().manual_seed(0)
+    ep = torch.export.export(block, (torch.randn(1, 12, 16),), dynamic_shapes=({1: torch.export.Dim("t", min=2, max=32)},))
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    outside = [str(n.target).split(":")[1].split(">")[0].strip() for n in edge.exported_program().graph.nodes
+               if n.op == "call_function" and "Edge" in str(n.target)]
+    arithmetic = [op for op in outside if op.split(".")[1] in ("bmm", "_softmax", "add", "sub", "mul", "clamp", "where", "le", "expand_copy")]
+    assert "aten.arange.start_step" in outside and not arithmetic, outside  # copies (cat, views) may stay outside
+    (tmp_path / "block.pte").write_bytes(edge.to_executorch().buffer)
+    method = Runtime.get().load_program(str(tmp_path / "block.pte")).load_method("forward")
+    for t in (5, 29):
+        x = torch.randn(1, t, 16, generator=g)
+        torch.testing.assert_close(method.execute([x])[0], block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_vlmc_prefills_through_text_prefill_with_the_decoders_logits(tiny_bundle):
+    """The .pte has a text_prefill method beside text_decoder; vlmc's session prefills through it, the stock
+    runner's path (text_decoder from slot 0) gives the same logits, and a decode step reads the cache either
+    wrote the same way."""
+    from vlmc.runtimes.base import DecoderShape
+    from vlmc.runtimes.executorch_runner import ExecuTorchSession
+
+    entry = tiny_bundle.manifest["targets"]["executorch"]["programs"]["text_prefill"]
+    assert entry["min_prompt_len"] == 2 and "inside XNNPACK" in entry["role"]
+    shape = DecoderShape.from_manifest(tiny_bundle.manifest)
+    session = ExecuTorchSession(tiny_bundle.path / "model.pte", shape)
+    assert "text_prefill" in session.methods
+    embeds = np.random.default_rng(0).standard_normal((1, 23, shape.hidden_size)).astype(np.float32)
+    step = np.random.default_rng(1).standard_normal((1, 1, shape.hidden_size)).astype(np.float32)
+    ours = session.prefill(embeds, 3)
+    after_ours = session.step(step, 23)
+    stock = session.call("text_decoder", [embeds, np.asarray([0], np.int64)])[0][0]
+    after_stock = session.step(step, 23)
+    np.testing.assert_allclose(ours, stock, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(after_ours, after_stock, atol=1e-5, rtol=1e-5)
+    checks = {(r["program"], r["check"]) for r in tiny_bundle.manifest["verification"]["results"] if r["target"] == "executorch"}
+    assert {("text_prefill", "prefill logits"), ("text_decoder", "prefill logits")} <= checks
+
+
+def test_text_prefill_off_leaves_the_stock_methods_only(tiny_ckpt, tmp_path, sample_image):
+    """`executorch: {text_prefill: false}`: no second method (its packed weights are not held twice) and
+    vlmc prefills through text_decoder; in-LLM token stages, which need the method, are refused first."""
+    from vlmc.errors import VlmcError
+    from vlmc.runtimes.executorch_runner import ExecuTorchSession
+    from vlmc.runtimes.base import DecoderShape
+
+    recipe = {"model": str(tiny_ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": "USER : <image> {prompt} ASSISTANT :",
+              "executorch": {"text_prefill": False}}
+    with pytest.raises(VlmcError, match="executorch.text_prefill: false, but in-LLM token stages"):
+        api.compile({**recipe, "passes": [{"name": "fastv", "keep": 6, "at": "decoder.layer[0]"}]}, tmp_path / "fastv")
+    assert not (tmp_path / "fastv").exists()
+    b = api.compile(recipe, tmp_path / "b")
+    assert set(b.manifest["targets"]["executorch"]["programs"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+    session = ExecuTorchSession(b.path / "model.pte", DecoderShape.from_manifest(b.manifest))
+    assert "text_prefill" not in session.methods and "text_prefill" not in session.program.method_names
+    assert api.run(b.path, "executorch", sample_image, "what color is the circle ?", max_new_tokens=4)["pieces"]

@@ -38,6 +38,12 @@ class ExecutorchOptions(Strict):
         "twice", description="a tied model's token table in the .pte: twice (the LM head packs its own static copy: "
                              "fastest) or once (the LM head reads the token_embedding's table, repacked by XNNPACK "
                              "every call: a smaller .pte, a slower head; docs/tied_embedding)")
+    text_prefill: bool = Field(
+        True, description="a text_prefill method for a prompt's first prefill: attention over the call's own rows "
+                          "inside XNNPACK, where text_decoder's llama::custom_sdpa runs outside it (prefill 1.5x faster "
+                          "on the built-in model, docs/et_prefill). The runtime packs the decoder's weights once per "
+                          "method unless XNNPACK's weight cache is on (a C++ runtime option), so false saves that "
+                          "memory; in-LLM token stages need it")
 
 
 class CoremlOptions(Strict):

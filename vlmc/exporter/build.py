@@ -71,6 +71,8 @@ def _check_targets(prepared: Prepared) -> None:
     if "executorch" in recipe.targets:
         for scheme in prepared.quant.schemes.values():
             executorch_quant.check(scheme, recipe.executorch.backend)
+        if not recipe.executorch.text_prefill and any(p["in_llm"] for p in prepared.passes):
+            raise VlmcError("recipe executorch.text_prefill: false, but in-LLM token stages run in the text_prefill method")
     if "tvm" in recipe.targets and prepared.quant:
         raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
                         "is exported to onnx, executorch and coreml")

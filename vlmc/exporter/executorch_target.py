@@ -20,6 +20,7 @@ from vlmc.errors import VlmcError, first_line
 from vlmc.exporter.context import PROGRAM_PARTS, ExportContext, io_entry
 from vlmc.models_zoo.programs import ExecuTorchDecoder, ExecuTorchPrefill, TokenEmbeddingProgram, VisionEncoderProgram
 from vlmc.passes.quant import executorch_quant
+from vlmc.runtimes.executorch_runner import MIN_PREFILL_ROWS
 
 PTE = "model.pte"
 
@@ -174,11 +175,12 @@ def lower(ctx: ExportContext) -> dict:
     if any(shifts):  # a continuation chunk must fit the shortest cache, whose slots sit max(shift) lower
         step_len = Dim("seq_len", min=1, max=min(r.max_prompt, r.max_context - max(shifts)))
         builders["text_decoder"] = (*builders["text_decoder"][:2], ({1: step_len}, None))
-    if m.decoder_stages():  # in-LLM token stages: a full-prompt prefill method sharing the decoder's caches
-        prompt_len = Dim("prompt_len", min=ctx.shortest_full_prompt, max=r.max_prompt)
+    if r.executorch.text_prefill:  # the first prefill: attention over its own rows, inside XNNPACK
+        shortest = ctx.shortest_full_prompt if m.decoder_stages() else MIN_PREFILL_ROWS
+        prompt_len = Dim("prompt_len", min=shortest, max=r.max_prompt)
         builders["text_prefill"] = (lambda model: ExecuTorchPrefill(model, r.max_context),
                                     (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1])), ({1: prompt_len}, None))
-    ctx.progress("executorch: torch.export of vision_encoder, token_embedding, text_decoder")
+    ctx.progress(f"executorch: torch.export of {', '.join(builders)}")
     exported, quantized = {}, {}
     with torch.no_grad():
         image_tokens = VisionEncoderProgram(m, "chw_uint8")(image).shape[1]
@@ -250,7 +252,11 @@ def lower(ctx: ExportContext) -> dict:
         programs["text_prefill"] = {"file": PTE, "method": "text_prefill",
                                     "inputs": [io_entry("inputs_embeds", [1, "prompt_len", hidden], "float32"),
                                                io_entry("image_start", [1], "int64")],
-                                    "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")]}
+                                    "outputs": [io_entry("logits", [1, c.text.vocab_size], "float32")],
+                                    "min_prompt_len": shortest,
+                                    "role": ("the whole prompt, the in-LLM token stages with it" if m.decoder_stages() else
+                                             "a prompt's first prefill from slot 0, its attention inside XNNPACK (image_start "
+                                             "unused); text_decoder from input_pos 0 gives the same logits, slower")}
     for name, n in delegated.items():
         programs[name]["delegate_calls"] = n
         if name in quantized:
@@ -260,6 +266,7 @@ def lower(ctx: ExportContext) -> dict:
         "linear)" if not_shared is None and partitioner else f"stored twice: {not_shared or 'no XNNPACK partitioning'}")}
     return {"programs": programs, "runtime": "executorch", "backend": r.executorch.backend,
             "constant_methods": constants, **tied,
-            "runner": ("vlmc (text_prefill takes the whole prompt)" if "text_prefill" in exported
-                       else "executorch MultimodalRunner (stock) or vlmc"),
+            "runner": ("vlmc (text_prefill takes the whole prompt)" if m.decoder_stages()
+                       else "executorch MultimodalRunner (stock; prefills through text_decoder) or vlmc (through "
+                            "text_prefill where the .pte has it)"),
             "kv_cache": "mutable buffers [1, max_context, kv_heads, head_dim] via llama::update_cache / llama::custom_sdpa"}

@@ -173,14 +173,16 @@ class Verifier:
         session = open_session(("vision_encoder", "token_embedding"))
         rows = self._common("executorch", session, self.image)
         session = None  # freed before the decoder's weights are packed
-        session = open_session(tuple(dict.fromkeys((self.prefill_program, "text_decoder"))))
         eager = ExecuTorchDecoder(self.ctx.model, self.ctx.recipe.max_context)
         n = self.embeds.shape[1]
-        if self.prefill_program == "text_prefill":
-            prefill = ("text_prefill", "prefill logits", eager.prefill, [self.embeds, self.image_start])
-        else:
-            prefill = ("text_decoder", "prefill logits", eager, [self.embeds, np.asarray([0], np.int64)])
-        for program, check, run, inputs in (prefill, ("text_decoder", "decode step logits", eager, [self.next_embeds, np.asarray([n], np.int64)])):
+        from_decoder = ("text_decoder", "prefill logits", eager, [self.embeds, np.asarray([0], np.int64)])
+        own_rows = ("text_prefill", "prefill logits", eager.prefill, [self.embeds, self.image_start])
+        # the stock runner prefills through text_decoder, vlmc's through text_prefill: both are checked, and
+        # the decode step reads the cache the last of them wrote (the two methods share it)
+        prefills = ([own_rows] if self.prefill_program == "text_prefill" else
+                    [from_decoder, own_rows] if self.ctx.recipe.executorch.text_prefill else [from_decoder])
+        session = open_session(tuple(dict.fromkeys([p[0] for p in prefills] + ["text_decoder"])))
+        for program, check, run, inputs in (*prefills, ("text_decoder", "decode step logits", eager, [self.next_embeds, np.asarray([n], np.int64)])):
             with torch.no_grad():
                 ref = run(*(torch.from_numpy(a) for a in inputs)).numpy()
             rows.append(self._check("executorch", program, check, session.call(program, inputs)[0], ref))

@@ -155,6 +155,33 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+def causal_bias(t: int) -> torch.Tensor:
+    """[T,T] additive causal mask, 0 where a row may look and -1e9 after it: a clamped difference of
+    positions rather than a compare and a select, so XNNPACK computes it (the portable compare and select
+    over [T,T] cost more than the attention). exp(-1e9 + s) is exactly 0 in float32, as exp(-inf)."""
+    rows = torch.arange(t, dtype=torch.float32)
+    return (rows[None, :] - rows[:, None]).clamp(0.0, 1.0) * -1e9
+
+
+def own_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of q [1,H,T,d] over the same call's rows k, v [1,Hkv,T,d] with an additive mask bias [T,T]
+    (every row sees itself) -> [1,T,H*d], as products of 3-D batches without a guard for rows that see
+    nothing. Every size is the call's own (backed), so XNNPACK runs it whole; attention over a cache's first
+    `slot + T` slots (an unbacked size) cannot be delegated. Grouped heads: the batch is ordered (copy of the
+    KV heads, KV head), so the keys repeat by concatenation and only static dims are split."""
+    _, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    n_rep = heads // kv_heads
+    q = q.reshape(kv_heads, n_rep, t, d).transpose(0, 1).reshape(heads, t, d)
+    k, v = k.reshape(kv_heads, t, d), v.reshape(kv_heads, t, d)
+    if n_rep > 1:
+        k, v = torch.cat([k] * n_rep), torch.cat([v] * n_rep)
+    scores = torch.bmm(q * (1.0 / math.sqrt(d)), k.transpose(1, 2)) + bias
+    out = torch.bmm(torch.softmax(scores, -1), v)  # [(copy, KV head), T, d]
+    out = out.reshape(n_rep, kv_heads, t, d).transpose(0, 1).reshape(heads, t, d)
+    return out.transpose(0, 1).reshape(1, t, heads * d)
+
+
 def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, packed, basis_k: torch.Tensor,
                 basis_v: torch.Tensor) -> torch.Tensor:
     """Attention of q [1,H,T,d] over a layer's float cache rows k, v [1,Hkv,S,d] (under mask [T,S] bool) and

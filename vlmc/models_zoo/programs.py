@@ -20,7 +20,7 @@ from torch import nn
 from typing import Optional
 
 from vlmc.models_zoo.core import PromptRows, VisionLanguageModel, add_int, join_state, split_state
-from vlmc.models_zoo.layers import StatefulAttend, packed_sdpa, repeat_kv
+from vlmc.models_zoo.layers import StatefulAttend, causal_bias, own_rows_attention, packed_sdpa, repeat_kv
 from vlmc.runtimes.base import DecoderShape
 
 
@@ -243,8 +243,9 @@ class ExecuTorchDecoder(nn.Module):
 
     The KV cache is the program's mutable buffers [1, C_i, Hkv, d], written by `llama::update_cache` and
     read by `llama::custom_sdpa` (causal from `start_pos`), as ExecuTorch's MultimodalRunner expects.
-    With in-LLM stages, `prefill` (exported as the `text_prefill` method, sharing the buffers) takes the
-    whole prompt and the image's start row; `forward` then continues with shifted slots in later layers.
+    `prefill` (exported as the `text_prefill` method, sharing the buffers) takes a prompt's first rows from
+    slot 0 and attends over them alone, in products XNNPACK runs (custom_sdpa runs outside it); with in-LLM
+    stages it also takes the image's start row, and `forward` continues with shifted slots in later layers.
     """
 
     def __init__(self, model: VisionLanguageModel, max_context: int):
@@ -285,13 +286,28 @@ class ExecuTorchDecoder(nn.Module):
         end = slot + k.shape[1]
         return k_cache[:, :end].to(k.dtype) * k_scale[:, :end], v_cache[:, :end].to(v.dtype) * v_scale[:, :end]
 
-    def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows]):
+    def _run(self, inputs_embeds, start, position_ids, prompt: Optional[PromptRows], own_rows: bool = False):
+        """`own_rows`: the text_prefill method, whose rows start at slot 0 and attend to one another only."""
+        biases = {}
+
+        def own_bias(i, t):
+            """Layer i's mask over the call's own rows as a bias; the causal one computed once per call."""
+            if self.model.causal_attention:
+                if "causal" not in biases:
+                    biases["causal"] = causal_bias(t)
+                return biases["causal"]
+            rows = torch.arange(t)
+            return torch.where(self.model.attention_mask(i, rows, rows), 0.0, float("-inf"))
 
         def attend(i, q, k, v, shift):
             slot = start - shift
             torch._check(slot >= 0)
             torch._check(slot + q.shape[2] <= getattr(self, f"k_cache_{i}").shape[1])
             k_cache, v_cache = self._store(i, k.transpose(1, 2), v.transpose(1, 2), slot)
+            if own_rows and i not in self.packed_layers:  # the keys are this call's rows
+                if self.model.kv_cache == "int8":  # what the cache holds, as the decode steps will read it
+                    k, v = dequantized(k), dequantized(v)
+                return own_rows_attention(q, k, v, own_bias(i, q.shape[2]))
             if i in self.packed_layers:  # the filled slots, and the packed image rows in the rank space
                 end = slot + q.shape[2]
                 stage = self.packed_layers[i]
@@ -341,8 +357,8 @@ class ExecuTorchDecoder(nn.Module):
 
     def prefill(self, inputs_embeds: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
         last = torch.tensor([inputs_embeds.shape[1] - 1])
-        prompt = PromptRows(image_start, self.model.image_rows_in_llm(), last)
-        return self._run(inputs_embeds, 0, torch.arange(inputs_embeds.shape[1])[None], prompt)
+        prompt = PromptRows(image_start, self.model.image_rows_in_llm(), last) if self.model.decoder_stages() else None
+        return self._run(inputs_embeds, 0, torch.arange(inputs_embeds.shape[1])[None], prompt, own_rows=True)
 
     def reset(self) -> None:
         for b in self.buffers():

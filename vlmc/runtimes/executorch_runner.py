@@ -15,14 +15,16 @@ from vlmc.errors import VlmcError, first_line
 from vlmc.runtimes.base import DecoderShape, Session
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+MIN_PREFILL_ROWS = 2  # text_prefill's shortest prompt without in-LLM stages (torch.export takes no dynamic 1)
 
 
 class ExecuTorchSession(Session):
     runtime = "executorch"
 
     def __init__(self, pte: Path, shape: DecoderShape, profile_ops: bool = False, methods: tuple[str, ...] | None = None):
-        """`methods`: the methods to load (default: all the bundle's). XNNPACK packs a method's weights when
-        it is loaded, and the program keeps every loaded method until it is freed itself."""
+        """`methods`: the methods to load (default: all the program's, text_prefill where it has one). XNNPACK
+        packs a method's weights when it is loaded, and the program keeps every loaded method until it is
+        freed itself."""
         super().__init__(shape)
         import torch
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
@@ -32,7 +34,7 @@ class ExecuTorchSession(Session):
         try:
             self.program = Runtime.get().load_program(str(pte), enable_etdump=profile_ops, debug_buffer_size=0)
             if methods is None:
-                methods = METHODS + (("text_prefill",) if shape.full_prompt_prefill else ())
+                methods = METHODS + (("text_prefill",) if "text_prefill" in self.program.method_names else ())
             self.methods = {m: self.program.load_method(m) for m in methods}
         except Exception as e:  # the pybindings raise RuntimeError with the runtime's error code
             raise VlmcError(f"ExecuTorch cannot load {pte}: {first_line(e)}") from None
@@ -41,11 +43,20 @@ class ExecuTorchSession(Session):
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
         return [o.numpy().copy() for o in self.methods[program].execute(args)]
 
+    def prefill_program(self, rows: int) -> str:
+        """Where a prompt of `rows` is prefilled: text_prefill where the program has it (attention inside
+        XNNPACK; in-LLM stages need it), else text_decoder from slot 0, as ExecuTorch's MultimodalRunner does."""
+        if self.shape.full_prompt_prefill or ("text_prefill" in self.methods and rows >= MIN_PREFILL_ROWS):
+            return "text_prefill"
+        return "text_decoder"
+
     def prefill(self, embeds, image_start=None):
         self.check_prompt_length(embeds.shape[1])
-        if self.shape.full_prompt_prefill:
-            return self.call("text_prefill", [embeds.astype(np.float32), self._image_start(image_start)])[0][0]
-        return self.call("text_decoder", [embeds.astype(np.float32), np.asarray([0], np.int64)])[0][0]
+        if self.prefill_program(embeds.shape[1]) == "text_decoder":
+            return self.call("text_decoder", [embeds.astype(np.float32), np.asarray([0], np.int64)])[0][0]
+        # image_start: read by in-LLM stages only
+        start = self._image_start(image_start) if self.shape.full_prompt_prefill else np.asarray([image_start or 0], np.int64)
+        return self.call("text_prefill", [embeds.astype(np.float32), start])[0][0]
 
     def step(self, embeds, pos):
         if pos >= self.shape.max_context:

@@ -114,6 +114,8 @@ def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iteratio
     programs["token_embedding"] = _bench(lambda: session.embed(prompt.text_ids), warmup, iterations)
     progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
     programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations), "tokens": len(prompt)}
+    if hasattr(session, "prefill_program"):  # ExecuTorch: which method ran it
+        programs["text_decoder.prefill"]["method"] = session.prefill_program(len(prompt))
     token = int(np.argmax(session.prefill(embeds, len(prompt.before))))
     token_embeds = session.embed([token])
     progress(f"{runtime}: text_decoder decode step x{iterations}")
