@@ -291,11 +291,12 @@ class ExecuTorchDecoder(nn.Module):
         biases = {}
 
         def own_bias(i, t):
-            """Layer i's mask over the call's own rows as a bias; the causal one computed once per call."""
+            """Layer i's mask over the call's own rows as a bias; the causal one computed once per call and row
+            count (layers after an in-LLM stage see fewer rows), keyed by its expression (T symbolic at export)."""
             if self.model.causal_attention:
-                if "causal" not in biases:
-                    biases["causal"] = causal_bias(t)
-                return biases["causal"]
+                if str(t) not in biases:
+                    biases[str(t)] = causal_bias(t)
+                return biases[str(t)]
             rows = torch.arange(t)
             return torch.where(self.model.attention_mask(i, rows, rows), 0.0, float("-inf"))
 
