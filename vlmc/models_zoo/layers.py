@@ -182,6 +182,14 @@ def own_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     return out.transpose(0, 1).reshape(1, t, heads * d)
 
 
+class OwnRowsAttention(nn.Module):
+    """`own_rows_attention` as a module, so PT2E quantizers can leave it float (`executorch_quant`): an int8
+    grid over scores plus a -1e9 mask bias would keep the bias and lose the scores."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return own_rows_attention(q, k, v, bias)
+
+
 def packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, packed, basis_k: torch.Tensor,
                 basis_v: torch.Tensor) -> torch.Tensor:
     """Attention of q [1,H,T,d] over a layer's float cache rows k, v [1,Hkv,S,d] (under mask [T,S] bool) and

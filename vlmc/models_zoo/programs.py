@@ -20,7 +20,7 @@ from torch import nn
 from typing import Optional
 
 from vlmc.models_zoo.core import PromptRows, VisionLanguageModel, add_int, join_state, split_state
-from vlmc.models_zoo.layers import StatefulAttend, causal_bias, own_rows_attention, packed_sdpa, repeat_kv
+from vlmc.models_zoo.layers import OwnRowsAttention, StatefulAttend, causal_bias, packed_sdpa, repeat_kv
 from vlmc.runtimes.base import DecoderShape
 
 
@@ -253,6 +253,7 @@ class ExecuTorchDecoder(nn.Module):
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
         self.model, self.max_context = model, max_context
+        self.own_rows = OwnRowsAttention()
         int8 = model.kv_cache == "int8"
         for i in range(model.config.text.num_layers):
             heads, slots, dim = model.cache_dims(i, max_context)
@@ -298,7 +299,7 @@ class ExecuTorchDecoder(nn.Module):
                     biases[str(t)] = causal_bias(t)
                 return biases[str(t)]
             rows = torch.arange(t)
-            return torch.where(self.model.attention_mask(i, rows, rows), 0.0, float("-inf"))
+            return torch.where(self.model.attention_mask(i, rows, rows), 0.0, -1e9)  # finite: a quantizer may observe it
 
         def attend(i, q, k, v, shift):
             slot = start - shift
@@ -308,7 +309,7 @@ class ExecuTorchDecoder(nn.Module):
             if own_rows and i not in self.packed_layers:  # the keys are this call's rows
                 if self.model.kv_cache == "int8":  # what the cache holds, as the decode steps will read it
                     k, v = dequantized(k), dequantized(v)
-                return own_rows_attention(q, k, v, own_bias(i, q.shape[2]))
+                return self.own_rows(q, k, v, own_bias(i, q.shape[2]))
             if i in self.packed_layers:  # the filled slots, and the packed image rows in the rank space
                 end = slot + q.shape[2]
                 stage = self.packed_layers[i]

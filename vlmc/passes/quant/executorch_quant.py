@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vlmc.models_zoo.layers import OwnRowsAttention
+
 
 XNNPACK_W4_GROUP = 32  # XNNPACK's 4-bit group-wise kernels take groups of a multiple of 32
 
@@ -61,6 +63,7 @@ def quantize_pt2e(ep, scheme, example_args: tuple, calibrate: Callable[[Callable
 
     dynamic = scheme.name == "w8"
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    quantizer.set_module_type(OwnRowsAttention, None)  # text_prefill's attention stays float, as custom_sdpa is
     prepared = prepare_pt2e(ep.module(), quantizer)
     drop_integer_observers(prepared)
     with torch.no_grad():
