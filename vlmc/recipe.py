@@ -40,7 +40,7 @@ class ExecutorchOptions(Strict):
                              "every call: a smaller .pte, a slower head; docs/tied_embedding)")
     text_prefill: bool = Field(
         True, description="a text_prefill method for a prompt's first prefill: attention over the call's own rows "
-                          "inside XNNPACK, where text_decoder's llama::custom_sdpa runs outside it (prefill 1.5x faster "
+                          "inside XNNPACK, where text_decoder's llama::custom_sdpa runs outside it (a full prompt's prefill 2.1x faster "
                           "on the built-in model, docs/et_prefill). The runtime packs the decoder's weights once per "
                           "method unless XNNPACK's weight cache is on (a C++ runtime option), so false saves that "
                           "memory; in-LLM token stages need it")
