@@ -84,7 +84,8 @@ def test_w8a8_quantizes_both_parts_on_each_target_and_verifies(w8a8_bundle):
     rows = m["verification"]["results"]
     assert rows and all(r["passed"] for r in rows)
     quantized = [r for r in rows if r.get("quantized")]
-    assert {r["program"] for r in quantized} == {"vision_encoder", "text_decoder"}
+    assert {r["program"] for r in quantized} == {"vision_encoder", "text_decoder", "text_prefill"}  # ExecuTorch's own prefill method too
+    assert m["targets"]["executorch"]["programs"]["text_prefill"]["quantization"]["scheme"] == "w8a8"
     # quantization moves the outputs, but by little: the float checks would fail, the relative ones pass
     assert all(0 < r["rel_err"] <= 0.25 and r["max_abs_err"] > 1e-3 for r in quantized if "KV" not in r["check"])
     assert all(r["max_abs_err"] == 0 for r in rows if r["program"] == "token_embedding")
