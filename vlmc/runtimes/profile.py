@@ -112,10 +112,10 @@ def profile_session(bundle: Bundle, session, runtime: str, warmup: int, iteratio
     programs["vision_encoder"] = {**_bench(lambda: encode_image(session, image), warmup, iterations), "calls": prompt.runs}
     progress(f"{runtime}: token_embedding x{iterations}")
     programs["token_embedding"] = _bench(lambda: session.embed(prompt.text_ids), warmup, iterations)
-    progress(f"{runtime}: text_decoder prefill ({len(prompt)} tokens) x{iterations}")
+    method = session.prefill_program(len(prompt)) if hasattr(session, "prefill_program") else "text_decoder"
+    progress(f"{runtime}: prefill through {method} ({len(prompt)} tokens) x{iterations}")
     programs["text_decoder.prefill"] = {**_bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations), "tokens": len(prompt)}
-    if hasattr(session, "prefill_program"):  # ExecuTorch: which method ran it
-        programs["text_decoder.prefill"]["method"] = session.prefill_program(len(prompt))
+    programs["text_decoder.prefill"]["method"] = method  # ExecuTorch: text_prefill where the .pte has it
     token = int(np.argmax(session.prefill(embeds, len(prompt.before))))
     token_embeds = session.embed([token])
     progress(f"{runtime}: text_decoder decode step x{iterations}")
