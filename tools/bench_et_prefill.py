@@ -20,7 +20,6 @@ import os
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,8 +40,8 @@ def _session(path: str, with_prefill: bool):
 def measure(path: str, keep: list[int], rounds: int) -> dict:
     import numpy as np
 
-    from vlmc.runtimes.generate import encode_image, prompt_embeds
-    from vlmc.runtimes.profile import sample_inputs
+    from vlmc.runtimes.generate import encode_image
+    from vlmc.runtimes.profile import prompt_with_image_rows, sample_inputs
 
     bundle, session = _session(path, True)
     if bundle.manifest["decoder"].get("cache_shifts"):
@@ -53,8 +52,7 @@ def measure(path: str, keep: list[int], rounds: int) -> dict:
     start = np.asarray([len(prompt.before)], np.int64)
     rows = []
     for k in sorted({*keep, full}):
-        picked = [e[:, np.linspace(0, full - 1, k).round().astype(int)] for e in image_embeds]
-        embeds = prompt_embeds(session, replace(prompt, num_image_tokens=k), picked).astype(np.float32)
+        embeds = prompt_with_image_rows(session, prompt, image_embeds, k).astype(np.float32)
         calls = {"text_decoder": [embeds, np.asarray([0], np.int64)], "text_prefill": [embeds, start]}
         times = {name: [] for name in calls}
         logits = {name: session.call(name, args)[0] for name, args in calls.items()}

@@ -78,6 +78,14 @@ def sample_inputs(bundle: Bundle):
     return image, prompt
 
 
+def prompt_with_image_rows(session, prompt, image_embeds: list, count: int) -> np.ndarray:
+    """The prompt's embeddings with `count` evenly spaced rows of each image run's embeddings instead of all:
+    what a pre-LLM token pass keeping that many hands the LLM."""
+    n = image_embeds[0].shape[1]
+    picked = [e[:, np.linspace(0, n - 1, count).round().astype(int)] for e in image_embeds]
+    return prompt_embeds(session, replace(prompt, num_image_tokens=count), picked)
+
+
 def prefill_curve(bundle: Bundle, session, image_embeds: list, prompt, counts: list[int], warmup: int, iterations: int,
                   progress) -> list[dict]:
     """Prefill latency with `count` image rows per image run instead of the bundle's (evenly spaced rows of
@@ -91,8 +99,7 @@ def prefill_curve(bundle: Bundle, session, image_embeds: list, prompt, counts: l
         raise VlmcError(f"prefill curve: image token counts must be 1..{n} (the bundle's), got {bad[0]}")
     rows = []
     for k in sorted(set(counts)):
-        picked = [e[:, np.linspace(0, n - 1, k).round().astype(int)] for e in image_embeds]
-        embeds = prompt_embeds(session, replace(prompt, num_image_tokens=k), picked)
+        embeds = prompt_with_image_rows(session, prompt, image_embeds, k)
         progress(f"prefill with {k} image rows x{iterations}")
         stats = _bench(lambda: session.prefill(embeds, len(prompt.before)), warmup, iterations)
         rows.append({"image_tokens": k, "tokens": embeds.shape[1], "p50_ms": stats["p50_ms"], "min_ms": stats["min_ms"]})
