@@ -21,6 +21,15 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
+def pytest_configure(config):
+    """A worker's torch gets its share of the cores: two workers' thread pools on the same cores slow both."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """Where `build(path)` wrote `path` (a checkpoint, a bundle), built once per run however many workers ask."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:

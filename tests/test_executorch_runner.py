@@ -35,19 +35,21 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
     assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]
 
 
-@pytest.mark.parametrize("tie, how, copies, note", [(True, "once", 1, "stored once"), (True, "twice", 2, "stored twice"),
-                                                      (False, "once", 1, "")])
-def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, tie, how, copies, note):
+@pytest.mark.parametrize("tie, how, prefill, copies, note", [(True, "once", True, 1, "stored once"),
+                                                               (True, "twice", False, 2, "stored twice"),
+                                                               (False, "once", False, 1, "")])
+def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, tie, how, prefill, copies, note):
     """With `executorch.tied_embedding: once` the LM head of a tied model reads the token_embedding's table (its
-    XNNPACK linear takes the weight as an input), so the table's bytes appear once in the .pte; by default
-    the head keeps its own static copy; an untied head always has its own weight."""
+    XNNPACK linear takes the weight as an input), so the table's bytes appear once in the .pte, however many
+    decoder methods (text_decoder, text_prefill) name the head; by default the head keeps its own static
+    copy; an untied head always has its own weight."""
     from tests.helpers import SPACED_TEMPLATE, assert_verified_with_the_same_tokens, make_hf_llava
     from vlmc.models_zoo import load
 
     ckpt = tmp_path / "ckpt"
     make_hf_llava(ckpt, tie=tie)
     b = api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
-                     "executorch": {"tied_embedding": how}}, tmp_path / "b")
+                     "executorch": {"tied_embedding": how, "text_prefill": prefill}}, tmp_path / "b")
     pte = (b.path / "model.pte").read_bytes()
     assert pte.count(load(str(ckpt)).model.embed_tokens.weight.detach().numpy().astype(np.float32).tobytes()) == copies
     assert b.manifest["targets"]["executorch"].get("tied_embedding", "").split(":")[0] == note
