@@ -1,8 +1,10 @@
-"""Resident memory at each phase of an ExecuTorch export: where the peak of `vlmc export` sits.
+"""Time and resident memory at each phase of an ExecuTorch export: where `vlmc export` spends them.
 
 Runs `vlmc export` in this process with a thread sampling RSS every 50 ms and checkpoints around exir's
 phases (edge programs, partitioning and lowering, each XNNPACK preprocess, to_executorch), the release
 of memory and the verification. Each line: seconds, RSS now, the highest RSS since the previous line.
+The log ends with the seconds each XNNPACK pass took over all delegates (each pass retraces its delegate's
+graph, so the sum follows the delegated ops, not the number of delegates).
 
     python tools/trace_export_phases.py --log phases.log -- --model preset:smolvlm2-256m --target executorch -o out --force
 """
@@ -68,11 +70,35 @@ def main() -> None:
     trace.around(XnnpackBackend, "preprocess", static=True)
     trace.around(build, "release_memory")
     trace.around(build, "_verify")
+    pass_seconds = time_xnnpack_passes()
     sys.argv = ["vlmc", "export", *[a for a in args.export_args if a != "--"]]
     try:
         vlmc_main()
     finally:
         trace.mark("end")
+        for name, (seconds, calls) in sorted(pass_seconds.items(), key=lambda kv: -kv[1][0]):
+            trace.log.write(f"xnnpack pass {name}: {seconds:.1f} s over {calls} delegates\n")
+        trace.log.write(f"xnnpack passes in all: {sum(s for s, _ in pass_seconds.values()):.1f} s\n")
+        trace.log.flush()
+
+
+def time_xnnpack_passes() -> dict:
+    """{pass name: [seconds, calls]}, filled as XNNPACK's preprocess runs its passes."""
+    import executorch.backends.xnnpack._passes as xnnpack_passes
+
+    totals: dict = {}
+    run_pass = xnnpack_passes._transform
+
+    def timed(program, transform_pass):
+        start = time.time()
+        try:
+            return run_pass(program, transform_pass)
+        finally:
+            entry = totals.setdefault(type(transform_pass).__name__, [0.0, 0])
+            entry[0] += time.time() - start
+            entry[1] += 1
+    xnnpack_passes._transform = timed
+    return totals
 
 
 if __name__ == "__main__":
