@@ -32,17 +32,14 @@ def pytest_configure(config):
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """Where `build(path)` wrote `path` (a checkpoint, a bundle), built once per run however many workers ask."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        path = tmp_path_factory.mktemp(name) / name
-        build(path)
-        return path
     from vlmc.cache import set_up
 
     def fill(staging: Path) -> dict:
         build(staging / name)
         return {}
 
-    folder = tmp_path_factory.getbasetemp().parent / name  # the run's, above every worker's own folder
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name  # a worker's parent: the run's
     set_up(folder, fill)
     return folder / name
 
