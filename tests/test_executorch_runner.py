@@ -120,6 +120,40 @@ def test_unmasked_attention_lowers_to_one_xnnpack_delegate(tmp_path):
     torch.testing.assert_close(method.execute([x])[0], block(x), atol=1e-5, rtol=1e-5)
 
 
+def test_input_free_nodes_are_computed_once_at_export(tmp_path):
+    """What depends on no input becomes a constant of the program (DivPrune's identity mask, arange offsets);
+    what reads a parameter or an input, and a result above the size limit, stays computed; the .pte runs
+    like eager."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from vlmc.exporter.executorch_target import FOLDED_CONSTANT_LIMIT, fold_input_free_nodes
+
+    side = int((FOLDED_CONSTANT_LIMIT // 4) ** 0.5) + 1  # a float [side, side] is just above the limit
+
+    class Selection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, x):
+            sim = x @ (self.w * 2.0).t()
+            mask = torch.eye(6) * 3.0 - torch.arange(6, dtype=torch.float32) * 1e-3
+            big = torch.ones(side, side).sum() / side ** 2
+            return (sim - mask).amax(-1) * big
+
+    model, x = Selection().eval(), torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    ep = fold_input_free_nodes(torch.export.export(model, (x,)))
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not any(op.startswith(("aten.eye", "aten.arange", "aten.eq")) for op in ops), ops
+    assert "aten.mul.Tensor" in ops and "aten.ones.default" in ops  # the parameter's product and the large result
+    assert [s.kind.name for s in ep.graph_signature.input_specs].count("CONSTANT_TENSOR") == 1  # the folded mask
+    edge = to_edge_transform_and_lower(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    (tmp_path / "m.pte").write_bytes(edge.to_executorch().buffer)
+    method = Runtime.get().load_program(str(tmp_path / "m.pte")).load_method("forward")
+    torch.testing.assert_close(method.execute([x])[0], model(x), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 2), (8, 1)])
 def test_own_rows_attention_equals_masked_sdpa(heads, kv_heads):
     """text_prefill's attention (grouped heads on one batch axis, the mask an additive bias) equals SDPA over

@@ -28,6 +28,7 @@ from vlmc.sweep import method_spec  # noqa: E402
 
 VISION_SIDE = ("random", "pooling", "divprune", "tfps", "score", "coin", "apet", "zooprune", "vlmpruner",
                "docprune", "visionzip", "duet", "tome")
+IN_LLM_STAGE = ("duet",)  # its second stage runs in the text_prefill method
 
 
 def _time_rounds(bundles: dict, runtime: str, rounds: int, warmup: int, seed: int) -> dict:
@@ -109,7 +110,9 @@ def main() -> None:
     bundles, refused = {}, {}
     for label, spec in configs.items():
         print(f"export {label} ...", flush=True)
-        recipe = {"model": args.model, "targets": targets, "passes": [spec] if spec else []}
+        # only vision_encoder is timed: no text_prefill method, unless the method has a stage inside the LLM
+        recipe = {"model": args.model, "targets": targets, "passes": [spec] if spec else [],
+                  "executorch": {"text_prefill": label in IN_LLM_STAGE}}
         try:
             if args.reuse and (args.work / label / "manifest.json").exists():
                 bundles[label] = str(args.work / label)

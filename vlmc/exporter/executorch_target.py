@@ -120,6 +120,47 @@ def attention_as_batched_products(q, k, v, attn_mask=None, dropout_p=0.0, is_cau
 
 XNNPACK_DECOMPOSITIONS = {torch.ops.aten.scaled_dot_product_attention.default: attention_as_batched_products}
 
+FOLDED_CONSTANT_LIMIT = 1 << 20  # bytes: larger input-free results (a long context's mask) stay computed
+QUANT_NAMESPACES = ("quantized_decomposed", "torchao")  # q/dq stay: XNNPACK reads the quantized ops by them
+
+
+def fold_input_free_nodes(ep):
+    """`ep` with every node that depends on no input, parameter or buffer computed once here and stored as
+    a constant. Onnxruntime, TVM and coremltools fold such nodes themselves; exir does not, so the sizes a
+    token pass builds its tensors from (an identity mask, tie-break offsets, one-hot ranges) ran at every
+    call on portable kernels: 1.1 of DivPrune's 1.7 ms on the built-in model went to rebuilding a 196 x 196
+    identity. ExecuTorch's `constant_prop_pass` would also fold parameters through (a transposed or
+    dequantized copy of a weight beside the original); this folds only what grows from lifted constants and
+    factories, and no result above FOLDED_CONSTANT_LIMIT."""
+    from executorch.exir.passes.constant_prop_pass import create_constant_nodes_and_return_specs
+    from torch._export.utils import get_lifted_tensor_constant, is_lifted_tensor_constant
+
+    graph = ep.graph
+    folded: dict = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if is_lifted_tensor_constant(ep, node):
+                folded[node] = get_lifted_tensor_constant(ep, node)
+            continue
+        if node.op != "call_function" or node.is_impure() or getattr(node.target, "namespace", "") in QUANT_NAMESPACES:
+            continue
+        if not all(a in folded for a in node.all_input_nodes) or any(u.op == "output" for u in node.users):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: folded[a])
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+        if not isinstance(value, torch.Tensor) or value.numel() * value.element_size() > FOLDED_CONSTANT_LIMIT:
+            continue
+        folded[node] = value.contiguous() if 0 in value.stride() else value
+    if not any(n.op == "call_function" for n in folded):
+        return ep
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    specs.update(create_constant_nodes_and_return_specs(folded, ep))
+    ep.graph_signature.input_specs = [specs[n.name] for n in graph.find_nodes(op="placeholder")]
+    graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return ep
+
 
 def leave_out_of_delegates(partitioner, names: list[str]):
     """`partitioner`, leaving the parameter known by `names` (module paths of one tied tensor) out of every
@@ -194,7 +235,7 @@ def lower(ctx: ExportContext) -> dict:
                 ctx.progress(f"executorch: {scheme.name} quantization of {name} (PT2E, XNNPACKQuantizer)")
                 module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
-            ep = ep.run_decompositions(XNNPACK_DECOMPOSITIONS)
+            ep = fold_input_free_nodes(ep.run_decompositions(XNNPACK_DECOMPOSITIONS))
             if scheme:
                 quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme),
                                    **({"eight_bit_linears": eight_bit} if eight_bit else {})}

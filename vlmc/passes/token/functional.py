@@ -34,8 +34,9 @@ def tie_offsets(scores: torch.Tensor, dim=-1) -> torch.Tensor:
 
 
 def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """tokens [B,N,D], idx [B,K] -> [B,K,D]."""
-    return torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+    """tokens [B,N,D], idx [B,K] -> [B,K,D]: whole rows by an embedding lookup (a gather of elements would need
+    the indices expanded to [B,K,D] first, a copy that cost ExecuTorch more than the gather)."""
+    return row_lookup(tokens, tokens.shape[0])(idx)
 
 
 def one_hot(idx: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
@@ -44,10 +45,11 @@ def one_hot(idx: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def ascending(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Distinct indices [B,K] in ascending order, via a float top-k (ExecuTorch has no int64 sort kernel)."""
-    mask = one_hot(idx, n).sum(dim=-2)  # [B, N], 1 where chosen
-    key = mask * (n - torch.arange(n, dtype=mask.dtype))
-    return torch.topk(key, idx.shape[-1], dim=-1).indices
+    """Distinct indices [B,K] (each below n) in ascending order, via a top-k of their negated float values
+    (ExecuTorch has no int64 sort kernel; floats hold indices exactly): K elements, not a [K, N] one-hot."""
+    if n >= 1 << 24:
+        raise ValueError(f"{n} tokens: too many to sort exactly as float32 indices")
+    return (-torch.topk(-idx.to(torch.float32), idx.shape[-1], dim=-1).values).to(torch.long)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +58,23 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def mean_of_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, M, C] -> its mean over M [B, C], as a product with a constant row: XNNPACK delegates the product,
+    while ExecuTorch ran a reduction over a middle dimension on portable kernels (0.3 ms for 25 k elements,
+    a tenth of the built-in vision encoder)."""
+    return torch.bmm(torch.full((x.shape[0], 1, x.shape[1]), 1.0 / x.shape[1], dtype=x.dtype), x)[:, 0]
+
+
+def head_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-head rows [B, H, N, d] averaged over the heads [B, N, d] (VisionZip's and ToMe's keys)."""
+    b, _, n, d = x.shape
+    return mean_of_rows(x.flatten(2)).view(b, n, d)
+
+
 def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
     x = unit(x)
+    if x.dim() == 3:  # bmm directly: matmul's broadcasting copies both operands in an exported graph
+        return torch.bmm(x, x.transpose(1, 2))
     return x @ x.transpose(-1, -2)
 
 
@@ -116,7 +133,7 @@ def foreground_scores(tokens: torch.Tensor, border: torch.Tensor) -> torch.Tenso
 
 
 def row_lookup(matrix: torch.Tensor, batch: int):
-    """A function idx [B, 1] -> row idx[b] of each matrix[b] [B, 1, M] (matrix [B, N, M], or [N, M] shared by
+    """A function idx [B, K] -> rows idx[b] of each matrix[b] [B, K, M] (matrix [B, N, M], or [N, M] shared by
     the batch): one embedding gather on rows flattened once, the cheapest step a greedy loop can have in an
     exported graph (per-node dispatch, not arithmetic, is what a 196-token selection costs)."""
     rows = matrix.reshape(-1, matrix.shape[-1])
@@ -167,14 +184,17 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
         dist = (1.0 - offsets) - sim if weights is None else (1.0 - sim) * weights[:, None, :] - offsets
     else:
         sq = (features * features).sum(-1)
-        dist = (sq[:, :, None] + sq[:, None, :] - 2 * features @ features.transpose(1, 2)).clamp_min(0.0).sqrt()
-        if weights is not None:
-            dist = dist * weights[:, None, :]
+        raw = (sq[:, :, None] + sq[:, None, :] - 2 * torch.bmm(features, features.transpose(1, 2))).clamp_min(0.0).sqrt()
         span = 2.0 * sq.amax(dim=-1, keepdim=True).sqrt() + 1.0  # bounds every distance: no pass over [N, N]
-        dist = dist - (torch.arange(n, dtype=features.dtype) * (span * 1e-6 / n))[:, None, :]
-    if first is None:  # every distance is below 3 (cosine) or span: the diagonal is out of the minimum
+        offsets = torch.arange(n, dtype=features.dtype) * (span * 1e-6 / n)
+        dist = (raw if weights is None else raw * weights[:, None, :]) - offsets[:, None, :]
+    if first is None:  # no weights: the matrix is symmetric but for the column offsets, so a token's nearest
+        # neighbour is a reduction along its own (contiguous) row; the diagonal is lifted out of the minimum
         self_distance = torch.eye(n, dtype=features.dtype) * (3.0 if cosine else span[:, :, None])
-        nearest = -(-(dist + self_distance)).amax(dim=1)  # min as -max(-x): TVM's importer has no amin
+        if cosine:
+            nearest = (1.0 - offsets) - (sim - self_distance).amax(dim=-1)
+        else:  # min as -max(-x): TVM's importer has no amin
+            nearest = -(-(raw + self_distance)).amax(dim=-1) - offsets
         first = torch.argmax(nearest, dim=-1)
     return greedy_max_min(None, dist, k, first)
 
@@ -187,21 +207,26 @@ def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine
 def greedy_residual(features: torch.Tensor, k: int) -> torch.Tensor:
     """ApET's selection: each step keeps the token worst reconstructed as a linear combination of the tokens
     already kept (the largest residual after projecting onto their span), by incremental Gram-Schmidt
-    (column-pivoted QR), matmuls and gathers only. Indices in selection order [B, k]."""
+    (column-pivoted QR), matmuls and gathers only. As in pivoted QR, the squared residual norms are
+    downdated by what each projection removes (a [B, N] update, not a sum over every residual row: on
+    ExecuTorch that sum ran on portable kernels twice a step). Indices in selection order [B, k]."""
     b, n, _ = features.shape
     index = torch.arange(n)
     residual = features
-    penalty = -tie_offsets((features * features).sum(-1))  # -inf once kept
+    norms = (features * features).sum(-1)  # [B, N] squared residual norms
+    penalty = -tie_offsets(norms)  # -inf once kept
     chosen = []
     for step in range(k):
-        j = torch.argmax((residual * residual).sum(-1) + penalty, dim=-1, keepdim=True)  # [B, 1]
+        j = torch.argmax(norms + penalty, dim=-1, keepdim=True)  # [B, 1]
         chosen.append(j)
         if step == k - 1:
             break
         penalty = torch.where(index == j, float("-inf"), penalty)
         u = row_lookup(residual, b)(j)  # [B, 1, D]: the new direction
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        residual = residual - (residual @ u.transpose(1, 2)) * u
+        along = torch.bmm(residual, u.transpose(1, 2))  # [B, N, 1]; bmm: matmul would copy both operands
+        residual = residual - along * u
+        norms = norms - (along * along).squeeze(-1)
     return torch.cat(chosen, dim=1)
 
 

@@ -477,7 +477,7 @@ class VisionZipStage(nn.Module):
         input x_in [B, 1+N, D]: here the CLS token's attention, summed over heads."""
         k = self.block.keys(x_in)
         cls_attn = T.attention_row(self.block.queries(x_in[:, :1]), k).sum(dim=1)[:, 1:]  # CLS column dropped
-        return cls_attn, k.mean(dim=1)[:, 1:]
+        return cls_attn, T.head_mean(k)[:, 1:]
 
     def forward(self, x, x_in):
         scores, keys = self.dominance(x_in)
@@ -563,7 +563,7 @@ class ToMeStage(nn.Module):
     def forward(self, x, x_in, size):
         if size is None:
             size = torch.ones_like(x[..., :1])
-        keys = self.block.keys(x_in).mean(dim=1)
+        keys = T.head_mean(self.block.keys(x_in))
         return T.bipartite_soft_matching(x, keys, size, self.r, protect_first=self.protect_first)
 
 
@@ -862,7 +862,8 @@ class V2VDominantStage(VisionZipStage):
     def dominance(self, x_in):
         h = x_in[:, 1:]  # patches only
         q, k = self.block.queries(h), self.block.keys(h)
-        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(dim=(1, 2)), k.mean(dim=1)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, N, N]
+        return T.mean_of_rows(attention.flatten(1, 2)), T.head_mean(k)
 
 
 class DuetConfig(V2DropConfig):
