@@ -8,6 +8,8 @@ order each round, so drift on a shared machine hits every configuration alike. T
 is the ratio of its median time to the uncompressed median, minus 1. A second, independent session of
 the uncompressed bundle ("uncompressed-again") measures the noise floor of that ratio; a bootstrap over
 rounds gives each overhead a 95% interval. Prints a table and writes selection.json / selection.md.
+With --baseline-work, the same configurations exported by another checkout (its own run of this tool's
+--work) are timed in the same rounds, labelled "(baseline)": a change's before and after side by side.
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path("build/bench_selection"), help="where the bundles are exported")
     ap.add_argument("--reuse", action="store_true", help="time the bundles already under --work (exported with the same passes)")
+    ap.add_argument("--baseline-work", type=Path, help="also time the bundles of the same configurations under this "
+                    "folder (exported by another checkout: before / after in one run)")
     ap.add_argument("-o", "--out", type=Path, default=Path("docs/selection_overhead"))
     args = ap.parse_args()
 
@@ -122,6 +126,10 @@ def main() -> None:
             refused[label] = str(e)
             print(f"  refused: {e}", flush=True)
     bundles["uncompressed-again"] = bundles["uncompressed"]
+    if args.baseline_work:
+        for label in configs:
+            if (args.baseline_work / label / "manifest.json").exists():
+                bundles[f"{label} (baseline)"] = str(args.baseline_work / label)
 
     rng = np.random.default_rng(0)
     results = {}
@@ -133,7 +141,7 @@ def main() -> None:
     head = ["config", "pass"] + [f"{rt} {col}" for rt in runtimes for col in ("ms", "overhead % (95% CI)")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in bundles:
-        spec = configs.get(label)
+        spec = configs.get(label.removesuffix(" (baseline)"))
         cells = [label, json.dumps(spec) if spec else ""]
         for rt in runtimes:
             r = results[rt][label]
@@ -144,9 +152,11 @@ def main() -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "keep": args.keep, "rounds": args.rounds, "warmup": args.warmup,
+              "baseline_work": str(args.baseline_work) if args.baseline_work else None,
               "runtimes": runtimes, "passes": configs, "results": results, "refused": refused}
     (args.out / "selection.json").write_text(json.dumps(report, indent=2) + "\n")
-    cmd = f"python tools/bench_selection.py --methods {args.methods} --keep {args.keep} --rounds {args.rounds}"
+    cmd = f"python tools/bench_selection.py --methods {args.methods} --keep {args.keep} --rounds {args.rounds}" + (
+        f" --baseline-work {args.baseline_work}" if args.baseline_work else "")
     (args.out / "selection.md").write_text(f"`{cmd}`\n\n" + table)
 
 
