@@ -37,7 +37,7 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
 
 @pytest.mark.parametrize("tie, how, prefill, copies, note", [(True, "once", True, 1, "stored once"),
                                                                (True, "twice", False, 2, "stored twice"),
-                                                               (False, "once", False, 1, "")])
+                                                               pytest.param(False, "once", False, 1, "", marks=pytest.mark.slow)])
 def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, tie, how, prefill, copies, note):
     """With `executorch.tied_embedding: once` the LM head of a tied model reads the token_embedding's table (its
     XNNPACK linear takes the weight as an input), so the table's bytes appear once in the .pte, however many

@@ -44,11 +44,10 @@ def one_hot(idx: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
     return (idx[..., None] == torch.arange(n, dtype=idx.dtype)).to(dtype)
 
 
-def ascending(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Distinct indices [B,K] (each below n) in ascending order, via a top-k of their negated float values
-    (ExecuTorch has no int64 sort kernel; floats hold indices exactly): K elements, not a [K, N] one-hot."""
-    if n >= 1 << 24:
-        raise ValueError(f"{n} tokens: too many to sort exactly as float32 indices")
+def ascending(idx: torch.Tensor) -> torch.Tensor:
+    """Distinct indices [B,K] in ascending order, via a top-k of their negated float values
+    (ExecuTorch has no int64 sort kernel; float32 holds indices below 2^24 exactly): K elements, not a
+    [K, N] one-hot."""
     return (-torch.topk(-idx.to(torch.float32), idx.shape[-1], dim=-1).values).to(torch.long)
 
 
@@ -94,7 +93,7 @@ def l2_norm_scores(tokens: torch.Tensor) -> torch.Tensor:
 
 def select_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int):
     """Keep the k highest-scoring tokens, in their original order."""
-    idx = ascending(torch.topk(tie_break(scores), k, dim=-1).indices, scores.shape[-1])
+    idx = ascending(torch.topk(tie_break(scores), k, dim=-1).indices)
     return gather_tokens(tokens, idx), idx
 
 
@@ -108,7 +107,7 @@ def most_selected(selections: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The calibrated static mode: the k token indices a scorer picked most often over a calibration
     set (selections [M, K] of indices into n tokens), ties to the lower index, ascending [k]."""
     counts = one_hot(selections, n).sum(dim=(0, 1))  # [n]: how often each token was picked
-    return ascending(torch.topk(tie_break(counts[None]), k, dim=-1).indices, n)[0]
+    return ascending(torch.topk(tie_break(counts[None]), k, dim=-1).indices)[0]
 
 
 def salience(tokens: torch.Tensor) -> torch.Tensor:
@@ -200,7 +199,7 @@ def farthest_point(features: torch.Tensor, k: int, first: torch.Tensor | None = 
 
 
 def select_farthest(tokens: torch.Tensor, features: torch.Tensor, k: int, cosine: bool = True):
-    idx = ascending(farthest_point(features, k, cosine=cosine), tokens.shape[1])
+    idx = ascending(farthest_point(features, k, cosine=cosine))
     return gather_tokens(tokens, idx), idx
 
 
@@ -367,7 +366,7 @@ def bipartite_soft_matching(x: torch.Tensor, metric: torch.Tensor, size: torch.T
         ranked = torch.cat([torch.full_like(ranked[:, :1], -4.0), ranked[:, 1:]], dim=1)
     order = torch.topk(ranked, node_max.shape[-1], dim=-1).indices  # best edges first
     src_idx, unm_idx = order[:, :r], order[:, r:]  # A tokens merged away / kept
-    unm_idx = ascending(unm_idx, node_max.shape[-1])
+    unm_idx = ascending(unm_idx)
     dst_idx = torch.gather(node_idx, 1, src_idx)  # their B partners
     xa, xb = x[:, ::2], x[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
@@ -383,7 +382,7 @@ def dominant_and_contextual(tokens: torch.Tensor, attention: torch.Tensor, keys:
     """VisionZip: keep the `dominant` tokens the CLS attends to most; merge the rest into `contextual`
     evenly spaced targets among them, each remaining token joining its most key-similar target."""
     b, n, d = tokens.shape
-    dom_idx = ascending(torch.topk(tie_break(attention), dominant, dim=-1).indices, n)
+    dom_idx = ascending(torch.topk(tie_break(attention), dominant, dim=-1).indices)
     is_dom = one_hot(dom_idx, n).sum(1)  # [B, N]
     rest_rank = torch.cumsum(1.0 - is_dom, dim=-1) - 1.0  # rank of each non-dominant token
     n_rest = n - dominant
@@ -411,11 +410,11 @@ def lost_and_kept(tokens: torch.Tensor, keep: int, candidates: int):
     decoder the kept rows can read the candidates."""
     n = tokens.shape[1]
     s = salience(tokens)
-    kept = ascending(torch.topk(tie_break(s), keep, dim=-1).indices, n)
+    kept = ascending(torch.topk(tie_break(s), keep, dim=-1).indices)
     u = unit(tokens)
     covered = (u @ gather_tokens(u, kept).transpose(1, 2)).amax(dim=-1)  # [B,N]: cosine to the nearest kept token
     lost = torch.where(one_hot(kept, n).sum(dim=-2) > 0, torch.full_like(s, -1.0), s * (1.0 - covered))
-    lost_idx = ascending(torch.topk(tie_break(lost), candidates, dim=-1).indices, n)
+    lost_idx = ascending(torch.topk(tie_break(lost), candidates, dim=-1).indices)
     idx = torch.cat([lost_idx, kept], dim=1)
     return gather_tokens(tokens, idx), idx
 
@@ -469,7 +468,7 @@ def lens_scores(x: torch.Tensor, vocabulary: torch.Tensor | None, sink_factor: f
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest of scores [N], ascending indices [k] (ties to the lower index)."""
-    return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices, scores.shape[-1])[0]
+    return ascending(torch.topk(tie_break(scores[None]), k, dim=-1).indices)[0]
 
 
 def query_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, visible: torch.Tensor,

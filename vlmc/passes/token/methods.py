@@ -222,7 +222,7 @@ class WeightedCenterStage(SelectingStage):
 
     def select(self, x):
         weights = T.salience(x).clamp_min(1e-3) ** self.power
-        idx = T.ascending(T.farthest_point(x, self.keep, weights=weights), x.shape[1])
+        idx = T.ascending(T.farthest_point(x, self.keep, weights=weights))
         return T.gather_tokens(x, idx), idx
 
 
@@ -247,7 +247,7 @@ class ResidualStage(SelectingStage):
         self.keep = keep
 
     def select(self, x):
-        idx = T.ascending(T.greedy_residual(x, self.keep), x.shape[1])
+        idx = T.ascending(T.greedy_residual(x, self.keep))
         return T.gather_tokens(x, idx), idx
 
 
@@ -282,7 +282,7 @@ class SensitivityStage(SelectingStage):
         projected = self.projector(x)
         sens = T.projector_sensitivity(x, projected, self.projector, self.directions, self.eps * x.norm(dim=-1).mean())
         weights = sens / sens.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-        idx = T.ascending(T.farthest_point(projected, self.keep, weights=weights), x.shape[1])
+        idx = T.ascending(T.farthest_point(projected, self.keep, weights=weights))
         return T.gather_tokens(x, idx), idx
 
 
@@ -317,7 +317,7 @@ class SpreadStage(SelectingStage):
         self.register_buffer("tiers", T.spread_tiers(torch.cdist(coords, coords), buffer))
 
     def select(self, x):
-        idx = T.ascending(T.buffered_spread(T.salience(x), self.tiers, self.keep), x.shape[1])
+        idx = T.ascending(T.buffered_spread(T.salience(x), self.tiers, self.keep))
         return T.gather_tokens(x, idx), idx
 
 
@@ -350,7 +350,7 @@ class VolumeStage(SelectingStage):
 
     def select(self, x):
         quality = torch.exp(self.theta * T.salience(x))
-        idx = T.ascending(T.greedy_log_det(x, quality, self.keep), x.shape[1])
+        idx = T.ascending(T.greedy_log_det(x, quality, self.keep))
         return T.gather_tokens(x, idx), idx
 
 
