@@ -235,7 +235,9 @@ def lower(ctx: ExportContext) -> dict:
                 ctx.progress(f"executorch: {scheme.name} quantization of {name} (PT2E, XNNPACKQuantizer)")
                 module = executorch_quant.quantize_pt2e(ep, scheme, args, _calibrator(ctx, name))
                 ep = export(module, args, dynamic_shapes=dyn, strict=False)
-            ep = fold_input_free_nodes(ep.run_decompositions(XNNPACK_DECOMPOSITIONS))
+            if any(n.target in XNNPACK_DECOMPOSITIONS for n in ep.graph.nodes):  # each decomposition retraces
+                ep = ep.run_decompositions(XNNPACK_DECOMPOSITIONS)  # the whole program: only where it changes it
+            ep = fold_input_free_nodes(ep)
             if scheme:
                 quantized[name] = {**scheme.describe("executorch"), **executorch_quant.describe(scheme),
                                    **({"eight_bit_linears": eight_bit} if eight_bit else {})}
