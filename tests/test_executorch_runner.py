@@ -35,23 +35,46 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
     assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]
 
 
-@pytest.mark.parametrize("tie, how, prefill, copies, note", [(True, "once", True, 1, "stored once"),
-                                                               (True, "twice", False, 2, "stored twice"),
-                                                               pytest.param(False, "once", False, 1, "", marks=pytest.mark.slow)])
-def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, tie, how, prefill, copies, note):
+TIED_TWICE_NO_PREFILL = {"tied_embedding": "twice", "text_prefill": False}
+
+
+@pytest.fixture(scope="module")
+def tied_twice_bundle(tmp_path_factory):
+    """A tied checkpoint on ExecuTorch with the head's own copy of the table and no text_prefill method: the
+    cases of two tests, one export."""
+    from tests.helpers import SPACED_TEMPLATE, make_hf_llava
+
+    ckpt = tmp_path_factory.mktemp("tied") / "ckpt"
+    make_hf_llava(ckpt, tie=True)
+    return api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                        "executorch": TIED_TWICE_NO_PREFILL}, ckpt.parent / "b")
+
+
+def table_copies_in_pte(bundle) -> int:
+    from vlmc.models_zoo import load
+
+    table = load(bundle.manifest["recipe"]["model"]).model.embed_tokens.weight.detach().numpy().astype(np.float32)
+    return (bundle.path / "model.pte").read_bytes().count(table.tobytes())
+
+
+@pytest.mark.parametrize("tie, how, copies, note", [(True, "once", 1, "stored once"), (True, "twice", 2, "stored twice"),
+                                                    pytest.param(False, "once", 1, "", marks=pytest.mark.slow)])
+def test_a_tied_embedding_is_stored_once_in_the_pte_when_asked(tmp_path, sample_image, request, tie, how, copies, note):
     """With `executorch.tied_embedding: once` the LM head of a tied model reads the token_embedding's table (its
     XNNPACK linear takes the weight as an input), so the table's bytes appear once in the .pte, however many
     decoder methods (text_decoder, text_prefill) name the head; by default the head keeps its own static
     copy; an untied head always has its own weight."""
     from tests.helpers import SPACED_TEMPLATE, assert_verified_with_the_same_tokens, make_hf_llava
-    from vlmc.models_zoo import load
 
-    ckpt = tmp_path / "ckpt"
-    make_hf_llava(ckpt, tie=tie)
-    b = api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
-                     "executorch": {"tied_embedding": how, "text_prefill": prefill}}, tmp_path / "b")
-    pte = (b.path / "model.pte").read_bytes()
-    assert pte.count(load(str(ckpt)).model.embed_tokens.weight.detach().numpy().astype(np.float32).tobytes()) == copies
+    if (tie, how) == (True, "twice"):
+        b = request.getfixturevalue("tied_twice_bundle")
+    else:
+        make_hf_llava(tmp_path / "ckpt", tie=tie)
+        b = api.compile({"model": str(tmp_path / "ckpt"), "targets": ["executorch"], "max_context": 48,
+                         "prompt_template": SPACED_TEMPLATE, "executorch": {"tied_embedding": how, "text_prefill": tie}},
+                        tmp_path / "b")
+    assert b.manifest["recipe"]["executorch"]["tied_embedding"] == how
+    assert table_copies_in_pte(b) == copies
     assert b.manifest["targets"]["executorch"].get("tied_embedding", "").split(":")[0] == note
     assert_verified_with_the_same_tokens(b, sample_image, ("eager", "executorch"))
 
@@ -91,26 +114,49 @@ def test_unmasked_attention_as_batched_products_equals_torch(shape):
     assert attention_as_batched_products(q, k, v, is_causal=True) is NotImplemented
 
 
-def test_unmasked_attention_lowers_to_one_xnnpack_delegate(tmp_path):
-    """A ViT's linear -> attention -> linear lowers to one XNNPACK delegate, no portable op left (torch's own
-    decomposition leaves a -inf guard and expand copies outside it), and runs like eager."""
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (1, 2, 3, 12)])
+def test_norms_as_products_equal_torch(shape):
+    """Layer norm and a mean over the last dimension as products with a constant column give torch's numbers;
+    other means are left to torch's decomposition."""
+    from vlmc.exporter.executorch_target import layer_norm_as_products, mean_of_last_dim_as_product
+
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(*shape, generator=g) * 3 + 1, torch.randn(12, generator=g), torch.randn(12, generator=g)
+    torch.testing.assert_close(mean_of_last_dim_as_product(x, [-1], keepdim=True), x.mean(-1, keepdim=True))
+    torch.testing.assert_close(mean_of_last_dim_as_product(x, [x.dim() - 1]), x.mean(-1))
+    torch.testing.assert_close(layer_norm_as_products(x, [12], weight, bias, 1e-5),
+                               torch.nn.functional.layer_norm(x, [12], weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer_norm_as_products(x, [12]), torch.nn.functional.layer_norm(x, [12]), atol=1e-5, rtol=1e-5)
+    assert mean_of_last_dim_as_product(x, [0]) is NotImplemented
+    assert mean_of_last_dim_as_product(x, None) is NotImplemented
+    assert mean_of_last_dim_as_product(x, [-1], dtype=torch.float64) is NotImplemented
+    assert layer_norm_as_products(x, list(shape[-2:])) is NotImplemented
+
+
+def test_a_vit_block_lowers_to_one_xnnpack_delegate(tmp_path):
+    """A ViT's layer norm -> linear -> attention -> linear lowers to one XNNPACK delegate, no portable op left
+    (torch's own attention decomposition leaves a -inf guard and expand copies outside it, and XNNPACK has no
+    layer norm), and runs like eager."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    from vlmc.exporter.executorch_target import XNNPACK_DECOMPOSITIONS
+    from vlmc.exporter.executorch_target import decompositions_for, fold_input_free_nodes
 
     class Block(torch.nn.Module):  # a ViT's attention
         def __init__(self):
             super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
             self.q, self.k, self.v, self.out = (torch.nn.Linear(8, 8) for _ in range(4))
+            torch.nn.init.normal_(self.norm.weight), torch.nn.init.normal_(self.norm.bias)
 
         def forward(self, x):
+            x = self.norm(x)
             q, k, v = (p(x).view(1, 9, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
             return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
     block, x = Block().eval(), torch.randn(1, 9, 8, generator=torch.Generator().manual_seed(0))
-    ep = torch.export.export(block, (x,)).run_decompositions(XNNPACK_DECOMPOSITIONS)
+    ep = fold_input_free_nodes(torch.export.export(block, (x,)).run_decompositions(decompositions_for("vision_encoder")))
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     calls = [str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"]
@@ -234,19 +280,19 @@ def test_vlmc_prefills_through_text_prefill_with_the_decoders_logits(tiny_bundle
     assert {("text_prefill", "prefill logits"), ("text_decoder", "prefill logits")} <= checks
 
 
-def test_text_prefill_off_leaves_the_stock_methods_only(tiny_ckpt, tmp_path, sample_image):
+def test_text_prefill_off_leaves_the_stock_methods_only(tiny_ckpt, tied_twice_bundle, tmp_path, sample_image):
     """`executorch: {text_prefill: false}`: no second method (its packed weights are not held twice) and
     vlmc prefills through text_decoder; in-LLM token stages, which need the method, are refused first."""
     from vlmc.errors import VlmcError
     from vlmc.runtimes.executorch_runner import ExecuTorchSession
     from vlmc.runtimes.base import DecoderShape
 
-    recipe = {"model": str(tiny_ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": "USER : <image> {prompt} ASSISTANT :",
-              "executorch": {"text_prefill": False}}
     with pytest.raises(VlmcError, match="executorch.text_prefill: false, but in-LLM token stages"):
-        api.compile({**recipe, "passes": [{"name": "fastv", "keep": 6, "at": "decoder.layer[0]"}]}, tmp_path / "fastv")
+        api.compile({"model": str(tiny_ckpt), "targets": ["executorch"], "max_context": 48, "executorch": {"text_prefill": False},
+                     "prompt_template": "USER : <image> {prompt} ASSISTANT :", "passes": [{"name": "fastv", "keep": 6, "at": "decoder.layer[0]"}]}, tmp_path / "fastv")
     assert not (tmp_path / "fastv").exists()
-    b = api.compile(recipe, tmp_path / "b")
+    b = tied_twice_bundle
+    assert b.manifest["recipe"]["executorch"]["text_prefill"] is False
     assert set(b.manifest["targets"]["executorch"]["programs"]) == {"vision_encoder", "token_embedding", "text_decoder"}
     session = ExecuTorchSession(b.path / "model.pte", DecoderShape.from_manifest(b.manifest))
     assert "text_prefill" not in session.methods and "text_prefill" not in session.program.method_names
