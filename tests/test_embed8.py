@@ -1,5 +1,4 @@
 """`embed8`: the token table stored as int8 codes with one float scale per row, on every target."""
-import numpy as np
 import pytest
 import torch
 
@@ -78,6 +77,10 @@ def test_onnx_and_executorch_store_the_table_in_8_bits_and_verify(tied_ckpt, tmp
     assert pte.count(weight.numpy().tobytes()) == 1 and pte.count(Int8Embedding(weight).codes.numpy().tobytes()) == 1
     own = method_bytes(small.path / "model.pte")["token_embedding"]["bytes"]
     assert VOCAB * 64 + VOCAB * 4 <= own < VOCAB * 64 + VOCAB * 4 + 4096, own
+
+
+def _weights_bytes(mlpackage) -> int:
+    return sum(f.stat().st_size for f in (mlpackage / "Data" / "com.apple.CoreML" / "weights").iterdir())
 
 
 def test_core_ml_stores_the_table_in_8_bits(tied_ckpt, tmp_path):
