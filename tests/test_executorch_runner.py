@@ -35,9 +35,6 @@ def test_stock_multimodal_runner_generates_vlmc_tokens(which, request, sample_im
     assert stock_runner_pieces(bundle, sample_image) == ours["pieces"]
 
 
-TIED_TWICE_NO_PREFILL = {"tied_embedding": "twice", "text_prefill": False}
-
-
 @pytest.fixture(scope="module")
 def tied_twice_bundle(tmp_path_factory):
     """A tied checkpoint on ExecuTorch with the head's own copy of the table and no text_prefill method: the
@@ -47,7 +44,7 @@ def tied_twice_bundle(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("tied") / "ckpt"
     make_hf_llava(ckpt, tie=True)
     return api.compile({"model": str(ckpt), "targets": ["executorch"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
-                        "executorch": TIED_TWICE_NO_PREFILL}, ckpt.parent / "b")
+                        "executorch": {"tied_embedding": "twice", "text_prefill": False}}, ckpt.parent / "b")
 
 
 def table_copies_in_pte(bundle) -> int:

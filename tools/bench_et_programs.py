@@ -6,7 +6,8 @@ In one process, each round calls the same program of both .pte files in turn wit
 drift hits both alike): the vision encoder on one image, text_prefill at each --prompt-rows length, and one
 decode step of text_decoder after a 40-row prefill. Prints medians, the ratio bundle / baseline and the
 largest difference of their outputs where their shapes agree (the same model exported two ways gives the same
-numbers within float rounding; a token pass changes the vision encoder's), and writes results.json and results.md. One thread for the runtime, as the runners use.
+numbers within float rounding; a token pass changes the vision encoder's), and writes results.json and
+results.md. One thread for the runtime, as the runners use.
 """
 from __future__ import annotations
 
@@ -20,14 +21,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load_methods(bundle: Path, keep: list) -> dict:
+def executorch_programs(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())["targets"]["executorch"]["programs"]
+
+
+def load_methods(bundle: Path, programs: dict, keep: list) -> dict:
     from executorch.runtime import Runtime
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    programs = manifest["targets"]["executorch"]["programs"]
     program = Runtime.get().load_program(str(bundle / programs["vision_encoder"]["file"]))
     keep.append(program)  # the methods read the program's buffer
     return {name: program.load_method(name) for name in ("vision_encoder", "text_prefill", "text_decoder") if name in programs}
+
+
+def timed(call) -> tuple:
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -44,24 +53,23 @@ def main() -> None:
 
     torch.set_num_threads(1)
     keep: list = []
-    sides = {"baseline": load_methods(args.baseline, keep), "bundle": load_methods(args.bundle, keep)}
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    programs = manifest["targets"]["executorch"]["programs"]
+    manifests = {"baseline": executorch_programs(args.baseline), "bundle": executorch_programs(args.bundle)}
+    sides = {side: load_methods(path, manifests[side], keep) for side, path in (("baseline", args.baseline), ("bundle", args.bundle))}
+    programs = manifests["bundle"]
     width = programs["vision_encoder"]["outputs"][0]["shape"][-1]
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, programs["vision_encoder"]["inputs"][0]["shape"], dtype=torch.uint8, generator=gen)
-    cases = {"vision_encoder": lambda m: m["vision_encoder"].execute([image])[0]}
+    # each case: methods -> (output, seconds timed)
+    cases = {"vision_encoder": lambda m: timed(lambda: m["vision_encoder"].execute([image])[0])}
     if all("text_prefill" in m for m in sides.values()):
         for rows in (int(r) for r in args.prompt_rows.split(",")):
             embeds = torch.randn(1, rows, width, generator=gen)
-            cases[f"text_prefill {rows} rows"] = lambda m, e=embeds: m["text_prefill"].execute((e, torch.tensor([1])))[0]
+            cases[f"text_prefill {rows} rows"] = lambda m, e=embeds: timed(lambda: m["text_prefill"].execute((e, torch.tensor([1])))[0])
         prompt, step = torch.randn(1, 40, width, generator=gen), torch.randn(1, 1, width, generator=gen)
 
         def decode(m):
-            m["text_prefill"].execute((prompt, torch.tensor([1])))  # the cache as a 40-row prompt leaves it
-            start = time.perf_counter()
-            out = m["text_decoder"].execute((step, torch.tensor([40])))[0]
-            return out, time.perf_counter() - start
+            m["text_prefill"].execute((prompt, torch.tensor([1])))  # the cache as a 40-row prompt leaves it, untimed
+            return timed(lambda: m["text_decoder"].execute((step, torch.tensor([40])))[0])
         cases["decode step at 40"] = decode
     rows = []
     for case, call in cases.items():
@@ -69,20 +77,13 @@ def main() -> None:
         outs: dict = {}
         for _ in range(args.rounds):
             for side, methods in sides.items():
-                start = time.perf_counter()
-                out = call(methods)
-                took = time.perf_counter() - start
-                if isinstance(out, tuple):  # the decode case times its step alone
-                    out, took = out
+                outs[side], took = call(methods)
                 times[side].append(took)
-                outs[side] = out
         base, new = (statistics.median(times[s]) * 1e3 for s in ("baseline", "bundle"))
         same_shape = outs["bundle"].shape == outs["baseline"].shape  # a token pass changes the encoder's output
         rows.append({"program": case, "baseline_ms": round(base, 4), "bundle_ms": round(new, 4), "ratio": round(new / base, 3),
                      "max_abs_diff": float((outs["bundle"] - outs["baseline"]).abs().max()) if same_shape else None})
-    delegates = {side: {n: p.get("delegate_calls") for n, p in json.loads((path / "manifest.json").read_text())
-                        ["targets"]["executorch"]["programs"].items()}
-                 for side, path in (("baseline", args.baseline), ("bundle", args.bundle))}
+    delegates = {side: {n: p.get("delegate_calls") for n, p in plan.items()} for side, plan in manifests.items()}
     lines = [f"baseline: {args.baseline}  bundle: {args.bundle}  rounds: {args.rounds} (medians, ms)", "",
              "| program | baseline | bundle | bundle / baseline | max abs diff |", "|---|---|---|---|---|"]
     lines += [f"| {r['program']} | {r['baseline_ms']:.3f} | {r['bundle_ms']:.3f} | {r['ratio']:.3f} | "
