@@ -58,7 +58,9 @@ def test_attention_reads_the_heads_in_place_and_matches_torch():
     mod, run = _compiled(module, (q, k, v))
     # one transposed copy, the keys' [B,H,d,S]; q, v and the output are read and made as the projections lay them out
     assert re.findall(r"R\.permute_dims\(\w+, axes=(\[[0-9, ]+\])\)", mod.script()) == ["[0, 2, 3, 1]"]
-    assert "attention_scores" in mod.script() and "attention_probs" in mod.script()
+    # one kernel for scores, softmax and values, the keys padded to whole vectors (7 -> 16)
+    assert re.findall(r"R\.call_tir\(cls\.(\w+)", mod.script()) == ["attention"]
+    assert "R.Tensor((1, 4, 8, 16)" in mod.script()
     np.testing.assert_allclose(run(q, k, v), module(q, k, v).numpy(), atol=2e-6, rtol=1e-5)
 
 
@@ -158,6 +160,43 @@ class RepeatedCacheAttention(torch.nn.Module):
         from vlmc.models_zoo.layers import repeat_kv
 
         return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask)
+
+
+@pytest.mark.parametrize("case", ["vision", "decoder"])
+def test_fused_attention_is_scheduled_and_keeps_the_numbers(case):
+    """The default schedule of the fused attention kernel (blocks of query rows in parallel, vectorized keys
+    and values) matches torch: 197 keys padded to 208, and the decoder's grouped heads over a cache with a
+    mask and a symbolic number of query rows (1 and several, a last block of rows cut short)."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.target import Target
+
+    from vlmc.exporter import tvm_schedules
+
+    g = torch.Generator().manual_seed(3)
+    if case == "vision":
+        module, dynamic = HeadsAttention(), None
+        args = _qkv(t=197, s=197, width=128, kv_width=128)
+        calls = [args]
+    else:
+        module, dynamic = RepeatedCacheAttention(), ({2: torch.export.Dim("rows", min=1, max=40)}, None, None, {0: torch.export.Dim("rows", min=1, max=40)})
+        cache = torch.randn(1, 2, 64, 32, generator=g), torch.randn(1, 2, 64, 32, generator=g)
+        calls = [(torch.randn(1, 4, n, 32, generator=g), *cache, torch.arange(64)[None] <= torch.arange(n)[:, None] + 20)
+                 for n in (1, 11, 17)]
+        args = calls[1]
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic).run_decompositions(tvm_ops.decompositions())
+    mod = tvm_ops.rewrite(from_exported_program(ep, custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False), True)
+    target = Target({"kind": "llvm", "mcpu": "x86-64-v3"})
+    with target:
+        mod = tvm_schedules.default_schedules()(relax.pipeline.zero_pipeline()(mod))
+    attention = mod["attention"].script()
+    assert "T.parallel" in attention and attention.count("T.vectorized") >= 5 and "T.unroll" in attention
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    for inputs in calls:
+        out = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+        out = out[0].numpy() if not hasattr(out, "numpy") else out.numpy()
+        np.testing.assert_allclose(out, module(*inputs).numpy(), atol=3e-6, rtol=1e-5)
 
 
 def test_a_repeated_cache_is_read_per_group_without_a_copy():

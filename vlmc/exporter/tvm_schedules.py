@@ -5,8 +5,9 @@ decoder prefill took 170 ms that way, its vision encoder 98 ms). The decoder is 
 length is symbolic, which MetaSchedule cannot tune) and the vision encoder only when the recipe gives
 trials, so every program gets these schedules first; MetaSchedule's records replace them where it tuned:
 
-- `Matmul`: a product with an elementwise epilogue (linear layers, attention) computed in register tiles
-  of rows x vectors, the tiles spread over the cores, the epilogue applied per tile.
+- `Attention`: tvm_ops' fused attention kernel, blocks of query rows in parallel, each computed whole.
+- `Matmul`: a product with an elementwise epilogue (linear layers) computed in register tiles of rows x
+  vectors, the tiles spread over the cores, the epilogue applied per tile.
 - TVM's own dlight CPU rules for matrix-vector products and row reductions (softmax, norms).
 - `Elementwise`: every other loop nest of elementwise work, flattened, split across the cores and
   vectorized.
@@ -20,6 +21,9 @@ from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target.codegen import llvm_get_vector_width
+
+ATTENTION_BLOCKS = ("attention_qk", "attention_lane_max", "attention_max", "T_fast_exp", "attention_lane_sum",
+                    "attention_sum", "attention_pv")  # tvm_ops' fused attention, producers first (T_fast_exp: topi's name)
 
 
 def _lanes(target, dtype_bits: int = 32) -> int:
@@ -89,6 +93,63 @@ class Matmul(CPUScheduleRule):
         return sch
 
 
+class Attention(CPUScheduleRule):
+    """tvm_ops' fused attention: blocks of ROWS query rows of one head in parallel, each computed whole (its
+    scores in tiles of ROWS x one vector of keys, the softmax's lane maxima and sums vectorized, the values in
+    tiles of ROWS x head_dim) while its scores stay in cache."""
+
+    ROWS = 8
+
+    def apply(self, func, target, _):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = {name: sch.get_sblock(name) for name in ATTENTION_BLOCKS + ("attention_out",)}
+            for name in ("attention_scores", "attention_shifted"):
+                sch.compute_inline(sch.get_sblock(name))
+        except (ScheduleError, ValueError):  # not the fused attention kernel
+            return None
+        lanes = _lanes(target)
+        b, i, h, d = sch.get_loops(blocks["attention_out"])
+        rows_out, rows_in = sch.split(i, [None, self.ROWS])
+        sch.reorder(b, h, rows_out, rows_in, d)
+        block_of_rows = sch.fuse(b, h, rows_out)
+        sch.parallel(block_of_rows)
+        sch.vectorize(d)
+        for name in reversed(ATTENTION_BLOCKS):
+            sch.compute_at(blocks[name], block_of_rows, preserve_unit_loops=True)
+        self._tile(sch, blocks["attention_qk"], lanes, values=False)
+        for name in ("attention_lane_max", "attention_lane_sum"):
+            *_, lane, keys = sch.get_loops(blocks[name])
+            sch.reorder(keys, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(blocks[name], keys)
+        _, vec = sch.split(sch.get_loops(blocks["T_fast_exp"])[-1], [None, lanes])
+        sch.vectorize(vec)
+        self._tile(sch, blocks["attention_pv"], lanes, values=True)
+        return sch
+
+    @staticmethod
+    def _tile(sch, block, lanes, values: bool):
+        """A product under the row block: rows x (a vector of keys | the head's values), accumulated in registers."""
+        loops = sch.get_loops(block)
+        if values:  # [.., rows, 1, head_dim] reduced over keys: head_dim in chunks of at most two vectors
+            rows, head, cols, reduction = loops[-4:]
+            outer, cols = sch.split(cols, [None, min(2 * lanes, _extent(sch, cols) or lanes)])
+            sch.reorder(outer, reduction, rows, head, cols)
+        else:  # [.., 1, rows, keys] reduced over head_dim: keys in vectors
+            rows, cols, reduction = loops[-3:]
+            outer, cols = sch.split(cols, [None, lanes])
+            sch.reorder(outer, reduction, rows, cols)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, outer, preserve_unit_loops=True)
+        sch.vectorize(cols)
+        sch.unroll(rows)
+        sch.decompose_reduction(block, reduction)
+        sch.vectorize(sch.get_loops(accumulator)[-1])
+
+
 class Elementwise(CPUScheduleRule):
     """A kernel of elementwise blocks only: its loops flattened, split across the cores, vectorized."""
 
@@ -112,4 +173,4 @@ class Elementwise(CPUScheduleRule):
 
 def default_schedules():
     """The pass that schedules every kernel left unscheduled (run under the target)."""
-    return dlight.ApplyDefaultSchedule(Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise())
+    return dlight.ApplyDefaultSchedule(Attention(), Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise())
