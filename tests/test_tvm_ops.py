@@ -206,3 +206,20 @@ def test_a_repeated_cache_is_read_per_group_without_a_copy():
     mod, run = _compiled(RepeatedCacheAttention(), (q, k, v, mask))
     assert "broadcast_to" not in mod.script()  # the repeated heads are not materialized
     np.testing.assert_allclose(run(q, k, v, mask), RepeatedCacheAttention()(q, k, v, mask).numpy(), atol=2e-6, rtol=1e-5)
+
+
+def test_a_patch_embedding_becomes_one_product_and_other_convolutions_stay():
+    g = torch.Generator().manual_seed(4)
+    patches = torch.nn.Conv2d(3, 16, kernel_size=(4, 2), stride=(4, 2))
+    overlapping = torch.nn.Conv2d(3, 16, kernel_size=3, stride=2)
+    for conv in (patches, overlapping):
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 3, 12, 10, generator=g)
+    mod, run = _compiled(patches, (x,))
+    assert "conv2d" not in mod.script() and "R.matmul" in mod.script()
+    np.testing.assert_allclose(run(x), patches(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+    mod, run = _compiled(overlapping, (x,))
+    assert "R.nn.conv2d" in mod.script()
+    np.testing.assert_allclose(run(x), overlapping(x).detach().numpy(), atol=1e-5, rtol=1e-5)
