@@ -85,6 +85,23 @@ def _turns(m, decoder, caches, g):
 
 
 @pytest.mark.parametrize("kv", ["float", "int8"])
+def test_scattered_cache_writes_equal_the_blend(tiny_ckpt, kv):
+    """TVM's decoder form (rows scattered, every slot read) gives the blend's logits and caches exactly."""
+    m = _model(tiny_ckpt).eval()
+    if kv == "int8":
+        passes.apply(m, [{"name": "kv8"}])
+    ctx = 40
+    with torch.no_grad():
+        blend = _turns(m, StaticCacheDecoder(m, ctx), empty_caches(m, ctx), torch.Generator().manual_seed(0))
+        scatter = _turns(m, StaticCacheDecoder(m, ctx, cache_writes="scatter"), empty_caches(m, ctx),
+                         torch.Generator().manual_seed(0))
+    for a, b in zip(blend[0] + blend[1], scatter[0] + scatter[1]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cache_writes 'inplace'"):
+        StaticCacheDecoder(m, ctx, cache_writes="inplace")
+
+
+@pytest.mark.parametrize("kv", ["float", "int8"])
 def test_the_filled_slot_form_reads_no_slot_past_the_last_written_one(tiny_ckpt, kv):
     """onnxruntime's decoder form: the same logits and caches as the static one, and the unwritten slots
     are never read (NaN there would reach every output of the masked static form through P @ V)."""
@@ -94,7 +111,7 @@ def test_the_filled_slot_form_reads_no_slot_past_the_last_written_one(tiny_ckpt,
     ctx = 40
     with torch.no_grad():
         static, static_caches = _turns(m, StaticCacheDecoder(m, ctx), empty_caches(m, ctx), torch.Generator().manual_seed(0))
-        filled, filled_caches = _turns(m, StaticCacheDecoder(m, ctx, filled_slots=True), empty_caches(m, ctx),
+        filled, filled_caches = _turns(m, StaticCacheDecoder(m, ctx, cache_writes="filled"), empty_caches(m, ctx),
                                        torch.Generator().manual_seed(0))
         for a, b in zip(static + static_caches, filled + filled_caches):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -102,7 +119,7 @@ def test_the_filled_slot_form_reads_no_slot_past_the_last_written_one(tiny_ckpt,
         for c in poisoned:
             if c.is_floating_point():
                 c.fill_(float("nan"))
-        logits, caches = _turns(m, StaticCacheDecoder(m, ctx, filled_slots=True), poisoned, torch.Generator().manual_seed(0))
+        logits, caches = _turns(m, StaticCacheDecoder(m, ctx, cache_writes="filled"), poisoned, torch.Generator().manual_seed(0))
     for a, b in zip(logits, filled):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for c in caches:  # the 21 written slots hold what the clean run wrote; the rest were carried untouched

@@ -151,13 +151,13 @@ class ExportContext:
         caches = empty_caches(m, r.max_context)
         in_names, out_names = static_decoder_io(DecoderShape.of_model(m, r.max_context, r.max_prompt))
         vision = VisionEncoderProgram(m, image_layout)
-        filled_slots = target == "onnx"  # a data-dependent attention length: onnxruntime only
+        cache_writes = {"onnx": "filled", "tvm": "scatter"}.get(target, "blend")  # Core ML: no index_put
         prefill = []
         if m.decoder_stages():
             # TVM builds it at max_prompt rows (right-padded, logits_index picks the last real one): with a
             # dynamic length the rows left after a drop are a symbolic expression its scheduler cannot split
             prompt_len = None if target == "tvm" else {1: Dim("prompt_len", min=self.shortest_full_prompt, max=r.max_prompt)}
-            prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context, filled_slots),
+            prefill = [ProgramJob("text_prefill", StaticCachePrefill(m, r.max_context, cache_writes),
                                   (torch.zeros(1, r.max_prompt, m.embed_width), torch.tensor([1]),
                                    torch.tensor([r.max_prompt - 1])),
                                   (prompt_len, None, None), ["inputs_embeds", "image_start", "logits_index"], out_names)]
@@ -165,7 +165,7 @@ class ExportContext:
             ProgramJob("vision_encoder", vision, (vision.example_input(),), None, ["image"], ["image_embeds"]),
             ProgramJob("token_embedding", TokenEmbeddingProgram(m), (torch.ones(1, 4, dtype=torch.long),), ({1: seq},),
                        ["input_ids"], ["inputs_embeds"]),
-            ProgramJob("text_decoder", StaticCacheDecoder(m, r.max_context, filled_slots),
+            ProgramJob("text_decoder", StaticCacheDecoder(m, r.max_context, cache_writes),
                        (torch.zeros(1, r.max_prompt, m.embed_width), pos[None].clone(), pos,
                         torch.tensor([r.max_prompt - 1]), caches),
                        ({1: seq}, {1: seq}, {0: seq}, None, [None] * len(caches)), in_names, out_names),

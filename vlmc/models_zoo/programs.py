@@ -1,9 +1,9 @@
 """The programs a VLM is cut into for export: vision encoder, token embedding, text decoder.
 
 Two decoder forms share the model's layer code and differ only in where the KV cache lives:
-- `StaticCacheDecoder` (ONNX, Core ML, TVM): caches are explicit inputs and outputs; writes are a one-hot
-  matmul blend over every slot, because in-place index_copy does not convert to Core ML or TVM (ONNX
-  scatters the rows, updated in place by the session, and reads only the filled slots);
+- `StaticCacheDecoder` (ONNX, Core ML, TVM): caches are explicit inputs and outputs; Core ML's writes are
+  a one-hot matmul blend over every slot (index_put does not convert to it), TVM scatters the rows and
+  reads every slot, ONNX scatters the rows, updated in place by the session, and reads only the filled ones;
 - `ExecuTorchDecoder`: caches are mutable buffers updated in place by ExecuTorch's LLM custom ops
   (`llama::update_cache`, `llama::custom_sdpa`), the convention of its multimodal runner.
 Cache slots and RoPE positions are separate inputs in the static form, so a token pass can drop image
@@ -89,15 +89,21 @@ class StaticCacheDecoder(nn.Module):
     After in-LLM token stages, layer i's rows sit `shift` slots earlier (its cache is that much shorter)
     and the positions (RoPE) stay the original ones.
 
-    With `filled_slots` (onnxruntime) attention reads only the slots up to the last one written (a
-    data-dependent length) and the new rows are scattered into the cache (which the session updates in
-    place): a prompt costs its own rows against the filled ones, not against all max_context slots. Core ML
-    and TVM need one static shape: they read every slot under the mask and write by the one-hot blend.
+    `cache_writes` says how the new rows reach the cache:
+    - "filled" (onnxruntime): scattered into the cache (which the session updates in place), and attention
+      reads only the slots up to the last one written (a data-dependent length): a prompt costs its own rows
+      against the filled ones, not against all max_context slots;
+    - "scatter" (TVM, one static shape): scattered, attention reads every slot under the mask;
+    - "blend" (Core ML, which has no index_put): a one-hot product over every slot, every slot read.
     """
 
-    def __init__(self, model: VisionLanguageModel, max_context: int, filled_slots: bool = False):
+    CACHE_WRITES = ("blend", "scatter", "filled")
+
+    def __init__(self, model: VisionLanguageModel, max_context: int, cache_writes: str = "blend"):
         super().__init__()
-        self.model, self.max_context, self.filled_slots = model, max_context, filled_slots
+        if cache_writes not in self.CACHE_WRITES:
+            raise ValueError(f"cache_writes {cache_writes!r}: one of {self.CACHE_WRITES}")
+        self.model, self.max_context, self.cache_writes = model, max_context, cache_writes
 
     def forward(self, inputs_embeds, position_ids, cache_position, logits_index, caches: list[torch.Tensor]):
         return self.run(inputs_embeds, position_ids, cache_position, logits_index, caches, None)
@@ -112,8 +118,8 @@ class StaticCacheDecoder(nn.Module):
         def store(i, k, v, position):
             """Write rows k, v [1,Hkv,T,d] at cache slots `position` [T]; return the caches attention reads."""
             length = caches[first[i]].shape[2]
-            if self.filled_slots:
-                return scatter_store(i, k, v, position, length)
+            if self.cache_writes != "blend":
+                return scatter_store(i, k, v, position, length, filled_only=self.cache_writes == "filled")
             slots = torch.arange(length, dtype=position.dtype)
             write = (slots[None, :] == position[:, None]).to(k.dtype)  # [T, C]
             keep = (1.0 - write.sum(0))[:, None]  # [C, 1]
@@ -132,19 +138,25 @@ class StaticCacheDecoder(nn.Module):
             new_caches.extend((k_all, v_all))
             return k_all, v_all
 
-        def scatter_store(i, k, v, position, length):
-            """`store` for onnxruntime: the call's rows are scattered at (0, head, slot) into the cache, which
-            the session binds as its own output so that only those rows are written; attention reads the slots
-            up to the call's last one (a prompt, its kept rows or a step: every caller writes consecutive slots
-            after those it filled before)."""
-            filled, rows = position[-1].item() + 1, k.shape[2]
-            torch._check(filled >= 1)
-            torch._check(filled <= length)
+        def scatter_store(i, k, v, position, length, filled_only: bool):
+            """`store` by scattering the call's rows at (0, head, slot) into the cache (onnxruntime binds the
+            cache as its own output, so that only those rows are written). `filled_only`: attention reads the
+            slots up to the call's last one (a prompt, its kept rows or a step: every caller writes consecutive
+            slots after those it filled before)."""
+            rows = k.shape[2]
+            filled = length
+            if filled_only:
+                filled = position[-1].item() + 1
+                torch._check(filled >= 1)
+                torch._check(filled <= length)
             heads = torch.arange(k.shape[1])[:, None].expand(-1, rows)
             at = (torch.zeros_like(heads), heads, position[None, :].expand(k.shape[1], -1))
 
             def put(cache, new):
-                return torch.index_put(cache, at, new[0])  # ONNX ScatterND, straight from the cache input
+                if filled_only:  # ONNX ScatterND, straight from the cache input
+                    return torch.index_put(cache, at, new[0])
+                # TVM: its importer's index_put wants an index per dimension and fails on a symbolic row count
+                return torch.scatter(cache, 2, position[None, None, :, None].expand(new.shape), new)
 
             if int8:
                 k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
@@ -168,7 +180,7 @@ class StaticCacheDecoder(nn.Module):
                 new_caches.extend(packed)
                 stage = packed_layers[i]
                 return packed_sdpa(q, k_all, v_all, mask, packed, stage.basis_k, stage.basis_v)
-            return (additive_mask_sdpa if self.filled_slots else plain_sdpa)(q, k_all, v_all, mask)
+            return (additive_mask_sdpa if self.cache_writes == "filled" else plain_sdpa)(q, k_all, v_all, mask)
 
         def evicting(i, q, k, v, idx, packed=None):
             """A full-prompt prefill whose layer-i cache keeps only rows `idx` (and the others `packed`, for a
@@ -206,9 +218,9 @@ class StaticCachePrefill(nn.Module):
     The decode step must not prune, so bundles with in-LLM stages carry this program beside the decoder.
     """
 
-    def __init__(self, model: VisionLanguageModel, max_context: int, filled_slots: bool = False):
+    def __init__(self, model: VisionLanguageModel, max_context: int, cache_writes: str = "blend"):
         super().__init__()
-        self.decoder = StaticCacheDecoder(model, max_context, filled_slots)
+        self.decoder = StaticCacheDecoder(model, max_context, cache_writes)
         self.model = model
 
     def forward(self, inputs_embeds, image_start, logits_index):
