@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
     parser.add_argument("--work", default="build/bench_tvm")
     parser.add_argument("--out", default="docs/tvm_bench")
+    parser.add_argument("--compare", default=None,
+                        help="an earlier run's --work folder (another vlmc version's bundles): its TVM encoders are timed too")
     args = parser.parse_args()
 
     import torch
@@ -49,6 +51,10 @@ def main() -> None:
                 "executorch": open_session(Bundle(base.path), "executorch"),
                 "tvm (untuned)": open_session(Bundle(base.path), "tvm"),
                 f"tvm (tuned, {trials} records)": open_session(Bundle(tuned.path), "tvm")}
+    if args.compare:
+        earlier = Path(args.compare)
+        sessions["tvm (untuned, --compare)"] = open_session(Bundle(earlier / "base"), "tvm")
+        sessions["tvm (tuned, --compare)"] = open_session(Bundle(earlier / "tuned"), "tvm")
     size = base.manifest["prompt"]["image_size"]
     image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -63,7 +69,8 @@ def main() -> None:
     p50 = {name: float(np.percentile(v, 50)) for name, v in times.items()}
     fastest_other = min(v for k, v in p50.items() if not k.startswith("tvm"))
     rows = [{"runtime": k, "vision_encode_p50_ms": round(v, 3), "x_fastest_other": round(v / fastest_other, 3)} for k, v in p50.items()]
-    result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "rounds": args.rounds, "iterations": args.iterations,
+    result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "compared_with": args.compare,
+              "rounds": args.rounds, "iterations": args.iterations,
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()},
               "export_seconds": round(export_s, 1), "tune_and_export_seconds": round(tune_s, 1), "rows": rows}
     out = Path(args.out)
@@ -72,9 +79,10 @@ def main() -> None:
     lines = [f"{'runtime':<32} {'vision p50 ms':>14} {'x fastest other':>16}"]
     lines += [f"{r['runtime']:<32} {r['vision_encode_p50_ms']:>14.3f} {r['x_fastest_other']:>16.3f}" for r in rows]
     table = "\n".join(lines)
+    compared = f"; --compare {args.compare}" if args.compare else ""
     (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule: {trials} records "
                                      f"({'reused from ' + args.records if args.records else f'{tune_s:.0f} s tune + export'}); "
-                                     f"{args.rounds} alternating rounds x {args.iterations} calls\n")
+                                     f"{args.rounds} alternating rounds x {args.iterations} calls{compared}\n")
     print(table)
 
 
