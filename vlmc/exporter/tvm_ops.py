@@ -128,19 +128,18 @@ def _fused_attention(q, k_t, v, mask, keys, scale: float, causal: bool, q_heads_
             keep = tirx.all(keep, j <= i[-2])
         return tirx.Select(keep, value, neg_inf)
 
+    def over_keys(x, reducer, name):
+        """x reduced over the keys in `lanes` partial results first (a vectorizable loop), then across them."""
+        jo, la = te.reduce_axis((0, padded // lanes), name=f"{name}_jo"), te.reduce_axis((0, lanes), name=f"{name}_la")
+        per_lane = te.compute((b, h, rows, lanes), lambda bi, hi, i, lane: reducer(x[bi, hi, i, jo * lanes + lane], axis=jo),
+                              name=f"attention_lane_{name}")
+        return te.compute((b, h, rows), lambda bi, hi, i: reducer(per_lane[bi, hi, i, la], axis=la), name=f"attention_{name}")
+
     scores = te.compute(qk.shape, masked, name="attention_scores")
-    jo = te.reduce_axis((0, padded // lanes), name="jo")
-    lane_max = te.compute((b, h, rows, lanes), lambda bi, hi, i, la: te.max(scores[bi, hi, i, jo * lanes + la], axis=jo),
-                          name="attention_lane_max")
-    la = te.reduce_axis((0, lanes), name="la")
-    row_max = te.compute((b, h, rows), lambda bi, hi, i: te.max(lane_max[bi, hi, i, la], axis=la), name="attention_max")
+    row_max = over_keys(scores, te.max, "max")
     shifted = te.compute(qk.shape, lambda bi, hi, i, j: scores[bi, hi, i, j] - row_max[bi, hi, i], name="attention_shifted")
     e = topi.fast_exp(shifted)
-    jo2 = te.reduce_axis((0, padded // lanes), name="jo2")
-    lane_sum = te.compute((b, h, rows, lanes), lambda bi, hi, i, la: te.sum(e[bi, hi, i, jo2 * lanes + la], axis=jo2),
-                          name="attention_lane_sum")
-    la2 = te.reduce_axis((0, lanes), name="la2")
-    row_sum = te.compute((b, h, rows), lambda bi, hi, i: te.sum(lane_sum[bi, hi, i, la2], axis=la2), name="attention_sum")
+    row_sum = over_keys(e, te.sum, "sum")
     jv = te.reduce_axis((0, keys), name="jv")
     pv = te.compute((b, rows, h, v.shape[3]), lambda bi, i, hi, d: te.sum(e[bi, hi, i, jv] * V(bi, hi // v_group, jv, d), axis=jv),
                     name="attention_pv")

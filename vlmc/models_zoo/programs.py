@@ -143,20 +143,24 @@ class StaticCacheDecoder(nn.Module):
             cache as its own output, so that only those rows are written). `filled_only`: attention reads the
             slots up to the call's last one (a prompt, its kept rows or a step: every caller writes consecutive
             slots after those it filled before)."""
-            rows = k.shape[2]
-            filled = length
             if filled_only:
-                filled = position[-1].item() + 1
+                filled, rows = position[-1].item() + 1, k.shape[2]
                 torch._check(filled >= 1)
                 torch._check(filled <= length)
-            heads = torch.arange(k.shape[1])[:, None].expand(-1, rows)
-            at = (torch.zeros_like(heads), heads, position[None, :].expand(k.shape[1], -1))
+                heads = torch.arange(k.shape[1])[:, None].expand(-1, rows)
+                at = (torch.zeros_like(heads), heads, position[None, :].expand(k.shape[1], -1))
 
-            def put(cache, new):
-                if filled_only:  # ONNX ScatterND, straight from the cache input
-                    return torch.index_put(cache, at, new[0])
-                # TVM: its importer's index_put wants an index per dimension and fails on a symbolic row count
-                return torch.scatter(cache, 2, position[None, None, :, None].expand(new.shape), new)
+                def put(cache, new):
+                    return torch.index_put(cache, at, new[0])  # ONNX ScatterND, straight from the cache input
+
+                def read(cache):
+                    return cache[:, :, :filled]
+            else:
+                def put(cache, new):  # TVM: its importer's index_put wants an index per dimension and fails on a symbolic row count
+                    return torch.scatter(cache, 2, position[None, None, :, None].expand(new.shape), new)
+
+                def read(cache):
+                    return cache
 
             if int8:
                 k_cache, v_cache, k_scale, v_scale = caches[first[i]: first[i] + 4]
@@ -164,11 +168,10 @@ class StaticCacheDecoder(nn.Module):
                 k_codes, v_codes = put(k_cache, k_codes.to(torch.int8)), put(v_cache, v_codes.to(torch.int8))
                 k_scale, v_scale = put(k_scale, k_new_scale), put(v_scale, v_new_scale)
                 new_caches.extend((k_codes, v_codes, k_scale, v_scale))
-                return (k_codes[:, :, :filled].to(k.dtype) * k_scale[:, :, :filled],
-                        v_codes[:, :, :filled].to(v.dtype) * v_scale[:, :, :filled])
+                return read(k_codes).to(k.dtype) * read(k_scale), read(v_codes).to(v.dtype) * read(v_scale)
             k_all, v_all = put(caches[first[i]], k), put(caches[first[i] + 1], v)
             new_caches.extend((k_all, v_all))
-            return k_all[:, :, :filled], v_all[:, :, :filled]
+            return read(k_all), read(v_all)
 
         def attend(i, q, k, v, shift):
             # a full-prompt prefill starts at slot 0 and its kept rows take the first slots
