@@ -115,3 +115,29 @@ def test_tuning_records_are_saved_and_reused(tiny_ckpt, tmp_path):
     reused = api.compile({**recipe, "tvm": {"tuning_records": str(records)}}, tmp_path / "reused")
     assert reused.manifest["targets"]["tvm"]["tuning"]["vision_encoder"]["reused"] == str(records)
     assert all(r["passed"] for r in reused.manifest["verification"]["results"])
+
+
+_POOL_SIZE = """
+import os, sys
+from vlmc.runtimes.tvm_runner import physical_cores, size_thread_pool
+size_thread_pool()
+import tvm
+print(tvm.runtime.num_threads(), physical_cores(), os.environ.get("TVM_NUM_THREADS"))
+"""
+
+
+@pytest.mark.parametrize("user_threads", [None, "1"])
+def test_the_runner_sizes_tvms_thread_pool_to_the_physical_cores_unless_the_user_chose(user_threads):
+    """TVM alone halves the logical CPUs on x86 (it assumes hyperthreads): one thread on this 2-core host."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    if user_threads:
+        env["TVM_NUM_THREADS"] = user_threads
+    out = subprocess.run([sys.executable, "-c", _POOL_SIZE], env=env, capture_output=True, text=True, check=True)
+    pool, cores, variable = out.stdout.split()
+    assert 1 <= int(cores) <= len(os.sched_getaffinity(0))
+    assert int(pool) == (int(user_threads) if user_threads else int(cores))
+    assert variable == (user_threads or cores)

@@ -1,8 +1,9 @@
 """TVM against the other runtimes on the vision encoder, side by side in one run.
 
 Exports one bundle (onnx, executorch, tvm untuned) and one tuned TVM bundle (MetaSchedule, --trials),
-then times the vision encoder of each runtime in alternating rounds (the machine's drift hits all alike)
-and reports p50 latency and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
+then times the vision encoder of each runtime in alternating rounds (the machine's drift hits all alike;
+before each runtime's calls a pause lets the previous runtime's spinning worker threads go idle, and one
+untimed call wakes its own) and reports p50 latency and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
 
     python tools/bench_tvm.py --trials 1000 --rounds 10 --out docs/tvm_bench --work build/bench_tvm
 """
@@ -25,6 +26,9 @@ def main() -> None:
     parser.add_argument("--records", default=None, help="apply these MetaSchedule records (a tvm_tuning/ folder) instead of tuning")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
+    parser.add_argument("--settle-ms", type=float, default=50.0,
+                        help="pause before each runtime's calls: onnxruntime's and TVM's workers spin after a call and "
+                             "slowed the next runtime (ExecuTorch's encoder 4.8 ms in the rounds, 1.9 ms alone)")
     parser.add_argument("--work", default="build/bench_tvm")
     parser.add_argument("--out", default="docs/tvm_bench")
     parser.add_argument("--compare", default=None,
@@ -62,6 +66,8 @@ def main() -> None:
         s.vision(image)  # warm-up
     for _ in range(args.rounds):
         for name, s in sessions.items():
+            time.sleep(args.settle_ms / 1000.0)
+            s.vision(image)
             for _ in range(args.iterations):
                 t = time.perf_counter()
                 s.vision(image)
@@ -70,7 +76,8 @@ def main() -> None:
     fastest_other = min(v for k, v in p50.items() if not k.startswith("tvm"))
     rows = [{"runtime": k, "vision_encode_p50_ms": round(v, 3), "x_fastest_other": round(v / fastest_other, 3)} for k, v in p50.items()]
     result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "compared_with": args.compare,
-              "rounds": args.rounds, "iterations": args.iterations,
+              "rounds": args.rounds, "iterations": args.iterations, "settle_ms": args.settle_ms,
+              "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()},
               "export_seconds": round(export_s, 1), "tune_and_export_seconds": round(tune_s, 1), "rows": rows}
     out = Path(args.out)
@@ -82,7 +89,8 @@ def main() -> None:
     compared = f"; --compare {args.compare}" if args.compare else ""
     (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule: {trials} records "
                                      f"({'reused from ' + args.records if args.records else f'{tune_s:.0f} s tune + export'}); "
-                                     f"{args.rounds} alternating rounds x {args.iterations} calls{compared}\n")
+                                     f"{args.rounds} alternating rounds x {args.iterations} calls, {args.settle_ms:g} ms pause before each; "
+                                     f"TVM threads {os.environ.get('TVM_NUM_THREADS')}{compared}\n")
     print(table)
 
 

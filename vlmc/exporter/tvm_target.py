@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter import tvm_ops
 from vlmc.exporter.context import ExportContext, io_entry
-from vlmc.runtimes.tvm_runner import host_architecture
+from vlmc.runtimes.tvm_runner import host_architecture, physical_cores, size_thread_pool
 
 TUNING_DIR = "tvm_tuning"
 CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
@@ -141,6 +140,7 @@ def _tune(ctx: ExportContext, mod, target):
         for name in TUNING_RECORDS:
             shutil.copy(Path(options.tuning_records) / name, work_dir / name)
     if options.tune_trials:
+        size_thread_pool()  # MetaSchedule's runner processes time each candidate on the cores the runtime will use
         ctx.progress(f"tvm: MetaSchedule, {options.tune_trials} trials on the vision encoder"
                      + (f" (adding to {options.tuning_records})" if options.tuning_records else ""))
         with contextlib.redirect_stdout(io.StringIO()):
@@ -162,7 +162,7 @@ def _scheduled(ctx: ExportContext, name: str, mod, target: dict, tune: bool):
 
     from vlmc.exporter import tvm_schedules
 
-    target = tvm.target.Target({**target, "num-cores": os.cpu_count() or 1})
+    target = tvm.target.Target({**target, "num-cores": physical_cores()})
     prepare = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]

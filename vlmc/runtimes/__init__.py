@@ -47,7 +47,7 @@ def open_session(bundle: Bundle, runtime: str, profile_ops: bool = False, shares
     if runtime == "tvm":
         from vlmc.runtimes.tvm_runner import open_tvm
 
-        return open_tvm(bundle, shape, profile_ops=profile_ops)
+        return open_tvm(bundle, shape, profile_ops=profile_ops, shares_cpu=shares_cpu)
     if runtime == "executorch":
         from vlmc.runtimes.executorch_runner import ExecuTorchSession
 
