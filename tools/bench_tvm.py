@@ -1,9 +1,10 @@
-"""TVM against the other runtimes on the vision encoder, side by side in one run.
+"""TVM against the other runtimes, side by side in one run: vision encode, prefill and a decode step.
 
 Exports one bundle (onnx, executorch, tvm untuned) and one tuned TVM bundle (MetaSchedule, --trials),
-then times the vision encoder of each runtime in alternating rounds (the machine's drift hits all alike;
-before each runtime's calls a pause lets the previous runtime's spinning worker threads go idle, and one
-untimed call wakes its own) and reports p50 latency and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
+then times each runtime's vision encoder, prefill (the image's tokens + 10) and decode step in
+alternating rounds (the machine's drift hits all alike; before each stage's calls a pause lets the
+previous runtime's spinning worker threads go idle, and one untimed call wakes its own) and reports p50
+latencies and each one's ratio to the fastest non-TVM runtime. Writes a table and JSON.
 
     python tools/bench_tvm.py --trials 1000 --rounds 10 --out docs/tvm_bench --work build/bench_tvm
 """
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=10, help="calls per runtime per round")
     parser.add_argument("--settle-ms", type=float, default=50.0,
-                        help="pause before each runtime's calls: onnxruntime's and TVM's workers spin after a call and "
+                        help="pause before each stage's calls: onnxruntime's and TVM's workers spin after a call and "
                              "slowed the next runtime (ExecuTorch's encoder 4.8 ms in the rounds, 1.9 ms alone)")
     parser.add_argument("--work", default="build/bench_tvm")
     parser.add_argument("--out", default="docs/tvm_bench")
@@ -60,21 +61,33 @@ def main() -> None:
         sessions["tvm (untuned, --compare)"] = open_session(Bundle(earlier / "base"), "tvm")
         sessions["tvm (tuned, --compare)"] = open_session(Bundle(earlier / "tuned"), "tvm")
     size = base.manifest["prompt"]["image_size"]
-    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
+    prompt = base.manifest["prompt"]["num_image_tokens"] + 10  # the image's tokens and a short question
+    embeds = rng.standard_normal((1, prompt, base.manifest["decoder"]["embed_width"])).astype(np.float32)
+    stages = {"vision_encode": lambda s: s.vision(image), "prefill": lambda s: s.prefill(embeds, 1),
+              "decode_step": lambda s: s.step(embeds[:, :1], prompt)}
+    times = {(name, stage): [] for name in sessions for stage in stages}
     for s in sessions.values():
-        s.vision(image)  # warm-up
+        for run in stages.values():
+            run(s)  # warm-up
     for _ in range(args.rounds):
         for name, s in sessions.items():
-            time.sleep(args.settle_ms / 1000.0)
-            s.vision(image)
-            for _ in range(args.iterations):
-                t = time.perf_counter()
-                s.vision(image)
-                times[name].append((time.perf_counter() - t) * 1000.0)
-    p50 = {name: float(np.percentile(v, 50)) for name, v in times.items()}
-    fastest_other = min(v for k, v in p50.items() if not k.startswith("tvm"))
-    rows = [{"runtime": k, "vision_encode_p50_ms": round(v, 3), "x_fastest_other": round(v / fastest_other, 3)} for k, v in p50.items()]
+            for stage, run in stages.items():
+                time.sleep(args.settle_ms / 1000.0)
+                run(s)
+                for _ in range(args.iterations):
+                    t = time.perf_counter()
+                    run(s)
+                    times[name, stage].append((time.perf_counter() - t) * 1000.0)
+    rows = []
+    for name in sessions:
+        row = {"runtime": name}
+        for stage in stages:
+            p50 = float(np.percentile(times[name, stage], 50))
+            fastest_other = min(float(np.percentile(times[other, stage], 50)) for other in sessions if not other.startswith("tvm"))
+            row[f"{stage}_p50_ms"], row[f"{stage}_x_fastest_other"] = round(p50, 3), round(p50 / fastest_other, 3)
+        rows.append(row)
     result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "compared_with": args.compare,
               "rounds": args.rounds, "iterations": args.iterations, "settle_ms": args.settle_ms,
               "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
@@ -83,8 +96,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"{'runtime':<32} {'vision p50 ms':>14} {'x fastest other':>16}"]
-    lines += [f"{r['runtime']:<32} {r['vision_encode_p50_ms']:>14.3f} {r['x_fastest_other']:>16.3f}" for r in rows]
+    lines = [f"{'runtime':<32}" + "".join(f"{stage + ' ms':>18}{'x other':>9}" for stage in stages)]
+    lines += [f"{r['runtime']:<32}" + "".join(f"{r[stage + '_p50_ms']:>18.3f}{r[stage + '_x_fastest_other']:>9.3f}" for stage in stages)
+              for r in rows]
     table = "\n".join(lines)
     compared = f"; --compare {args.compare}" if args.compare else ""
     (out / "results.txt").write_text(table + f"\n\nmodel {args.model}; MetaSchedule: {trials} records "
