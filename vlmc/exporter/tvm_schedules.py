@@ -58,13 +58,22 @@ class Matmul(CPUScheduleRule):
         lanes = _lanes(target)
         if n is None or n < lanes:
             return None  # the vectors run along the output's last axis: it must be known and wide enough
-        if n % lanes:  # a ragged last vector would leave the whole loop scalar: compute on a padded block
+        m = _extent(sch, loops[spatial - 2])  # None: a symbolic row count (the decoder's prompt)
+        pad_rows, pad_cols = m is None or m % self.ROWS != 0, n % lanes != 0
+        copy, padded_inputs = None, []
+        if pad_rows or pad_cols:
+            # whole tiles: a ragged last tile of rows put a row test in every inner loop (206 x 128 x 512: 211 ->
+            # 120 us; symbolic rows 325 us), a ragged last vector left the whole loop scalar
             try:
-                sch.pad_einsum(main.block_rv, [1] * (spatial - 1) + [lanes] + [1] * (len(kinds) - spatial))
+                sch.pad_einsum(main.block_rv, [1] * (spatial - 2) + [self.ROWS if pad_rows else 1, lanes if pad_cols else 1]
+                               + [1] * (len(kinds) - spatial))
+            except ScheduleError:  # a block pad_einsum refuses (FlashCache's, for one): the last tile stays ragged
+                pass
+            else:
                 loops = sch.get_loops(main.block_rv)
                 n = _extent(sch, loops[spatial - 1])
-            except ScheduleError:  # a block pad_einsum refuses (FlashCache's, for one): the last vector stays ragged
-                pass
+                padded_inputs = sch.get_producers(main.block_rv)
+                copy = sch.get_consumers(main.block_rv)[0]  # the padded result's real rows and columns
         rows, cols, reduction = loops[spatial - 2], loops[spatial - 1], loops[spatial:]
         wide = lanes * self.VECTORS
         width = wide if n % wide == 0 or n % lanes else lanes  # a divisor of n where one fits
@@ -74,6 +83,10 @@ class Matmul(CPUScheduleRule):
         sch.reorder(*loops[:spatial - 2], i_out, j_out, k, i_in, j_in)
         outer = sch.fuse(*loops[:spatial - 2], i_out, j_out)
         sch.parallel(outer)
+        for padded_input in padded_inputs:  # each tile pads the rows it reads (no parallel loop of its own to start)
+            sch.compute_at(padded_input, outer, preserve_unit_loops=True)
+            _, vec = sch.split(sch.get_loops(padded_input)[-1], [None, lanes])
+            sch.vectorize(vec)
         accumulator = sch.cache_write(main.block_rv, 0, "local")
         sch.reverse_compute_at(accumulator, outer, preserve_unit_loops=True)
         for epilogue in infos[1:]:
@@ -81,6 +94,10 @@ class Matmul(CPUScheduleRule):
                 sch.reverse_compute_inline(epilogue.block_rv)
             except Exception:  # an epilogue that reads other rows: it stays a loop nest of its own
                 pass
+        if copy is not None:  # each tile's real part copied out (with the epilogue) while it is in cache
+            sch.reverse_compute_at(copy, outer, preserve_unit_loops=True)
+            _, vec = sch.split(sch.get_loops(copy)[-1], [None, lanes])
+            sch.vectorize(vec)
         _, vec = sch.split(j_in, [None, lanes])
         sch.vectorize(vec)  # before the init is split off: a reduction block (with its init) may be vectorized
         sch.unroll(i_in)
@@ -91,6 +108,7 @@ class Matmul(CPUScheduleRule):
                 _, vec = sch.split(loops[-1], [None, lanes])
                 sch.vectorize(vec)
         return sch
+
 
 
 class Attention(CPUScheduleRule):
