@@ -173,8 +173,12 @@ class StaticCacheSession(Session):
             out = self.call("text_prefill", [embeds.astype(np.float32), self._image_start(image_start), last])
             self.caches = list(out[1:])
             return out[0][0]
-        self.caches = self.shape.empty_caches()
+        self.caches = self._empty_caches()
         return self._decode(embeds, range(embeds.shape[1]), t - 1)
+
+    def _empty_caches(self) -> list:
+        """The zero caches a prefill starts from."""
+        return self.shape.empty_caches()
 
     def step(self, embeds: np.ndarray, pos: int) -> np.ndarray:
         if pos >= self.shape.max_context:

@@ -92,6 +92,7 @@ class TvmSession(StaticCacheSession):
                 self.vms[program].set_instrument(self._instrument(program))
         self._op_times: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
         self._last_args: dict[str, list] = {}  # what each program last ran on, for time_programs
+        self._zero_caches: Optional[list] = None
 
     def _instrument(self, program: str):
         """Times every kernel call of the VM (fused Relax ops lowered to one TIR function each)."""
@@ -127,6 +128,13 @@ class TvmSession(StaticCacheSession):
     def call(self, program, inputs):
         return [t.numpy() for t in self._run(program, inputs)]
 
+    def _empty_caches(self) -> list:
+        """Zero caches made on the device once and passed to every prefill (a program never writes its inputs):
+        making them per prompt cost 0.2 of the built-in model's 3.6 ms prefill."""
+        if self._zero_caches is None:
+            self._zero_caches = [self._tvm.runtime.tensor(c, device=self.device) for c in self.shape.empty_caches()]
+        return self._zero_caches
+
     def _decode(self, embeds, positions, logits_index) -> np.ndarray:
         """The KV caches stay TVM tensors on the device from step to step: copying them to numpy and back cost
         the built-in model's decode step 0.4 of its 0.9 ms (and over RPC, a round trip of every cache)."""
@@ -140,7 +148,7 @@ class TvmSession(StaticCacheSession):
         """Drop every handle on the libraries and the device: over RPC, this ends the session on the server."""
         import gc
 
-        self.vms, self._last_args, self.remote, self.device = {}, {}, None, None
+        self.vms, self._last_args, self._zero_caches, self.remote, self.device = {}, {}, None, None, None
         gc.collect()
 
     def time_programs(self, repeat: int) -> dict:
