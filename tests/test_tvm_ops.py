@@ -148,6 +148,8 @@ def test_default_schedules_cover_every_kernel_and_keep_the_numbers(rows):
     for f in matmuls:  # 16 or n rows in tiles of 6, 72 or 40 columns in vectors of 16: computed on padded blocks,
         update = f.script().split('T.sblock("matmul_update")')[1].split("T.reads")[0]  # no row or column test inside
         assert "_pad = T.sblock_alloc_buffer" in f.script() and "T.where" not in update
+    norms = [f.script() for name, f in kernels.items() if "layer_norm" in name]
+    assert norms and all("_rf = T.sblock_alloc_buffer" in n and "T.vectorized(" in n for n in norms)  # sums in lanes
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     for n in ([16] if rows == 16 else [1, 5, 16, 63]):
         xs = torch.randn(1, n, 48)

@@ -168,6 +168,57 @@ class Attention(CPUScheduleRule):
         sch.vectorize(sch.get_loops(accumulator)[-1])
 
 
+class RowReduction(CPUScheduleRule):
+    """Reductions over the last axis with their elementwise epilogue (layer and RMS norms): rows in parallel,
+    each computed whole, every reduction kept in a vector of `lanes` partial results and then summed across
+    it (a serial chain of one add per element was latency-bound: the built-in encoder's layer norm 30 us)."""
+
+    def apply(self, func, target, _):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        rank = len(infos[-1].dom_kind())
+        lanes = _lanes(target)
+        reductions = [b for b in infos if not b.is_injective()]
+        if not reductions or rank < 2:
+            return None
+        for block in reductions:
+            loops = sch.get_loops(block.block_rv)
+            width = _extent(sch, loops[-1])
+            if block.dom_kind() != "S" * (rank - 1) + "R" or width is None or width % lanes:
+                return None
+        for block in infos[:-1]:
+            if block.is_injective() and len(block.dom_kind()) not in (rank - 1, rank):
+                return None
+        partials = []  # each reduction as `lanes` partial results (a vector), then one reduction across them
+        for block in reductions:
+            _, lane = sch.split(sch.get_loops(block.block_rv)[-1], [None, lanes])
+            partials.append(sch.rfactor(lane, factor_axis=rank - 1))
+        loops = sch.get_loops(infos[-1].block_rv)
+        rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(rows)
+        _, vec = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(vec)
+        producers = [b.block_rv for b in infos[:-1]]
+        for block in reversed(producers):
+            try:
+                sch.compute_at(block, rows, preserve_unit_loops=True)
+            except ScheduleError:  # a block that reads other rows than its consumer's
+                return None
+            if block in [b.block_rv for b in reductions]:
+                sch.compute_at(partials[[b.block_rv for b in reductions].index(block)], rows, preserve_unit_loops=True)
+        for partial in partials:  # under the row: [lane, unit loops, keys / lanes] -> the lanes innermost, one vector
+            lane, *_, outer = sch.get_loops(partial)[1:]  # [0]: the rows
+            if _extent(sch, lane) == lanes:
+                sch.reorder(outer, lane)
+                sch.vectorize(lane)
+            sch.decompose_reduction(partial, outer)
+        return sch
+
+
 class Elementwise(CPUScheduleRule):
     """A kernel of elementwise blocks only: its loops flattened, split across the cores, vectorized."""
 
@@ -191,4 +242,4 @@ class Elementwise(CPUScheduleRule):
 
 def default_schedules():
     """The pass that schedules every kernel left unscheduled (run under the target)."""
-    return dlight.ApplyDefaultSchedule(Attention(), Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise())
+    return dlight.ApplyDefaultSchedule(Attention(), Matmul(), dlight.cpu.GEMV(), RowReduction(), dlight.cpu.Reduction(), Elementwise())
