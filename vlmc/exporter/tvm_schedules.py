@@ -240,6 +240,20 @@ class Elementwise(CPUScheduleRule):
         return sch
 
 
+def _rules() -> tuple:
+    return Attention(), Matmul(), dlight.cpu.GEMV(), RowReduction(), dlight.cpu.Reduction(), Elementwise()
+
+
 def default_schedules():
     """The pass that schedules every kernel left unscheduled (run under the target)."""
-    return dlight.ApplyDefaultSchedule(Attention(), Matmul(), dlight.cpu.GEMV(), RowReduction(), dlight.cpu.Reduction(), Elementwise())
+    return dlight.ApplyDefaultSchedule(*_rules())
+
+
+def default_schedule(func, target):
+    """The schedule `default_schedules` gives one kernel (its trace is what MetaSchedule replays), or None."""
+    for rule in _rules():
+        sch = rule.apply(func, target, False)
+        sch = (sch[0] if sch else None) if isinstance(sch, list) else sch
+        if sch is not None:
+            return sch
+    return None
