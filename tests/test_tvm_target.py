@@ -110,11 +110,16 @@ def test_tuning_records_are_saved_and_reused(tiny_ckpt, tmp_path):
     recipe = {"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 64, "max_prompt": 40, "prompt_template": TEMPLATE}
     tuned = api.compile({**recipe, "tvm": {"tune_trials": 16}}, tmp_path / "tuned")
     records = tuned.path / "tvm_tuning"
-    assert (records / "database_tuning_record.json").stat().st_size > 0
+    lines = (records / "database_tuning_record.json").read_text().splitlines()
+    workloads = (records / "database_workload.json").read_text().splitlines()
+    # the 16 trials, and each workload's default schedule offered as one more candidate
+    assert len(lines) == 16 + len(workloads) and len(workloads) >= 2
     assert tuned.manifest["targets"]["tvm"]["tuning"]["vision_encoder"]["trials"] == 16
     reused = api.compile({**recipe, "tvm": {"tuning_records": str(records)}}, tmp_path / "reused")
     assert reused.manifest["targets"]["tvm"]["tuning"]["vision_encoder"]["reused"] == str(records)
     assert all(r["passed"] for r in reused.manifest["verification"]["results"])
+    again = (reused.path / "tvm_tuning" / "database_tuning_record.json").read_text().splitlines()
+    assert len(again) == len(lines)  # the defaults are on record already: not timed and added twice
 
 
 _POOL_SIZE = """

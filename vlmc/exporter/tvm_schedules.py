@@ -7,8 +7,10 @@ trials, so every program gets these schedules first; MetaSchedule's records repl
 
 - `Attention`: tvm_ops' fused attention kernel, blocks of query rows in parallel, each computed whole.
 - `Matmul`: a product with an elementwise epilogue (linear layers) computed in register tiles of rows x
-  vectors, the tiles spread over the cores, the epilogue applied per tile.
-- TVM's own dlight CPU rules for matrix-vector products and row reductions (softmax, norms).
+  vectors on whole tiles (rows and columns padded), the tiles spread over the cores, the epilogue applied
+  per tile.
+- `RowReduction`: norms, a row per task, their sums kept in a vector of lanes.
+- TVM's own dlight CPU rules for matrix-vector products and other reductions.
 - `Elementwise`: every other loop nest of elementwise work, flattened, split across the cores and
   vectorized.
 """
