@@ -139,8 +139,8 @@ def _tune(ctx: ExportContext, mod, target):
     if options.tuning_records:
         for name in TUNING_RECORDS:
             shutil.copy(Path(options.tuning_records) / name, work_dir / name)
+    size_thread_pool()  # MetaSchedule's runner processes time each candidate on the cores the runtime will use
     if options.tune_trials:
-        size_thread_pool()  # MetaSchedule's runner processes time each candidate on the cores the runtime will use
         ctx.progress(f"tvm: MetaSchedule, {options.tune_trials} trials on the vision encoder"
                      + (f" (adding to {options.tuning_records})" if options.tuning_records else ""))
         with contextlib.redirect_stdout(io.StringIO()):
@@ -148,6 +148,7 @@ def _tune(ctx: ExportContext, mod, target):
             ms.tune.tune_tasks(tasks=tasks, task_weights=weights, work_dir=str(work_dir), max_trials_global=options.tune_trials,
                                num_trials_per_iter=min(64, options.tune_trials), builder=_in_process_builder(),
                                runner=ms.runner.LocalRunner(timeout_sec=60))
+    ctx.progress("tvm: the default schedules timed as MetaSchedule candidates")
     with target, contextlib.redirect_stdout(io.StringIO()):
         _offer_default_schedules(_tasks_worth_tuning(mod, target), work_dir, target)
     shutil.rmtree(work_dir / "logs", ignore_errors=True)  # MetaSchedule's own logs: not part of the bundle
