@@ -80,13 +80,14 @@ def main() -> None:
                     t = time.perf_counter()
                     run(s)
                     times[name, stage].append((time.perf_counter() - t) * 1000.0)
+    p50 = {key: float(np.percentile(v, 50)) for key, v in times.items()}
+    fastest_other = {stage: min(p50[name, stage] for name in sessions if not name.startswith("tvm")) for stage in stages}
     rows = []
     for name in sessions:
         row = {"runtime": name}
         for stage in stages:
-            p50 = float(np.percentile(times[name, stage], 50))
-            fastest_other = min(float(np.percentile(times[other, stage], 50)) for other in sessions if not other.startswith("tvm"))
-            row[f"{stage}_p50_ms"], row[f"{stage}_x_fastest_other"] = round(p50, 3), round(p50 / fastest_other, 3)
+            row[f"{stage}_p50_ms"] = round(p50[name, stage], 3)
+            row[f"{stage}_x_fastest_other"] = round(p50[name, stage] / fastest_other[stage], 3)
         rows.append(row)
     result = {"model": args.model, "tuning_records": trials, "records_from": args.records, "compared_with": args.compare,
               "rounds": args.rounds, "iterations": args.iterations, "settle_ms": args.settle_ms,

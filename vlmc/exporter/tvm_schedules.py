@@ -112,7 +112,6 @@ class Matmul(CPUScheduleRule):
         return sch
 
 
-
 class Attention(CPUScheduleRule):
     """tvm_ops' fused attention: blocks of ROWS query rows of one head in parallel, each computed whole (its
     scores in tiles of ROWS x one vector of keys, the softmax's lane maxima and sums vectorized, the values in
@@ -195,24 +194,23 @@ class RowReduction(CPUScheduleRule):
         for block in infos[:-1]:
             if block.is_injective() and len(block.dom_kind()) not in (rank - 1, rank):
                 return None
-        partials = []  # each reduction as `lanes` partial results (a vector), then one reduction across them
+        partials = {}  # each reduction as `lanes` partial results (a vector), then one reduction across them
         for block in reductions:
             _, lane = sch.split(sch.get_loops(block.block_rv)[-1], [None, lanes])
-            partials.append(sch.rfactor(lane, factor_axis=rank - 1))
+            partials[block.name] = sch.rfactor(lane, factor_axis=rank - 1)
         loops = sch.get_loops(infos[-1].block_rv)
         rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.parallel(rows)
         _, vec = sch.split(loops[-1], [None, lanes])
         sch.vectorize(vec)
-        producers = [b.block_rv for b in infos[:-1]]
-        for block in reversed(producers):
+        for block in reversed(infos[:-1]):
             try:
-                sch.compute_at(block, rows, preserve_unit_loops=True)
+                sch.compute_at(block.block_rv, rows, preserve_unit_loops=True)
             except ScheduleError:  # a block that reads other rows than its consumer's
                 return None
-            if block in [b.block_rv for b in reductions]:
-                sch.compute_at(partials[[b.block_rv for b in reductions].index(block)], rows, preserve_unit_loops=True)
-        for partial in partials:  # under the row: [lane, unit loops, keys / lanes] -> the lanes innermost, one vector
+            if block.name in partials:
+                sch.compute_at(partials[block.name], rows, preserve_unit_loops=True)
+        for partial in partials.values():  # under the row: [lane, unit loops, keys / lanes] -> the lanes innermost, one vector
             lane, *_, outer = sch.get_loops(partial)[1:]  # [0]: the rows
             if _extent(sch, lane) == lanes:
                 sch.reorder(outer, lane)

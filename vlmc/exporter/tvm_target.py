@@ -140,17 +140,19 @@ def _tune(ctx: ExportContext, mod, target):
         for name in TUNING_RECORDS:
             shutil.copy(Path(options.tuning_records) / name, work_dir / name)
     size_thread_pool()  # MetaSchedule's runner processes time each candidate on the cores the runtime will use
+    with target, contextlib.redirect_stdout(io.StringIO()):
+        tasks = _tasks_worth_tuning(mod, target)
     if options.tune_trials:
         ctx.progress(f"tvm: MetaSchedule, {options.tune_trials} trials on the vision encoder"
                      + (f" (adding to {options.tuning_records})" if options.tuning_records else ""))
         with contextlib.redirect_stdout(io.StringIO()):
-            tasks, weights = extracted_tasks_to_tune_contexts(_tasks_worth_tuning(mod, target), str(work_dir), seed=0)
-            ms.tune.tune_tasks(tasks=tasks, task_weights=weights, work_dir=str(work_dir), max_trials_global=options.tune_trials,
+            contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(work_dir), seed=0)
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=options.tune_trials,
                                num_trials_per_iter=min(64, options.tune_trials), builder=_in_process_builder(),
                                runner=ms.runner.LocalRunner(timeout_sec=60))
     ctx.progress("tvm: the default schedules timed as MetaSchedule candidates")
     with target, contextlib.redirect_stdout(io.StringIO()):
-        _offer_default_schedules(_tasks_worth_tuning(mod, target), work_dir, target)
+        _offer_default_schedules(tasks, work_dir, target)
     shutil.rmtree(work_dir / "logs", ignore_errors=True)  # MetaSchedule's own logs: not part of the bundle
     with target:
         return relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
