@@ -57,7 +57,15 @@ def coreml_4bit(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(q.astype(np.float32) * np.repeat(s, GROUP, axis=1))
 
 
-STORE = {"onnx": onnxruntime_4bit, "executorch": torchao_4bit, "coreml": coreml_4bit}
+def tvm_4bit(w: torch.Tensor) -> torch.Tensor:
+    """`w` as the TVM target stores it (tvm_quant's packed codes and scales, dequantized)."""
+    from vlmc.passes.quant.tvm_quant import dequantize, pack_int4
+
+    codes, scales = pack_int4(w, GROUP)
+    return dequantize(codes, scales, 4, GROUP)
+
+
+STORE = {"onnx": onnxruntime_4bit, "executorch": torchao_4bit, "coreml": coreml_4bit, "tvm": tvm_4bit}
 
 
 def correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:

@@ -228,3 +228,81 @@ def test_a_patch_embedding_becomes_one_product_and_other_convolutions_stay():
     mod, run = _compiled(overlapping, (x,))
     assert "R.nn.conv2d" in mod.script()
     np.testing.assert_allclose(run(x), overlapping(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+class QuantizedBlock(torch.nn.Module):
+    """Two linears as the TVM target quantizes them (with and without a bias) around an activation."""
+
+    def __init__(self, bits: int):
+        from vlmc.passes.quant.tvm_quant import QuantizedLinear
+
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        up, down = torch.nn.Linear(64, 80), torch.nn.Linear(80, 64, bias=False)
+        for layer in (up, down):
+            layer.weight.data = torch.randn(layer.weight.shape, generator=g) / 8
+        self.float_up, self.float_down = up, down
+        self.up, self.down = QuantizedLinear(up, bits, 16), QuantizedLinear(down, bits, 16)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+    def float_forward(self, x):
+        return self.float_down(F.gelu(self.float_up(x)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [12, "symbolic"])
+def test_a_quantized_linear_reads_its_integer_codes_in_one_scheduled_product(bits, rows):
+    """The TVM target's int8 / int4 linears: one kernel per linear whose weight stays integer codes in the
+    library (no float copy of it anywhere in the module), computed on rows padded to whole tiles (no row test
+    in the product) over the cores and vectorized; its numbers are the dequantized weights' (torch's
+    reference op) and within the grid's rounding of the float layer's."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.target import Target
+
+    from vlmc.exporter import tvm_schedules
+
+    block = QuantizedBlock(bits).eval()
+    x = torch.randn(1, 12, 64)
+    dynamic = None if rows == 12 else ({1: torch.export.Dim("rows", min=1, max=64)},)
+    with torch.no_grad():
+        ep = torch.export.export(block, (x,), dynamic_shapes=dynamic).run_decompositions(tvm_ops.decompositions())
+    mod = tvm_ops.rewrite(from_exported_program(ep, custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False), True)
+    target = Target({"kind": "llvm", "mcpu": "x86-64-v3"})
+    with target:
+        mod = relax.pipeline.zero_pipeline()(mod)
+        mod = tvm_schedules.default_schedules()(mod)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    products = [f.script() for name, f in kernels.items() if "quantized_linear" in name]
+    assert len(products) == 2
+    code_type = "int8" if bits == 8 else "uint8"
+    code_shapes = {(64, 80), (80, 64)} if bits == 8 else {(32, 80), (40, 64)}  # [in, out] / [in / 2, out]
+    found = {tuple(int(d) for d in m.groups()) for p in products
+             for m in re.finditer(rf"T\.Buffer\(\(T\.int64\((\d+)\), T\.int64\((\d+)\)\), \"{code_type}\"\)", p)}
+    assert found == code_shapes
+    tensors = {(tuple(c.value.shape), str(c.value.dtype)) for c in _constants(mod) if hasattr(c.value, "shape")}
+    assert {(shape, code_type) for shape in code_shapes} <= tensors  # the codes are the module's constants
+    assert not {((80, 64), "float32"), ((64, 80), "float32")} & tensors, "a float copy of a weight was folded in"
+    for p in products:
+        update = p.split('T.sblock("quantized_matmul_update")')[1].split("T.reads")[0]
+        assert "T.parallel" in p and "T.vectorized" in p and "T.where" not in update
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    for n in ([12] if rows == 12 else [1, 5, 12, 63]):
+        xs = torch.randn(1, n, 64)
+        out = vm["main"](tvm.runtime.tensor(xs.numpy()))
+        out = out[0].numpy() if not hasattr(out, "numpy") else out.numpy()
+        np.testing.assert_allclose(out, block(xs).detach().numpy(), atol=2e-5, rtol=1e-4)
+        ref = block.float_forward(xs).detach().numpy()
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (0.02 if bits == 8 else 0.15)
+
+
+def _constants(mod) -> list:
+    from tvm import relax
+
+    found = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, tvm.ir.expr.Constant) else None)
+    return found

@@ -50,10 +50,28 @@ def test_tvm_profile_with_ops(tvm_bundle):
     assert any("matmul" in r["op"] for r in p["ops"])
 
 
-def test_tvm_refuses_quantization_before_export_work(tiny_ckpt, tmp_path):
-    with pytest.raises(VlmcError, match="target tvm takes float programs only: quantization"):
-        api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "passes": [{"name": "w4", "at": "decoder"}]}, tmp_path / "q")
-    assert not list(tmp_path.iterdir())
+def test_tvm_quantizes_weights_to_int8_and_int4_and_verifies(tiny_ckpt, calibration_jsonl, tmp_path, sample_image):
+    """w8a8 on the vision tower and w4 on the decoder: each program's linears hold integer codes (int8 per
+    channel; int4 in groups, two per byte), the activations stay float and the manifest says so; the host
+    and aarch64 libraries build, the host one is verified against eager by the quantized criterion, and
+    generation runs on it."""
+    from vlmc.runtimes.tvm_runner import host_architecture
+
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": TEMPLATE,
+                     "tvm": {"architectures": ["host", "aarch64"]}, "calibration": {"dataset": str(calibration_jsonl), "n": 8},
+                     "passes": [{"name": "w8a8", "at": "vision"}, {"name": "w4", "at": "decoder", "group_size": 16}]},
+                    tmp_path / "q")
+    programs = b.manifest["targets"]["tvm"]["programs"]
+    vision, decoder = programs["vision_encoder"]["quantization"], programs["text_decoder"]["quantization"]
+    assert vision["scheme"] == "w8a8" and vision["how"].startswith("per-channel symmetric int8 weights")
+    assert decoder["scheme"] == "w4" and decoder["group_size"] == 16 and "groups of 16" in decoder["how"]
+    assert all(q["activations"].startswith("float32: TVM has no integer-activation CPU kernels") for q in (vision, decoder))
+    assert "quantization" not in programs["token_embedding"]
+    assert all(set(programs[p]["libraries"]) == {host_architecture(), "aarch64"} for p in programs)
+    rows = [r for r in b.manifest["verification"]["results"] if r["target"] == "tvm" and r["max_abs_err"] is not None]
+    assert all(r["passed"] for r in rows) and {r["program"] for r in rows if r.get("quantized")} == {"vision_encoder", "text_decoder"}
+    assert all(r["top1_agrees"] for r in rows if "top1_agrees" in r)
+    assert len(api.run(b.path, "tvm", sample_image, PROMPT, max_new_tokens=4)["tokens"]) == 4
 
 
 def test_in_llm_token_passes_build_with_tvm_and_give_eagers_tokens(tiny_ckpt, tmp_path, sample_image):

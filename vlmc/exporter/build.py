@@ -73,9 +73,6 @@ def _check_targets(prepared: Prepared) -> None:
             executorch_quant.check(scheme, recipe.executorch.backend)
         if not recipe.executorch.text_prefill and any(p["in_llm"] for p in prepared.passes):
             raise VlmcError("recipe executorch.text_prefill: false, but in-LLM token stages run in the text_prefill method")
-    if "tvm" in recipe.targets and prepared.quant:
-        raise VlmcError(f"target tvm takes float programs only: quantization ({', '.join(prepared.quant.names)}) "
-                        "is exported to onnx, executorch and coreml")
     tiles = prepared.loaded.model.image_tiles
     if tiles > 1 and any(s.config.method == "masquant" for s in prepared.quant.schemes.values()):
         raise VlmcError(f"pass w8a8: method masquant tells the image's rows by one position range, but the tile grid "

@@ -134,8 +134,9 @@ class ExportContext:
             self._calibration = collect(self.model, self.loaded.tokenizer, self.recipe, self.image_tokens, self.decoder_shape)
         return self._calibration
 
-    def explicit_cache_programs(self, target: str, image_layout: str) -> list["ProgramJob"]:
-        """The three programs of targets that take the KV cache explicitly (ONNX, Core ML, TVM).
+    def explicit_cache_programs(self, target: str, image_layout: str, model=None) -> list["ProgramJob"]:
+        """The three programs of targets that take the KV cache explicitly (ONNX, Core ML, TVM), of `model`
+        (default: the target's model).
 
         The text length is bounded-dynamic (1..max_prompt): one decoder graph for prefill and decode,
         unless in-LLM token stages need a full-prompt prefill (`text_prefill`) that the decode step must not run.
@@ -145,7 +146,7 @@ class ExportContext:
         from vlmc.models_zoo.programs import (StaticCacheDecoder, StaticCachePrefill, TokenEmbeddingProgram,
                                               VisionEncoderProgram, empty_caches, static_decoder_io)
 
-        m, r = self.target_model(target), self.recipe
+        m, r = model if model is not None else self.target_model(target), self.recipe
         seq = Dim("seq_len", min=1, max=r.max_prompt)
         pos = torch.arange(r.max_prompt)  # position_ids gets a copy: an input that is a view of another adds a guard on its base
         caches = empty_caches(m, r.max_context)

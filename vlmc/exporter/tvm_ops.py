@@ -15,6 +15,10 @@
 - Patch embeddings: a convolution whose stride is its kernel is one product of the image's patches with
   the kernel, scheduled like the linear layers (untuned, TVM's convolution is scalar loops: the built-in
   vision encoder 10.1 -> 6.0 ms).
+- Quantized linears (`vlmc::quantized_linear`, the TVM target's int8 / int4 weights, passes/quant/tvm_quant):
+  one kernel that reads the integer codes and dequantizes them in registers inside the product (a
+  dequantize of its own would be folded back into a float constant, or write a float copy per call), its
+  rows padded to whole register tiles so the product's schedule has no row test.
 - `aten.amax`, which TVM 0.27's importer lacks.
 """
 from __future__ import annotations
@@ -192,7 +196,53 @@ def _attention(node, importer):
     return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # SDPA's [B,H,T,d]; the merge's transpose cancels it
 
 
-CONVERTERS = {"amax.default": _reduce_max, "scaled_dot_product_attention.default": _attention}
+def _quantized_product(x, codes, scales, *bias, bits: int, group_size: int):
+    """y [M, N] = x [M, K] @ dequantized codes (+ bias), computed on rows padded to whole register tiles (the
+    padded rows repeat the last: no row test in the product) and cut back to M: int8 codes [K, N] times a
+    scale per column after the sum; int4 codes two per byte [K / 2, N], each scaled by its group's scale."""
+    from tvm import te, tirx
+
+    from vlmc.exporter.tvm_schedules import Matmul
+
+    m, k_dim = x.shape
+    n = scales.shape[-1]
+    tile = Matmul.ROWS
+    rows = (tirx.IntImm(m.ty, -(-int(m) // tile) * tile) if isinstance(m, tirx.IntImm)
+            else tirx.floordiv(m + tile - 1, tile) * tile)
+    k = te.reduce_axis((0, k_dim), name="k")
+    if bits == 8:
+        def weight(kk, j):
+            return codes[kk, j].astype(x.dtype)
+    else:
+        def weight(kk, j):  # a scalar shift per input channel: the vector runs along the columns
+            nibble = (codes[kk // 2, j].astype("int32") >> ((kk % 2) * 4).astype("int32")) & 15
+            return (nibble - 8).astype(x.dtype) * scales[kk // group_size, j]
+    product = te.compute((rows, n), lambda i, j: te.sum(x[tirx.min(i, m - 1), k] * weight(k, j), axis=k),
+                         name="quantized_matmul")
+
+    def out(i, j):
+        y = product[i, j] * scales[j] if bits == 8 else product[i, j]
+        return y + bias[0][j] if bias else y
+
+    return te.compute((m, n), out, name="quantized_matmul_out")
+
+
+def _quantized_linear(node, importer):
+    """vlmc::quantized_linear(x, codes, scales, bias, bits, group_size): x flattened to rows, one kernel."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, codes, scales, bias, bits, group_size = importer.retrieve_args(node)
+    shape = list(x.ty.shape.values)
+    rows = bb.emit(relax.op.reshape(x, [-1, shape[-1]])) if len(shape) != 2 else x
+    extra = [bias] if bias is not None else []
+    y = bb.emit_te(lambda a, c, s, *b: _quantized_product(a, c, s, *b, bits=int(bits), group_size=int(group_size)),
+                   rows, codes, scales, *extra, primfunc_name_hint="quantized_linear")
+    return bb.emit(relax.op.reshape(y, shape[:-1] + [scales.ty.shape[-1]])) if len(shape) != 2 else y
+
+
+CONVERTERS = {"amax.default": _reduce_max, "scaled_dot_product_attention.default": _attention,
+              "quantized_linear.default": _quantized_linear}
 
 
 def _sigmoid(x):

@@ -20,7 +20,7 @@ import torch
 
 from vlmc.errors import VlmcError, first_line
 from vlmc.exporter import tvm_ops
-from vlmc.exporter.context import ExportContext, io_entry
+from vlmc.exporter.context import PROGRAM_PARTS, ExportContext, io_entry
 from vlmc.runtimes.tvm_runner import host_architecture, physical_cores, size_thread_pool
 
 TUNING_DIR = "tvm_tuning"
@@ -238,6 +238,19 @@ def _io(mod, job) -> dict:
             "outputs": [entry(n, ty) for n, ty in zip(job.output_names, flat(main.ret_ty))]}
 
 
+def _quantized_model(ctx: ExportContext):
+    """The model the programs are exported from: the target's model with its quantized parts' linears holding
+    integer weights (tvm_quant), and what each quantized part records."""
+    from vlmc.passes.quant import promoted_layers, tvm_quant
+
+    model = ctx.target_model("tvm")
+    if not ctx.quant:
+        return model, {}
+    promoted = {part: promoted_layers(model, scheme, part) for part, scheme in ctx.quant.schemes.items()}
+    ctx.progress(f"tvm: integer weights for {', '.join(f'{p} ({s.name})' for p, s in ctx.quant.schemes.items())}")
+    return tvm_quant.quantize(model, ctx.quant.schemes, promoted)
+
+
 def lower(ctx: ExportContext) -> dict:
     import tvm
     from tvm.support import cc
@@ -246,8 +259,9 @@ def lower(ctx: ExportContext) -> dict:
     archs = architectures(options)
     targets = {arch: compile_target(arch, options) for arch in archs}
     tuned = options.tune_trials > 0 or options.tuning_records is not None
+    model, quantized = _quantized_model(ctx)
     programs = {}
-    for job in ctx.explicit_cache_programs("tvm", "chw_uint8"):
+    for job in ctx.explicit_cache_programs("tvm", "chw_uint8", model):
         ctx.progress(f"tvm: importing {job.name} (torch.export -> Relax)")
         mod = _import(job, options.fast_math)
         io_spec = _io(mod, job)
@@ -265,6 +279,9 @@ def lower(ctx: ExportContext) -> dict:
             libraries[arch] = path.name
         programs[job.name] = {"file": libraries.get(host_architecture(), next(iter(libraries.values()))),
                               "files": list(libraries.values()), "libraries": libraries, **io_spec}
+        part = PROGRAM_PARTS.get(job.name)
+        if part in quantized:
+            programs[job.name]["quantization"] = {**ctx.scheme(job.name).describe("tvm"), **quantized[part]}
     entry = {"programs": programs, "runtime": "tvm", "tvm_version": tvm.__version__,
              "architectures": {arch: {"target": json.dumps(t)} for arch, t in targets.items()},
              "kv_cache": "explicit inputs/outputs [1, kv_heads, max_context, head_dim]",

@@ -12,7 +12,8 @@ original weights by the target's rule (static groups), and the weight that fixes
 held at the integer that gives back the same scale. The targets' rules:
 - onnxruntime MatMulNBits (symmetric): the weight of largest magnitude maps to -8, scale = w / -8;
 - torchao (ExecuTorch, MappingType.SYMMETRIC_NO_CLIPPING_ERR): scale = max(min / -8, max / 7);
-- coremltools linear_symmetric int4: integers -7..7, scale = max|w| / 7.
+- coremltools linear_symmetric int4: integers -7..7, scale = max|w| / 7;
+- vlmc's TVM int4 (tvm_quant): torchao's rule.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ GRIDS = {
     "onnx": Grid("onnxruntime MatMulNBits", -8, 7, "signed_max"),
     "executorch": Grid("torchao symmetric, no clipping error", -8, 7, "no_clipping"),
     "coreml": Grid("coremltools linear_symmetric int4", -7, 7, "absmax"),
+    "tvm": Grid("vlmc TVM symmetric int4, no clipping error", -8, 7, "no_clipping"),
 }
 
 
