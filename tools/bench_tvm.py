@@ -20,6 +20,36 @@ from pathlib import Path
 import numpy as np
 
 
+STAGES = ("vision_encode", "prefill", "decode_step")
+
+
+def stage_timings(sessions: dict, manifest: dict, rounds: int, iterations: int, settle_ms: float) -> dict:
+    """p50 ms per (session name, stage) of vision encode, prefill (the image's tokens + 10) and a decode step,
+    timed in alternating rounds: the machine's drift hits every session alike; before each stage's calls a
+    pause lets the previous runtime's spinning worker threads go idle, and one untimed call wakes its own."""
+    size = manifest["prompt"]["image_size"]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
+    prompt = manifest["prompt"]["num_image_tokens"] + 10  # the image's tokens and a short question
+    embeds = rng.standard_normal((1, prompt, manifest["decoder"]["embed_width"])).astype(np.float32)
+    stages = dict(zip(STAGES, (lambda s: s.vision(image), lambda s: s.prefill(embeds, 1),
+                               lambda s: s.step(embeds[:, :1], prompt))))
+    times = {(name, stage): [] for name in sessions for stage in stages}
+    for s in sessions.values():
+        for run in stages.values():
+            run(s)  # warm-up
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for stage, run in stages.items():
+                time.sleep(settle_ms / 1000.0)
+                run(s)
+                for _ in range(iterations):
+                    t = time.perf_counter()
+                    run(s)
+                    times[name, stage].append((time.perf_counter() - t) * 1000.0)
+    return {key: float(np.percentile(v, 50)) for key, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-llava")
@@ -60,27 +90,8 @@ def main() -> None:
         earlier = Path(args.compare)
         sessions["tvm (untuned, --compare)"] = open_session(Bundle(earlier / "base"), "tvm")
         sessions["tvm (tuned, --compare)"] = open_session(Bundle(earlier / "tuned"), "tvm")
-    size = base.manifest["prompt"]["image_size"]
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (3, size, size), dtype=np.uint8)
-    prompt = base.manifest["prompt"]["num_image_tokens"] + 10  # the image's tokens and a short question
-    embeds = rng.standard_normal((1, prompt, base.manifest["decoder"]["embed_width"])).astype(np.float32)
-    stages = {"vision_encode": lambda s: s.vision(image), "prefill": lambda s: s.prefill(embeds, 1),
-              "decode_step": lambda s: s.step(embeds[:, :1], prompt)}
-    times = {(name, stage): [] for name in sessions for stage in stages}
-    for s in sessions.values():
-        for run in stages.values():
-            run(s)  # warm-up
-    for _ in range(args.rounds):
-        for name, s in sessions.items():
-            for stage, run in stages.items():
-                time.sleep(args.settle_ms / 1000.0)
-                run(s)
-                for _ in range(args.iterations):
-                    t = time.perf_counter()
-                    run(s)
-                    times[name, stage].append((time.perf_counter() - t) * 1000.0)
-    p50 = {key: float(np.percentile(v, 50)) for key, v in times.items()}
+    stages = STAGES
+    p50 = stage_timings(sessions, base.manifest, args.rounds, args.iterations, args.settle_ms)
     fastest_other = {stage: min(p50[name, stage] for name in sessions if not name.startswith("tvm")) for stage in stages}
     rows = []
     for name in sessions:
