@@ -231,24 +231,30 @@ def test_a_patch_embedding_becomes_one_product_and_other_convolutions_stay():
 
 
 class QuantizedBlock(torch.nn.Module):
-    """Two linears as the TVM target quantizes them (with and without a bias) around an activation."""
+    """Linears as the TVM target quantizes them (with and without a bias) around an activation, two of one shape."""
 
     def __init__(self, bits: int):
         from vlmc.passes.quant.tvm_quant import QuantizedLinear
 
         super().__init__()
         g = torch.Generator().manual_seed(3)
-        up, down = torch.nn.Linear(64, 80), torch.nn.Linear(80, 64, bias=False)
-        for layer in (up, down):
+        up, down, side = torch.nn.Linear(64, 80), torch.nn.Linear(80, 64, bias=False), torch.nn.Linear(80, 64, bias=False)
+        for layer in (up, down, side):
             layer.weight.data = torch.randn(layer.weight.shape, generator=g) / 8
-        self.float_up, self.float_down = up, down
-        self.up, self.down = QuantizedLinear(up, bits, 16), QuantizedLinear(down, bits, 16)
+        self.float_layers = torch.nn.ModuleList([up, down, side])
+        self.layers = torch.nn.ModuleList([QuantizedLinear(layer, bits, 16) for layer in (up, down, side)])
+
+    @staticmethod
+    def _forward(layers, x):
+        up, down, side = layers
+        h = F.gelu(up(x))
+        return down(h) + side(h)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+        return self._forward(self.layers, x)
 
     def float_forward(self, x):
-        return self.float_down(F.gelu(self.float_up(x)))
+        return self._forward(self.float_layers, x)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -270,13 +276,15 @@ def test_a_quantized_linear_reads_its_integer_codes_in_one_scheduled_product(bit
     with torch.no_grad():
         ep = torch.export.export(block, (x,), dynamic_shapes=dynamic).run_decompositions(tvm_ops.decompositions())
     mod = tvm_ops.rewrite(from_exported_program(ep, custom_convert_map=tvm_ops.CONVERTERS, run_ep_decomposition=False), True)
+    imported = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len([name for name in imported if "quantized_linear" in name]) == 2  # the two 80 -> 64 linears share one
     target = Target({"kind": "llvm", "mcpu": "x86-64-v3"})
     with target:
         mod = relax.pipeline.zero_pipeline()(mod)
         mod = tvm_schedules.default_schedules()(mod)
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     products = [f.script() for name, f in kernels.items() if "quantized_linear" in name]
-    assert len(products) == 2
+    assert products
     code_type = "int8" if bits == 8 else "uint8"
     code_shapes = {(64, 80), (80, 64)} if bits == 8 else {(32, 80), (40, 64)}  # [in, out] / [in / 2, out]
     found = {tuple(int(d) for d in m.groups()) for p in products
@@ -285,6 +293,8 @@ def test_a_quantized_linear_reads_its_integer_codes_in_one_scheduled_product(bit
     tensors = {(tuple(c.value.shape), str(c.value.dtype)) for c in _constants(mod) if hasattr(c.value, "shape")}
     assert {(shape, code_type) for shape in code_shapes} <= tensors  # the codes are the module's constants
     assert not {((80, 64), "float32"), ((64, 80), "float32")} & tensors, "a float copy of a weight was folded in"
+    codes = [c for c in _constants(mod) if hasattr(c.value, "shape") and str(c.value.dtype) == code_type]
+    assert len(codes) == 3  # the shared kernel takes each linear's own codes
     for p in products:
         update = p.split('T.sblock("quantized_matmul_update")')[1].split("T.reads")[0]
         assert "T.parallel" in p and "T.vectorized" in p and "T.where" not in update

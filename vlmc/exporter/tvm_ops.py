@@ -196,49 +196,66 @@ def _attention(node, importer):
     return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # SDPA's [B,H,T,d]; the merge's transpose cancels it
 
 
+QUANTIZED_STAGES = ("quantized_rows", "quantized_weight")  # staged per tile by tvm_schedules.Matmul, never inlined
+
+
 def _quantized_product(x, codes, scales, *bias, bits: int, group_size: int):
-    """y [M, N] = x [M, K] @ dequantized codes (+ bias), computed on rows padded to whole register tiles (the
-    padded rows repeat the last: no row test in the product) and cut back to M: int8 codes [K, N] times a
-    scale per column after the sum; int4 codes two per byte [K / 2, N], each scaled by its group's scale."""
+    """y [..., M, N] = x [..., M, K] @ dequantized codes (+ bias). Two stages that the product's schedule
+    computes per register tile: the rows padded to whole tiles (the padding repeats the last row, so the
+    product has no row test) and the weights dequantized (int8 codes [K, N]; int4 codes two per byte
+    [K / 2, N], each times its group's scale), one vector of columns per input channel, shared by the tile's
+    rows. int8's scale multiplies each column once, after the sum."""
     from tvm import te, tirx
 
     from vlmc.exporter.tvm_schedules import Matmul
 
-    m, k_dim = x.shape
+    *lead, m, k_dim = x.shape
     n = scales.shape[-1]
     tile = Matmul.ROWS
     rows = (tirx.IntImm(m.ty, -(-int(m) // tile) * tile) if isinstance(m, tirx.IntImm)
             else tirx.floordiv(m + tile - 1, tile) * tile)
-    k = te.reduce_axis((0, k_dim), name="k")
+    padded = te.compute((*lead, rows, k_dim), lambda *i: x(*i[:-2], tirx.min(i[-2], m - 1), i[-1]), name=QUANTIZED_STAGES[0])
     if bits == 8:
-        def weight(kk, j):
+        def dequantized(kk, j):
             return codes[kk, j].astype(x.dtype)
     else:
-        def weight(kk, j):  # a scalar shift per input channel: the vector runs along the columns
+        def dequantized(kk, j):
             nibble = (codes[kk // 2, j].astype("int32") >> ((kk % 2) * 4).astype("int32")) & 15
             return (nibble - 8).astype(x.dtype) * scales[kk // group_size, j]
-    product = te.compute((rows, n), lambda i, j: te.sum(x[tirx.min(i, m - 1), k] * weight(k, j), axis=k),
+    weight = te.compute((k_dim, n), dequantized, name=QUANTIZED_STAGES[1])
+    k = te.reduce_axis((0, k_dim), name="k")
+    product = te.compute((*lead, rows, n), lambda *i: te.sum(padded(*i[:-1], k) * weight[k, i[-1]], axis=k),
                          name="quantized_matmul")
 
-    def out(i, j):
-        y = product[i, j] * scales[j] if bits == 8 else product[i, j]
-        return y + bias[0][j] if bias else y
+    def out(*i):
+        y = product(*i) * scales[i[-1]] if bits == 8 else product(*i)
+        return y + bias[0][i[-1]] if bias else y
 
-    return te.compute((m, n), out, name="quantized_matmul_out")
+    return te.compute((*lead, m, n), out, name="quantized_matmul_out")
 
 
 def _quantized_linear(node, importer):
-    """vlmc::quantized_linear(x, codes, scales, bias, bits, group_size): x flattened to rows, one kernel."""
+    """vlmc::quantized_linear(x, codes, scales, bias, bits, group_size): one kernel, marked as a product with an
+    elementwise epilogue so the ops after it (a residual add) fuse into it as they do into a float linear's."""
     from tvm import relax
 
     bb = importer.block_builder
     x, codes, scales, bias, bits, group_size = importer.retrieve_args(node)
-    shape = list(x.ty.shape.values)
-    rows = bb.emit(relax.op.reshape(x, [-1, shape[-1]])) if len(shape) != 2 else x
-    extra = [bias] if bias is not None else []
-    y = bb.emit_te(lambda a, c, s, *b: _quantized_product(a, c, s, *b, bits=int(bits), group_size=int(group_size)),
-                   rows, codes, scales, *extra, primfunc_name_hint="quantized_linear")
-    return bb.emit(relax.op.reshape(y, shape[:-1] + [scales.ty.shape[-1]])) if len(shape) != 2 else y
+    vector = len(x.ty.shape) == 1
+    rows = bb.emit(relax.op.expand_dims(x, 0)) if vector else x
+    args = [rows, codes, scales] + ([bias] if bias is not None else [])
+    signature = (int(bits), int(group_size), *((str(a.ty.shape), str(a.ty.dtype)) for a in args))
+    kernels = importer.__dict__.setdefault("vlmc_quantized_kernels", {})  # one kernel per shape, shared by its linears
+    if signature in kernels:
+        kernel, out = kernels[signature]
+        y = bb.emit(relax.call_tir(kernel, relax.Tuple(args), out))
+    else:
+        y = bb.emit_te(lambda a, c, s, *b: _quantized_product(a, c, s, *b, bits=int(bits), group_size=int(group_size)),
+                       *args, primfunc_name_hint="quantized_linear")
+        kernel = bb.lookup_binding(y).args[0]
+        bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", 4))  # TVM's analysis calls a staged kernel opaque
+        kernels[signature] = (kernel, y.ty)
+    return bb.emit(relax.op.squeeze(y, [0])) if vector else y
 
 
 CONVERTERS = {"amax.default": _reduce_max, "scaled_dot_product_attention.default": _attention,
