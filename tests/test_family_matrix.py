@@ -1,5 +1,6 @@
 """The full pass x target matrix of every family (slow): each token pass and quantization scheme either
-exports and verifies on onnx, executorch and coreml, or is refused before any export work with the reason.
+exports and verifies on onnx, executorch and coreml, or is refused before any export work with the reason;
+every quantization scheme on tvm.
 
     python -m pytest -q -m slow tests/test_family_matrix.py              (-k onnx: one target)
 """
@@ -87,3 +88,25 @@ def test_every_pass_exports_and_verifies_on_every_target_or_is_refused(family, i
     failed = [r for r in b.manifest["verification"]["results"] if not r["passed"]]
     assert not failed, failed
     assert b.manifest["model"]["family"] == name.removesuffix("-tiles")
+
+
+QUANT = ("w8a8", "w8", "w4", "kv8")
+
+
+@pytest.mark.parametrize("index", [i for i, s in enumerate(specs(16)) if s["name"] in QUANT],
+                         ids=lambda i: "-".join(str(v) for v in specs(16)[i].values()))
+def test_every_quantization_scheme_exports_and_verifies_on_tvm(family, index, calibration_jsonl, tmp_path):
+    """TVM's integer weights (and int8 KV cache) on every family: the host library verifies against eager."""
+    name, d, extra, tokens = family
+    spec = specs(tokens)[index]
+    recipe = {"model": str(d), "targets": ["tvm"], "max_context": 64, "passes": [spec], "verify": {"quantized_rel_err": 0.5},
+              "calibration": {"dataset": str(calibration_jsonl), "n": 8}, **extra}
+    if spec["name"] == "kv8" and name == "lfm2_vl":  # its cache slots hold the convolution state too
+        with pytest.raises(VlmcError):
+            api.compile(recipe, tmp_path / "b")
+        return
+    b = api.compile(recipe, tmp_path / "b")
+    failed = [r for r in b.manifest["verification"]["results"] if not r["passed"]]
+    assert not failed, failed
+    if spec["name"] != "kv8":
+        assert b.manifest["targets"]["tvm"]["programs"]["text_decoder"]["quantization"]["scheme"] == spec["name"]
