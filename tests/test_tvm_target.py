@@ -41,6 +41,32 @@ def test_tvm_generates_the_eager_tokens(tvm_bundle, sample_image):
     assert tokens["tvm"] == tokens["eager"]
 
 
+def test_the_session_keeps_one_device_tensor_per_input_while_its_shape_holds(tvm_bundle):
+    """Decode steps write their inputs into the tensors the previous step used (a tensor per call cost a tenth
+    of a step); a new shape gets a new tensor; the results are those of fresh tensors."""
+    import numpy as np
+
+    from vlmc.bundle import Bundle
+    from vlmc.runtimes import open_session
+
+    session = open_session(Bundle(tvm_bundle.path), "tvm")
+    fresh = open_session(Bundle(tvm_bundle.path), "tvm")
+    fresh._device_input = lambda program, index, value: fresh._tvm.runtime.tensor(value.copy(), device=fresh.device)
+    width = tvm_bundle.manifest["decoder"]["embed_width"]
+    embeds = np.random.default_rng(0).standard_normal((1, 12, width)).astype(np.float32)
+    for s in (session, fresh):
+        s.prefill(embeds, 1)
+    first = session.step(embeds[:, :1], 12)
+    kept = session._inputs["text_decoder", 0][0]
+    step = embeds[:, 1:2].copy()
+    second = session.step(step, 13)
+    step[...] = 0  # the caller's array is copied, not kept
+    assert session._inputs["text_decoder", 0][0] is kept
+    assert np.array_equal(first, fresh.step(embeds[:, :1], 12)) and np.array_equal(second, fresh.step(embeds[:, 1:2], 13))
+    session.prefill(embeds[:, :7], 1)
+    assert session._inputs["text_decoder", 0][0] is not kept and session._inputs["text_decoder", 0][1].shape == (1, 7, width)
+
+
 def test_tvm_profile_with_ops(tvm_bundle):
     p = api.profile(tvm_bundle.path, "tvm", warmup=1, iterations=2, ops=True, new_tokens=2)
     assert p["runtime"] == "tvm" and p["device"] == "local"

@@ -93,6 +93,7 @@ class TvmSession(StaticCacheSession):
         self._op_times: dict[tuple, list] = defaultdict(lambda: [0, 0.0])
         self._last_args: dict[str, list] = {}  # what each program last ran on, for time_programs
         self._zero_caches: Optional[list] = None
+        self._inputs: dict[tuple, tuple] = {}  # (program, input index) -> (device tensor, numpy view of it)
 
     def _instrument(self, program: str):
         """Times every kernel call of the VM (fused Relax ops lowered to one TIR function each)."""
@@ -113,8 +114,7 @@ class TvmSession(StaticCacheSession):
         """The program's outputs as TVM tensors, left where they were computed (here or on the RPC server);
         numpy inputs are copied there first, tensors from an earlier call are passed as they are."""
         vm = self.vms[program]
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device) if isinstance(a, np.ndarray) else a
-                for a in inputs]
+        args = [self._device_input(program, i, a) if isinstance(a, np.ndarray) else a for i, a in enumerate(inputs)]
         self._last_args[program] = args
         # set_input / invoke_stateful / get_outputs: the one calling form whose tuples also come back over RPC
         vm.set_input("main", *args)
@@ -124,6 +124,19 @@ class TvmSession(StaticCacheSession):
             return [value] if hasattr(value, "numpy") else [a for v in value for a in flat(v)]
 
         return flat(vm.get_outputs("main"))
+
+    def _device_input(self, program: str, index: int, value: np.ndarray):
+        """A numpy input as a TVM tensor. Here, each (program, input) keeps one tensor while the shape holds and
+        the value is copied into its memory through a numpy view (0.4 us; making a tensor per call took 19 us,
+        four of them a tenth of the built-in model's decode step); on an RPC server, a tensor is made there."""
+        if self.remote is not None:
+            return self._tvm.runtime.tensor(np.ascontiguousarray(value), device=self.device)
+        kept = self._inputs.get((program, index))
+        if kept is None or kept[1].shape != value.shape or kept[1].dtype != value.dtype:
+            tensor = self._tvm.runtime.empty(value.shape, str(value.dtype), self.device)
+            kept = self._inputs[program, index] = (tensor, np.from_dlpack(tensor))
+        kept[1][...] = value
+        return kept[0]
 
     def call(self, program, inputs):
         return [t.numpy() for t in self._run(program, inputs)]
@@ -148,7 +161,7 @@ class TvmSession(StaticCacheSession):
         """Drop every handle on the libraries and the device: over RPC, this ends the session on the server."""
         import gc
 
-        self.vms, self._last_args, self._zero_caches, self.remote, self.device = {}, {}, None, None, None
+        self.vms, self._last_args, self._zero_caches, self._inputs, self.remote, self.device = {}, {}, None, {}, None, None
         gc.collect()
 
     def time_programs(self, repeat: int) -> dict:
