@@ -90,13 +90,12 @@ def main() -> None:
         earlier = Path(args.compare)
         sessions["tvm (untuned, --compare)"] = open_session(Bundle(earlier / "base"), "tvm")
         sessions["tvm (tuned, --compare)"] = open_session(Bundle(earlier / "tuned"), "tvm")
-    stages = STAGES
     p50 = stage_timings(sessions, base.manifest, args.rounds, args.iterations, args.settle_ms)
-    fastest_other = {stage: min(p50[name, stage] for name in sessions if not name.startswith("tvm")) for stage in stages}
+    fastest_other = {stage: min(p50[name, stage] for name in sessions if not name.startswith("tvm")) for stage in STAGES}
     rows = []
     for name in sessions:
         row = {"runtime": name}
-        for stage in stages:
+        for stage in STAGES:
             row[f"{stage}_p50_ms"] = round(p50[name, stage], 3)
             row[f"{stage}_x_fastest_other"] = round(p50[name, stage] / fastest_other[stage], 3)
         rows.append(row)
@@ -108,8 +107,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"{'runtime':<32}" + "".join(f"{stage + ' ms':>18}{'x other':>9}" for stage in stages)]
-    lines += [f"{r['runtime']:<32}" + "".join(f"{r[stage + '_p50_ms']:>18.3f}{r[stage + '_x_fastest_other']:>9.3f}" for stage in stages)
+    lines = [f"{'runtime':<32}" + "".join(f"{stage + ' ms':>18}{'x other':>9}" for stage in STAGES)]
+    lines += [f"{r['runtime']:<32}" + "".join(f"{r[stage + '_p50_ms']:>18.3f}{r[stage + '_x_fastest_other']:>9.3f}" for stage in STAGES)
               for r in rows]
     table = "\n".join(lines)
     compared = f"; --compare {args.compare}" if args.compare else ""

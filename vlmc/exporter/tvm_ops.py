@@ -98,6 +98,15 @@ def _reader(t, heads_last: bool):
 KEY_BLOCK = 16  # keys are padded to a multiple of this (the widest CPU vector, 16 float32 lanes), so every key loop vectorizes
 
 
+def _rounded_up(extent, block: int):
+    """A static or symbolic extent rounded up to whole blocks."""
+    from tvm import tirx
+
+    if isinstance(extent, tirx.IntImm):
+        return tirx.IntImm(extent.ty, -(-int(extent) // block) * block)
+    return tirx.floordiv(extent + block - 1, block) * block
+
+
 def _fused_attention(q, k_t, v, mask, keys, scale: float, causal: bool, q_heads_last: bool, v_heads_last: bool,
                      k_group: int, v_group: int):
     """softmax(scale * q k^T + mask) v as one kernel, out [B,T,H,d], so a schedule computes a block of query
@@ -114,8 +123,7 @@ def _fused_attention(q, k_t, v, mask, keys, scale: float, causal: bool, q_heads_
     rows = t
     if not isinstance(t, tirx.IntImm) or int(t) % KEY_BLOCK:  # whole blocks of query rows: a schedule's last block
         # needs no row test (197 rows: 0.46 -> 0.28 ms); a symbolic row count is rounded up the same way
-        rows = tirx.IntImm(t.ty, -(-int(t) // KEY_BLOCK) * KEY_BLOCK) if isinstance(t, tirx.IntImm) else \
-            tirx.floordiv(t + KEY_BLOCK - 1, KEY_BLOCK) * KEY_BLOCK
+        rows = _rounded_up(t, KEY_BLOCK)
         Q = (lambda read: lambda bi, hi, i, d: read(bi, hi, tirx.min(i, t - 1), d))(Q)  # padded rows repeat the last
     r = te.reduce_axis((0, k_t.shape[2]), name="d")
     qk = te.compute((b, h, rows, padded), lambda bi, hi, i, j: te.sum(Q(bi, hi, i, r) * k_t[bi, hi // k_group, r, j], axis=r),
@@ -211,9 +219,7 @@ def _quantized_product(x, codes, scales, *bias, bits: int, group_size: int):
 
     *lead, m, k_dim = x.shape
     n = scales.shape[-1]
-    tile = Matmul.ROWS
-    rows = (tirx.IntImm(m.ty, -(-int(m) // tile) * tile) if isinstance(m, tirx.IntImm)
-            else tirx.floordiv(m + tile - 1, tile) * tile)
+    rows = _rounded_up(m, Matmul.ROWS)
     padded = te.compute((*lead, rows, k_dim), lambda *i: x(*i[:-2], tirx.min(i[-2], m - 1), i[-1]), name=QUANTIZED_STAGES[0])
     if bits == 8:
         def dequantized(kk, j):

@@ -169,8 +169,8 @@ class W8A8(QuantPass):
               "SmoothQuant (Xiao et al., 2023); method masquant: MASQuant (modality-aware smoothing, CVPR 2026); "
               f"method dasq: {DASQ_SOURCE}")
     departures = ("Core ML on Linux quantizes the weights only: calibrating its activations runs the model, which "
-                  "needs macOS. TVM quantizes the weights only: its Relax has no integer-activation CPU kernels. masquant: a row's modality comes from its position in the prompt template; the text "
-                  "rows' weights are the exact ones and the image rows get the low-rank correction; the correction's "
+                  "needs macOS. TVM quantizes the weights only: its Relax has no integer-activation CPU kernels. "
+                  "masquant: a row's modality comes from its position in the prompt template; the text rows' weights are the exact ones and the image rows get the low-rank correction; the correction's "
                   f"small linears are quantized like the others. {DASQ_DEPARTURES}")
     Config = W8A8Config
 
@@ -198,8 +198,8 @@ class W4(QuantPass):
               "(quantization-aware integrated gradients, token-level sensitivity, CVPR 2026)")
     departures = ("ExecuTorch's XNNPACK runs 4-bit group-wise weights only with dynamically quantized int8 "
                   "activations (torchao 8da4w), so there the activations are int8 too; Core ML needs "
-                  "minimum_deployment_target iOS18 / macOS15 for block-wise int4; TVM's activations stay float32. gptq: the Hessians come from the "
-                  "float model in one pass (not layer by layer on the quantized model's inputs) and the scales from the "
+                  "minimum_deployment_target iOS18 / macOS15 for block-wise int4; TVM's activations stay float32. "
+                  "gptq: the Hessians come from the float model in one pass (not layer by layer on the quantized model's inputs) and the scales from the "
                   "original weights (static groups); gptq-modality mixes the two modalities' Hessians by a fixed share "
                   "instead of VLM-PTQ's per-channel importance vector, without its closed-form target correction. "
                   f"{DASQ_DEPARTURES}. quant-experts: the experts are fitted in closed form (whitened SVD of the error, "
