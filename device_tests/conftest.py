@@ -20,7 +20,7 @@ from tests.helpers import SPACED_TEMPLATE
 
 LOOPBACK = ("ssh-loopback", "tvm-rpc-loopback")
 RUNTIMES = {"local": ("onnxruntime", "executorch", "tvm"), "ssh": ("onnxruntime", "executorch", "tvm"),
-            "adb": ("onnxruntime", "executorch"), "qemu-aarch64": ("onnxruntime",), "tvm-rpc": ("tvm",)}
+            "adb": ("onnxruntime", "executorch"), "qemu-aarch64": ("onnxruntime", "tvm"), "tvm-rpc": ("tvm",)}
 
 
 def device_names() -> list[str]:
@@ -39,9 +39,9 @@ def pytest_generate_tests(metafunc):
     if "device_runtime" in metafunc.fixturenames:
         pairs = [(d, r) for d in device_names() for r in RUNTIMES[kind_of(d)]]
         metafunc.parametrize("device_runtime", pairs, ids=[f"{d}-{r}" for d, r in pairs])
-    if "onnx_device" in metafunc.fixturenames:  # devices other than this host that run onnxruntime
-        names = [d for d in device_names() if kind_of(d) != "local" and "onnxruntime" in RUNTIMES[kind_of(d)]]
-        metafunc.parametrize("onnx_device", names)
+    if "remote_kernels" in metafunc.fixturenames:  # devices other than this host, with each runtime they run
+        pairs = [(d, r) for d in device_names() if kind_of(d) != "local" for r in ("onnxruntime", "tvm") if r in RUNTIMES[kind_of(d)]]
+        metafunc.parametrize("remote_kernels", pairs, ids=[f"{d}-{r}" for d, r in pairs])
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +107,18 @@ def int8_bundle(tmp_path_factory, tiny_ckpt, calibration_jsonl):
     return api.compile({"model": str(tiny_ckpt), "targets": ["onnx"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
                         "passes": [{"name": "w8a8"}], "calibration": {"dataset": str(calibration_jsonl), "n": 8}},
                        tmp_path_factory.mktemp("device_bundle") / "w8a8")
+
+
+@pytest.fixture(scope="session")
+def tvm_quantized_bundle(tmp_path_factory, tiny_ckpt, calibration_jsonl):
+    """The tiny model on TVM, host and aarch64, w8a8 vision and w4 decoder: int8 and int4 codes unpacked by
+    the device's compiled code against the host's."""
+    from vlmc import api
+
+    return api.compile({"model": str(tiny_ckpt), "targets": ["tvm"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                        "tvm": {"architectures": ["host", "aarch64"]}, "calibration": {"dataset": str(calibration_jsonl), "n": 8},
+                        "passes": [{"name": "w8a8", "at": "vision"}, {"name": "w4", "at": "decoder", "group_size": 16}]},
+                       tmp_path_factory.mktemp("device_bundle") / "tvm_w8a8_w4")
 
 
 @pytest.fixture(scope="session")

@@ -55,11 +55,15 @@ def test_profile_schema(device_runtime, bundle, devices_file):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_kernels_match_host(onnx_device, precision, bundle, int8_bundle, devices_file, sample_image):
-    """The device's onnxruntime kernels (ARM NEON and int8 dot products on qemu-aarch64) give the host's numbers:
-    fp32 within the verify tolerance, int8 within the quantized bound, the same greedy tokens."""
-    result = api.compare((bundle if precision == "fp32" else int8_bundle).path, "onnxruntime", sample_image, QUESTION,
-                         onnx_device, devices_file)
+def test_kernels_match_host(remote_kernels, precision, request, bundle, devices_file, sample_image):
+    """The device's kernels give the host's numbers: onnxruntime's (ARM NEON and int8 dot products on
+    qemu-aarch64) and TVM's code compiled for the device (its aarch64 library there; int8 and int4 codes
+    unpacked in the quantized bundle). fp32 within the verify tolerance, int8 within the quantized bound,
+    the same greedy tokens."""
+    device, runtime = remote_kernels
+    quantized = {"onnxruntime": "int8_bundle", "tvm": "tvm_quantized_bundle"}[runtime]
+    chosen = bundle if precision == "fp32" else request.getfixturevalue(quantized)
+    result = api.compare(chosen.path, runtime, sample_image, QUESTION, device, devices_file)
     assert result["quantized"] == (precision == "int8")
     assert result["logits"]["passed"], result["logits"]
     assert result["tokens"]["agree"] and result["agrees"]

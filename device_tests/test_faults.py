@@ -2,12 +2,11 @@
 on either side, no copy of the bundle left on the remote."""
 from __future__ import annotations
 
-import glob
 import io
 import json
+import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,14 +21,39 @@ from vlmc.errors import VlmcError
 from device_tests.loopback import free_port, keygen
 
 
-def remote_leftovers() -> tuple[list[str], str]:
-    """Copies of bundles in the (loopback) remote's temporary folder, and vlmc.remote processes still running."""
-    folders = glob.glob(str(Path(tempfile.gettempdir()) / "vlmc-remote-*"))
-    procs = subprocess.run(["pgrep", "-af", "vlmc.remote"], capture_output=True, text=True).stdout
-    return folders, "\n".join(line for line in procs.splitlines() if "pgrep" not in line)
+def remote_leftovers(work_dir: Path) -> tuple[list[str], str]:
+    """Copies of bundles left in the remote's work folder, and vlmc.remote processes this test started still
+    running (descendants of this process: the loopback sshd's sessions, the emulator). Other workers' runs on
+    the same host, with folders and processes of their own, are none of this test's business."""
+    folders = sorted(str(p) for p in Path(work_dir).glob("vlmc-remote-*"))
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    running = []
+    for pid in filter(ours, parents):
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "vlmc.remote" in command:
+            running.append(f"{pid} {command.strip()}")
+    return folders, "\n".join(running)
 
 
 def ssh_device(sshd, **settings) -> SshDevice:
+    """The loopback sshd as a device; pass `work_dir` to check for leftovers there."""
     return SshDevice(DeviceConfig("board", settings.pop("url", sshd.url()), {**sshd.settings(), **settings}))
 
 
@@ -90,29 +114,36 @@ def test_wrong_architecture(sshd, bundle, tmp_path):
     for program in manifest["targets"]["tvm"]["programs"].values():
         program["libraries"] = {"aarch64": program["libraries"]["aarch64"]}
     (tmp_path / "arm" / "manifest.json").write_text(json.dumps(manifest))
-    message = expect_error(lambda: ssh_device(sshd).profile(Bundle(tmp_path / "arm"), "tvm", 0, 1, False, 1, lambda m: None),
-                           "built for aarch64", 120)
+    work = tmp_path / "remote"
+    work.mkdir()
+    message = expect_error(lambda: ssh_device(sshd, work_dir=str(work)).profile(Bundle(tmp_path / "arm"), "tvm", 0, 1, False, 1,
+                                                                               lambda m: None), "built for aarch64", 120)
     assert host_architecture() in message
-    assert remote_leftovers() == ([], "")
+    assert remote_leftovers(work) == ([], "")
 
 
-def test_hanging_run_is_stopped(sshd, bundle):
+def test_hanging_run_is_stopped(sshd, bundle, tmp_path):
     """A remote run past the device's timeout: stopped, its copy of the bundle removed."""
-    device = ssh_device(sshd, timeout_s=4)
+    device = ssh_device(sshd, timeout_s=4, work_dir=str(tmp_path))
     expect_error(lambda: device.profile(bundle, "onnxruntime", 0, 100000, False, 1, lambda m: None), "did not answer within 4 s", 30)
     time.sleep(2)  # the remote side notices the closed connection
-    assert remote_leftovers() == ([], "")
+    assert remote_leftovers(tmp_path) == ([], "")
 
 
-def test_dropped_connection(sshd, bundle):
+def test_missing_work_dir(sshd, bundle, tmp_path):
+    expect_error(lambda: ssh_device(sshd, work_dir=str(tmp_path / "no-such")).profile(bundle, "onnxruntime", 0, 1, False, 1, lambda m: None),
+                 r"work_dir .*no-such is not a folder on the device", 60)
+
+
+def test_dropped_connection(sshd, bundle, tmp_path):
     """The connection dies mid-run (the server side's sshd killed): a clear error, nothing left behind."""
-    device = ssh_device(sshd, timeout_s=120)
+    device = ssh_device(sshd, timeout_s=120, work_dir=str(tmp_path))
     errors = []
     worker = threading.Thread(target=lambda: errors.append(
         pytest.raises(VlmcError, device.profile, bundle, "onnxruntime", 0, 100000, False, 1, lambda m: None)))
     worker.start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not remote_leftovers()[1]:
+    while time.monotonic() < deadline and not remote_leftovers(tmp_path)[1]:
         time.sleep(0.2)
     sessions = subprocess.run(["pgrep", "-P", str(sshd.proc.pid)], capture_output=True, text=True).stdout.split()
     assert sessions, "no ssh session to drop"
@@ -121,14 +152,14 @@ def test_dropped_connection(sshd, bundle):
     assert not worker.is_alive() and errors
     assert "\n" not in str(errors[0].value)
     time.sleep(2)
-    assert remote_leftovers() == ([], "")
+    assert remote_leftovers(tmp_path) == ([], "")
 
 
-def test_upload_cut_short_leaves_nothing(monkeypatch):
+def test_upload_cut_short_leaves_nothing(monkeypatch, tmp_path):
     """The device side, fed an upload that ends early (a connection dropped mid-copy)."""
     from vlmc import remote
 
-    header = json.dumps({"op": "profile", "args": {"runtime": "onnxruntime"}, "bytes": 10_000}).encode() + b"\n"
+    header = json.dumps({"op": "profile", "args": {"runtime": "onnxruntime"}, "bytes": 10_000, "work_dir": str(tmp_path)}).encode() + b"\n"
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     exits = []
@@ -137,7 +168,7 @@ def test_upload_cut_short_leaves_nothing(monkeypatch):
         remote.serve(io.BytesIO(header + b"x" * 100))
     assert exits == [3]
     assert json.loads(out.getvalue().splitlines()[-1]) == {"error": "the upload ended early (connection dropped mid-copy)"}
-    assert remote_leftovers()[0] == []
+    assert remote_leftovers(tmp_path)[0] == []
 
 
 def test_upload_escaping_the_bundle_is_refused(tmp_path):
@@ -175,15 +206,23 @@ def test_qemu_without_user_space_or_with_unknown_cpu(tmp_path, bundle):
     with pytest.raises(VlmcError, match="unknown cpu 'cortex-z9'"):
         QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"cpu": "cortex-z9"}))
     expect_error(lambda: resolve("qemu-aarch64").profile(bundle, "executorch", 1, 1, False, 1, lambda m: None),
-                 "runs onnxruntime only, not executorch", 5)
+                 "runs onnxruntime and tvm, not executorch", 5)
 
 
-def test_qemu_hanging_run_is_stopped(qemu_sysroot, bundle):
+def test_qemu_tvm_needs_a_user_space_with_its_runtime(tmp_path, bundle):
+    """A user space set up before TVM was offered (its record names no TVM): the error says to set it up again."""
+    (tmp_path / "vlmc-setup.json").write_text(json.dumps({"debian": "bookworm", "onnxruntime": "1.31.1"}))
+    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"sysroot": str(tmp_path)}))
+    expect_error(lambda: device.profile(bundle, "tvm", 1, 1, False, 1, lambda m: None),
+                 r"has no TVM runtime .*: rerun `vlmc devices setup qemu-aarch64`", 5)
+
+
+def test_qemu_hanging_run_is_stopped(qemu_sysroot, bundle, tmp_path):
     """An emulated run past its time limit: stopped, the emulator gone, the copy removed."""
-    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"timeout_s": 4}))
+    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"timeout_s": 4, "work_dir": str(tmp_path)}))
     expect_error(lambda: device.profile(bundle, "onnxruntime", 1, 200, False, 1, lambda m: None), "did not answer within 4 s", 30)
     time.sleep(1)
-    folders, procs = remote_leftovers()
+    folders, procs = remote_leftovers(tmp_path)
     assert not folders and not procs, (folders, procs)
 
 

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 MARKER = "vlmc-setup.json"
 
@@ -31,13 +31,17 @@ def exclusive(folder: Path):
         yield
 
 
-def set_up(folder: Path, build: Callable[[Path], dict], force: bool = False) -> dict:
+def set_up(folder: Path, build: Callable[[Path], dict], force: bool = False,
+           stale: Optional[Callable[[dict], bool]] = None) -> dict:
     """`build(staging)` fills a hidden sibling folder and returns what it installed; the folder replaces
     `folder` only when complete, so an interrupted set-up never leaves a half-built one in use. A second
-    set-up of the same folder waits for the first and then finds it done."""
+    set-up of the same folder waits for the first and then finds it done. `stale(record)`: whether a finished
+    set-up must be rebuilt all the same (asked under the lock, so two callers rebuild it once)."""
     with exclusive(folder):
         if is_set_up(folder) and not force:
-            return json.loads((folder / MARKER).read_text())
+            info = json.loads((folder / MARKER).read_text())
+            if stale is None or not stale(info):
+                return info
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             info = build(staging)

@@ -265,7 +265,8 @@ def devices_setup(kind, sysroot, force):
     from vlmc.devices.qemu import setup
 
     info = setup(sysroot, _progress(True), force=force)
-    click.echo(f"{kind}: Debian {info['debian']} arm64 ({len(info['packages'])} packages), onnxruntime {info['onnxruntime']}")
+    tvm = f", TVM runtime {info['tvm']}" if info.get("tvm") else " (no TVM runtime: this host has no TVM)"
+    click.echo(f"{kind}: Debian {info['debian']} arm64 ({len(info['packages'])} packages), onnxruntime {info['onnxruntime']}{tvm}")
 
 
 @cli.command()

@@ -2,13 +2,13 @@
 
 The client (vlmc.devices) starts it through ssh, adb or qemu and talks over its stdin/stdout:
 
-  stdin:  one JSON header line {"op": "probe" | "profile" | "run", "args": {...}, "bytes": N},
+  stdin:  one JSON header line {"op": "probe" | "profile" | "run", "args": {...}, "bytes": N, "work_dir": optional},
           then N bytes of an uncompressed tar of the bundle (and the run's inputs), then nothing:
           the client keeps stdin open while it waits, and its end (a dropped connection, a killed
           client) stops this process.
   stdout: JSON lines, {"progress": text} while working, then {"result": ...} or {"error": text}.
 
-The bundle lands in a fresh temporary folder, every file is checked against the manifest's sha256
+The bundle lands in a fresh temporary folder (under `work_dir` where the client names one), every file is checked against the manifest's sha256
 before anything loads, and the folder is removed on every way out: success, error, timeout, EOF.
 """
 from __future__ import annotations
@@ -111,7 +111,11 @@ def serve(stdin=None) -> int:
     if op == "probe":
         _emit("result", probe())
         return 0
-    work = Path(tempfile.mkdtemp(prefix="vlmc-remote-"))
+    parent = os.path.expanduser(header["work_dir"]) if header.get("work_dir") else None
+    if parent is not None and not os.path.isdir(parent):
+        _emit("error", f"work_dir {header['work_dir']} is not a folder on the device")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="vlmc-remote-", dir=parent))
     lock = threading.Lock()
 
     def finish(code: int, message: str | None = None) -> None:

@@ -1,12 +1,14 @@
-"""qemu-aarch64: an emulated ARM64 Linux user space that runs a bundle's ONNX programs on onnxruntime's ARM kernels.
+"""qemu-aarch64: an emulated ARM64 Linux user space that runs a bundle's ONNX programs on onnxruntime's ARM
+kernels and its TVM programs from their aarch64 libraries.
 
-What it is for: the numerics of the aarch64 kernels (NEON fp32, int8 dot-product paths) checked against
-the host, before a board is at hand. Its timings are an emulator's and no cost signal; profiles say so.
+What it is for: the numerics of the aarch64 kernels (onnxruntime's NEON fp32 and int8 dot-product paths, the
+code TVM cross-compiled for the board) checked against the host, before a board is at hand. Its timings are an
+emulator's and no cost signal; profiles say so.
 
 `vlmc devices setup qemu-aarch64` builds the user space once into a cache folder ($VLMC_CACHE or
 ~/.cache/vlmc): Debian's arm64 Python and the libraries it needs (the archive's signature checked with
-gpgv, every package's sha256 checked against the signed index), and aarch64 wheels of onnxruntime and
-vlmc's light dependencies from PyPI. A run starts `qemu-aarch64 -cpu <model>` on that Python in a private
+gpgv, every package's sha256 checked against the signed index), and aarch64 wheels of onnxruntime, of TVM's
+runtime (where the host has TVM) and of vlmc's light dependencies from PyPI, at the host's versions. A run starts `qemu-aarch64 -cpu <model>` on that Python in a private
 mount namespace where /proc/cpuinfo describes the emulated CPU (the runtimes read it to pick kernels; the
 host's x86 cpuinfo, or `-cpu max`, makes them pick wrong ones). vlmc itself is the host's own package.
 
@@ -16,6 +18,7 @@ build that needs several GB of CUDA libraries to load.
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from vlmc.devices import DeviceConfig
-from vlmc.cache import cache_root, is_set_up, set_up
+from vlmc.cache import MARKER, cache_root, is_set_up, set_up
 from vlmc.devices.stream import RemoteProcessDevice, expand
 from vlmc.errors import VlmcError
 
@@ -38,7 +41,13 @@ DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 GUEST_PYTHON = "usr/bin/python3.11"  # bookworm's Python; the wheels are fetched for its ABI (cp311)
 SYSROOT_ROOTS = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgomp1")
 SYSROOT_SKIP = {"debconf", "tzdata", "media-types", "mime-support", "perl-base", "dpkg"}  # maintainer-script machinery
-GUEST_WHEELS = ("numpy", "pyyaml", "pydantic", "tokenizers")  # what vlmc.remote imports besides the runtime
+GUEST_WHEELS = ("numpy", "pyyaml", "pydantic", "tokenizers")  # what vlmc.remote imports besides the runtimes
+# The host's packages whose aarch64 wheels the guest gets at the same version, so numerics compare like for like:
+# record key -> the distributions (the first one's version is what the set-up records).
+GUEST_RUNTIMES = {"onnxruntime": ("onnxruntime",), "tvm": ("apache-tvm", "apache-tvm-ffi")}
+# The guest runs compiled libraries only (TVM_USE_RUNTIME_LIB=1): TVM's compiler library and the headers and
+# sources its wheel carries for building (260 of its 280 MB) are left out of the user space.
+TVM_BUILD_ONLY = ("tvm/lib/libtvm_compiler.so", "tvm/3rdparty", "tvm/include", "tvm/src")
 DEFAULT_CPU = "cortex-a76"
 # The /proc/cpuinfo each CPU model shows on real hardware (MIDR fields and the kernel's feature names).
 CPUS = {
@@ -122,22 +131,52 @@ def resolve_packages(index: dict[str, dict], roots=SYSROOT_ROOTS) -> list[str]:
     return sorted(seen)
 
 
-def _guest_wheels(site: Path, onnxruntime_version: str | None) -> None:
-    """aarch64 cp311 wheels of the runtime and vlmc.remote's imports, installed (not run) into `site`."""
-    runtime = f"onnxruntime=={onnxruntime_version}" if onnxruntime_version else "onnxruntime"
+def host_runtime_versions() -> dict[str, dict[str, str]]:
+    """Each guest runtime the host has: record key -> {distribution: version}."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for key, distributions in GUEST_RUNTIMES.items():
+        try:
+            found[key] = {d: version(d) for d in distributions}
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _guest_wheels(site: Path, runtimes: dict[str, dict[str, str]]) -> None:
+    """aarch64 cp311 wheels of the runtimes (at the host's versions; onnxruntime's latest where the host has
+    none) and vlmc.remote's imports, installed (not run) into `site`."""
+    pins = [f"{d}=={v}" for versions in runtimes.values() for d, v in versions.items()]
+    if "onnxruntime" not in runtimes:
+        pins.append("onnxruntime")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
            "--target", str(site), "--only-binary=:all:", "--implementation", "cp", "--python-version", "3.11",
-           "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64", "--platform", "manylinux2014_aarch64",
-           runtime, *GUEST_WHEELS]
+           "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_27_aarch64",
+           "--platform", "manylinux_2_17_aarch64", "--platform", "manylinux2014_aarch64", *pins, *GUEST_WHEELS]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise VlmcError(f"pip could not fetch the aarch64 wheels: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    for path in TVM_BUILD_ONLY:
+        target = site / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def recorded_runtimes(info: dict) -> dict[str, str]:
+    """The guest runtimes a set-up record names: key -> version."""
+    return {key: info[key] for key in GUEST_RUNTIMES if info.get(key)}
 
 
 def setup(sysroot: Path | None = None, progress: Callable[[str], None] = lambda m: None, force: bool = False) -> dict:
-    """Build the emulated user space into `sysroot` (atomically: a half-built one never takes its place)."""
+    """Build the emulated user space into `sysroot` (atomically: a half-built one never takes its place). One
+    built for other runtime versions than the host's (the host upgraded, or gained TVM) is rebuilt."""
     if shutil.which("dpkg-deb") is None:
         raise VlmcError("unpacking Debian packages needs dpkg-deb (a Debian or Ubuntu host)")
+    runtimes = host_runtime_versions()
+    wanted = {"onnxruntime": "latest", **{key: versions[GUEST_RUNTIMES[key][0]] for key, versions in runtimes.items()}}
 
     def build(staging: Path) -> dict:
         progress(f"Debian {DEBIAN_SUITE} arm64: checking the signed package index")
@@ -155,18 +194,13 @@ def setup(sysroot: Path | None = None, progress: Callable[[str], None] = lambda 
             deb.unlink()
             if unpacked.returncode != 0:
                 raise VlmcError(f"dpkg-deb could not unpack {name}: {unpacked.stderr.strip()}")
-        progress("PyPI: aarch64 wheels of onnxruntime, numpy, pyyaml, pydantic, tokenizers")
-        try:
-            from importlib.metadata import version
-
-            ort_version = version("onnxruntime")  # the same kernels' version as the host's, so numerics compare like for like
-        except Exception:
-            ort_version = None
-        _guest_wheels(staging / "site", ort_version)
+        progress(f"PyPI: aarch64 wheels of {', '.join(['onnxruntime', *(k for k in runtimes if k != 'onnxruntime')])}, "
+                 f"{', '.join(GUEST_WHEELS)}")
+        _guest_wheels(staging / "site", runtimes)
         return {"debian": DEBIAN_SUITE, "packages": {n: index[n]["Version"] for n in packages},
-                "python": GUEST_PYTHON, "onnxruntime": ort_version or "latest"}
+                "python": GUEST_PYTHON, **wanted}
 
-    return set_up(Path(sysroot or default_sysroot()), build, force)
+    return set_up(Path(sysroot or default_sysroot()), build, force, stale=lambda info: recorded_runtimes(info) != wanted)
 
 
 # --- the device ---------------------------------------------------------------------------------------------
@@ -215,6 +249,7 @@ class QemuDevice(RemoteProcessDevice):
         python_path = f"{self.sysroot / 'site'}:{self.sysroot / 'host-vlmc'}"
         qemu = [qemu_binary() or "qemu-aarch64", "-cpu", self.cpu, "-L", str(self.sysroot),
                 "-E", f"PYTHONPATH={python_path}", "-E", "PYTHONNOUSERSITE=1", "-E", "PYTHONDONTWRITEBYTECODE=1",
+                "-E", "TVM_USE_RUNTIME_LIB=1",
                 "-U", "PYTHONHOME", "-U", "VIRTUAL_ENV", str(self.sysroot / GUEST_PYTHON), "-m", "vlmc.remote"]
         unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--mount", "--map-root-user"]
         return [*unshare, "sh", "-c", MOUNT_AND_EXEC, "sh", str(self.sysroot / f"cpuinfo.{self.cpu}"), *qemu]
@@ -226,16 +261,28 @@ class QemuDevice(RemoteProcessDevice):
                     f"refused here: {lines[0] if lines else '?'}); run as root or allow user namespaces")
         if "No module named" in stderr:
             return f"qemu-aarch64: the emulated Python lacks a module ({lines[-1]}); rerun `vlmc devices setup qemu-aarch64 --force`"
+        if "Illegal instruction" in stderr:
+            return (f"qemu-aarch64: the emulated {self.cpu} met an instruction it lacks: the bundle's aarch64 code targets a "
+                    "newer CPU (recipe field 'tvm.aarch64_mcpu'; the device setting 'cpu')")
         return f"qemu-aarch64: the emulated run failed: {lines[-1] if lines else f'exit status {returncode}'}"
 
-    def _only_onnxruntime(self, runtime: str) -> None:
-        if runtime != "onnxruntime":
-            raise VlmcError(f"qemu-aarch64 runs onnxruntime only, not {runtime}: ExecuTorch's Python runtime links libtorch, "
-                            "whose aarch64 wheel on PyPI is a CUDA build (several GB of CUDA libraries to load); "
-                            "run TVM's aarch64 libraries on a board through tvm-rpc://")
+    def _check_runtime(self, bundle, runtime: str) -> None:
+        """onnxruntime and TVM run here; TVM only from a user space that has its runtime and a bundle with an
+        aarch64 build."""
+        if runtime == "executorch":
+            raise VlmcError("qemu-aarch64 runs onnxruntime and tvm, not executorch: ExecuTorch's Python runtime links "
+                            "libtorch, whose aarch64 wheel on PyPI is a CUDA build (several GB of CUDA libraries to load)")
+        if runtime == "tvm" and is_set_up(self.sysroot):  # (no user space at all: ensure_ready says so)
+            if "tvm" not in recorded_runtimes(json.loads((self.sysroot / MARKER).read_text())):
+                raise VlmcError("qemu-aarch64: the emulated user space has no TVM runtime (set up before TVM was offered, "
+                                "or on a host without TVM): rerun `vlmc devices setup qemu-aarch64`")
+            from vlmc.runtimes.tvm_runner import pick_library
+
+            for entry in bundle.programs("tvm").values():
+                pick_library(entry, "aarch64")
 
     def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
-        self._only_onnxruntime(runtime)
+        self._check_runtime(bundle, runtime)
         return super().generate(bundle, runtime, prompt, pixels, max_new_tokens, with_logits)
 
     def check(self) -> dict:
@@ -243,7 +290,7 @@ class QemuDevice(RemoteProcessDevice):
         return {**result, "machine": f"{result['machine']} ({self.cpu}, emulated by qemu-user)"}
 
     def profile(self, bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve=None):
-        self._only_onnxruntime(runtime)
+        self._check_runtime(bundle, runtime)
         result = super().profile(bundle, runtime, warmup, iterations, ops, new_tokens, progress, curve)
         result["emulated"] = True
         result["note"] = (f"qemu-aarch64 emulating a {self.cpu}: these are the ARM kernels' numerics; "

@@ -48,11 +48,12 @@ def _reader(stream, q: queue.Queue) -> None:
 
 
 def call(argv: list[str], op: str, args: dict, payload: bytes, timeout_s: float, progress: Callable[[str], None],
-         describe_failure: Callable[[int, str], str]) -> dict:
+         describe_failure: Callable[[int, str], str], work_dir: Optional[str] = None) -> dict:
     """Run `op` through the command `argv`; the result, or a VlmcError within `timeout_s`.
 
-    `describe_failure(returncode, stderr)` turns a failed command (no answer) into the one-line error."""
-    header = {"op": op, "args": args, "bytes": len(payload), "timeout_s": timeout_s}
+    `describe_failure(returncode, stderr)` turns a failed command (no answer) into the one-line error;
+    `work_dir`: the remote folder the bundle is unpacked under (default: its temporary folder)."""
+    header = {"op": op, "args": args, "bytes": len(payload), "timeout_s": timeout_s, **({"work_dir": work_dir} if work_dir else {})}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
@@ -124,6 +125,12 @@ class RemoteProcessDevice(Device):
     def ensure_ready(self) -> None:
         """Checks that need no remote process (adb: the device is attached)."""
 
+    @property
+    def work_dir(self) -> Optional[str]:
+        """Setting `work_dir`: where the device unpacks a bundle, a folder there (a board whose /tmp is a small
+        RAM disk points it at its storage); its temporary folder by default."""
+        return self.config.get("work_dir")
+
     def check(self) -> dict:
         self.ensure_ready()
         return call(self.remote_argv, "probe", {}, b"", self.probe_timeout_s, lambda m: None, self.describe_failure)
@@ -133,14 +140,16 @@ class RemoteProcessDevice(Device):
         args = {"runtime": runtime, "warmup": warmup, "iterations": iterations, "ops": ops, "new_tokens": new_tokens,
                 **({"curve": curve} if curve else {})}
         progress(f"{self.name}: copying the bundle ({sum(e['bytes'] for e in bundle.manifest['files'].values()) / 2**20:.1f} MB)")
-        result = call(self.remote_argv, "profile", args, bundle_tar(bundle), self.timeout_s, progress, self.describe_failure)
+        result = call(self.remote_argv, "profile", args, bundle_tar(bundle), self.timeout_s, progress, self.describe_failure,
+                      self.work_dir)
         result["device"] = self.name
         return result
 
     def generate(self, bundle, runtime, prompt, pixels, max_new_tokens, with_logits=False):
         self.ensure_ready()
         args = {"runtime": runtime, "prompt_ids": prompt, "max_new_tokens": max_new_tokens, "with_logits": with_logits}
-        return call(self.remote_argv, "run", args, bundle_tar(bundle, pixels), self.timeout_s, lambda m: None, self.describe_failure)
+        return call(self.remote_argv, "run", args, bundle_tar(bundle, pixels), self.timeout_s, lambda m: None, self.describe_failure,
+                    self.work_dir)
 
 
 def expand(path: Optional[str]) -> Optional[str]:

@@ -68,7 +68,7 @@ def check_row(target, program, check, got, ref, atol, rtol, rel_err=None, step=N
         ratio = float((err / (atol * scale + rtol * np.abs(ref))).max()) if err.size else 0.0
         return {**row, "atol_scale": round(scale, 4), "tolerance_used": round(ratio, 4), "passed": ratio <= 1.0}
     rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-    row.update(quantized=True, rel_err=round(rel, 5), tolerance_used=round(rel / rel_err, 4), passed=rel <= rel_err)
+    row.update(quantized=True, rel_err=float(f"{rel:.4g}"), tolerance_used=float(f"{rel / rel_err:.4g}"), passed=rel <= rel_err)
     if "logits" in check:
         row["top1_agrees"] = bool(np.argmax(got.reshape(-1, got.shape[-1]), -1).tolist() == np.argmax(ref.reshape(-1, ref.shape[-1]), -1).tolist())
         row["detail"] = f"quantized: rel err {rel:.3g}, top-1 {'agrees' if row['top1_agrees'] else 'differs'}"
@@ -202,7 +202,8 @@ class Verifier:
                 ok = header[:4] == b"\x7fELF" and header[16] == ELF_SHARED_OBJECT and machine == ELF_MACHINES.get(arch)
                 rows.append({"target": "tvm", "program": program, "check": f"{arch} build (ELF shared object)",
                              "max_abs_err": None, "passed": ok,
-                             "detail": f"numerics need an {arch} device (vlmc profile --device); this is {host_architecture()}"})
+                             "detail": f"numerics need an {arch} machine (vlmc compare --runtime tvm --device qemu-aarch64, or a "
+                                       f"board); this is {host_architecture()}"})
         return rows
 
     def coreml_structure(self, target_entry: dict) -> list[dict]:

@@ -51,6 +51,24 @@ def size_thread_pool(shares_cpu: bool = False) -> None:
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
+def load_runtime_extras() -> None:
+    """A library calls some kernels by name from TVM's runtime_extra library (`tvm.contrib.sort.topk`: the top-k
+    of a token pass's selection). TVM loads that library only with its compiler; a runtime-only TVM (a
+    board's, the qemu user space's: TVM_USE_RUNTIME_LIB=1) is given it here, where it is installed."""
+    import tvm
+
+    if not tvm.base._RUNTIME_ONLY or "tvm_runtime_extra" in tvm.base._LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_extra"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_extra", mode="RTLD_LOCAL",
+            extra_lib_paths=[Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+    except (OSError, RuntimeError):  # not installed: a library that calls into it says so when it loads
+        pass
+
+
 def pick_library(entry: dict, arch: str) -> str:
     """The program's library for `arch`, or a clear error naming what the bundle has."""
     libraries = entry.get("libraries", {})
@@ -71,7 +89,10 @@ class TvmSession(StaticCacheSession):
         if remote is None:
             size_thread_pool(shares_cpu)
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: a runtime-only TVM (a board's, qemu's) has no compiler
+
+        if remote is None:
+            load_runtime_extras()
 
         self._tvm, self.remote, self.profile_ops = tvm, remote, profile_ops
         self.device = remote.cpu() if remote is not None else tvm.cpu()
@@ -83,7 +104,7 @@ class TvmSession(StaticCacheSession):
                     lib = remote.load_module(Path(path).name)
                 else:
                     lib = tvm.runtime.load_module(str(path))
-                self.vms[program] = relax.VirtualMachine(lib, self.device)
+                self.vms[program] = VirtualMachine(lib, self.device)
             except Exception as e:  # TVM's FFI raises its own error types
                 raise VlmcError(f"TVM cannot load {Path(path).name}: {first_line(e)}") from None
             if profile_ops:
