@@ -39,6 +39,7 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 GUEST_PYTHON = "usr/bin/python3.11"  # bookworm's Python; the wheels are fetched for its ABI (cp311)
+GUEST_CACHE_TAG = "cpython-311"  # its bytecode's tag: a host Python with the same one precompiles the guest's files
 SYSROOT_ROOTS = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgomp1")
 SYSROOT_SKIP = {"debconf", "tzdata", "media-types", "mime-support", "perl-base", "dpkg"}  # maintainer-script machinery
 GUEST_WHEELS = ("numpy", "pyyaml", "pydantic", "tokenizers")  # what vlmc.remote imports besides the runtimes
@@ -165,6 +166,16 @@ def _guest_wheels(site: Path, runtimes: dict[str, dict[str, str]]) -> None:
             target.unlink(missing_ok=True)
 
 
+def precompile(sysroot: Path) -> None:
+    """Compile the guest's standard library and wheels to bytecode here, once: the guest imports them from
+    source on every run otherwise (it cannot keep what it compiles: PYTHONDONTWRITEBYTECODE), and emulated
+    compiling made a one-iteration `vlmc profile --runtime tvm` of the built-in model 22 s instead of 18 s."""
+    import compileall
+
+    for folder in (sysroot / "usr" / "lib" / "python3.11", sysroot / "site"):
+        compileall.compile_dir(str(folder), quiet=2, workers=0)  # a few py2-era test files fail: skipped
+
+
 def recorded_runtimes(info: dict) -> dict[str, str]:
     """The guest runtimes a set-up record names: key -> version."""
     return {key: info[key] for key in GUEST_RUNTIMES if info.get(key)}
@@ -197,6 +208,9 @@ def setup(sysroot: Path | None = None, progress: Callable[[str], None] = lambda 
         progress(f"PyPI: aarch64 wheels of {', '.join(['onnxruntime', *(k for k in runtimes if k != 'onnxruntime')])}, "
                  f"{', '.join(GUEST_WHEELS)}")
         _guest_wheels(staging / "site", runtimes)
+        if sys.implementation.cache_tag == GUEST_CACHE_TAG:
+            progress("bytecode of the guest's Python files (this host's Python writes the same format)")
+            precompile(staging)
         return {"debian": DEBIAN_SUITE, "packages": {n: index[n]["Version"] for n in packages},
                 "python": GUEST_PYTHON, **wanted}
 
