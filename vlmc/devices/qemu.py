@@ -8,9 +8,10 @@ emulator's and no cost signal; profiles say so.
 `vlmc devices setup qemu-aarch64` builds the user space once into a cache folder ($VLMC_CACHE or
 ~/.cache/vlmc): Debian's arm64 Python and the libraries it needs (the archive's signature checked with
 gpgv, every package's sha256 checked against the signed index), and aarch64 wheels of onnxruntime, of TVM's
-runtime (where the host has TVM) and of vlmc's light dependencies from PyPI, at the host's versions. A run starts `qemu-aarch64 -cpu <model>` on that Python in a private
-mount namespace where /proc/cpuinfo describes the emulated CPU (the runtimes read it to pick kernels; the
-host's x86 cpuinfo, or `-cpu max`, makes them pick wrong ones). vlmc itself is the host's own package.
+runtime (where the host has TVM) and of vlmc's light dependencies from PyPI, at the host's versions. A run
+starts `qemu-aarch64 -cpu <model>` on that Python in a private mount namespace where /proc/cpuinfo describes
+the emulated CPU (the runtimes read it to pick kernels; the host's x86 cpuinfo, or `-cpu max`, makes them
+pick wrong ones). vlmc itself is the host's own package.
 
 ExecuTorch is not offered here: its Python runtime links libtorch, and PyPI's aarch64 torch is a CUDA
 build that needs several GB of CUDA libraries to load.
