@@ -15,6 +15,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from vlmc.errors import VlmcError, first_line
 from vlmc.exporter import tvm_ops
 from vlmc.exporter.context import PROGRAM_PARTS, ExportContext, io_entry
 from vlmc.runtimes.tvm_runner import host_architecture, physical_cores, size_thread_pool
+
+if TYPE_CHECKING:
+    import tvm
 
 TUNING_DIR = "tvm_tuning"
 CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
