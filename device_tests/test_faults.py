@@ -131,7 +131,12 @@ def test_hanging_run_is_stopped(sshd, bundle, tmp_path):
 
 
 def test_missing_work_dir(sshd, bundle, tmp_path):
-    expect_error(lambda: ssh_device(sshd, work_dir=str(tmp_path / "no-such")).profile(bundle, "onnxruntime", 0, 1, False, 1, lambda m: None),
+    """`work_dir` from a devices file, naming no folder on the device."""
+    import yaml
+
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"devices": {"board": {"url": sshd.url(), **sshd.settings(), "work_dir": str(tmp_path / "no-such")}}}))
+    expect_error(lambda: resolve("board", str(devices)).profile(bundle, "onnxruntime", 0, 1, False, 1, lambda m: None),
                  r"work_dir .*no-such is not a folder on the device", 60)
 
 

@@ -28,8 +28,8 @@ from vlmc.errors import VlmcError, yaml_problem
 
 DEFAULT_CONFIG = Path("~/.config/vlmc/devices.yaml")
 KINDS = ("local", "ssh", "adb", "qemu-aarch64", "tvm-rpc", "ethos-u85")
-CONFIG_FIELDS = {"url", "identity_file", "known_hosts", "python", "timeout_s", "connect_timeout_s", "arch", "sysroot", "cpu",
-                 "npu", "system_config", "memory_mode"}
+CONFIG_FIELDS = {"url", "identity_file", "known_hosts", "python", "timeout_s", "connect_timeout_s", "work_dir", "arch", "sysroot",
+                 "cpu", "npu", "system_config", "memory_mode"}
 
 
 @dataclass
