@@ -8,8 +8,9 @@ The client (vlmc.devices) starts it through ssh, adb or qemu and talks over its 
           client) stops this process.
   stdout: JSON lines, {"progress": text} while working, then {"result": ...} or {"error": text}.
 
-The bundle lands in a fresh temporary folder (under `work_dir` where the client names one), every file is checked against the manifest's sha256
-before anything loads, and the folder is removed on every way out: success, error, timeout, EOF.
+The bundle lands in a fresh temporary folder (under `work_dir` where the client names one), every file is
+checked against the manifest's sha256 before anything loads, and the folder is removed on every way out:
+success, error, timeout, EOF.
 """
 from __future__ import annotations
 
