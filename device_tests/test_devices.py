@@ -8,6 +8,7 @@ import pytest
 
 from vlmc import api
 from vlmc.devices import resolve
+from tests.helpers import SPACED_TEMPLATE
 
 QUESTION = "what color is the circle ?"  # in the vocabularies of the tiny model and the built-in one
 
@@ -67,6 +68,22 @@ def test_kernels_match_host(remote_kernels, precision, request, bundle, devices_
     assert result["quantized"] == (precision == "int8")
     assert result["logits"]["passed"], result["logits"]
     assert result["tokens"]["agree"] and result["agrees"]
+
+
+def test_export_verifies_the_bundle_on_a_device_before_writing_it(qemu_sysroot, tiny_ckpt, tmp_path):
+    """verify.devices: the unfinished bundle runs on qemu-aarch64 on each runtime it has there (onnxruntime's ARM
+    kernels, TVM's aarch64 libraries) and its first-token logits join the manifest's checks against eager."""
+    from device_tests.conftest import device_names
+
+    if "qemu-aarch64" not in device_names():
+        pytest.skip("qemu-aarch64 is not among $VLMC_DEVICE_TESTS")
+    b = api.compile({"model": str(tiny_ckpt), "targets": ["onnx", "tvm"], "max_context": 48, "prompt_template": SPACED_TEMPLATE,
+                     "tvm": {"architectures": ["host", "aarch64"]}, "verify": {"devices": ["qemu-aarch64"]}}, tmp_path / "b")
+    rows = [r for r in b.manifest["verification"]["results"] if r["target"].endswith(" on qemu-aarch64")]
+    assert sorted(r["target"] for r in rows) == ["onnxruntime on qemu-aarch64", "tvm on qemu-aarch64"]
+    assert all(r["passed"] and r["max_abs_err"] < 1e-4 and r["check"] == "logits" for r in rows), rows
+    assert "verify_on_devices" in b.manifest["metrics"]["steps_seconds"]
+    assert b.manifest["recipe"]["verify"]["devices"] == ["qemu-aarch64"]
 
 
 def test_devices_listing(devices_file):

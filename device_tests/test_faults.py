@@ -239,6 +239,17 @@ def test_unsigned_or_tampered_index_is_refused(monkeypatch):
         qemu._signed_index()
 
 
+@pytest.mark.parametrize("device, message", [
+    ("nope", "device nope: unknown kind"), ("local", "names this host"), ("ethos-u85", "runs no programs")])
+def test_verify_devices_refused_before_any_export_work(device, message, tmp_path):
+    from vlmc import api
+
+    started = time.monotonic()
+    with pytest.raises(VlmcError, match=message):
+        api.compile({"targets": ["onnx"], "verify": {"devices": [device]}}, tmp_path / "b")
+    assert time.monotonic() - started < 30 and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("url, message", [
     ("ftp://x", "unknown kind"), ("ssh://", "names no host"), ("ssh://u@h:99999", "invalid port"),
     ("tvm-rpc://h/k", "is not tvm-rpc://"), ("adb://", "names no serial")])

@@ -33,7 +33,7 @@ def test_tvm_bundle_is_verified_on_the_host_and_cross_built(tvm_bundle):
     assert {r["check"] for r in numeric} >= {"image embeddings", "prefill logits", "decode step KV cache"}
     assert all(r["passed"] for r in rows)
     cross = [r for r in rows if r["check"] == "aarch64 build (ELF shared object)"]
-    assert len(cross) == 3 and all("numerics need an aarch64 machine (vlmc compare --runtime tvm --device qemu-aarch64" in r["detail"] for r in cross)
+    assert len(cross) == 3 and all("numerics need an aarch64 machine (--verify-on qemu-aarch64" in r["detail"] for r in cross)
 
 
 def test_tvm_generates_the_eager_tokens(tvm_bundle, sample_image):

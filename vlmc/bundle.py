@@ -115,15 +115,21 @@ class BundleWriter:
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        (self.dir / OWNER).unlink()
+    def write_manifest(self, manifest: dict[str, Any]) -> "Bundle":
+        """The manifest with every file's hash, written into the unfinished bundle: a bundle that can be opened
+        (and sent to a device) before it is committed."""
         manifest["files"] = {
             p.name: {"sha256": sha256_of(p), "bytes": size_of(p)}
-            for p in sorted(self.dir.iterdir()) if p.name not in ("manifest.json",)
+            for p in sorted(self.dir.iterdir()) if p.name not in ("manifest.json", OWNER)
         }
         tmp = self.dir / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, self.dir / "manifest.json")
+        return Bundle(self.dir)
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        (self.dir / OWNER).unlink()
+        self.write_manifest(manifest)
         self.dir.chmod(0o755)  # mkdtemp made it private
         # Two exports may --force the same output at once: each moves whatever is there aside and renames its
         # own into place, retrying if the other got in between; the last one wins, neither fails half-way.

@@ -85,11 +85,13 @@ def models(as_json):
 @click.option("--calibration", "calibration", default=None, help="calibration data for quantization: shapes-vqa or a questions.jsonl")
 @click.option("--calibration-n", type=int, default=None, help="calibration questions (default 32)")
 @click.option("--no-verify", is_flag=True, help="skip running each artifact against eager PyTorch")
+@click.option("--verify-on", "verify_on", multiple=True,
+              help="repeatable: a device (name or URL) where the bundle also runs against eager before it is written, e.g. qemu-aarch64")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
 def export(model, image_size, tile_grid, targets, out, recipe_path, max_context, max_prompt, coreml_precision, pass_specs, calibration, calibration_n,
-           no_verify, force, as_json, quiet):
+           no_verify, verify_on, force, as_json, quiet):
     """Compile a model into a verified bundle for one or more targets."""
     from vlmc import api
     from vlmc.passes.registry import parse_cli
@@ -99,6 +101,7 @@ def export(model, image_size, tile_grid, targets, out, recipe_path, max_context,
                  "targets": parse_targets(",".join(targets)) if targets else None,
                  "max_context": max_context,
                  "max_prompt": max_prompt, "coreml.precision": coreml_precision, "verify.enabled": False if no_verify else None,
+                 "verify.devices": list(verify_on) or None,
                  "passes": [parse_cli(p) for p in pass_specs] or None, "calibration.dataset": calibration,
                  "calibration.n": calibration_n}
     recipe = load(recipe_path, overrides)

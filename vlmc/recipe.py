@@ -69,6 +69,9 @@ class VerifyOptions(Strict):
     atol: float = Field(1e-3, gt=0, description="allowed |runtime - eager| beyond rtol * |eager|")
     rtol: float = Field(1e-3, ge=0)
     quantized_rel_err: float = Field(0.25, gt=0, le=1, description="quantized programs: allowed ||runtime - float eager|| / ||float eager||")
+    devices: list[str] = Field(default_factory=list, description="devices (names from the devices file, or URLs) where the "
+                               "bundle also runs before it is written: first-token logits against eager on every runtime "
+                               "of the bundle the device has, e.g. qemu-aarch64 for the aarch64 TVM libraries")
 
 
 class CalibrationOptions(Strict):

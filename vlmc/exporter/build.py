@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from vlmc import __version__, passes
 from vlmc.bundle import FORMAT, BundleWriter
 from vlmc.errors import VlmcError
@@ -81,8 +83,47 @@ def _check_targets(prepared: Prepared) -> None:
         check_source(recipe.calibration)
 
 
-def _verify(ctx: ExportContext, targets: dict) -> list[dict]:
-    verifier = Verifier(ctx)
+TARGET_RUNTIMES = {"onnx": "onnxruntime", "executorch": "executorch", "tvm": "tvm"}  # what runs a target's artifacts
+
+
+def _resolve_devices(recipe: Recipe) -> list:
+    """The recipe's verify.devices, resolved before any export work: a name that is no device fails fast."""
+    from vlmc.devices import resolve
+
+    devices = [resolve(name) for name in recipe.verify.devices]
+    for d in devices:
+        if d.is_local:
+            raise VlmcError(f"verify.devices names this host ({d.name}): the bundle is verified here anyway")
+        if d.config.kind == "ethos-u85":
+            raise VlmcError(f"verify.devices: {d.name} is a compiler's estimate, it runs no programs")
+    return devices
+
+
+def _verify_on_devices(verifier: Verifier, bundle, devices: list, progress: Callable[[str], None]) -> list[dict]:
+    """The unfinished bundle on each device, on every runtime of it the device has: the first token's logits
+    against eager on the verifier's sample (the quantized criterion where the bundle is quantized)."""
+    from dataclasses import asdict
+
+    from vlmc.exporter.verify import check_row
+
+    reference = verifier.prefill_out[0].reshape(-1)
+    quantized = bool(bundle.manifest.get("quantization"))
+    rows = []
+    for device in devices:
+        offered = device.check().get("runtimes", [])
+        runtimes = [TARGET_RUNTIMES[t] for t in bundle.targets if TARGET_RUNTIMES.get(t) in offered]
+        if not runtimes:
+            raise VlmcError(f"verify.devices: {device.name} runs none of this bundle's runtimes (it has: {', '.join(offered) or 'none'})")
+        for runtime in runtimes:
+            progress(f"verify: {runtime} on {device.name}")
+            out = device.generate(bundle, runtime, asdict(verifier.sample.prompt), verifier.sample.image, 1, with_logits=True)
+            row = check_row(f"{runtime} on {device.name}", "first token", "logits", np.asarray(out["first_logits"]).reshape(-1),
+                            reference, verifier.atol, verifier.rtol, verifier.quantized_rel_err if quantized else None)
+            rows.append(row)
+    return rows
+
+
+def _verify(ctx: ExportContext, targets: dict, verifier: Verifier) -> list[dict]:
     rows: list[dict] = []
     for target, entry in targets.items():
         ctx.progress(f"verify: {target}")
@@ -199,6 +240,7 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
     """Build, verify and atomically write a bundle; raise VlmcError (leaving nothing) on any failure."""
     progress = progress or (lambda msg: None)
     started = time.time()
+    devices = _resolve_devices(recipe) if recipe.verify.enabled else []  # before the model loads: a bad name fails fast
     prepared = prepare(recipe)
     steps = {"load_and_passes": round(time.time() - started, 2)}
     _check_targets(prepared)
@@ -224,7 +266,8 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
         for target, entry in targets.items():
             steps[f"lower_{target}"] = entry["export_seconds"]
         t0 = time.time()
-        verification = _verify(ctx, targets) if recipe.verify.enabled else []
+        verifier = Verifier(ctx) if recipe.verify.enabled else None
+        verification = _verify(ctx, targets, verifier) if verifier else []
         steps["verify"] = round(time.time() - t0, 2)
         failed = [r for r in verification if not r["passed"]]
         if failed:
@@ -262,4 +305,12 @@ def export_bundle(recipe: Recipe, out: Path, force: bool = False, progress: Opti
             "metrics": {"export_seconds": round(time.time() - started, 2), "steps_seconds": steps},
         }
         writer.path("recipe.yaml").write_text(recipe.to_yaml())
+        if devices and verifier:
+            t0 = time.time()
+            rows = _verify_on_devices(verifier, writer.write_manifest(manifest), devices, progress)
+            steps["verify_on_devices"] = round(time.time() - t0, 2)
+            failed = [r for r in rows if not r["passed"]]
+            if failed:
+                raise VlmcError(f"verification on devices failed for {len(failed)} check(s); no bundle written\n{format_failures(failed)}")
+            manifest["verification"]["results"] += rows
         return writer.commit(manifest)

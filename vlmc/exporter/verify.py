@@ -202,8 +202,8 @@ class Verifier:
                 ok = header[:4] == b"\x7fELF" and header[16] == ELF_SHARED_OBJECT and machine == ELF_MACHINES.get(arch)
                 rows.append({"target": "tvm", "program": program, "check": f"{arch} build (ELF shared object)",
                              "max_abs_err": None, "passed": ok,
-                             "detail": f"numerics need an {arch} machine (vlmc compare --runtime tvm --device qemu-aarch64, or a "
-                                       f"board); this is {host_architecture()}"})
+                             "detail": f"numerics need an {arch} machine (--verify-on qemu-aarch64 emulates one; or a board); "
+                                       f"this is {host_architecture()}"})
         return rows
 
     def coreml_structure(self, target_entry: dict) -> list[dict]:
