@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -220,6 +221,38 @@ def test_qemu_tvm_needs_a_user_space_with_its_runtime(tmp_path, bundle):
     device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"sysroot": str(tmp_path)}))
     expect_error(lambda: device.profile(bundle, "tvm", 1, 1, False, 1, lambda m: None),
                  r"has no TVM runtime .*: rerun `vlmc devices setup qemu-aarch64`", 5)
+
+
+def test_tvm_runtime_without_its_extra_library(qemu_sysroot, bundle, tmp_path, sample_image):
+    """A runtime-only TVM without libtvm_runtime_extra (a board's minimal build) and a DivPrune bundle, whose
+    libraries call its top-k: the error names the function and the library. The user space is the real one
+    through links, less that library."""
+    def mirror(src, dst, leave_out):
+        dst.mkdir()
+        for entry in src.iterdir():
+            inner = leave_out.get(entry.name)
+            if inner is None:
+                (dst / entry.name).symlink_to(entry)
+            elif inner:
+                mirror(entry, dst / entry.name, inner)
+
+    root = tmp_path / "arm64"
+    mirror(qemu_sysroot, root, {"site": {"tvm": {"lib": {"libtvm_runtime_extra.so": {}}}}})
+    runtime = root / "site" / "tvm" / "lib" / "libtvm_runtime.so"  # a copy: TVM looks for its libraries beside its real path
+    runtime.unlink()
+    shutil.copy(qemu_sysroot / "site" / "tvm" / "lib" / "libtvm_runtime.so", runtime)
+    device = QemuDevice(DeviceConfig("arm", "qemu-aarch64", {"sysroot": str(root)}))
+    expect_error(lambda: device.generate(bundle, "tvm", *prompt_and_pixels(bundle, sample_image), 1),
+                 r"vision_encoder calls tvm.contrib.sort.topk, which this TVM runtime lacks \(TVM's libtvm_runtime_extra", 120)
+
+
+def prompt_and_pixels(bundle, image):
+    from dataclasses import asdict
+
+    from vlmc.api import _prompt_inputs
+
+    _, ids, pixels = _prompt_inputs(bundle, image, "what color is the circle ?")
+    return asdict(ids), pixels
 
 
 def test_qemu_hanging_run_is_stopped(qemu_sysroot, bundle, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -139,7 +140,14 @@ class TvmSession(StaticCacheSession):
         self._last_args[program] = args
         # set_input / invoke_stateful / get_outputs: the one calling form whose tuples also come back over RPC
         vm.set_input("main", *args)
-        vm.invoke_stateful("main")
+        try:
+            vm.invoke_stateful("main")
+        except Exception as e:  # TVM's FFI raises its own error types
+            missing = re.search(r"Cannot find function (\S+)", str(e))
+            if missing is None:
+                raise
+            raise VlmcError(f"{program} calls {missing.group(1)}, which this TVM runtime lacks (TVM's libtvm_runtime_extra "
+                            "has it: a runtime-only TVM needs that library beside libtvm_runtime)") from None
 
         def flat(value):
             return [value] if hasattr(value, "numpy") else [a for v in value for a in flat(v)]
