@@ -83,9 +83,6 @@ def _check_targets(prepared: Prepared) -> None:
         check_source(recipe.calibration)
 
 
-TARGET_RUNTIMES = {"onnx": "onnxruntime", "executorch": "executorch", "tvm": "tvm"}  # what runs a target's artifacts
-
-
 def _resolve_devices(recipe: Recipe) -> list:
     """The recipe's verify.devices, resolved before any export work: a name that is no device fails fast."""
     from vlmc.devices import resolve
@@ -105,13 +102,14 @@ def _verify_on_devices(verifier: Verifier, bundle, devices: list, progress: Call
     from dataclasses import asdict
 
     from vlmc.exporter.verify import check_row
+    from vlmc.runtimes import RUNTIME_TARGETS
 
     reference = verifier.prefill_out[0].reshape(-1)
     quantized = bool(bundle.manifest.get("quantization"))
     rows = []
     for device in devices:
         offered = device.check().get("runtimes", [])
-        runtimes = [TARGET_RUNTIMES[t] for t in bundle.targets if TARGET_RUNTIMES.get(t) in offered]
+        runtimes = [r for r in offered if RUNTIME_TARGETS.get(r) in bundle.targets]
         if not runtimes:
             raise VlmcError(f"verify.devices: {device.name} runs none of this bundle's runtimes (it has: {', '.join(offered) or 'none'})")
         for runtime in runtimes:
